@@ -1,0 +1,16 @@
+"""robustwrap: certifiably patch-robust image classifiers (PatchCleanser double masking).
+
+```python
+import timm, robustwrap
+model = robustwrap.wrap(timm.create_model("resnet18"), patch=0.02).eval()
+logits = model(images)                 # robust prediction
+result = model.certify(images, labels) # which predictions no patch can change
+```
+"""
+
+from .classifier import CertifyResult, RobustPatchClassifier, wrap
+from .masks import MaskSet
+
+__version__ = "0.1.0"
+
+__all__ = ["wrap", "RobustPatchClassifier", "CertifyResult", "MaskSet", "__version__"]

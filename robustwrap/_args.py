@@ -1,0 +1,50 @@
+"""Argument plumbing shared by the public constructors: defaults that know they are defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int"]
+
+
+class DefaultInt(int):
+    """An int default that can be told apart from the same value passed explicitly."""
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class DefaultFloat(float):
+    """A float default that can be told apart from the same value passed explicitly."""
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+def is_default(value) -> bool:
+    """True for a value that the caller did not pass (one of the sentinels above)."""
+    return isinstance(value, (DefaultInt, DefaultFloat))
+
+
+def as_pair(value, name: str) -> tuple:
+    """`v -> (v, v)`; a list or tuple must have exactly two items."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value or a pair (height, width), got {value!r}")
+        return tuple(value)
+    return (value, value)
+
+
+def positive_int(value, name: str) -> int:
+    """`value` as an int, or a ValueError naming `name` if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def as_image_size(image_size) -> tuple[int, int]:
+    """`H` or `(H, W)` as `(H, W)`, or a ValueError naming `image_size`."""
+    size = as_pair(image_size, "image_size")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints, got {image_size!r}")
+    return int(size[0]), int(size[1])

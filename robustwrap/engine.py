@@ -1,0 +1,245 @@
+"""Evaluates masked views through a model (DESIGN.md section 3, "speed").
+
+The engine turns `(image, i, j)` view specs into labels: it builds the views on the model's
+device by broadcasting (`where(keep_i & keep_j, x[image], fill)`), runs them in forward passes
+of `batch_size` views that mix images and masks, and skips views whose answer can no longer
+matter. It never decides anything: which views to evaluate, and what their labels mean, come
+from the caller and from `robustwrap.rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .masks import MaskSet
+
+__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "triangle_pairs", "row_pairs"]
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of a model's first floating parameter or buffer (CPU/float32 if none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def mask_images(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Set masked pixels to `fill`: the one masking path used by inference, certification and training.
+
+    Args:
+        x: `(N, C, H, W)` images.
+        keep: `(N, H, W)` or `(H, W)` bool, True where a pixel is kept.
+        fill: scalar or `(C, 1, 1)` fill value, in the model's input space.
+    """
+    return torch.where(keep.unsqueeze(-3), x, fill)
+
+
+@dataclass
+class PairOutcome:
+    """What `ViewEngine.evaluate_pairs` found.
+
+    Attributes:
+        labels: `(N,)` label of each view, `-1` for a view that was skipped.
+        failed: `(G,)` some evaluated view of the group disagreed with its expected label.
+        done: `(G,)` every view of the group was evaluated and agreed.
+        logit_sum: `(G, C)` float32 sum of the logits of the group's evaluated views, if asked.
+        num_views: views actually run through the model.
+    """
+
+    labels: torch.Tensor
+    failed: torch.Tensor
+    done: torch.Tensor
+    logit_sum: torch.Tensor | None
+    num_views: int
+
+
+class ViewEngine:
+    """Runs masked views of a batch through `model`.
+
+    Args:
+        model: the base classifier, `(N, C, H, W) -> (N, num_classes)`.
+        mask_set: the masks; view `(i, j)` hides masks `i` and `j` (`i == j`: one mask).
+        fill: masked pixel value in the model's input space: a scalar or one value per channel.
+        batch_size: views per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, mask_set: MaskSet, fill: float | Sequence[float], batch_size: int):
+        self.model = model
+        self.mask_set = mask_set
+        self.fill = fill
+        self.batch_size = batch_size
+        self.num_classes: int | None = None
+        self._keep_cache: dict[torch.device, torch.Tensor] = {}
+
+    # -------------------------------------------------------------------------------- plumbing
+    def keep(self, device: torch.device) -> torch.Tensor:
+        """`(K, H, W)` keep masks on `device`, built once per device."""
+        if device not in self._keep_cache:
+            self._keep_cache[device] = self.mask_set.keep_masks(device)
+        return self._keep_cache[device]
+
+    def fill_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The fill value as a scalar or `(C, 1, 1)` tensor on `device` in `dtype`."""
+        fill = torch.as_tensor(self.fill, dtype=dtype, device=device)
+        return fill.reshape(-1, 1, 1) if fill.ndim == 1 else fill
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the model's device and in its dtype."""
+        device, dtype = model_device_dtype(self.model)
+        return x.to(device=device, dtype=dtype)
+
+    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Logits `(n, C)` of the views `(image, i, j)`, in one forward pass (n <= batch_size)."""
+        keep = self.keep(x.device)
+        views = mask_images(x[image], keep[i] & keep[j], self.fill_tensor(x.device, x.dtype))
+        logits = self.model(views)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(
+                f"the base model must map (N, C, H, W) images to (N, num_classes) logits; "
+                f"for {views.shape[0]} images it returned {shape}"
+            )
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+        elif logits.shape[1] != self.num_classes:
+            raise ValueError(f"the base model returned {logits.shape[1]} classes, expected num_classes={self.num_classes}")
+        return logits
+
+    # --------------------------------------------------------------------------------- views
+    def one_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every one-mask view of every image.
+
+        Args:
+            x: `(B, C, H, W)` images, already on the model's device and dtype.
+
+        Returns:
+            `(labels (B, K), logits (B, K, C))`; logits in float32 or wider.
+        """
+        b, k = x.shape[0], len(self.mask_set)
+        flat = torch.arange(b * k, device=x.device)
+        image, mask = flat // k, flat % k
+        chunks = [self.run(x, image[s : s + self.batch_size], mask[s : s + self.batch_size], mask[s : s + self.batch_size]) for s in range(0, b * k, self.batch_size)]
+        logits = torch.cat(chunks)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(b, k, -1)
+        return logits.argmax(-1), logits
+
+    def evaluate_pairs(
+        self,
+        x: torch.Tensor,
+        pairs: torch.Tensor,
+        owners: torch.Tensor,
+        expect: torch.Tensor,
+        *,
+        early_exit: bool = True,
+        on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        need_logits: bool = False,
+    ) -> PairOutcome:
+        """Evaluate two-mask views, grouped, skipping the views of groups that no longer matter.
+
+        Each view belongs to one or two groups (a pair `(i, j)` sits in row `i` and row `j`); a
+        group is a set of views that must all show `expect[g]`. Views are taken round-robin over
+        groups, `batch_size` per forward pass, so that a group that fails early stops costing.
+
+        Args:
+            x: `(B, C, H, W)` images on the model's device and dtype.
+            pairs: `(N, 3)` long `(image, i, j)`.
+            owners: `(N, 2)` long group ids of each view, `-1` in the second column if only one.
+            expect: `(G,)` long, the label every view of group `g` must show.
+            early_exit: skip the views whose groups have all failed or been cancelled.
+            on_step: `(done, failed) -> cancel` called after each forward pass with early exit;
+                groups it returns True for are skipped from then on.
+            need_logits: also return the per-group sum of logits.
+
+        Returns:
+            The `PairOutcome`.
+        """
+        device = x.device
+        n, g = pairs.shape[0], expect.shape[0]
+        labels = torch.full((n,), -1, dtype=torch.long, device=device)
+        failed = torch.zeros(g, dtype=torch.bool, device=device)
+        cancelled = torch.zeros(g, dtype=torch.bool, device=device)
+        has_second = owners[:, 1] >= 0
+        second = owners[:, 1].clamp(min=0)
+        remaining = torch.bincount(owners[:, 0], minlength=g) + torch.bincount(second[has_second], minlength=g)
+        logit_sum = None
+        num_views = 0
+
+        # Round-robin order: the r-th view of every group before the (r+1)-th view of any.
+        by_group = torch.sort(owners[:, 0], stable=True).indices
+        starts = torch.cumsum(torch.bincount(owners[:, 0], minlength=g), 0) - torch.bincount(owners[:, 0], minlength=g)
+        rank = torch.empty_like(by_group)
+        rank[by_group] = torch.arange(n, device=device) - starts[owners[by_group, 0]]
+        pending = torch.sort(rank * (g + 1) + owners[:, 0], stable=True).indices
+
+        while pending.numel():
+            if early_exit:
+                live = ~(failed | cancelled)
+                pending = pending[live[owners[pending, 0]] | (has_second[pending] & live[second[pending]])]
+                if not pending.numel():
+                    break
+            take, pending = pending[: self.batch_size], pending[self.batch_size :]
+            logits = self.run(x, pairs[take, 0], pairs[take, 1], pairs[take, 2])
+            num_views += take.numel()
+            got = logits.argmax(1)
+            labels[take] = got
+            if logit_sum is None and need_logits:
+                logit_sum = torch.zeros(g, logits.shape[1], dtype=torch.promote_types(logits.dtype, torch.float32), device=device)
+            for column in (0, 1):
+                group = owners[take, column]
+                valid = group >= 0
+                group, view_label = group[valid], got[valid]
+                failed[group[view_label != expect[group]]] = True
+                remaining.index_add_(0, group, torch.full_like(group, -1))
+                if need_logits:
+                    logit_sum.index_add_(0, group, logits[valid].to(logit_sum.dtype))
+            if early_exit and on_step is not None:
+                cancelled |= on_step((remaining == 0) & ~failed, failed)
+
+        if logit_sum is None and need_logits:
+            logit_sum = torch.zeros(g, self.num_classes or 0, device=device)
+        return PairOutcome(labels=labels, failed=failed, done=(remaining == 0) & ~failed, logit_sum=logit_sum, num_views=num_views)
+
+
+def triangle_pairs(images: torch.Tensor, k: int, *, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All views `(i, j)` with `i < j` (or `i <= j`) of each image, each image its own group.
+
+    Returns:
+        `(pairs (N, 3), owners (N, 2))` for `ViewEngine.evaluate_pairs`; image `images[g]` is group `g`.
+    """
+    i, j = torch.triu_indices(k, k, offset=0 if diagonal else 1, device=images.device)
+    per = i.numel()
+    group = torch.arange(images.numel(), device=images.device).repeat_interleave(per)
+    pairs = torch.stack([images[group], i.repeat(images.numel()), j.repeat(images.numel())], 1)
+    return pairs, torch.stack([group, torch.full_like(group, -1)], 1)
+
+
+def row_pairs(row_image: torch.Tensor, row_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The off-diagonal views of two-mask rows, each unordered pair once, owned by its rows.
+
+    Row `g` is `(row_image[g], row_mask[g])` and needs the views `(r, j)` for every `j != r`.
+    When rows `i` and `j` of one image are both asked for, view `(i, j)` is evaluated once and
+    belongs to both (DESIGN.md: `(i, j)` and `(j, i)` are the same view).
+
+    Returns:
+        `(pairs (N, 3), owners (N, 2))` for `ViewEngine.evaluate_pairs`; row `g` is group `g`.
+    """
+    device = row_image.device
+    rows = row_image.numel()
+    other = torch.arange(k, device=device).repeat(rows)
+    group = torch.arange(rows, device=device).repeat_interleave(k)
+    keep = other != row_mask[group]
+    other, group = other[keep], group[keep]
+    lo, hi = torch.minimum(row_mask[group], other), torch.maximum(row_mask[group], other)
+    key = (row_image[group] * k + lo) * k + hi
+    key, order = torch.sort(key, stable=True)
+    group = group[order]
+    unique, counts = torch.unique_consecutive(key, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    owners = torch.stack([group[first], torch.where(counts > 1, group[(first + 1).clamp(max=key.numel() - 1)], -1)], 1)
+    pairs = torch.stack([unique // (k * k), (unique // k) % k, unique % k], 1)
+    return pairs, owners

@@ -1,0 +1,203 @@
+"""MaskSet against DESIGN.md section 1 and against brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robustwrap import MaskSet
+from robustwrap.masks import patch_side
+
+# (patch, num_masks, stride) -> (mask side, stride, starts) for N = 224, from DESIGN.md section 1.
+DESIGN_TABLE = [
+    (32, 6, None, 64, 33, (0, 33, 66, 99, 132, 160)),
+    (23, 6, None, 56, 34, None),
+    (39, 6, None, 69, 31, None),
+    (32, 3, None, 96, 65, None),
+    (35, 6, None, 66, 32, None),
+    (32, None, 32, 63, 32, None),
+]
+
+
+@pytest.mark.parametrize("patch,k,stride,mask,step,starts", DESIGN_TABLE)
+def test_design_table(patch, k, stride, mask, step, starts):
+    ms = MaskSet.square(224, patch, num_masks=k, stride=stride) if stride is None else MaskSet.square(224, patch, stride=stride)
+    assert ms.mask_size == (mask, mask)
+    assert ms.stride == (step, step)
+    rows = sorted({b[0] for b in ms.boxes})
+    if starts is not None:
+        assert tuple(rows) == starts
+    assert rows[-1] == 224 - mask  # last mask flush with the edge
+    assert ms.patch_size == (patch, patch)
+
+
+def test_design_counts():
+    assert len(MaskSet.square(224, 32)) == 36
+    assert len(MaskSet.square(224, 32, num_masks=3)) == 9
+    ms = MaskSet.square(224, 32, stride=32)
+    assert len(ms) == 49 and ms.boxes[-1][0] == 161 and ms.grid == (7, 7)
+
+
+@pytest.mark.parametrize("fraction,side", [(0.01, 23), (0.02, 32), (0.03, 39)])
+def test_area_fraction(fraction, side):
+    assert patch_side(fraction, 224) == side
+    assert MaskSet.square(224, fraction).patch_size == (side, side)
+
+
+def test_area_fraction_is_exact_at_perfect_squares():
+    assert patch_side(0.04, 100) == 20  # 0.04 * 100 * 100 is 400.00000000000006 in floats
+    assert patch_side(0.25, (16, 64)) == 16
+
+
+def test_boxes_row_major():
+    ms = MaskSet.square(224, 32)
+    assert list(ms.boxes) == sorted(ms.boxes, key=lambda b: (b[0], b[1]))
+    assert ms.boxes[1] == (0, 33, 64, 64) and ms.boxes[6] == (33, 0, 64, 64)
+
+
+def brute_covers(image, patch, boxes) -> bool:
+    (h, w), (ph, pw) = image, patch
+    return all(
+        any(t <= r and l <= c and r + ph <= t + bh and c + pw <= l + bw for t, l, bh, bw in boxes)
+        for r in range(h - ph + 1)
+        for c in range(w - pw + 1)
+    )
+
+
+def formula_starts(n, p, k=None, stride=None):
+    s = math.ceil((n - p + 1) / k) if stride is None else stride
+    m = min(p + s - 1, n)
+    starts, a = [], 0
+    while a <= n - m:
+        starts.append(a)
+        a += s
+    if starts[-1] != n - m:
+        starts.append(n - m)
+    return m, starts
+
+
+@st.composite
+def geometries(draw):
+    h = draw(st.integers(1, 40))
+    w = draw(st.integers(1, 40))
+    ph = draw(st.integers(1, h))
+    pw = draw(st.integers(1, w))
+    if draw(st.booleans()):
+        return (h, w), (ph, pw), dict(num_masks=(draw(st.integers(1, 8)), draw(st.integers(1, 8))))
+    return (h, w), (ph, pw), dict(stride=(draw(st.integers(1, 45)), draw(st.integers(1, 45))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(geometries())
+def test_grid_matches_formula_and_covers(geometry):
+    image, patch, kwargs = geometry
+    ms = MaskSet.rect(image, patch, **kwargs)
+    ks = kwargs.get("num_masks", (None, None))
+    strides = kwargs.get("stride", (None, None))
+    mh, rows = formula_starts(image[0], patch[0], ks[0], strides[0])
+    mw, cols = formula_starts(image[1], patch[1], ks[1], strides[1])
+    assert ms.boxes == tuple((t, l, mh, mw) for t in rows for l in cols)
+    assert len(ms) == len(rows) * len(cols)
+    assert brute_covers(image, patch, ms.boxes)
+    assert ms.covers(patch)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(4, 20),
+    st.integers(1, 4),
+    st.lists(st.tuples(st.integers(0, 19), st.integers(0, 19), st.integers(1, 20), st.integers(1, 20)), min_size=1, max_size=8),
+)
+def test_covers_is_exhaustive(size, patch, raw_boxes):
+    boxes = [(t, l, min(h, size - t), min(w, size - l)) for t, l, h, w in raw_boxes if t < size and l < size]
+    if not boxes or patch > size:
+        return
+    expected = brute_covers((size, size), (patch, patch), boxes)
+    if expected:
+        assert MaskSet((size, size), tuple(boxes), ((patch, patch),)).covers(patch)
+    else:
+        with pytest.raises(ValueError, match="do not cover"):
+            MaskSet((size, size), tuple(boxes), ((patch, patch),))
+
+
+def test_uncovered_set_is_an_error():
+    full = MaskSet.square(32, 5, num_masks=3)
+    with pytest.raises(ValueError, match="do not cover every position of a 5x5 patch"):
+        MaskSet(full.image_size, full.boxes[:-1], full.patch_sizes)
+
+
+@pytest.mark.parametrize("k", [6, 5])
+def test_coarsen_is_exact_union_of_children(k):
+    fine = MaskSet.square(224, 32, num_masks=k)
+    coarse = fine.coarsen(2)
+    assert coarse.grid == (math.ceil(k / 2),) * 2 and len(coarse) == math.ceil(k / 2) ** 2
+    fine_keep, coarse_keep = fine.keep_masks(), coarse.keep_masks()
+    for c, kids in enumerate(coarse.children):
+        assert len(kids) == (4 if k == 6 else len(kids))
+        union_keep = fine_keep[list(kids)].all(0)
+        assert torch.equal(coarse_keep[c], union_keep)
+    assert sorted(i for kids in coarse.children for i in kids) == list(range(len(fine)))
+    assert coarse.covers(32)
+    if k == 6:
+        assert all(len(kids) == 4 for kids in coarse.children)
+
+
+def test_union_covers_both_shapes():
+    a = MaskSet.square(64, 8, num_masks=4)
+    b = MaskSet.rect(64, (4, 20), num_masks=4)
+    u = a | b
+    assert len(u) == len(a) + len(b)
+    assert u.patch_sizes == ((8, 8), (4, 20))
+    assert u.covers(8) and u.covers((4, 20))
+    assert len(a | a) == len(a)
+    with pytest.raises(ValueError, match="several patch shapes"):
+        u.patch_size
+    with pytest.raises(ValueError, match="cannot unite"):
+        a | MaskSet.square(32, 8)
+
+
+def test_keep_masks():
+    ms = MaskSet.square(20, 3, num_masks=4)
+    keep = ms.keep_masks()
+    assert keep.shape == (len(ms), 20, 20) and keep.dtype == torch.bool
+    for k, (t, l, h, w) in enumerate(ms.boxes):
+        assert int((~keep[k]).sum()) == h * w
+        assert not keep[k, t : t + h, l : l + w].any()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(image_size=224, patch=0), "patch must be a positive int, got 0"),
+        (dict(image_size=224, patch=-3), "patch must be a positive int"),
+        (dict(image_size=224, patch=1.5), r"fraction of the image area must be in \(0, 1\), got 1.5"),
+        (dict(image_size=224, patch=0.0), r"must be in \(0, 1\)"),
+        (dict(image_size=224, patch=225), "larger than the 224x224 image"),
+        (dict(image_size=224, patch=32, num_masks=0), "num_masks must be a positive int, got 0"),
+        (dict(image_size=224, patch=32, num_masks=6, stride=32), "not both"),
+        (dict(image_size=224, patch=32, num_masks=None), "got neither"),
+        (dict(image_size=0, patch=3), "image_size must be a positive int"),
+        (dict(image_size=(224, 224, 3), patch=3), "pair"),
+        (dict(image_size=224, patch=32, stride=0), "stride must be a positive int"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskSet.square(**kwargs)
+
+
+def test_stride_alone_is_not_both():
+    assert len(MaskSet.square(224, 32, stride=32)) == 49
+
+
+def test_rect_rejects_fractions():
+    with pytest.raises(ValueError, match="positive int"):
+        MaskSet.rect(224, (0.1, 0.2))
+
+
+def test_describe_reports_pixels_and_percent():
+    assert MaskSet.square(224, 0.02).describe() == "patch 32x32 px (2.04% of 224x224); 36 masks (6x6) of 64x64 px, stride 33x33"
