@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import rule
@@ -72,11 +73,23 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-class RobustPatchClassifier(nn.Module):
+class RobustPatchClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="robustwrap",
+    tags=["robustwrap", "certified-robustness", "adversarial-patch"],
+    repo_url="https://github.com/robustwrap/robustwrap",
+    paper_url="https://arxiv.org/abs/2108.09135",
+):
     """A classifier defended by PatchCleanser double masking.
 
     In eval mode `forward` returns robust logits; in train mode it is the base model's forward,
     so a wrapped model trains like the original. Build one with `robustwrap.wrap`.
+
+    `save_pretrained(folder)`, `push_to_hub(repo_id)` and `from_pretrained(repo_or_folder)` come
+    from `huggingface_hub.PyTorchModelHubMixin` and write timm's Hub format plus a `"robustwrap"`
+    section (DESIGN.md section 5). `pretrained_info` (strategy, dataset, measured metrics) goes
+    into that section and into the model card.
 
     Args:
         model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
@@ -118,6 +131,28 @@ class RobustPatchClassifier(nn.Module):
             num_classes = model.num_classes
         if num_classes is not None:
             self.engine.num_classes = positive_int(num_classes, "num_classes")
+        self.pretrained_info: dict = {}
+
+    # ---------------------------------------------------------------------------------- hub
+    def _save_pretrained(self, save_directory) -> None:
+        from .hub import save_folder
+
+        save_folder(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token, **kwargs):
+        from .hub import load_repo
+
+        kwargs.pop("num_classes", None)  # the mixin passes config.json's top-level num_classes; the robustwrap section has it
+        return load_repo(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            **kwargs,
+        )
 
     # --------------------------------------------------------------------------- properties
     @property
@@ -312,22 +347,21 @@ def _check_fill(fill) -> float | tuple[float, ...]:
 
 
 def _infer_channels(model: nn.Module, fill) -> int | None:
-    """Input channels: from a per-channel fill, timm's pretrained_cfg, `in_chans`, or the first conv."""
-    known = {}
+    """Input channels: the first conv (what the weights take), else `in_chans`, else timm's pretrained_cfg.
+
+    timm keeps `pretrained_cfg["input_size"]` of the pretrained source (3 channels) when a model
+    is created with `in_chans=1`, so the weights are asked first.
+    """
+    channels = _first_conv_channels(model)
+    if channels is None and isinstance(getattr(model, "in_chans", None), int):
+        channels = model.in_chans
+    if channels is None and _timm_input_size(model) is not None:
+        channels = _timm_input_size(model)[0]
     if isinstance(fill, tuple):
-        known["fill"] = len(fill)
-    cfg = _timm_input_size(model)
-    if cfg is not None:
-        known["pretrained_cfg"] = cfg[0]
-    elif isinstance(getattr(model, "in_chans", None), int):
-        known["in_chans"] = model.in_chans
-    else:
-        conv = _first_conv_channels(model)
-        if conv is not None:
-            known["first Conv2d"] = conv
-    if len(set(known.values())) > 1:
-        raise ValueError(f"fill has {known['fill']} values but the model takes {max(v for n, v in known.items() if n != 'fill')} channels")
-    return next(iter(known.values()), None)
+        if channels is not None and len(fill) != channels:
+            raise ValueError(f"fill has {len(fill)} values but the model takes {channels} channels")
+        channels = len(fill)
+    return channels
 
 
 def wrap(
