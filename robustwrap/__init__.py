@@ -9,9 +9,22 @@ result = model.certify(images, labels) # which predictions no patch can change
 """
 
 from .classifier import CertifyResult, RobustPatchClassifier, wrap
+from .dataset import certify_dataset
 from .hub import create_model, from_pretrained, list_models
 from .masks import MaskSet
+from .report import CertificationReport
 
 __version__ = "0.1.0"
 
-__all__ = ["wrap", "RobustPatchClassifier", "CertifyResult", "MaskSet", "from_pretrained", "create_model", "list_models", "__version__"]
+__all__ = [
+    "wrap",
+    "RobustPatchClassifier",
+    "CertifyResult",
+    "MaskSet",
+    "certify_dataset",
+    "CertificationReport",
+    "from_pretrained",
+    "create_model",
+    "list_models",
+    "__version__",
+]

@@ -33,6 +33,8 @@ class CertifyResult:
         case: `(B,)` 1, 2 or 3: the double-masking case that gave the prediction.
         one_mask: `(B, K)` the one-mask labels `P_i`.
         num_views: `(B,)` masked views run through the model for each image.
+        grid: `(B, K, K)` the two-mask labels `P_ij` (symmetric, diagonal `P_ii = P_i`), `-1`
+            where early exit skipped a view; with `early_exit=False` it is complete.
     """
 
     prediction: torch.Tensor
@@ -40,6 +42,7 @@ class CertifyResult:
     case: torch.Tensor
     one_mask: torch.Tensor
     num_views: torch.Tensor
+    grid: torch.Tensor
 
     @property
     def total_views(self) -> int:
@@ -295,6 +298,7 @@ class RobustPatchClassifier(
             case=decision.case,
             one_mask=one_mask,
             num_views=num_views,
+            grid=grid,
         )
 
 

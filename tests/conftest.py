@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads per
+# test process made small forward passes up to 50x slower.
+torch.set_num_threads(1)
+
 
 class PeakNet(nn.Module):
     """logits = spatial max of a 3x3 conv: masking any region can change the label, so the

@@ -85,6 +85,9 @@ def test_certify_matches_brute_force():
     grid = brute_force_grid(net, x, model.mask_set.boxes)
     expected = [brute_force_certified(grid[b].tolist(), int(y[b])) for b in range(24)]
     assert model.certify(x, y).certified.tolist() == expected
+    assert torch.equal(model.certify(x, y, early_exit=False).grid, grid)
+    sparse = model.certify(x, y).grid
+    assert torch.equal(sparse[sparse >= 0], grid[sparse >= 0]) and (sparse < 0).any()
     assert any(expected) and not all(expected)
 
 
