@@ -236,6 +236,14 @@ def test_certify_with_no_arguments_runs_the_embedded_default(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "certified accuracy" in done.stdout and "vanilla clean accuracy" in done.stdout
     assert "certified" in done.stderr  # the progress bar with the running accuracy
+    # the command reproduces, on a fresh run, exactly the figures the zoo manifest records
+    from robustwrap import hub
+
+    metrics = hub.zoo_entry(hub.DEFAULT_MODEL)["metrics"]
+    n = metrics["num_images"]
+    for label, key in (("vanilla clean accuracy", "vanilla_accuracy"), ("clean accuracy", "clean_accuracy"), ("certified accuracy", "certified_accuracy")):
+        line = next(row for row in done.stdout.splitlines() if row.strip().startswith(label))
+        assert f"({round(metrics[key] * n)}/{n})" in line, (line, metrics)
 
 
 @needs_hub

@@ -1,0 +1,42 @@
+"""torch.hub entry points: one per zoo model, plus `robust_model` for any Hub repo or folder.
+
+    model = torch.hub.load("<this repo>", "<zoo name>", source="local")   # or "github"
+    model = torch.hub.load("<this repo>", "robust_model", "hf-hub:<org>/<name>")
+
+Helpers are imported under `_` names so that `torch.hub.list` shows only models.
+"""
+
+dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors"]
+
+from robustwrap import create_model as _create_model  # noqa: E402
+from robustwrap import from_pretrained as _from_pretrained  # noqa: E402
+from robustwrap.hub import list_models as _list_models  # noqa: E402
+from robustwrap.hub import zoo_entry as _zoo_entry  # noqa: E402
+
+
+def robust_model(name_or_path, **kwargs):
+    """A defended model from `hf-hub:<org>/<name>[@rev]`, a local folder or a zoo name.
+
+    Args:
+        name_or_path: where the model is; see `robustwrap.from_pretrained`.
+        **kwargs: passed to `robustwrap.from_pretrained` (`revision`, `cache_dir`, `device`, ...).
+    """
+    return _from_pretrained(name_or_path, **kwargs)
+
+
+def _entry(name):
+    def entry(pretrained=True, **kwargs):
+        return _create_model(name, pretrained=pretrained, **kwargs)
+
+    e = _zoo_entry(name)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = (
+        f"{e['architecture']} on {e['dataset']}, {e['strategy']} fine-tuning; certified accuracy "
+        f"{100 * e['metrics']['certified_accuracy']:.1f}% against {e['threat_model']}.\n\n"
+        "Args:\n    pretrained: load the measured weights (sha256-checked).\n"
+    )
+    return entry
+
+
+for _name in _list_models():
+    globals()[_name] = _entry(_name)
