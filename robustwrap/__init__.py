@@ -8,8 +8,10 @@ result = model.certify(images, labels) # which predictions no patch can change
 ```
 """
 
+from .augment import GreedyCutout, GridCutout, MultiSizeGreedyCutout, RandomCutout, RandomMaskCutout
 from .classifier import CertifyResult, RobustPatchClassifier, wrap
 from .dataset import certify_dataset
+from .fit import FitHistory, fit_masking
 from .hub import create_model, from_pretrained, list_models
 from .masks import MaskSet
 from .report import CertificationReport
@@ -23,6 +25,13 @@ __all__ = [
     "MaskSet",
     "certify_dataset",
     "CertificationReport",
+    "fit_masking",
+    "FitHistory",
+    "RandomCutout",
+    "RandomMaskCutout",
+    "GreedyCutout",
+    "MultiSizeGreedyCutout",
+    "GridCutout",
     "from_pretrained",
     "create_model",
     "list_models",

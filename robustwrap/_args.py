@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from collections.abc import Sequence
 
-__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int"]
+import numpy as np
+import torch
+
+__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int", "as_fill"]
 
 
 class DefaultInt(int):
@@ -48,3 +52,19 @@ def as_image_size(image_size) -> tuple[int, int]:
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size):
         raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints, got {image_size!r}")
     return int(size[0]), int(size[1])
+
+
+def as_fill(fill) -> float | tuple[float, ...]:
+    """A masked-pixel value: one float, or a tuple of one float per channel; finite."""
+    if isinstance(fill, torch.Tensor):
+        fill = fill.tolist()
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        value = float(fill)
+        if not math.isfinite(value):
+            raise ValueError(f"fill must be finite, got {fill!r}")
+        return value
+    if isinstance(fill, Sequence) and len(fill) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fill):
+        if not all(math.isfinite(v) for v in fill):
+            raise ValueError(f"fill must be finite, got {fill!r}")
+        return tuple(float(v) for v in fill)
+    raise TypeError(f"fill must be a number or a sequence of one number per channel, got {fill!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +11,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import rule
-from ._args import DefaultFloat, DefaultInt, as_image_size, is_default, positive_int
-from .engine import ViewEngine, row_pairs, triangle_pairs
+from ._args import DefaultFloat, DefaultInt, as_fill, as_image_size, is_default, positive_int
+from .engine import ViewEngine, eval_mode, row_pairs, triangle_pairs
 from .masks import DEFAULT_NUM_MASKS, MaskSet
 
 __all__ = ["RobustPatchClassifier", "CertifyResult", "wrap"]
@@ -63,17 +62,6 @@ def _timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
         c, h, w = cfg["input_size"]
         return int(c), int(h), int(w)
     return None
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Run `model` in eval mode (no BatchNorm statistic updates) and restore its mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class RobustPatchClassifier(
@@ -126,7 +114,7 @@ class RobustPatchClassifier(
             raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
         self.model = model
         self.mask_set = mask_set
-        self.fill = _check_fill(fill)
+        self.fill = as_fill(fill)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.in_chans = _infer_channels(model, self.fill)
         self.engine = ViewEngine(model, mask_set, self.fill, self.batch_size)
@@ -168,7 +156,7 @@ class RobustPatchClassifier(
         """Number of classes of the base model (one blank forward pass the first time, if unknown)."""
         if self.engine.num_classes is None:
             c = self.in_chans or 3
-            with _eval_mode(self.model), torch.inference_mode():
+            with eval_mode(self.model), torch.inference_mode():
                 x = self.engine.prepare(torch.zeros(1, c, *self.image_size))
                 self.engine.run(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
         return self.engine.num_classes
@@ -226,7 +214,7 @@ class RobustPatchClassifier(
     def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[rule.Decision, torch.Tensor | None]:
         x = self._check_images(x)
         k = len(self.mask_set)
-        with _eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode():
             one_mask, one_logits = self.engine.one_mask(x)
             row_image, row_mask = rule.disagreers(one_mask).nonzero(as_tuple=True)
             pairs, owners = row_pairs(row_image, row_mask, k)
@@ -265,7 +253,7 @@ class RobustPatchClassifier(
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
         b, k = x.shape[0], len(self.mask_set)
-        with _eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode():
             one_mask, _ = self.engine.one_mask(x)
             if early_exit:
                 # Only images whose every one-mask label is y can be certified: check their
@@ -333,21 +321,6 @@ def _robust_logits(decision, one_mask, one_logits, row_image, row_mask, row_logi
     if wrong.any():
         logits[wrong, decision.label[wrong]] = torch.nextafter(top[wrong], torch.full_like(top[wrong], math.inf))
     return logits
-
-
-def _check_fill(fill) -> float | tuple[float, ...]:
-    if isinstance(fill, torch.Tensor):
-        fill = fill.tolist()
-    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
-        value = float(fill)
-        if not math.isfinite(value):
-            raise ValueError(f"fill must be finite, got {fill!r}")
-        return value
-    if isinstance(fill, Sequence) and len(fill) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fill):
-        if not all(math.isfinite(v) for v in fill):
-            raise ValueError(f"fill must be finite, got {fill!r}")
-        return tuple(float(v) for v in fill)
-    raise TypeError(f"fill must be a number or a sequence of one number per channel, got {fill!r}")
 
 
 def _infer_channels(model: nn.Module, fill) -> int | None:

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from ._args import DefaultInt, is_default, positive_int
-from .classifier import RobustPatchClassifier, _eval_mode
-from .engine import model_device_dtype
+from .classifier import RobustPatchClassifier
+from .engine import eval_mode, model_device_dtype
 from .report import CertificationReport, ImageRecord, mask_set_to_dict
 
 __all__ = ["certify_dataset", "model_fingerprint", "view_grid"]
@@ -120,7 +120,7 @@ def certify_dataset(
     new: list[ImageRecord] = []
     bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values())
     writer = store.writer(rank, world) if store is not None else contextlib.nullcontext()
-    with writer as out, _eval_mode(model.model), _autocast(device_, amp), contextlib.closing(bar):
+    with writer as out, eval_mode(model.model), _autocast(device_, amp), contextlib.closing(bar):
         start = time.perf_counter()
         for step, (x, y) in zip(mine, loader):
             records = _certify_step(model, x, y, step)

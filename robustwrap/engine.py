@@ -9,7 +9,8 @@ from the caller and from `robustwrap.rule`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .masks import MaskSet
 
-__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "triangle_pairs", "row_pairs"]
+__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "eval_mode", "triangle_pairs", "row_pairs"]
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -37,6 +38,22 @@ def mask_images(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torc
         fill: scalar or `(C, 1, 1)` fill value, in the model's input space.
     """
     return torch.where(keep.unsqueeze(-3), x, fill)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put `model` in eval mode, then give every submodule back its own mode.
+
+    Restoring per module (not `model.train(was_training)`) keeps submodules a user froze in
+    eval mode, such as BatchNorm layers during fine-tuning, frozen.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @dataclass

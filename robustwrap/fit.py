@@ -1,0 +1,581 @@
+"""`fit_masking`: fine-tune a classifier to tolerate masked pixels (Greedy Cutout recipe).
+
+Certified accuracy depends on how well the base model classifies images with two masks hidden.
+`fit_masking` fine-tunes it on masked training images chosen by one of the strategies of
+`robustwrap.augment`, with the recipe of Saha et al. (TMLR 2023) as its defaults, and writes a
+resumable checkpoint after every epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._args import as_fill, positive_int
+from .augment import _NAMES as _AUGMENTATIONS
+from .augment import _check_label_range, _check_labels, create_augmentation
+from .classifier import RobustPatchClassifier
+from .engine import eval_mode, model_device_dtype
+from .masks import MaskSet
+
+__all__ = ["fit_masking", "FitHistory", "EpochStats", "STRATEGIES"]
+
+STRATEGIES = ("none", *_AUGMENTATIONS)
+"""Strategy names of `fit_masking`: `"none"` (clean fine-tuning) and those of `create_augmentation`."""
+
+_CONVNET_LR, _TRANSFORMER_LR = 0.01, 0.001
+_WEIGHTS, _STATE = "model.safetensors", "training_state.pt"
+_EPOCH_DIR = re.compile(r"epoch_(\d+)")
+
+Strategy = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of `fit_masking` measured.
+
+    Attributes:
+        epoch: 1-based epoch number.
+        lr: learning rate of the first parameter group during the epoch.
+        loss: mean training loss, on the images as trained (masked).
+        accuracy: training accuracy, on the images as trained (masked).
+        seconds: wall-clock time of the epoch's training (validation excluded).
+        steps: optimizer updates (batches) in the epoch.
+        val_accuracy: clean accuracy of the base model on `val_loader`, if given.
+        robust_accuracy: accuracy of the defended (double-masking) prediction on `val_loader`,
+            in the epochs that certify.
+        certified_accuracy: certified accuracy on `val_loader`, in the epochs that certify.
+    """
+
+    epoch: int
+    lr: float
+    loss: float
+    accuracy: float
+    seconds: float
+    steps: int
+    val_accuracy: float | None = None
+    robust_accuracy: float | None = None
+    certified_accuracy: float | None = None
+
+
+@dataclass
+class FitHistory:
+    """The record of a `fit_masking` run, one `EpochStats` per epoch (a resumed run included).
+
+    Attributes:
+        strategy: the strategy's name (a callable's class or function name).
+        lr: the initial learning rate of the first parameter group.
+        epochs: the per-epoch statistics, in order.
+    """
+
+    strategy: str
+    lr: float
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def final(self) -> EpochStats:
+        """The last epoch's statistics.
+
+        Raises:
+            IndexError: if no epoch has run.
+        """
+        return self.epochs[-1]
+
+
+def fit_masking(
+    model: nn.Module,
+    train_loader: Iterable,
+    *,
+    strategy: Strategy = "multisize_greedy",
+    mask_set: MaskSet | None = None,
+    fill: float | Sequence[float] | None = None,
+    epochs: int = 10,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    clean_ratio: float = 0.0,
+    val_loader: Iterable | None = None,
+    certify_every: int | None = None,
+    amp: bool = False,
+    device: str | torch.device | None = None,
+    search_batch_size: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitHistory:
+    """Fine-tune a classifier on masked images so that double masking certifies more of them.
+
+    ```python
+    model = robustwrap.wrap(timm.create_model("resnet50", pretrained=True), patch=0.02)
+    history = robustwrap.fit_masking(model, train_loader, val_loader=val_loader, certify_every=5)
+    ```
+
+    Each training image is masked by `strategy` (all of them with the default `clean_ratio=0`)
+    and the model is trained on it with cross entropy. The defaults are the papers' recipe: SGD
+    with momentum 0.9 and no weight decay, 10 epochs, the learning rate divided by 10 after half
+    of the epochs (after epoch 5 of 10), and a learning rate of 0.01 for a convolutional network
+    or 0.001 for a transformer. A model counts as a transformer when a submodule is an
+    `nn.MultiheadAttention` or has `Attention` or `PatchEmbed` in its class name (timm's ViT,
+    DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
+    where that rule is wrong for your model.
+
+    The model is trained in place (a `RobustPatchClassifier`'s base model) in train mode; each
+    submodule gets its own mode back at the end.
+
+    Args:
+        model: a `RobustPatchClassifier` (its mask set and fill are used), or a bare classifier
+            `(B, C, H, W) -> (B, num_classes)` together with `mask_set`.
+        train_loader: an iterable of `(images, labels)` batches (extra items are ignored), such
+            as a `DataLoader`; images normalised as the model expects, labels integer class ids.
+            For `resume` to give the same result as an uninterrupted run, its order must come
+            from a seeded torch generator or torch's global one (the default of a `DataLoader`).
+        strategy: `"multisize_greedy"` (default), `"greedy"`, `"grid"`, `"random_mask"`,
+            `"random_cutout"`, `"none"` (clean fine-tuning; see `robustwrap.augment`), or a
+            callable `strategy(images, labels) -> masked images` of the same shape.
+        mask_set: the mask set the model will be certified with; required for a bare model,
+            taken from a `RobustPatchClassifier`.
+        fill: value of masked pixels in the model's input space; default the classifier's fill,
+            or 0.0 for a bare model.
+        epochs: total number of epochs, a resumed run's finished ones included.
+        lr: learning rate of the default SGD optimizer (default: 0.01 or 0.001 by the rule above).
+        optimizer: your own optimizer over the model's parameters, instead of the default SGD.
+        scheduler: your own learning-rate scheduler, stepped once per epoch; a timm scheduler is
+            also stepped after every update (`step_update`), as timm's train script does. Default:
+            the papers' step decay with the default optimizer, a constant rate with your own.
+        clean_ratio: probability that a training image is left unmasked (0.0: every image masked).
+        val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
+        certify_every: with `val_loader`, also certify it every this many epochs and after the
+            last one (certification runs up to `K(K + 1) / 2` views per image).
+        amp: train with mixed precision: float16 with loss scaling on CUDA, bfloat16 elsewhere.
+        device: move the model to this device and train there (default: where the model is).
+        search_batch_size: views per forward pass of a searching strategy and of certification
+            (default: the classifier's `batch_size`, or 64).
+        checkpoint_dir: write a checkpoint here after every epoch: `epoch_NNNN/model.safetensors`
+            (the base model's weights) and `epoch_NNNN/training_state.pt` (optimizer, scheduler,
+            loss scaler, epoch, history and random-number-generator states). Each is written to a
+            temporary directory that is renamed into place, so a crash never leaves a partial
+            checkpoint; the previous epoch's directory is removed after.
+        resume: continue from the latest checkpoint in `checkpoint_dir`, giving the same weights
+            as an uninterrupted run; with no checkpoint there yet, start from scratch (so one
+            command line both starts and restarts a job). The optimizer and scheduler continue
+            from their saved state, so a larger `epochs` extends a finished run on its schedule.
+        progress: show a tqdm progress bar with the running loss and accuracy.
+
+    Returns:
+        The `FitHistory` of every epoch.
+
+    Raises:
+        TypeError: for a model that is not an `nn.Module`, or a strategy that is neither a name
+            nor a callable.
+        ValueError: for settings that cannot work, all checked before the first update: an unknown
+            strategy name, a bare model without `mask_set`, both a classifier and `mask_set`, `lr`
+            with your own optimizer, `certify_every` without `val_loader`, `resume` without
+            `checkpoint_dir`, a `checkpoint_dir` that already holds a run but `resume=False` (so
+            a run is never overwritten by mistake), a checkpoint made with other settings, an
+            empty loader, or batches without labels or with labels outside `[0, num_classes)`.
+    """
+    classifier, mask_set, fill = _resolve_defense(model, mask_set, fill)
+    base = classifier.model if classifier is not None else model
+    epochs = positive_int(epochs, "epochs")
+    if isinstance(clean_ratio, bool) or not isinstance(clean_ratio, (int, float)) or not 0.0 <= clean_ratio <= 1.0:
+        raise ValueError(f"clean_ratio must be a number in [0, 1], got {clean_ratio!r}")
+    if certify_every is not None:
+        certify_every = positive_int(certify_every, "certify_every")
+        if val_loader is None:
+            raise ValueError("certify_every certifies val_loader; pass val_loader too")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True continues from checkpoint_dir; pass checkpoint_dir too")
+    if search_batch_size is None:
+        search_batch_size = classifier.batch_size if classifier is not None else 64
+    search_batch_size = positive_int(search_batch_size, "search_batch_size")
+    _check_not_empty(train_loader, "train_loader")
+    if val_loader is not None:
+        _check_not_empty(val_loader, "val_loader")
+
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if lr is not None and optimizer is not None:
+        raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
+    augment, strategy_name = _make_strategy(strategy, base, mask_set, fill, search_batch_size)
+
+    if device is not None:
+        base.to(device)
+    device, dtype = model_device_dtype(base)
+    if optimizer is None:
+        lr = _default_lr(base) if lr is None else float(lr)
+        optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+        if scheduler is None:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[(epochs + 1) // 2], gamma=0.1)
+    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+    loop = _Loop(
+        base=base,
+        augment=augment,
+        clean_ratio=float(clean_ratio),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        device=device,
+        dtype=dtype,
+        amp_dtype=amp_dtype,
+        num_classes=_known_num_classes(classifier, base),
+        progress=progress,
+    )
+
+    history = FitHistory(strategy=strategy_name, lr=float(optimizer.param_groups[0]["lr"]))
+    config = {"strategy": strategy_name, "clean_ratio": float(clean_ratio), "mask_set": [list(b) for b in mask_set.boxes], "fill": fill}
+    generators = _loader_generators(train_loader)
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        latest = _latest_checkpoint(checkpoint_dir)
+        if latest is not None and not resume:
+            raise ValueError(
+                f"checkpoint_dir {str(checkpoint_dir)!r} already holds a run (up to {latest.name}); "
+                "pass resume=True to continue it, or choose another directory"
+            )
+        if latest is not None:
+            history = _load_checkpoint(latest, loop, generators, config)
+
+    certifier = None
+    if certify_every is not None:
+        certifier = classifier or RobustPatchClassifier(
+            base, mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes
+        )
+    modes = [(module, module.training) for module in base.modules()]
+    try:
+        for epoch in range(len(history), epochs):
+            with tqdm(total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True) as bar:
+                stats = _train_epoch(loop, train_loader, epoch, sum(e.steps for e in history.epochs), bar)
+                if val_loader is not None:
+                    certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
+                    _validate(stats, loop, val_loader, certifier if certify else None)
+                bar.set_postfix(_postfix(stats))
+            history.epochs.append(stats)
+            if checkpoint_dir is not None:
+                _save_checkpoint(checkpoint_dir, loop, generators, history, config)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return history
+
+
+@dataclass
+class _Loop:
+    """What every epoch of `fit_masking` trains with, resolved once."""
+
+    base: nn.Module
+    augment: Callable | None
+    clean_ratio: float
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+    num_classes: int | None  # found from the first batch when the model does not say
+    progress: bool
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def batch(self, batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(images, labels)` of a loader's batch on the model's device, labels checked against the model."""
+        x, y = _unpack(batch, name)
+        x, y = x.to(device=self.device, dtype=self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.num_classes is None:
+            self.num_classes = _probe_num_classes(self.base, x)
+        _check_label_range(y, self.num_classes, f"{name} labels")
+        return x, y
+
+
+def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: tqdm) -> EpochStats:
+    """One epoch over `loader`; `updates` is the number of optimizer steps before it."""
+    base, optimizer, scheduler, scaler = loop.base, loop.optimizer, loop.scheduler, loop.scaler
+    base.train()
+    lr = float(optimizer.param_groups[0]["lr"])
+    total_loss = torch.zeros((), dtype=torch.float64, device=loop.device)
+    correct = torch.zeros((), dtype=torch.long, device=loop.device)
+    seen = steps = 0
+    start = time.perf_counter()
+    for batch in loader:
+        with loop.autocast():
+            x, y = loop.batch(batch, "train_loader")
+            x = _mask_batch(loop.augment, x, y, loop.clean_ratio)
+            logits = base(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        if hasattr(scheduler, "step_update"):  # a timm scheduler: per-update schedule
+            scheduler.step_update(num_updates=updates + steps)
+        total_loss += loss.detach().double() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+        bar.update(1)
+        if loop.progress and steps % 10 == 1:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}", lr=f"{lr:.3g}")
+    seconds = time.perf_counter() - start
+    if steps == 0:
+        raise ValueError("train_loader yielded no batches; there is nothing to train on")
+    if hasattr(scheduler, "step_update"):
+        scheduler.step(epoch + 1)  # timm's schedulers take the number of the next epoch
+    elif scheduler is not None:
+        scheduler.step()
+    return EpochStats(epoch + 1, lr, total_loss.item() / seen, correct.item() / seen, seconds, steps)
+
+
+def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: RobustPatchClassifier | None) -> None:
+    """Fill `stats` with the clean (and, with a certifier, robust and certified) accuracy on `loader`."""
+    seen = clean = robust = certified = 0
+    with torch.no_grad(), eval_mode(loop.base), loop.autocast():
+        for batch in loader:
+            x, y = loop.batch(batch, "val_loader")
+            clean += int((loop.base(x).argmax(1) == y).sum())
+            seen += y.shape[0]
+            if certifier is not None:
+                result = certifier.certify(x, y)
+                robust += int((result.prediction == y).sum())
+                certified += int(result.certified.sum())
+    if seen == 0:
+        raise ValueError("val_loader yielded no batches; there is nothing to evaluate on")
+    stats.val_accuracy = clean / seen
+    if certifier is not None:
+        stats.robust_accuracy, stats.certified_accuracy = robust / seen, certified / seen
+
+
+def _postfix(stats: EpochStats) -> dict[str, str]:
+    values = {"loss": stats.loss, "acc": stats.accuracy, "val_acc": stats.val_accuracy, "cert_acc": stats.certified_accuracy}
+    return {name: f"{value:.4f}" for name, value in values.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------- resolution
+def _resolve_defense(model, mask_set, fill) -> tuple[RobustPatchClassifier | None, MaskSet, float | tuple[float, ...]]:
+    """The classifier (if any), mask set and fill to train with."""
+    if isinstance(model, RobustPatchClassifier):
+        if mask_set is not None:
+            raise ValueError("the RobustPatchClassifier brings its own mask_set; pass one or the other, not both")
+        return model, model.mask_set, model.fill if fill is None else as_fill(fill)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a RobustPatchClassifier, got {type(model).__name__}")
+    if mask_set is None:
+        raise ValueError("mask_set is required for a bare model (the masks it will be certified with); or pass robustwrap.wrap(model, ...)")
+    if not isinstance(mask_set, MaskSet):
+        raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
+    return None, mask_set, 0.0 if fill is None else as_fill(fill)
+
+
+def _make_strategy(strategy, base, mask_set, fill, batch_size) -> tuple[Callable | None, str]:
+    """The augmentation (None for clean training) and the strategy's name."""
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))} or a callable; got {strategy!r}")
+        if strategy == "none":
+            return None, strategy
+        return create_augmentation(strategy, mask_set, base, fill=fill, batch_size=batch_size), strategy
+    if callable(strategy):
+        return strategy, getattr(strategy, "__name__", type(strategy).__name__)
+    raise TypeError(f"strategy must be a name or a callable (images, labels) -> masked images, got {type(strategy).__name__}")
+
+
+def _default_lr(model: nn.Module) -> float:
+    """0.001 for a transformer (see `fit_masking`), 0.01 for a convolutional network."""
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in name or "PatchEmbed" in name:
+            return _TRANSFORMER_LR
+    return _CONVNET_LR
+
+
+def _known_num_classes(classifier, base) -> int | None:
+    if classifier is not None:
+        return classifier.num_classes
+    value = getattr(base, "num_classes", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _probe_num_classes(base: nn.Module, x: torch.Tensor) -> int:
+    """Classes of a model that does not say, from one eval-mode image of the first batch."""
+    with torch.no_grad(), eval_mode(base):
+        logits = base(x[:1])
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model must map (B, C, H, W) images to (B, num_classes) logits; it returned {got}")
+    return logits.shape[1]
+
+
+# -------------------------------------------------------------------------------------- batches
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _check_not_empty(loader, name: str) -> None:
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"{name} must be an iterable of (images, labels) batches such as a DataLoader, got {type(loader).__name__}")
+    if _length(loader) == 0:
+        raise ValueError(f"{name} is empty (len() == 0); there is nothing to train or evaluate on")
+
+
+def _unpack(batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, torch.Tensor) or not isinstance(batch, Sequence) or len(batch) < 2:
+        got = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else f"{type(batch).__name__}"
+        if isinstance(batch, Sequence) and not isinstance(batch, torch.Tensor):
+            got += f" of {len(batch)} item(s)"
+        raise ValueError(f"{name} must yield (images, labels) batches so the model can learn the labels; got {got}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
+        got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} images must be a floating tensor of shape (B, C, H, W), got {got}")
+    return x, _check_labels(y, x.shape[0], f"{name} labels")
+
+
+def _mask_batch(augment, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> torch.Tensor:
+    """`x` with every image masked by `augment`, except a `clean_ratio` share left clean at random."""
+    if augment is None or clean_ratio == 1.0:
+        return x
+    if clean_ratio == 0.0:
+        return _run_strategy(augment, x, y)
+    masked = (torch.rand(x.shape[0]) >= clean_ratio).to(x.device)
+    out = x.clone()
+    out[masked] = _run_strategy(augment, x[masked], y[masked])
+    return out
+
+
+def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = augment(x, y)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"strategy must return the masked images with the shape of its input {tuple(x.shape)}, got {got}")
+    return out
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The torch generators that decide a DataLoader's order and worker seeds (each once)."""
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _rng_state(generators: list[torch.Generator]) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+        "loader": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generators: list[torch.Generator]) -> None:
+    if len(state["loader"]) != len(generators):
+        raise ValueError(
+            f"the checkpoint saved the state of {len(state['loader'])} train_loader generator(s) but this train_loader has "
+            f"{len(generators)}; resume with a loader built the same way so the data order continues"
+        )
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    for generator, saved in zip(generators, state["loader"]):
+        generator.set_state(saved)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint of the highest epoch in `directory` (temporary ones are never complete)."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if p.is_dir() and _EPOCH_DIR.fullmatch(p.name)]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def _save_checkpoint(directory: Path, loop: _Loop, generators: list[torch.Generator], history: FitHistory, config: dict) -> None:
+    """Write `epoch_NNNN/` atomically: fill a temporary directory, then rename it into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    epoch = len(history)
+    final = directory / f"epoch_{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
+    try:
+        safetensors.torch.save_model(loop.base, str(tmp / _WEIGHTS), metadata={"format": "pt", "epoch": str(epoch)})
+        state = {
+            "epoch": epoch,
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+            "scaler": loop.scaler.state_dict(),
+            "rng": _rng_state(generators),
+            "history": {"strategy": history.strategy, "lr": history.lr, "epochs": [asdict(e) for e in history.epochs]},
+            "config": config,
+        }
+        torch.save(state, tmp / _STATE)
+        for name in (_WEIGHTS, _STATE):
+            _fsync(tmp / name)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in directory.iterdir():
+        if old != final and old.is_dir() and (_EPOCH_DIR.fullmatch(old.name) or old.name.startswith(".epoch_")):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, loop: _Loop, generators: list[torch.Generator], config: dict) -> FitHistory:
+    """Restore everything `_save_checkpoint` wrote; returns the history so far."""
+    # weights_only: the training state holds tensors and plain containers; nothing is unpickled as code.
+    state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
+    for key, value in config.items():
+        saved = state["config"][key]
+        if saved != value:
+            settings = (
+                (f"another mask set ({len(saved)} masks)", f"this one ({len(value)} masks)")
+                if key == "mask_set"
+                else (f"{key}={saved!r}", repr(value))
+            )
+            raise ValueError(
+                f"the checkpoint in {str(path)!r} was trained with {settings[0]}, not {settings[1]}; "
+                "resume with the same settings or use a new checkpoint_dir"
+            )
+    if (state["scheduler"] is None) != (loop.scheduler is None):
+        how = "without" if state["scheduler"] is None else "with"
+        raise ValueError(f"the checkpoint in {str(path)!r} was trained {how} a scheduler; resume the same way")
+    safetensors.torch.load_model(loop.base, str(path / _WEIGHTS), strict=True, device=str(loop.device))
+    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scheduler is not None:
+        loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], generators)
+    saved = state["history"]
+    return FitHistory(saved["strategy"], saved["lr"], [EpochStats(**e) for e in saved["epochs"]])
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file to disk, so that the rename never publishes a checkpoint still in the page cache."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

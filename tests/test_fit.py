@@ -1,0 +1,345 @@
+"""fit_masking: the papers' defaults, strategies, validation, checkpoints, bit-equal resume, errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import safetensors.torch
+import timm
+import timm.scheduler
+import torch
+import torch.nn.functional as F
+from conftest import PeakNet, ViewCounter
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import robustwrap
+from robustwrap import MaskSet
+from robustwrap.fit import STRATEGIES, FitHistory, fit_masking
+
+SET9 = MaskSet.square(12, 3, num_masks=3)
+SET36 = MaskSet.square(14, 3, num_masks=6)
+
+
+def data(n: int = 32, size: int = 12, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def loader(dataset: TensorDataset, shuffle: bool = True, batch_size: int = 8) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(1) if shuffle else None)
+
+
+class BNNet(nn.Module):
+    """A small convnet with BatchNorm and Dropout, so that modes, buffers and RNG all matter."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(8, 4, 3, padding=1)
+        )
+
+    def forward(self, x):
+        return self.features(x).amax(dim=(2, 3))
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------ defaults
+def test_defaults_are_the_papers_recipe():
+    """Clean fine-tuning with the defaults equals a hand-written SGD(0.01, momentum 0.9) loop, lr x0.1 at half."""
+    train = data()
+    net, ref = PeakNet(seed=3), PeakNet(seed=3)
+    history = fit_masking(net, loader(train, shuffle=False), mask_set=SET9, strategy="none", epochs=4, progress=False)
+    assert isinstance(history, FitHistory) and history.strategy == "none" and history.lr == 0.01
+    assert [e.lr for e in history.epochs] == [0.01, 0.01, 0.001, 0.001]
+    assert [e.epoch for e in history.epochs] == [1, 2, 3, 4] and all(e.steps == 4 for e in history.epochs)
+
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    for epoch in range(4):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.01 if epoch < 2 else 0.01 * 0.1
+        for x, y in loader(train, shuffle=False):
+            optimizer.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            optimizer.step()
+    assert same_weights(net, ref)
+
+    # all defaults: Multi-size Greedy Cutout for 10 epochs, lr x0.1 after epoch 5
+    history = fit_masking(PeakNet(), loader(data(8)), mask_set=SET9, progress=False)
+    assert history.strategy == "multisize_greedy"
+    assert [e.lr for e in history.epochs] == [0.01] * 5 + [0.001] * 5
+
+
+class MHAHead(nn.Module):
+    """Self-attention over pixel tokens: a transformer by the lr rule, without timm."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
+
+    def forward(self, tokens):
+        tokens = tokens.transpose(1, 2)
+        return self.attn(tokens, tokens, tokens)[0].mean(1).repeat(1, 2)[:, :4]
+
+
+def test_default_lr_tells_transformers_from_convnets():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=12, patch_size=4, depth=1, embed_dim=16, num_heads=2, num_classes=4)
+    mha = nn.Sequential(nn.Flatten(2), MHAHead())
+    resnet = timm.create_model("test_resnet", num_classes=4)
+    for model, lr in ((vit, 0.001), (mha, 0.001), (resnet, 0.01), (PeakNet(), 0.01)):
+        history = fit_masking(model, loader(data(8)), mask_set=SET9, strategy="random_mask", epochs=1, progress=False)
+        assert history.lr == lr, type(model).__name__
+    assert fit_masking(PeakNet(), loader(data(8)), mask_set=SET9, epochs=1, lr=0.05, progress=False).lr == 0.05
+
+
+def test_own_optimizer_and_schedulers():
+    net = PeakNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.004)
+    step = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    history = fit_masking(
+        net, loader(data()), mask_set=SET9, strategy="random_mask", epochs=3, optimizer=optimizer, scheduler=step, progress=False
+    )
+    assert [e.lr for e in history.epochs] == [0.004, 0.002, 0.001]
+    # your optimizer without a scheduler: a constant rate
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.03)
+    history = fit_masking(net, loader(data()), mask_set=SET9, epochs=2, optimizer=optimizer, progress=False)
+    assert [e.lr for e in history.epochs] == [0.03, 0.03]
+    # a timm scheduler also steps after every update, as timm's train script does
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    cosine = timm.scheduler.CosineLRScheduler(optimizer, t_initial=8, t_in_epochs=False)
+    seen = []
+
+    def spy(x, y):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return x
+
+    fit_masking(net, loader(data()), mask_set=SET9, strategy=spy, epochs=2, optimizer=optimizer, scheduler=cosine, progress=False)
+    assert len(seen) == 8 and all(a > b for a, b in itertools.pairwise(seen))
+
+
+# ---------------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize(
+    "strategy, views", [("none", 0), ("random_cutout", 0), ("random_mask", 0), ("greedy", 71), ("multisize_greedy", 26), ("grid", 666)]
+)
+def test_every_strategy_trains_and_costs_its_views(strategy, views):
+    net = PeakNet()
+    robust = robustwrap.wrap(net, mask_set=SET36, num_classes=4)  # num_classes known: no probe pass
+    counter = ViewCounter(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    history = fit_masking(robust, loader(data(size=14)), strategy=strategy, epochs=1, progress=False)
+    assert history.strategy == strategy and strategy in STRATEGIES
+    assert counter.images == 32 * (views + 1)  # the search's views, plus the training forward
+    assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_training_images_are_masked_with_the_classifiers_fill():
+    net = PeakNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, fill=0.75, num_classes=4)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()) if module.training else None)
+    fit_masking(robust, loader(data()), strategy="greedy", epochs=1, progress=False)
+    assert len(seen) == 4
+    # every training image has at least one whole mask (6x6 = 36 px per channel) set to the fill
+    assert all(((x == 0.75).sum(dim=(1, 2, 3)) >= 3 * 36).all() for x in seen)
+
+
+def test_clean_ratio_leaves_that_share_of_images_unmasked():
+    counts = {}
+    for ratio in (0.0, 0.5, 1.0):
+        net = PeakNet()
+        counter = ViewCounter(net)
+        torch.manual_seed(0)
+        fit_masking(
+            robustwrap.wrap(net, mask_set=SET9, num_classes=4),
+            loader(data(64)),
+            strategy="greedy",
+            clean_ratio=ratio,
+            epochs=1,
+            progress=False,
+        )
+        counts[ratio] = counter.images - 64
+    assert counts[0.0] == 64 * 17 and counts[1.0] == 0
+    assert 16 * 17 < counts[0.5] < 48 * 17 and counts[0.5] % 17 == 0
+
+
+def test_callable_strategy_and_its_errors():
+    calls = []
+
+    def halves(x, y):
+        calls.append(x.shape[0])
+        return x * 0.5
+
+    fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy=halves, epochs=1, progress=False)
+    assert calls == [8, 8, 8, 8]
+    with pytest.raises(ValueError, match=r"shape of its input \(8, 3, 12, 12\)"):
+        fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy=lambda x, y: x[:1], epochs=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------- validation
+def test_validation_reports_clean_and_certified_accuracy():
+    net = PeakNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, batch_size=128)
+    val = data(24, seed=5)
+    history = fit_masking(robust, loader(data()), val_loader=loader(val, shuffle=False), certify_every=2, epochs=3, progress=False)
+    assert [e.certified_accuracy is None for e in history.epochs] == [True, False, False]  # epoch 2, and the last
+    assert all(e.val_accuracy is not None for e in history.epochs)
+    x, y = val.tensors
+    with torch.no_grad():
+        assert history.final.val_accuracy == (net.eval()(x).argmax(1) == y).float().mean().item()
+    result = robust.certify(x, y)
+    assert history.final.certified_accuracy == result.certified.float().mean().item()
+    assert history.final.robust_accuracy == (result.prediction == y).float().mean().item()
+
+
+def test_progress_bar_shows_loss_and_accuracy(capsys):
+    fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+    fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=1, val_loader=loader(data(8)), progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
+
+
+def test_amp_trains_in_bfloat16_on_cpu_and_modes_are_restored():
+    net = BNNet()
+    net.eval()
+    dtypes = []
+    net.features[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    history = fit_masking(net, loader(data()), mask_set=SET9, strategy="multisize_greedy", epochs=1, amp=True, device="cpu", progress=False)
+    assert set(dtypes) == {torch.bfloat16} and torch.isfinite(torch.tensor(history.final.loss))
+    assert not net.training and not net.features[1].training  # the caller's modes, per module
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+class Interrupted(Exception):
+    pass
+
+
+class InterruptingLoader(DataLoader):
+    """A DataLoader whose second epoch dies after `after` batches, as a killed job would."""
+
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after, self.epochs = after, 0
+
+    def __iter__(self):
+        self.epochs += 1
+        for i, item in enumerate(super().__iter__()):
+            if self.epochs == 2 and i == self.after:
+                raise Interrupted
+            yield item
+
+
+@pytest.mark.parametrize("strategy, clean_ratio", [("random_cutout", 0.5), ("greedy", 0.0)])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, strategy, clean_ratio):
+    train, val = data(), data(8, seed=9)
+    kwargs = dict(
+        mask_set=SET9,
+        strategy=strategy,
+        clean_ratio=clean_ratio,
+        epochs=3,
+        val_loader=loader(val, shuffle=False),
+        certify_every=1,
+        progress=False,
+    )
+
+    torch.manual_seed(123)
+    straight = BNNet()
+    expected = fit_masking(straight, loader(train), **kwargs)
+
+    torch.manual_seed(123)
+    first = BNNet()
+    dying = InterruptingLoader(train, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1), after=2)
+    with pytest.raises(Interrupted):
+        fit_masking(first, dying, checkpoint_dir=tmp_path, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001"]
+
+    torch.manual_seed(999)  # a new process: other global RNG state, other initial weights
+    resumed = BNNet(seed=7)
+    history = fit_masking(resumed, loader(train), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert same_weights(resumed, straight)
+    strip = lambda h: [{**vars(e), "seconds": 0} for e in h.epochs]
+    assert strip(history) == strip(expected) and len(history) == 3
+
+
+def test_checkpoint_layout_is_safetensors_and_atomic(tmp_path, monkeypatch):
+    net = BNNet()
+    fit_masking(net, loader(data()), mask_set=SET9, strategy="random_mask", epochs=2, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0002"]  # the previous epoch is removed, no temporary left
+    weights = safetensors.torch.load_file(tmp_path / "epoch_0002" / "model.safetensors")
+    assert weights.keys() == net.state_dict().keys() and all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    state = torch.load(tmp_path / "epoch_0002" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and {"optimizer", "scheduler", "rng", "history"} <= state.keys()
+
+    # a crash while writing epoch 3 leaves epoch 2 whole and no partial directory behind
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit_masking(
+            net, loader(data()), mask_set=SET9, strategy="random_mask", epochs=3, checkpoint_dir=tmp_path, resume=True, progress=False
+        )
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0002"]
+    assert safetensors.torch.load_file(tmp_path / "epoch_0002" / "model.safetensors").keys() == weights.keys()
+
+
+def test_checkpoint_dir_is_never_overwritten_or_resumed_with_other_settings(tmp_path):
+    fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=1, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="resume=True"):
+        fit_masking(PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=2, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="strategy='random_mask', not 'greedy'"):
+        fit_masking(
+            PeakNet(), loader(data()), mask_set=SET9, strategy="greedy", epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False
+        )
+    done = fit_masking(
+        PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=1, checkpoint_dir=tmp_path, resume=True, progress=False
+    )
+    assert len(done) == 1  # already finished: nothing to do
+
+
+# ---------------------------------------------------------------------------------------- errors
+class NoLen:
+    def __iter__(self):
+        return iter(())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(train_loader=DataLoader(TensorDataset(data().tensors[0]), batch_size=8)), ValueError, r"\(images, labels\)"),
+        (dict(train_loader=loader(TensorDataset(data().tensors[0], data().tensors[1] + 2))), ValueError, r"\[0, 4\)"),
+        (dict(train_loader=loader(TensorDataset(data().tensors[0], data().tensors[1].float()))), TypeError, "integer"),
+        (dict(train_loader=DataLoader(TensorDataset(torch.zeros(0, 3, 12, 12), torch.zeros(0, dtype=torch.long)))), ValueError, "empty"),
+        (dict(train_loader=NoLen()), ValueError, "no batches"),
+        (dict(strategy="greedy_cutout"), ValueError, "'none', 'random_cutout', 'random_mask', 'greedy', 'multisize_greedy', 'grid'"),
+        (dict(strategy=3), TypeError, "callable"),
+        (dict(mask_set=None), ValueError, "mask_set is required"),
+        (dict(lr=0.1, optimizer="mine"), ValueError, "own optimizer"),
+        (dict(certify_every=1), ValueError, "val_loader"),
+        (dict(resume=True), ValueError, "checkpoint_dir"),
+        (dict(clean_ratio=1.5), ValueError, "clean_ratio"),
+        (dict(epochs=0), ValueError, "epochs"),
+    ],
+)
+def test_errors_come_before_any_update(kwargs, error, match):
+    net = PeakNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kwargs = {"train_loader": loader(data()), "mask_set": SET9, "epochs": 1, "progress": False, **kwargs}
+    if kwargs.get("optimizer") == "mine":
+        kwargs["optimizer"] = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(error, match=match):
+        fit_masking(net, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_classifier_and_mask_set_are_exclusive():
+    robust = robustwrap.wrap(PeakNet(), mask_set=SET9)
+    with pytest.raises(ValueError, match="not both"):
+        fit_masking(robust, loader(data()), mask_set=SET9, progress=False)
