@@ -424,7 +424,9 @@ _SEARCHES = {"greedy": GreedyCutout, "multisize_greedy": MultiSizeGreedyCutout, 
 _NAMES = ("random_cutout", "random_mask", *_SEARCHES)
 
 
-def create_augmentation(name: str, mask_set: MaskSet, model: nn.Module | None = None, *, fill: Fill = 0.0, batch_size: int = 64):
+def create_augmentation(
+    name: str, mask_set: MaskSet, model: nn.Module | None = None, *, fill: Fill = 0.0, batch_size: int = 64
+) -> RandomCutout | RandomMaskCutout | GreedyCutout | MultiSizeGreedyCutout | GridCutout:
     """Build an augmentation by name.
 
     Args:

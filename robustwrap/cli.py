@@ -129,8 +129,9 @@ def parse_patch(text: str) -> list[int | float]:
         One entry per patch: an int for pixels, a float in (0, 1) for a fraction of the area.
 
     Raises:
-        argparse.ArgumentTypeError: for anything else, saying the three ways to write a patch
-            (a bare `2` would otherwise silently mean 2 pixels to someone who meant 2%).
+        argparse.ArgumentTypeError: for anything else (a negative, zero or oversized value, a
+            percentage of 100 or more, a fraction of 1 or more), saying the three ways to write one.
+            A bare number is pixels, as `patch=32` is in Python.
     """
     values = []
     for item in text.split(","):
@@ -270,6 +271,14 @@ def _predict(args: argparse.Namespace) -> None:
     print(_columns(rows, align_left=True))
 
 
+def _patch(entry: dict) -> str:
+    """A manifest entry's patch as `5x5 px (2.44%)`."""
+    patch = entry.get("patch")
+    if not isinstance(patch, list):
+        return _value(patch)
+    return f"{patch[0]}x{patch[1]} px ({entry['patch_percent']:.2f}%)" if "patch_percent" in entry else f"{patch[0]}x{patch[1]} px"
+
+
 def _models(args: argparse.Namespace) -> None:
     from . import hub
 
@@ -282,10 +291,10 @@ def _models(args: argparse.Namespace) -> None:
                 name + marker,
                 str(entry.get("architecture", "-")),
                 str(entry.get("dataset", "-")),
-                _value(entry.get("patch")),
+                _patch(entry),
                 _value(entry.get("num_masks")),
-                _accuracy(entry.get("clean_acc")),
-                _accuracy(entry.get("certified_acc")),
+                _accuracy(entry.get("metrics", {}).get("clean_accuracy")),
+                _accuracy(entry.get("metrics", {}).get("certified_accuracy")),
             )
         )
     print(_columns(rows, align_left=True))

@@ -244,8 +244,9 @@ def _describe_model(model: RobustPatchClassifier) -> str:
 
 
 def _describe_data(dataset: Dataset) -> str:
-    root = getattr(dataset, "root", None)
-    return str(root) if root else type(dataset).__name__
+    """A data set's name (built-in data sets carry one), folder, or class name."""
+    name = getattr(dataset, "name", None) or getattr(dataset, "root", None)
+    return str(name) if name else type(dataset).__name__
 
 
 # --------------------------------------------------------------------------------- processes

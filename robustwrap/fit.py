@@ -109,7 +109,7 @@ def fit_masking(
     epochs: int = 10,
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
+    scheduler: object | None = None,
     clean_ratio: float = 0.0,
     val_loader: Iterable | None = None,
     certify_every: int | None = None,

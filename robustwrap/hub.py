@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str |
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.model.state_dict().items()}
     safetensors.torch.save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    os.chmod(folder / WEIGHTS_NAME, 0o644)  # safetensors writes 0600; a model folder is for sharing
     _model_card(model, config, repo_id).save(folder / "README.md")
 
 
@@ -451,8 +453,8 @@ BUILTIN_DATASETS: dict[str, str] = {
 class _TensorImages(torch.utils.data.Dataset):
     """uint8 images as PIL images (like torchvision's MNIST), optionally transformed."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None, name: str | None = None):
+        self.images, self.labels, self.transform, self.name = images, labels, transform, name
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -464,7 +466,7 @@ class _TensorImages(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-def builtin_dataset(name: str, transform=None) -> torch.utils.data.Dataset:
+def builtin_dataset(name: str, transform: Callable[[Any], Any] | None = None) -> torch.utils.data.Dataset:
     """A small real dataset shipped inside the package, usable offline.
 
     Args:
@@ -479,4 +481,4 @@ def builtin_dataset(name: str, transform=None) -> torch.utils.data.Dataset:
         raise ValueError(f"unknown built-in dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
     meta = json.loads((_ZOO / "data" / "datasets.json").read_text())[name]
     tensors = safetensors.torch.load_file(str(_ZOO / "data" / meta["file"]))
-    return _TensorImages(tensors["images"], tensors["labels"], transform)
+    return _TensorImages(tensors["images"], tensors["labels"], transform, name=f"{name} (built-in)")

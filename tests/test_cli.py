@@ -254,6 +254,9 @@ def test_models_lists_the_zoo(capsys):
     assert code == 0
     assert f"{hub.DEFAULT_MODEL} *" in out
     assert all(name in out for name in hub.list_models())
+    entry = hub.zoo_entry(hub.DEFAULT_MODEL)
+    row = next(line for line in out.splitlines() if line.startswith(f"{hub.DEFAULT_MODEL} *"))
+    assert f"{100 * entry['metrics']['certified_accuracy']:.1f}%" in row and f"({entry['patch_percent']:.2f}%)" in row
 
 
 @needs_hub
@@ -286,7 +289,15 @@ def test_unknown_zoo_model_is_one_line(capsys):
 def stub_zoo(files, monkeypatch):
     """`robustwrap.hub` answering for one zoo model, the tiny timm network, with its own data."""
     hub = pytest.importorskip("robustwrap.hub")
-    entry = {"name": "tiny", "architecture": ARCH, "dataset": "tiny-data", "patch": "10%", "num_masks": 2, "clean_acc": 0.5, "certified_acc": 0.25}
+    entry = {
+        "name": "tiny",
+        "architecture": ARCH,
+        "dataset": "tiny-data",
+        "patch": [3, 3],
+        "patch_percent": 10.0,
+        "num_masks": 2,
+        "metrics": {"clean_accuracy": 0.5, "certified_accuracy": 0.25},
+    }
     monkeypatch.setattr(hub, "DEFAULT_MODEL", "tiny")
     monkeypatch.setattr(hub, "BUILTIN_DATASETS", {"tiny-data": "nine random images"})
     monkeypatch.setattr(hub, "list_models", lambda pattern="*": ["tiny"])
@@ -318,4 +329,4 @@ def test_models_table_from_the_zoo(stub_zoo, capsys):
     code, out, _ = run(["models"], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("tiny *"))
-    assert row.split()[2:] == [ARCH, "tiny-data", "10%", "2", "50.0%", "25.0%"]
+    assert row.split()[2:] == [ARCH, "tiny-data", "3x3", "px", "(10.00%)", "2", "50.0%", "25.0%"]

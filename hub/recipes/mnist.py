@@ -112,6 +112,7 @@ def main() -> None:
 
     (ZOO / "data").mkdir(exist_ok=True)
     safetensors.torch.save_file({"images": test_x.contiguous(), "labels": test_y.contiguous()}, str(ZOO / "data" / "mnist_heldout.safetensors"))
+    (ZOO / "data" / "mnist_heldout.safetensors").chmod(0o644)
     datasets = {
         DATASET: {
             "file": "mnist_heldout.safetensors",
