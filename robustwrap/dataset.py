@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 from ._args import DefaultInt, is_default, positive_int
 from .classifier import RobustPatchClassifier
 from .engine import eval_mode, model_device_dtype
-from .report import CertificationReport, ImageRecord, mask_set_to_dict
+from .report import CertificationReport, ImageRecord
 
 __all__ = ["certify_dataset", "model_fingerprint", "view_grid"]
 
@@ -208,7 +208,7 @@ def model_fingerprint(model: RobustPatchClassifier, *, amp: bool = False) -> str
         tensor = tensor.detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    settings = {"mask_set": mask_set_to_dict(model.mask_set), "fill": model.fill, "amp": bool(amp)}
+    settings = {"mask_set": model.mask_set.to_dict(), "fill": model.fill, "amp": bool(amp)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 

@@ -121,29 +121,10 @@ def _defense_config(model: RobustPatchClassifier) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "fill": model.fill if isinstance(model.fill, float) else list(model.fill),
         "batch_size": model.batch_size,
-        "mask_set": {
-            "patch_sizes": [list(p) for p in ms.patch_sizes],
-            "boxes": [list(b) for b in ms.boxes],
-            "mask_size": list(ms.mask_size) if ms.mask_size else None,
-            "stride": list(ms.stride) if ms.stride else None,
-            "grid": list(ms.grid) if ms.grid else None,
-            "description": ms.describe(),
-        },
+        "mask_set": {**ms.to_dict(), "description": ms.describe()},
         "base": _base_spec(model.model, model.num_classes),
         **model.pretrained_info,
     }
-
-
-def _mask_set_from(section: dict[str, Any]) -> MaskSet:
-    ms = section["mask_set"]
-    return MaskSet(
-        tuple(section["image_size"]),
-        tuple(tuple(b) for b in ms["boxes"]),
-        tuple(tuple(p) for p in ms["patch_sizes"]),
-        mask_size=tuple(ms["mask_size"]) if ms.get("mask_size") else None,
-        stride=tuple(ms["stride"]) if ms.get("stride") else None,
-        grid=tuple(ms["grid"]) if ms.get("grid") else None,
-    )
 
 
 _INFO_KEYS = ("strategy", "dataset", "metrics")
@@ -297,7 +278,7 @@ def load_folder(
         _load_weights_strictly(base, folder, expected_sha256)
     model = RobustPatchClassifier(
         base,
-        _mask_set_from(section),
+        MaskSet.from_dict(section["mask_set"]),
         fill=overrides.pop("fill", section["fill"]),
         batch_size=overrides.pop("batch_size", section["batch_size"]),
         num_classes=section["num_classes"],

@@ -255,6 +255,43 @@ class MaskSet:
         grid = (math.ceil(rows / factor), math.ceil(cols / factor))
         return MaskSet(self.image_size, tuple(boxes), self.patch_sizes, grid=grid, children=tuple(children))
 
+    def to_dict(self) -> dict:
+        """Every field as JSON-ready lists, so that `MaskSet.from_dict` rebuilds the same set."""
+
+        def listed(value):
+            return None if value is None else [list(v) if isinstance(v, tuple) else v for v in value]
+
+        return {
+            "image_size": list(self.image_size),
+            "patch_sizes": listed(self.patch_sizes),
+            "boxes": listed(self.boxes),
+            "mask_size": listed(self.mask_size),
+            "stride": listed(self.stride),
+            "grid": listed(self.grid),
+            "children": listed(self.children),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MaskSet:
+        """The set back from `to_dict` (extra keys are ignored; the covering check runs again).
+
+        Raises:
+            ValueError: if the boxes do not cover the patch sizes, as for any constructor.
+        """
+
+        def tupled(value):
+            return None if value is None else tuple(tuple(v) if isinstance(v, list) else v for v in value)
+
+        return cls(
+            image_size=tupled(data["image_size"]),
+            boxes=tupled(data["boxes"]),
+            patch_sizes=tupled(data["patch_sizes"]),
+            mask_size=tupled(data.get("mask_size")),
+            stride=tupled(data.get("stride")),
+            grid=tupled(data.get("grid")),
+            children=tupled(data.get("children")),
+        )
+
     def __or__(self, other: MaskSet) -> MaskSet:
         """The union of two mask sets on the same image: it covers the patch shapes of both."""
         if not isinstance(other, MaskSet):

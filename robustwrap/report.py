@@ -266,7 +266,7 @@ class CertificationReport:
             "version": REPORT_VERSION,
             "model": self.model,
             "data": self.data,
-            "mask_set": mask_set_to_dict(self.mask_set),
+            "mask_set": self.mask_set.to_dict(),
             "fill": list(self.fill) if isinstance(self.fill, tuple) else self.fill,
             "num_classes": self.num_classes,
             "amp": self.amp,
@@ -296,7 +296,7 @@ class CertificationReport:
         return cls(
             model=document["model"],
             data=document["data"],
-            mask_set=mask_set_from_dict(document["mask_set"]),
+            mask_set=MaskSet.from_dict(document["mask_set"]),
             fill=tuple(fill) if isinstance(fill, list) else fill,
             num_classes=document["num_classes"],
             records=tuple(ImageRecord.from_dict(r) for r in document["records"]),
@@ -374,40 +374,6 @@ class CertificationReport:
 
 
 # ---------------------------------------------------------------------------------- mask sets
-def mask_set_to_dict(mask_set: MaskSet) -> dict:
-    """A `MaskSet` as a JSON-ready dict (every field, so it rebuilds exactly)."""
-
-    def listed(value):
-        return None if value is None else [list(v) if isinstance(v, tuple) else v for v in value]
-
-    return {
-        "image_size": list(mask_set.image_size),
-        "patch_sizes": listed(mask_set.patch_sizes),
-        "boxes": listed(mask_set.boxes),
-        "mask_size": listed(mask_set.mask_size),
-        "stride": listed(mask_set.stride),
-        "grid": listed(mask_set.grid),
-        "children": listed(mask_set.children),
-    }
-
-
-def mask_set_from_dict(data: dict) -> MaskSet:
-    """The `MaskSet` back from `mask_set_to_dict` (its covering check runs again)."""
-
-    def tupled(value):
-        if value is None:
-            return None
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-
-    return MaskSet(
-        image_size=tupled(data["image_size"]),
-        boxes=tupled(data["boxes"]),
-        patch_sizes=tupled(data["patch_sizes"]),
-        mask_size=tupled(data["mask_size"]),
-        stride=tupled(data["stride"]),
-        grid=tupled(data["grid"]),
-        children=tupled(data["children"]),
-    )
 
 
 # -------------------------------------------------------------------------------------- sweeps

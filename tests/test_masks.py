@@ -201,3 +201,15 @@ def test_rect_rejects_fractions():
 
 def test_describe_reports_pixels_and_percent():
     assert MaskSet.square(224, 0.02).describe() == "patch 32x32 px (2.04% of 224x224); 36 masks (6x6) of 64x64 px, stride 33x33"
+
+
+def test_dict_round_trip_for_every_kind_of_set():
+    import json
+
+    fine = MaskSet.square(64, 8, num_masks=6)
+    for ms in (fine, fine.coarsen(2), fine | MaskSet.rect(64, (4, 20), num_masks=3), MaskSet.square(64, 8, stride=8)):
+        assert MaskSet.from_dict(json.loads(json.dumps(ms.to_dict()))) == ms
+    broken = fine.to_dict()
+    broken["boxes"] = broken["boxes"][:-1]
+    with pytest.raises(ValueError, match="do not cover"):
+        MaskSet.from_dict(broken)
