@@ -28,7 +28,7 @@ from torch import nn
 
 from ._args import as_fill, as_pair, positive_int
 from .classifier import RobustPatchClassifier
-from .engine import eval_mode, mask_images, model_device_dtype, triangle_pairs
+from .engine import ViewEngine, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
 from .masks import MaskSet
 
 __all__ = [
@@ -78,7 +78,7 @@ def apply_masks(x: torch.Tensor, mask_set: MaskSet, indices: torch.Tensor, fill:
             f"indices must be in [0, {len(mask_set)}) for this mask set, got values from {int(indices.min())} to {int(indices.max())}"
         )
     keep = mask_set.keep_masks(x.device)[indices.to(x.device)].all(1)
-    return mask_images(x, keep, _fill_tensor(as_fill(fill), x))
+    return mask_images(x, keep, fill_like(as_fill(fill), x))
 
 
 def apply_boxes(x: torch.Tensor, boxes: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
@@ -105,7 +105,7 @@ def apply_boxes(x: torch.Tensor, boxes: torch.Tensor, fill: Fill = 0.0) -> torch
     cols = torch.arange(x.shape[-1], device=x.device)[None, :]
     top, left, height, width = (boxes[..., c, None, None] for c in range(4))
     inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
-    return mask_images(x, ~inside.any(1), _fill_tensor(as_fill(fill), x))
+    return mask_images(x, ~inside.any(1), fill_like(as_fill(fill), x))
 
 
 # -------------------------------------------------------------------------------- random masks
@@ -227,13 +227,12 @@ class _MaskSearch(_MaskSetAugmentation):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.batch_size = positive_int(batch_size, "batch_size")
-        self._keep: dict[torch.device, torch.Tensor] = {}
+        # Candidate views are built and run by the engine that certification uses.
+        self.engine = ViewEngine(model, self._candidates(), self.fill, self.batch_size)
 
-    def keep(self, device: torch.device) -> torch.Tensor:
-        """`(K, H, W)` keep masks on `device`, built once per device for the search's many views."""
-        if device not in self._keep:
-            self._keep[device] = self.mask_set.keep_masks(device)
-        return self._keep[device]
+    def _candidates(self) -> MaskSet:
+        """The masks a view of the search may hide (`engine` indexes them)."""
+        return self.mask_set
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, return_indices: bool = False):
         """Mask each image of `x` with the two masks the search finds worst for its label in `y`.
@@ -266,21 +265,12 @@ class _MaskSearch(_MaskSetAugmentation):
         """`(B, 2)` the two masks chosen for each image; the subclasses' one job."""
         raise NotImplementedError
 
-    def _losses(
-        self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-view cross entropy of the views `x[image]` hiding `keep[a]` and `keep[b]`, as `(N,)` float32."""
-        fill = _fill_tensor(self.fill, x)
+    def _losses(self, x: torch.Tensor, y: torch.Tensor, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-view cross entropy of the views `x[image]` hiding candidate masks `a` and `b`, as `(N,)` float32."""
         losses = torch.empty(image.numel(), dtype=torch.float32, device=x.device)
         for s in range(0, image.numel(), self.batch_size):
             part = slice(s, s + self.batch_size)
-            views = mask_images(x[image[part]], keep[a[part]] & keep[b[part]], fill)
-            logits = self.model(views)
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
-                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(
-                    f"the model must map (N, C, H, W) images to (N, num_classes) logits; for {views.shape[0]} images it returned {got}"
-                )
+            logits = self.engine.run(x, image[part], a[part], b[part])
             if s == 0:
                 _check_label_range(y, logits.shape[1], "y")
             losses[part] = F.cross_entropy(logits.float(), y[image[part]], reduction="none")
@@ -308,16 +298,15 @@ class GreedyCutout(_MaskSearch):
 
     def _search(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, k = x.shape[0], len(self.mask_set)
-        keep = self.keep(x.device)
         image = torch.arange(b, device=x.device).repeat_interleave(k)
         mask = torch.arange(k, device=x.device).repeat(b)
-        m1 = self._losses(x, y, keep, image, mask, mask).view(b, k).argmax(1)
+        m1 = self._losses(x, y, image, mask, mask).view(b, k).argmax(1)
         if k == 1:
             return torch.stack([m1, m1], 1)
         others = torch.arange(k - 1, device=x.device).expand(b, -1)
         others = others + (others >= m1[:, None])  # every mask but m1, ascending
         image = torch.arange(b, device=x.device).repeat_interleave(k - 1)
-        losses = self._losses(x, y, keep, image, m1[image], others.flatten()).view(b, k - 1)
+        losses = self._losses(x, y, image, m1[image], others.flatten()).view(b, k - 1)
         m2 = others.gather(1, losses.argmax(1, keepdim=True))[:, 0]
         return torch.stack([m1, m2], 1)
 
@@ -344,23 +333,24 @@ class MultiSizeGreedyCutout(_MaskSearch):
     """
 
     def __init__(self, mask_set: MaskSet, model: nn.Module, *, fill: Fill = 0.0, batch_size: int = 64):
-        super().__init__(mask_set, model, fill=fill, batch_size=batch_size)
         self.coarse = mask_set.coarsen(2)
+        super().__init__(mask_set, model, fill=fill, batch_size=batch_size)
         width = max(len(c) for c in self.coarse.children)
         # Children padded with -1: with an odd grid the last coarse row/column merges fewer masks.
         self._children = torch.tensor([c + (-1,) * (width - len(c)) for c in self.coarse.children])
-        self._tables: dict[torch.device, torch.Tensor] = {}
 
     @property
     def views_per_image(self) -> int:
         """`2 * (coarse masks + 4)`: exact for an even grid, an upper bound for an odd one."""
         return 2 * (len(self.coarse) + self._children.shape[1])
 
-    def _table(self, device: torch.device) -> torch.Tensor:
-        """Fine keep masks followed by coarse ones: coarse mask `c` is row `K + c`."""
-        if device not in self._tables:
-            self._tables[device] = torch.cat([self.keep(device), self.coarse.keep_masks(device)])
-        return self._tables[device]
+    def _candidates(self) -> MaskSet:
+        """Fine masks followed by coarse ones: coarse mask `c` is candidate `K + c`.
+
+        Built directly, not with `|`, which would drop a coarse box equal to a fine one (an odd
+        grid's corner) and shift the indices.
+        """
+        return MaskSet(self.mask_set.image_size, self.mask_set.boxes + self.coarse.boxes, self.mask_set.patch_sizes)
 
     def _search(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f1 = self._worst_fine(x, y, None)
@@ -369,11 +359,11 @@ class MultiSizeGreedyCutout(_MaskSearch):
     def _worst_fine(self, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """One round: the worst coarse mask, then its worst fine mask, with `hidden` fine masks already hidden."""
         b, k, kc = x.shape[0], len(self.mask_set), len(self.coarse)
-        table, children = self._table(x.device), self._children.to(x.device)
+        children = self._children.to(x.device)
         image = torch.arange(b, device=x.device).repeat_interleave(kc)
         coarse = torch.arange(kc, device=x.device).repeat(b) + k
         first = coarse if hidden is None else hidden[image]
-        worst_coarse = self._losses(x, y, table, image, first, coarse).view(b, kc).argmax(1)
+        worst_coarse = self._losses(x, y, image, first, coarse).view(b, kc).argmax(1)
 
         kids = children[worst_coarse]
         valid = kids >= 0
@@ -381,7 +371,7 @@ class MultiSizeGreedyCutout(_MaskSearch):
         fine = kids[valid]
         first = fine if hidden is None else hidden[image]
         losses = torch.full(kids.shape, -math.inf, device=x.device)
-        losses[valid] = self._losses(x, y, table, image, first, fine)
+        losses[valid] = self._losses(x, y, image, first, fine)
         return kids.gather(1, losses.argmax(1, keepdim=True))[:, 0]
 
     def __repr__(self) -> str:
@@ -412,7 +402,7 @@ class GridCutout(_MaskSearch):
     def _search(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         pairs, _ = triangle_pairs(torch.arange(b, device=x.device), len(self.mask_set), diagonal=True)
-        losses = self._losses(x, y, self.keep(x.device), pairs[:, 0], pairs[:, 1], pairs[:, 2])
+        losses = self._losses(x, y, pairs[:, 0], pairs[:, 1], pairs[:, 2])
         return pairs.view(b, -1, 3).gather(1, losses.view(b, -1).argmax(1)[:, None, None].expand(-1, 1, 3))[:, 0, 1:]
 
     def __repr__(self) -> str:
@@ -455,15 +445,6 @@ def create_augmentation(
 
 
 # ------------------------------------------------------------------------------------- plumbing
-def _fill_tensor(fill: float | tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
-    """`fill` as a scalar or `(C, 1, 1)` tensor in `x`'s device and dtype."""
-    if isinstance(fill, tuple):
-        if len(fill) != x.shape[1]:
-            raise ValueError(f"fill has {len(fill)} values (one per channel) but the images have {x.shape[1]} channels")
-        return torch.tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-    return torch.tensor(fill, dtype=x.dtype, device=x.device)
-
-
 def _describe(value) -> str:
     return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 

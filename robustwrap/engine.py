@@ -18,7 +18,7 @@ from torch import nn
 
 from .masks import MaskSet
 
-__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "eval_mode", "triangle_pairs", "row_pairs"]
+__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "fill_like", "eval_mode", "triangle_pairs", "row_pairs"]
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -38,6 +38,20 @@ def mask_images(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torc
         fill: scalar or `(C, 1, 1)` fill value, in the model's input space.
     """
     return torch.where(keep.unsqueeze(-3), x, fill)
+
+
+def fill_like(fill: float | tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """`fill` as a scalar or `(C, 1, 1)` tensor on `x`'s device in its dtype, for `mask_images`.
+
+    Raises:
+        ValueError: for a per-channel fill whose length is not `x`'s channel count, which would
+            otherwise fail inside `torch.where` with a broadcasting error.
+    """
+    if isinstance(fill, tuple):
+        if len(fill) != x.shape[1]:
+            raise ValueError(f"fill has {len(fill)} values (one per channel) but the images have {x.shape[1]} channels")
+        return torch.tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    return torch.tensor(fill, dtype=x.dtype, device=x.device)
 
 
 @contextlib.contextmanager
@@ -100,11 +114,6 @@ class ViewEngine:
             self._keep_cache[device] = self.mask_set.keep_masks(device)
         return self._keep_cache[device]
 
-    def fill_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The fill value as a scalar or `(C, 1, 1)` tensor on `device` in `dtype`."""
-        fill = torch.as_tensor(self.fill, dtype=dtype, device=device)
-        return fill.reshape(-1, 1, 1) if fill.ndim == 1 else fill
-
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """`x` on the model's device and in its dtype."""
         device, dtype = model_device_dtype(self.model)
@@ -113,7 +122,7 @@ class ViewEngine:
     def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Logits `(n, C)` of the views `(image, i, j)`, in one forward pass (n <= batch_size)."""
         keep = self.keep(x.device)
-        views = mask_images(x[image], keep[i] & keep[j], self.fill_tensor(x.device, x.dtype))
+        views = mask_images(x[image], keep[i] & keep[j], fill_like(self.fill, x))
         logits = self.model(views)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
