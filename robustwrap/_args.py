@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int", "as_fill"]
+__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int", "as_fill", "as_labels", "check_label_range"]
 
 
 class DefaultInt(int):
@@ -68,3 +68,20 @@ def as_fill(fill) -> float | tuple[float, ...]:
             raise ValueError(f"fill must be finite, got {fill!r}")
         return tuple(float(v) for v in fill)
     raise TypeError(f"fill must be a number or a sequence of one number per channel, got {fill!r}")
+
+
+def as_labels(y, batch: int, name: str = "labels") -> torch.Tensor:
+    """`y` as a `(batch,)` long tensor of class ids, or a TypeError/ValueError naming `name`."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},), got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class ids, got dtype {y.dtype}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) to match the images, got {tuple(y.shape)}")
+    return y.long()
+
+
+def check_label_range(y: torch.Tensor, num_classes: int, name: str = "labels") -> None:
+    """A ValueError naming `name` unless every label is a class id in `[0, num_classes)`."""
+    if bool(((y < 0) | (y >= num_classes)).any()):
+        raise ValueError(f"{name} must be in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}")

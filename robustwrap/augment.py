@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import as_fill, as_pair, positive_int
+from ._args import as_fill, as_labels, as_pair, check_label_range, positive_int
 from .classifier import RobustPatchClassifier
 from .engine import ViewEngine, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
 from .masks import MaskSet
@@ -253,7 +253,7 @@ class _MaskSearch(_MaskSetAugmentation):
             TypeError, ValueError: for images or labels of the wrong type, shape or range.
         """
         _check_images(x, self.mask_set.image_size, "x")
-        y = _check_labels(y, x.shape[0], "y")
+        y = as_labels(y, x.shape[0], "y")
         device, dtype = model_device_dtype(self.model)
         with torch.no_grad(), eval_mode(self.model):
             indices = self._search(x.to(device=device, dtype=dtype), y.to(device))
@@ -272,7 +272,7 @@ class _MaskSearch(_MaskSetAugmentation):
             part = slice(s, s + self.batch_size)
             logits = self.engine.run(x, image[part], a[part], b[part])
             if s == 0:
-                _check_label_range(y, logits.shape[1], "y")
+                check_label_range(y, logits.shape[1], "y")
             losses[part] = F.cross_entropy(logits.float(), y[image[part]], reduction="none")
         return losses
 
@@ -456,16 +456,3 @@ def _check_images(x, image_size: tuple[int, int] | None, name: str) -> None:
         raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
     if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
         raise ValueError(f"{name} must be {image_size[0]}x{image_size[1]} images for this mask set, got {x.shape[-2]}x{x.shape[-1]}")
-
-
-def _check_labels(y, batch: int, name: str) -> torch.Tensor:
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class ids, shape ({batch},); got {_describe(y)}")
-    if tuple(y.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) to match the images, got {tuple(y.shape)}")
-    return y.long()
-
-
-def _check_label_range(y: torch.Tensor, num_classes: int, name: str) -> None:
-    if bool(((y < 0) | (y >= num_classes)).any()):
-        raise ValueError(f"{name} must be class ids in [0, {num_classes}) for this model, got values from {int(y.min())} to {int(y.max())}")

@@ -11,7 +11,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import rule
-from ._args import DefaultFloat, DefaultInt, as_fill, as_image_size, is_default, positive_int
+from ._args import DefaultFloat, DefaultInt, as_fill, as_image_size, as_labels, check_label_range, is_default, positive_int
 from .engine import ViewEngine, eval_mode, row_pairs, triangle_pairs
 from .masks import DEFAULT_NUM_MASKS, MaskSet
 
@@ -184,16 +184,9 @@ class RobustPatchClassifier(
         return self.engine.prepare(x)
 
     def _check_labels(self, y, batch: int) -> torch.Tensor:
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor of shape ({batch},), got {type(y).__name__}")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got dtype {y.dtype}")
-        if tuple(y.shape) != (batch,):
-            raise ValueError(f"labels must have shape ({batch},) to match the images, got {tuple(y.shape)}")
-        num_classes = self.num_classes
-        if bool(((y < 0) | (y >= num_classes)).any()):
-            raise ValueError(f"labels must be in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}")
-        return y.long()
+        y = as_labels(y, batch)
+        check_label_range(y, self.num_classes)
+        return y
 
     # ----------------------------------------------------------------------------- inference
     def forward(self, x: torch.Tensor) -> torch.Tensor:

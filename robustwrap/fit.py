@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._args import as_fill, positive_int
+from ._args import as_fill, as_labels, check_label_range, positive_int
 from .augment import _NAMES as _AUGMENTATIONS
-from .augment import _check_label_range, _check_labels, create_augmentation
+from .augment import create_augmentation
 from .classifier import RobustPatchClassifier
 from .engine import eval_mode, model_device_dtype
 from .masks import MaskSet
@@ -300,7 +300,7 @@ class _Loop:
         x, y = x.to(device=self.device, dtype=self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.num_classes is None:
             self.num_classes = _probe_num_classes(self.base, x)
-        _check_label_range(y, self.num_classes, f"{name} labels")
+        check_label_range(y, self.num_classes, f"{name} labels")
         return x, y
 
 
@@ -446,7 +446,7 @@ def _unpack(batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} images must be a floating tensor of shape (B, C, H, W), got {got}")
-    return x, _check_labels(y, x.shape[0], f"{name} labels")
+    return x, as_labels(y, x.shape[0], f"{name} labels")
 
 
 def _mask_batch(augment, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> torch.Tensor:
