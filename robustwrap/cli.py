@@ -331,8 +331,8 @@ def _load_model(spec: str | None, checkpoint: Path | None, device: torch.device)
 def _load_timm(arch: str, checkpoint: Path | None):
     """A timm `arch` with the weights of a safetensors `checkpoint`, loaded strictly."""
     import timm
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    from .hub import load_state_strictly, read_safetensors
 
     if not arch:
         raise ValueError("--model timm:<arch> needs an architecture name, e.g. timm:resnet18")
@@ -344,10 +344,7 @@ def _load_timm(arch: str, checkpoint: Path | None):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     if not timm.is_model(arch):
         raise ValueError(f"--model timm:{arch}: unknown timm architecture (see timm.list_models())")
-    try:
-        state = load_file(checkpoint)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"--checkpoint {checkpoint} is not a readable safetensors file: {error}") from None
+    state = read_safetensors(checkpoint, f"--checkpoint {checkpoint}")
     model = timm.create_model(arch, pretrained=False)
     # The head and stem sizes of a fine-tuned checkpoint are read from it, as timm's own
     # pretrained loading adapts num_classes and in_chans.
@@ -361,14 +358,7 @@ def _load_timm(arch: str, checkpoint: Path | None):
         sizes["in_chans"] = stem.shape[1]
     if sizes:
         model = timm.create_model(arch, pretrained=False, **sizes)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:
-        raise ValueError(f"--checkpoint {checkpoint} does not fit timm:{arch}: {_one_line(error)}") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"--checkpoint {checkpoint} does not fit timm:{arch}: {len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
-        )
+    load_state_strictly(model, state, f"--checkpoint {checkpoint}", f"timm:{arch}")
     return model
 
 
@@ -499,10 +489,6 @@ def _accuracy(value) -> str:
     if isinstance(value, float) and 0 <= value <= 1:
         return f"{100 * value:.1f}%"
     return _value(value)
-
-
-def _few(keys: Sequence[str]) -> str:
-    return "(" + ", ".join(list(keys)[:3]) + (", ..." if len(keys) > 3 else "") + ")" if keys else ""
 
 
 def _one_line(error: BaseException) -> str:

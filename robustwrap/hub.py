@@ -299,17 +299,36 @@ def _load_weights_strictly(base: nn.Module, folder: Path, expected_sha256: str |
         actual = sha256_of(path)
         if actual != expected_sha256:
             raise ValueError(f"{path} has sha256 {actual}, but the zoo manifest records {expected_sha256}: refusing to load it")
+    load_state_strictly(base, read_safetensors(path, str(path)), str(path), f"the {type(base).__name__} in {CONFIG_NAME}")
+
+
+def read_safetensors(path: str | Path, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU.
+
+    Raises:
+        ValueError: for a file safetensors cannot read (truncated, corrupted, not safetensors),
+            naming `source` so the user knows which file or option is wrong.
+    """
     try:
-        state = safetensors.torch.load_file(str(path), device="cpu")
+        return safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+        raise ValueError(f"{source} is not a readable safetensors file ({e})") from None
+
+
+def load_state_strictly(base: nn.Module, state: dict[str, torch.Tensor], source: str, target: str) -> None:
+    """Load `state` into `base` only if keys and shapes match exactly.
+
+    Raises:
+        ValueError: naming the missing, unexpected and mis-shaped keys, since loading anyway would
+            leave random weights where the user expects trained ones.
+    """
     want = base.state_dict()
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     shapes = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
     if missing or extra or shapes:
         raise ValueError(
-            f"{path} does not match the {type(base).__name__} in {CONFIG_NAME}: "
-            f"missing keys {missing[:5]}, unexpected keys {extra[:5]}, mis-shaped keys {shapes[:5]}"
+            f"{source} does not fit {target}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(extra)} unexpected keys {extra[:5]}, {len(shapes)} mis-shaped keys {shapes[:5]}"
         )
     base.load_state_dict(state, strict=True)
 
