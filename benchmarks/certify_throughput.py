@@ -20,7 +20,7 @@ import timm
 import torch
 
 import robustwrap
-from robustwrap.engine import mask_images
+from robustwrap.views import mask_images
 
 
 def timed(fn, device) -> float:

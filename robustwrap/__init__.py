@@ -9,11 +9,11 @@ result = model.certify(images, labels) # which predictions no patch can change
 """
 
 from .augment import GreedyCutout, GridCutout, MultiSizeGreedyCutout, RandomCutout, RandomMaskCutout
-from .classifier import CertifyResult, RobustPatchClassifier, wrap
+from .defenses.patchcleanser import CertifyResult, RobustPatchClassifier, wrap
 from .dataset import certify_dataset
 from .fit import FitHistory, fit_masking
 from .hub import create_model, from_pretrained, list_models
-from .masks import MaskSet
+from .geometry import MaskSet
 from .report import CertificationReport
 
 __version__ = "0.1.0"

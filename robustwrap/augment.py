@@ -2,7 +2,7 @@
 
 Two layers, as in torchvision's transforms v2: pure functions that mask a batch given the masks
 (`apply_masks` by mask-set index, `apply_boxes` by pixel box), and thin callable classes that
-choose the masks. All of them go through `robustwrap.engine.mask_images`, the masking path of
+choose the masks. All of them go through `robustwrap.views.mask_images`, the masking path of
 inference and certification, so training sees exactly the pixels certification will see.
 
 Every class is called as `aug(x, y)` and returns the masked batch; with `return_indices=True` it
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_fill, as_labels, as_pair, check_label_range, positive_int
-from .classifier import RobustPatchClassifier
-from .engine import ViewEngine, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
-from .masks import MaskSet
+from .defenses.patchcleanser import RobustPatchClassifier
+from .views import ViewEngine, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
+from .geometry import MaskSet
 
 __all__ = [
     "apply_masks",

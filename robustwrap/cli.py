@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .classifier import RobustPatchClassifier, wrap
-from .masks import MaskSet
+from .defenses.patchcleanser import RobustPatchClassifier, wrap
+from .geometry import MaskSet
 from .report import CASE_NAMES, CertificationReport
 
 __all__ = ["main", "parse_patch"]

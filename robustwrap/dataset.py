@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from ._args import DefaultInt, is_default, positive_int
-from .classifier import RobustPatchClassifier
-from .engine import eval_mode, model_device_dtype
+from .defenses.patchcleanser import RobustPatchClassifier
+from .views import eval_mode, model_device_dtype
 from .report import CertificationReport, ImageRecord
 
 __all__ = ["certify_dataset", "model_fingerprint", "view_grid"]

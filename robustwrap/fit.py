@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from ._args import as_fill, as_labels, check_label_range, positive_int
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
-from .classifier import RobustPatchClassifier
-from .engine import eval_mode, model_device_dtype
-from .masks import MaskSet
+from .defenses.patchcleanser import RobustPatchClassifier
+from .views import eval_mode, model_device_dtype
+from .geometry import MaskSet
 
 __all__ = ["fit_masking", "FitHistory", "EpochStats", "STRATEGIES"]
 

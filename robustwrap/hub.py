@@ -30,8 +30,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_downloa
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
-from .classifier import RobustPatchClassifier
-from .masks import MaskSet
+from .defenses.patchcleanser import RobustPatchClassifier
+from .geometry import MaskSet
 
 __all__ = [
     "FORMAT_VERSION",

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import rule
-from .masks import MaskSet
+from .defenses import patchcleanser as rule
+from .geometry import MaskSet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -7,7 +7,7 @@ import torch
 from conftest import PeakNet, ViewCounter, masked_copy
 
 from robustwrap import MaskSet
-from robustwrap.engine import ViewEngine, mask_images, row_pairs, triangle_pairs
+from robustwrap.views import ViewEngine, mask_images, row_pairs, triangle_pairs
 
 
 def test_mask_images_matches_slicing():

@@ -18,7 +18,7 @@ from torch import nn
 
 import robustwrap
 from robustwrap import hub
-from robustwrap.classifier import RobustPatchClassifier
+from robustwrap.defenses.patchcleanser import RobustPatchClassifier
 
 
 def tiny_timm(seed=0, num_classes=5):

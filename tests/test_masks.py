@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robustwrap import MaskSet
-from robustwrap.masks import patch_side
+from robustwrap.geometry import patch_side
 
 # (patch, num_masks, stride) -> (mask side, stride, starts) for N = 224, from DESIGN.md section 1.
 DESIGN_TABLE = [

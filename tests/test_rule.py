@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import brute_force_certified, brute_force_decide
 
-from robustwrap import rule
+from robustwrap.defenses import patchcleanser as rule
 
 
 def random_grids(seed: int, batch: int = 400, k: int = 5, classes: int = 3):

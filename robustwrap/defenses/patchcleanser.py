@@ -1,4 +1,4 @@
-"""`RobustPatchClassifier` and `wrap`: PatchCleanser double masking around any classifier."""
+"""PatchCleanser: the double-masking rule, its view scheduling, and the defended classifier."""
 
 from __future__ import annotations
 
@@ -10,12 +10,116 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from . import rule
-from ._args import DefaultFloat, DefaultInt, as_fill, as_image_size, as_labels, check_label_range, is_default, positive_int
-from .engine import ViewEngine, eval_mode, row_pairs, triangle_pairs
-from .masks import DEFAULT_NUM_MASKS, MaskSet
+from .._args import DefaultFloat, DefaultInt, as_fill, as_image_size, as_labels, check_label_range, is_default, positive_int
+from ..views import ViewEngine, eval_mode, row_pairs, triangle_pairs
+from ..geometry import DEFAULT_NUM_MASKS, MaskSet
 
 __all__ = ["RobustPatchClassifier", "CertifyResult", "wrap"]
+
+# ----------------------------------------------------------------------------------- rule
+CASE_UNANIMOUS = 1  # Case I: every one-mask label agrees
+CASE_DISAGREER = 2  # Case II: a disagreeing mask whose whole two-mask row agrees with it
+CASE_MAJORITY = 3  # Case III: fall back to the majority one-mask label
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The double-masking decision for a batch.
+
+    Attributes:
+        label: `(B,)` the robust prediction.
+        case: `(B,)` 1, 2 or 3 (Case I, II, III of DESIGN.md section 2).
+        winner: `(B,)` the mask `i` whose row decided a Case II image, `-1` otherwise.
+        majority: `(B,)` the majority one-mask label (smallest class id on ties).
+    """
+
+    label: torch.Tensor
+    case: torch.Tensor
+    winner: torch.Tensor
+    majority: torch.Tensor
+
+
+def majority(one_mask: torch.Tensor) -> torch.Tensor:
+    """The most frequent label of each row of `(B, K)` one-mask labels; ties go to the smallest id."""
+    num_classes = int(one_mask.max()) + 1
+    counts = torch.zeros(one_mask.shape[0], num_classes, dtype=torch.long, device=one_mask.device)
+    counts.scatter_add_(1, one_mask, torch.ones_like(one_mask))
+    return counts.argmax(1)  # argmax returns the first maximum: the smallest class id
+
+
+def disagreers(one_mask: torch.Tensor) -> torch.Tensor:
+    """`(B, K)` bool: the masks whose one-mask label differs from the majority."""
+    return one_mask != majority(one_mask)[:, None]
+
+
+def _rows_agree(one_mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """`(B, K)` bool: row `i` is complete and every `P_ij` equals `P_i` (diagonal included)."""
+    return (grid == one_mask[:, :, None]).all(dim=2)
+
+
+def decide(one_mask: torch.Tensor, grid: torch.Tensor) -> Decision:
+    """Apply the double-masking rule of DESIGN.md section 2.
+
+    Args:
+        one_mask: `(B, K)` long, `P_i`.
+        grid: `(B, K, K)` long, `P_ij`; only the rows of disagreeing masks are read, and `-1`
+            marks a view that was not evaluated (its row then counts as not agreeing).
+
+    Returns:
+        The `Decision`: Case I if all `P_i` agree; else Case II with the first (smallest `i`)
+        disagreer whose whole row equals `P_i`; else Case III with the majority label.
+    """
+    y_maj = majority(one_mask)
+    disagree = one_mask != y_maj[:, None]
+    wins = disagree & _rows_agree(one_mask, grid)
+    has_winner = wins.any(1)
+    winner = torch.where(has_winner, wins.int().argmax(1), torch.full_like(y_maj, -1))
+    unanimous = ~disagree.any(1)
+    label = torch.where(has_winner, one_mask.gather(1, winner.clamp(min=0)[:, None])[:, 0], y_maj)
+    case = torch.full_like(y_maj, CASE_MAJORITY)
+    case[has_winner] = CASE_DISAGREER
+    case[unanimous] = CASE_UNANIMOUS
+    return Decision(label=label, case=case, winner=winner, majority=y_maj)
+
+
+def certified(grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md section 3: `(B,)` bool, True iff `P_ij == y` for every `i <= j`.
+
+    A view left at `-1` (not evaluated) never equals a label, so an image is only certified when
+    its whole upper triangle, diagonal included, was evaluated and agrees with `target`.
+    """
+    k = grid.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=grid.device))
+    return ((grid == target[:, None, None]) | ~upper).all(dim=2).all(dim=1)
+
+
+def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+    """Which pending two-mask rows can no longer change a Case II decision.
+
+    In Case II the first (smallest `i`) agreeing disagreer row wins. Once every row of an image
+    below some row has failed and that row has agreed completely, the rows after it are moot.
+
+    Args:
+        row_image: `(G,)` the image of each row.
+        row_mask: `(G,)` the mask index `i` of each row.
+        done: `(G,)` the row was fully evaluated and agreed.
+        failed: `(G,)` some view of the row disagreed.
+
+    Returns:
+        `(G,)` bool: rows to stop evaluating.
+    """
+    if row_image.numel() == 0:
+        return torch.zeros_like(done)
+    big = torch.iinfo(torch.long).max
+    first_open = torch.full((int(row_image.max()) + 1,), big, dtype=torch.long, device=row_image.device)
+    first_open.scatter_reduce_(0, row_image, torch.where(failed, big, row_mask), reduce="amin")
+    # The first row that has not failed is the only candidate winner; if it is done, it won.
+    first = first_open[row_image]
+    winner_done = torch.zeros_like(first_open, dtype=torch.bool)
+    winner_done.scatter_reduce_(0, row_image, done & (row_mask == first), reduce="amax")
+    return winner_done[row_image] & (row_mask > first)
+
+# ----------------------------------------------------------------------------- classifier
 
 DEFAULT_PATCH = DefaultFloat(0.02)
 DEFAULT_BATCH_SIZE = DefaultInt(64)
@@ -204,22 +308,22 @@ class RobustPatchClassifier(
         """Robust labels `(B,)` by double masking (in either mode; the base model runs in eval mode)."""
         return self._infer(x, need_logits=False)[0].label
 
-    def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[rule.Decision, torch.Tensor | None]:
+    def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
         x = self._check_images(x)
         k = len(self.mask_set)
         with eval_mode(self.model), torch.inference_mode():
             one_mask, one_logits = self.engine.one_mask(x)
-            row_image, row_mask = rule.disagreers(one_mask).nonzero(as_tuple=True)
+            row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
             pairs, owners = row_pairs(row_image, row_mask, k)
             outcome = self.engine.evaluate_pairs(
                 x,
                 pairs,
                 owners,
                 one_mask[row_image, row_mask],
-                on_step=lambda done, failed: rule.rows_to_cancel(row_image, row_mask, done, failed),
+                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed),
                 need_logits=need_logits,
             )
-            decision = rule.decide(one_mask, _grid(one_mask, pairs, outcome.labels))
+            decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
             if not need_logits:
                 return decision, None
             return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
@@ -253,7 +357,7 @@ class RobustPatchClassifier(
                 # off-diagonal views. Others need the rows of their disagreeing masks to predict.
                 candidate = (one_mask == y[:, None]).all(1)
                 cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
-                row_image, row_mask = (rule.disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
+                row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
                 rpairs, rowners = row_pairs(row_image, row_mask, k)
                 n_cert = int(candidate.sum())
                 pairs = torch.cat([cert_pairs, rpairs])
@@ -262,7 +366,7 @@ class RobustPatchClassifier(
 
                 def on_step(done, failed):
                     cancel = torch.zeros_like(done)
-                    cancel[n_cert:] = rule.rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:])
+                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:])
                     return cancel
 
                 outcome = self.engine.evaluate_pairs(x, pairs, owners, expect, on_step=on_step)
@@ -270,12 +374,12 @@ class RobustPatchClassifier(
                 pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
                 outcome = self.engine.evaluate_pairs(x, pairs, owners, y, early_exit=False)
         grid = _grid(one_mask, pairs, outcome.labels)
-        decision = rule.decide(one_mask, grid)
+        decision = decide(one_mask, grid)
         evaluated = pairs[outcome.labels >= 0, 0]
         num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
         return CertifyResult(
             prediction=decision.label,
-            certified=rule.certified(grid, y),
+            certified=certified(grid, y),
             case=decision.case,
             one_mask=one_mask,
             num_views=num_views,
@@ -299,7 +403,7 @@ def _robust_logits(decision, one_mask, one_logits, row_image, row_mask, row_logi
     b, k = one_mask.shape
     voters = one_mask == decision.label[:, None]  # Case I: all K; Case III: the majority
     logits = (one_logits * voters[..., None]).sum(1) / voters.sum(1, keepdim=True)
-    case2 = decision.case == rule.CASE_DISAGREER
+    case2 = decision.case == CASE_DISAGREER
     if case2.any():
         row_of = torch.full((b, k), -1, dtype=torch.long, device=one_mask.device)
         row_of[row_image, row_mask] = torch.arange(row_image.numel(), device=one_mask.device)

@@ -4,7 +4,7 @@ The engine turns `(image, i, j)` view specs into labels: it builds the views on 
 device by broadcasting (`where(keep_i & keep_j, x[image], fill)`), runs them in forward passes
 of `batch_size` views that mix images and masks, and skips views whose answer can no longer
 matter. It never decides anything: which views to evaluate, and what their labels mean, come
-from the caller and from `robustwrap.rule`.
+from the caller and from `robustwrap.defenses.patchcleanser`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .masks import MaskSet
+from .geometry import MaskSet
 
 __all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "fill_like", "eval_mode", "triangle_pairs", "row_pairs"]
 
