@@ -1,4 +1,4 @@
-"""Argument plumbing shared by the public constructors: defaults that know they are defaults."""
+"""Argument checks shared by the public constructors: each raises an error naming the argument."""
 
 from __future__ import annotations
 
@@ -8,26 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DefaultInt", "DefaultFloat", "is_default", "as_pair", "as_image_size", "positive_int", "as_fill", "as_labels", "check_label_range"]
-
-
-class DefaultInt(int):
-    """An int default that can be told apart from the same value passed explicitly."""
-
-    def __repr__(self) -> str:
-        return int.__repr__(self)
-
-
-class DefaultFloat(float):
-    """A float default that can be told apart from the same value passed explicitly."""
-
-    def __repr__(self) -> str:
-        return float.__repr__(self)
-
-
-def is_default(value) -> bool:
-    """True for a value that the caller did not pass (one of the sentinels above)."""
-    return isinstance(value, (DefaultInt, DefaultFloat))
+__all__ = ["as_pair", "as_image_size", "positive_int", "as_fill", "as_labels", "check_label_range", "as_precision", "as_margin", "PRECISIONS"]
 
 
 def as_pair(value, name: str) -> tuple:
@@ -85,3 +66,23 @@ def check_label_range(y: torch.Tensor, num_classes: int, name: str = "labels") -
     """A ValueError naming `name` unless every label is a class id in `[0, num_classes)`."""
     if bool(((y < 0) | (y >= num_classes)).any()):
         raise ValueError(f"{name} must be in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}")
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def as_precision(precision) -> str:
+    """One of `PRECISIONS`, or a ValueError naming `precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {precision!r}")
+    return str(precision)
+
+
+def as_margin(margin) -> float:
+    """A finite float >= 0, or a TypeError/ValueError naming `margin`."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)):
+        raise TypeError(f"margin must be a float >= 0, got {margin!r}")
+    value = float(margin)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"margin must be a finite float >= 0, got {margin!r}")
+    return value

@@ -1,24 +1,26 @@
-"""Evaluates masked views through a model (DESIGN.md section 3, "speed").
+"""Runs batches of masked views of many images through a model (the "view runner").
 
-The engine turns `(image, i, j)` view specs into labels: it builds the views on the model's
+The runner turns `(image, i, j)` view specs into logits: it builds the views on the model's
 device by broadcasting (`where(keep_i & keep_j, x[image], fill)`), runs them in forward passes
 of `batch_size` views that mix images and masks, and skips views whose answer can no longer
-matter. It never decides anything: which views to evaluate, and what their labels mean, come
-from the caller and from `robustwrap.defenses.patchcleanser`.
+matter. It is stateless: a `ViewRunner` is built for one call from the defended model's current
+settings (model, keep masks, fill, batch size), so a setting changed on the defended model is
+used by the next call. It never decides anything: which views to evaluate, and what their
+labels mean, come from the caller (a defense's rule and scheduling in `robustwrap.defenses`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .geometry import MaskSet
 
-__all__ = ["ViewEngine", "PairOutcome", "model_device_dtype", "mask_images", "fill_like", "eval_mode", "triangle_pairs", "row_pairs"]
+__all__ = ["ViewRunner", "PairOutcome", "model_device_dtype", "forward_views", "mask_images", "fill_like", "eval_mode", "triangle_pairs", "row_pairs"]
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -70,9 +72,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def forward_views(model: nn.Module, views: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """`model(views)`, checked to be `(N, num_classes)` logits.
+
+    Args:
+        model: the base classifier.
+        views: `(N, C, H, W)` views, on the model's device.
+        num_classes: the class count the logits must have, or `None` to accept any.
+
+    Raises:
+        ValueError: if the model does not return `(N, C)` logits (or not `num_classes` of them),
+            which would otherwise surface as a confusing indexing error in a defense's rule.
+    """
+    logits = model(views)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the base model must map (N, C, H, W) images to (N, num_classes) logits; for {views.shape[0]} images it returned {shape}"
+        )
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"the base model returned {logits.shape[1]} classes, expected num_classes={num_classes}")
+    return logits
+
+
 @dataclass
 class PairOutcome:
-    """What `ViewEngine.evaluate_pairs` found.
+    """What `ViewRunner.evaluate_pairs` found.
 
     Attributes:
         labels: `(N,)` label of each view, `-1` for a view that was skipped.
@@ -89,52 +114,40 @@ class PairOutcome:
     num_views: int
 
 
-class ViewEngine:
-    """Runs masked views of a batch through `model`.
+@dataclass(frozen=True)
+class ViewRunner:
+    """Runs masked views of a batch through `model`; built per call, it keeps nothing between calls.
 
-    Args:
+    Attributes:
         model: the base classifier, `(N, C, H, W) -> (N, num_classes)`.
-        mask_set: the masks; view `(i, j)` hides masks `i` and `j` (`i == j`: one mask).
+        keep: `(K, H, W)` bool keep masks (True where a pixel is kept), or a `MaskSet` to build
+            them from; view `(i, j)` hides masks `i` and `j` (`i == j`: one mask). They are
+            moved to the images' device when they are elsewhere.
         fill: masked pixel value in the model's input space: a scalar or one value per channel.
         batch_size: views per forward pass.
+        num_classes: the class count the logits must have, or `None` to accept any.
     """
 
-    def __init__(self, model: nn.Module, mask_set: MaskSet, fill: float | Sequence[float], batch_size: int):
-        self.model = model
-        self.mask_set = mask_set
-        self.fill = fill
-        self.batch_size = batch_size
-        self.num_classes: int | None = None
-        self._keep_cache: dict[torch.device, torch.Tensor] = {}
+    model: nn.Module
+    keep: torch.Tensor
+    fill: float | Sequence[float]
+    batch_size: int
+    num_classes: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, MaskSet):
+            object.__setattr__(self, "keep", self.keep.keep_masks())
+
+    def __len__(self) -> int:
+        """The number of masks `K`."""
+        return self.keep.shape[0]
 
     # -------------------------------------------------------------------------------- plumbing
-    def keep(self, device: torch.device) -> torch.Tensor:
-        """`(K, H, W)` keep masks on `device`, built once per device."""
-        if device not in self._keep_cache:
-            self._keep_cache[device] = self.mask_set.keep_masks(device)
-        return self._keep_cache[device]
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` on the model's device and in its dtype."""
-        device, dtype = model_device_dtype(self.model)
-        return x.to(device=device, dtype=dtype)
-
     def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Logits `(n, C)` of the views `(image, i, j)`, in one forward pass (n <= batch_size)."""
-        keep = self.keep(x.device)
+        keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
         views = mask_images(x[image], keep[i] & keep[j], fill_like(self.fill, x))
-        logits = self.model(views)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(
-                f"the base model must map (N, C, H, W) images to (N, num_classes) logits; "
-                f"for {views.shape[0]} images it returned {shape}"
-            )
-        if self.num_classes is None:
-            self.num_classes = logits.shape[1]
-        elif logits.shape[1] != self.num_classes:
-            raise ValueError(f"the base model returned {logits.shape[1]} classes, expected num_classes={self.num_classes}")
-        return logits
+        return forward_views(self.model, views, self.num_classes)
 
     # --------------------------------------------------------------------------------- views
     def one_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +159,7 @@ class ViewEngine:
         Returns:
             `(labels (B, K), logits (B, K, C))`; logits in float32 or wider.
         """
-        b, k = x.shape[0], len(self.mask_set)
+        b, k = x.shape[0], len(self)
         flat = torch.arange(b * k, device=x.device)
         image, mask = flat // k, flat % k
         chunks = [self.run(x, image[s : s + self.batch_size], mask[s : s + self.batch_size], mask[s : s + self.batch_size]) for s in range(0, b * k, self.batch_size)]
@@ -235,7 +248,7 @@ def triangle_pairs(images: torch.Tensor, k: int, *, diagonal: bool = False) -> t
     """All views `(i, j)` with `i < j` (or `i <= j`) of each image, each image its own group.
 
     Returns:
-        `(pairs (N, 3), owners (N, 2))` for `ViewEngine.evaluate_pairs`; image `images[g]` is group `g`.
+        `(pairs (N, 3), owners (N, 2))` for `ViewRunner.evaluate_pairs`; image `images[g]` is group `g`.
     """
     i, j = torch.triu_indices(k, k, offset=0 if diagonal else 1, device=images.device)
     per = i.numel()
@@ -249,10 +262,10 @@ def row_pairs(row_image: torch.Tensor, row_mask: torch.Tensor, k: int) -> tuple[
 
     Row `g` is `(row_image[g], row_mask[g])` and needs the views `(r, j)` for every `j != r`.
     When rows `i` and `j` of one image are both asked for, view `(i, j)` is evaluated once and
-    belongs to both (DESIGN.md: `(i, j)` and `(j, i)` are the same view).
+    belongs to both (`(i, j)` and `(j, i)` are the same view).
 
     Returns:
-        `(pairs (N, 3), owners (N, 2))` for `ViewEngine.evaluate_pairs`; row `g` is group `g`.
+        `(pairs (N, 3), owners (N, 2))` for `ViewRunner.evaluate_pairs`; row `g` is group `g`.
     """
     device = row_image.device
     rows = row_image.numel()

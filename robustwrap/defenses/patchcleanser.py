@@ -1,20 +1,27 @@
-"""PatchCleanser: the double-masking rule, its view scheduling, and the defended classifier."""
+"""PatchCleanser: the double-masking rule, its view scheduling, and the defended classifier.
+
+Xiang, Mahloujifar, Mittal, "PatchCleanser", USENIX Security 2022. The rules implemented here
+are written out on the Concepts page (`docs/concepts.md#double-masking` and
+`docs/concepts.md#certification`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .._args import DefaultFloat, DefaultInt, as_fill, as_image_size, as_labels, check_label_range, is_default, positive_int
-from ..views import ViewEngine, eval_mode, row_pairs, triangle_pairs
-from ..geometry import DEFAULT_NUM_MASKS, MaskSet
+from .._args import as_image_size
+from ..geometry import MaskSet
+from ..views import ViewRunner, eval_mode, model_device_dtype, row_pairs, triangle_pairs
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
-__all__ = ["RobustPatchClassifier", "CertifyResult", "wrap"]
+__all__ = ["PatchCleanser", "PatchCleanserResult"]
 
 # ----------------------------------------------------------------------------------- rule
 CASE_UNANIMOUS = 1  # Case I: every one-mask label agrees
@@ -28,7 +35,7 @@ class Decision:
 
     Attributes:
         label: `(B,)` the robust prediction.
-        case: `(B,)` 1, 2 or 3 (Case I, II, III of DESIGN.md section 2).
+        case: `(B,)` 1, 2 or 3 (Case I, II, III of the double-masking rule).
         winner: `(B,)` the mask `i` whose row decided a Case II image, `-1` otherwise.
         majority: `(B,)` the majority one-mask label (smallest class id on ties).
     """
@@ -58,7 +65,7 @@ def _rows_agree(one_mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def decide(one_mask: torch.Tensor, grid: torch.Tensor) -> Decision:
-    """Apply the double-masking rule of DESIGN.md section 2.
+    """Apply the double-masking rule (`docs/concepts.md#double-masking`).
 
     Args:
         one_mask: `(B, K)` long, `P_i`.
@@ -83,7 +90,7 @@ def decide(one_mask: torch.Tensor, grid: torch.Tensor) -> Decision:
 
 
 def certified(grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md section 3: `(B,)` bool, True iff `P_ij == y` for every `i <= j`.
+    """The certification rule: `(B,)` bool, True iff `P_ij == y` for every `i <= j`.
 
     A view left at `-1` (not evaluated) never equals a label, so an image is only certified when
     its whole upper triangle, diagonal included, was evaluated and agrees with `target`.
@@ -119,272 +126,6 @@ def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.
     winner_done.scatter_reduce_(0, row_image, done & (row_mask == first), reduce="amax")
     return winner_done[row_image] & (row_mask > first)
 
-# ----------------------------------------------------------------------------- classifier
-
-DEFAULT_PATCH = DefaultFloat(0.02)
-DEFAULT_BATCH_SIZE = DefaultInt(64)
-
-
-@dataclass(frozen=True)
-class CertifyResult:
-    """Per-image outcome of `RobustPatchClassifier.certify` (DESIGN.md section 3).
-
-    Attributes:
-        prediction: `(B,)` the robust (double-masking) prediction.
-        certified: `(B,)` bool: no patch of the threat model can change the prediction, and it
-            equals the label.
-        case: `(B,)` 1, 2 or 3: the double-masking case that gave the prediction.
-        one_mask: `(B, K)` the one-mask labels `P_i`.
-        num_views: `(B,)` masked views run through the model for each image.
-        grid: `(B, K, K)` the two-mask labels `P_ij` (symmetric, diagonal `P_ii = P_i`), `-1`
-            where early exit skipped a view; with `early_exit=False` it is complete.
-    """
-
-    prediction: torch.Tensor
-    certified: torch.Tensor
-    case: torch.Tensor
-    one_mask: torch.Tensor
-    num_views: torch.Tensor
-    grid: torch.Tensor
-
-    @property
-    def total_views(self) -> int:
-        """Masked views run through the model for the whole batch."""
-        return int(self.num_views.sum())
-
-
-def _first_conv_channels(model: nn.Module) -> int | None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return None
-
-
-def _timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size") is not None:
-        c, h, w = cfg["input_size"]
-        return int(c), int(h), int(w)
-    return None
-
-
-class RobustPatchClassifier(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="robustwrap",
-    tags=["robustwrap", "certified-robustness", "adversarial-patch"],
-    repo_url="https://github.com/robustwrap/robustwrap",
-    paper_url="https://arxiv.org/abs/2108.09135",
-):
-    """A classifier defended by PatchCleanser double masking.
-
-    In eval mode `forward` returns robust logits; in train mode it is the base model's forward,
-    so a wrapped model trains like the original. Build one with `robustwrap.wrap`.
-
-    `save_pretrained(folder)`, `push_to_hub(repo_id)` and `from_pretrained(repo_or_folder)` come
-    from `huggingface_hub.PyTorchModelHubMixin` and write timm's Hub format plus a `"robustwrap"`
-    section (DESIGN.md section 5). `pretrained_info` (strategy, dataset, measured metrics) goes
-    into that section and into the model card.
-
-    Args:
-        model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
-        mask_set: the R-covering mask set (its `image_size` is the input size).
-        fill: value of masked pixels in the model's input space (after normalisation): a scalar
-            or one value per channel. Train and certify with the same fill.
-        batch_size: masked views per forward pass.
-        num_classes: classes of the base model; read from `model.num_classes` when it has one,
-            else found with one forward pass of a blank image the first time it is needed.
-
-    Raises:
-        TypeError: if `model` is not an `nn.Module` or is already a `RobustPatchClassifier`.
-        ValueError: for a bad `fill` or `batch_size`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        mask_set: MaskSet,
-        *,
-        fill: float | Sequence[float] = 0.0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        num_classes: int | None = None,
-    ):
-        super().__init__()
-        if isinstance(model, RobustPatchClassifier):
-            raise TypeError("model is already a RobustPatchClassifier; wrap its .model to change the defense")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(mask_set, MaskSet):
-            raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
-        self.model = model
-        self.mask_set = mask_set
-        self.fill = as_fill(fill)
-        self.batch_size = positive_int(batch_size, "batch_size")
-        self.in_chans = _infer_channels(model, self.fill)
-        self.engine = ViewEngine(model, mask_set, self.fill, self.batch_size)
-        if num_classes is None and isinstance(getattr(model, "num_classes", None), int):
-            num_classes = model.num_classes
-        if num_classes is not None:
-            self.engine.num_classes = positive_int(num_classes, "num_classes")
-        self.pretrained_info: dict = {}
-
-    # ---------------------------------------------------------------------------------- hub
-    def _save_pretrained(self, save_directory) -> None:
-        from .hub import save_folder
-
-        save_folder(self, save_directory)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token, **kwargs):
-        from .hub import load_repo
-
-        kwargs.pop("num_classes", None)  # the mixin passes config.json's top-level num_classes; the robustwrap section has it
-        return load_repo(
-            model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            **kwargs,
-        )
-
-    # --------------------------------------------------------------------------- properties
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """`(H, W)` of the inputs, from the mask set."""
-        return self.mask_set.image_size
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes of the base model (one blank forward pass the first time, if unknown)."""
-        if self.engine.num_classes is None:
-            c = self.in_chans or 3
-            with eval_mode(self.model), torch.inference_mode():
-                x = self.engine.prepare(torch.zeros(1, c, *self.image_size))
-                self.engine.run(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        return self.engine.num_classes
-
-    def extra_repr(self) -> str:
-        return f"mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}"
-
-    # ------------------------------------------------------------------------------- inputs
-    def _check_images(self, x) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("images is an empty batch (B = 0)")
-        if not x.is_floating_point():
-            raise TypeError(f"images must be a floating tensor, normalised as the model expects; got dtype {x.dtype}")
-        h, w = self.image_size
-        if tuple(x.shape[2:]) != (h, w):
-            raise ValueError(f"images must be {h}x{w} for this mask set, got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
-        if self.in_chans is not None and x.shape[1] != self.in_chans:
-            raise ValueError(f"images must have {self.in_chans} channels for this model, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or Inf values")
-        return self.engine.prepare(x)
-
-    def _check_labels(self, y, batch: int) -> torch.Tensor:
-        y = as_labels(y, batch)
-        check_label_range(y, self.num_classes)
-        return y
-
-    # ----------------------------------------------------------------------------- inference
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Robust logits `(B, num_classes)` in eval mode; the base model's forward in train mode.
-
-        The robust logits are the mean of the logits of the masked views that voted for the
-        robust label (DESIGN.md section 2), so `forward(x).argmax(1) == predict(x)`. They are
-        float32 (or wider) whatever the model's dtype.
-        """
-        if self.training:
-            return self.model(x)
-        return self._infer(x, need_logits=True)[1]
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Robust labels `(B,)` by double masking (in either mode; the base model runs in eval mode)."""
-        return self._infer(x, need_logits=False)[0].label
-
-    def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
-        x = self._check_images(x)
-        k = len(self.mask_set)
-        with eval_mode(self.model), torch.inference_mode():
-            one_mask, one_logits = self.engine.one_mask(x)
-            row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
-            pairs, owners = row_pairs(row_image, row_mask, k)
-            outcome = self.engine.evaluate_pairs(
-                x,
-                pairs,
-                owners,
-                one_mask[row_image, row_mask],
-                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed),
-                need_logits=need_logits,
-            )
-            decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
-            if not need_logits:
-                return decision, None
-            return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
-
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> CertifyResult:
-        """Certify a batch against every patch of the threat model (DESIGN.md section 3).
-
-        An image is certified iff all `K(K+1)/2` views `P_ij`, `i <= j`, show its label `y`.
-        With `early_exit` an image stops being evaluated at its first disagreeing view; the
-        result is identical, only `num_views` is smaller.
-
-        Args:
-            x: `(B, C, H, W)` images, floating, as the model expects them.
-            y: `(B,)` integer labels in `[0, num_classes)`.
-            early_exit: skip views that cannot change the result (default True).
-
-        Returns:
-            A `CertifyResult` with the robust prediction, certification, case, one-mask labels
-            and the views evaluated per image.
-
-        Raises:
-            TypeError, ValueError: for bad images or labels, before any forward pass.
-        """
-        x = self._check_images(x)
-        y = self._check_labels(y, x.shape[0]).to(x.device)
-        b, k = x.shape[0], len(self.mask_set)
-        with eval_mode(self.model), torch.inference_mode():
-            one_mask, _ = self.engine.one_mask(x)
-            if early_exit:
-                # Only images whose every one-mask label is y can be certified: check their
-                # off-diagonal views. Others need the rows of their disagreeing masks to predict.
-                candidate = (one_mask == y[:, None]).all(1)
-                cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
-                row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
-                rpairs, rowners = row_pairs(row_image, row_mask, k)
-                n_cert = int(candidate.sum())
-                pairs = torch.cat([cert_pairs, rpairs])
-                owners = torch.cat([cert_owners, torch.where(rowners >= 0, rowners + n_cert, -1)])
-                expect = torch.cat([y[candidate], one_mask[row_image, row_mask]])
-
-                def on_step(done, failed):
-                    cancel = torch.zeros_like(done)
-                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:])
-                    return cancel
-
-                outcome = self.engine.evaluate_pairs(x, pairs, owners, expect, on_step=on_step)
-            else:
-                pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
-                outcome = self.engine.evaluate_pairs(x, pairs, owners, y, early_exit=False)
-        grid = _grid(one_mask, pairs, outcome.labels)
-        decision = decide(one_mask, grid)
-        evaluated = pairs[outcome.labels >= 0, 0]
-        num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
-        return CertifyResult(
-            prediction=decision.label,
-            certified=certified(grid, y),
-            case=decision.case,
-            one_mask=one_mask,
-            num_views=num_views,
-            grid=grid,
-        )
 
 
 def _grid(one_mask: torch.Tensor, pairs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -399,7 +140,7 @@ def _grid(one_mask: torch.Tensor, pairs: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def _robust_logits(decision, one_mask, one_logits, row_image, row_mask, row_logit_sum) -> torch.Tensor:
-    """Mean logits of the views that voted for the robust label (DESIGN.md section 2)."""
+    """Mean logits of the views that voted for the robust label (`docs/concepts.md#double-masking`)."""
     b, k = one_mask.shape
     voters = one_mask == decision.label[:, None]  # Case I: all K; Case III: the majority
     logits = (one_logits * voters[..., None]).sum(1) / voters.sum(1, keepdim=True)
@@ -420,83 +161,281 @@ def _robust_logits(decision, one_mask, one_logits, row_image, row_mask, row_logi
     return logits
 
 
-def _infer_channels(model: nn.Module, fill) -> int | None:
-    """Input channels: the first conv (what the weights take), else `in_chans`, else timm's pretrained_cfg.
+# ----------------------------------------------------------------------------- classifier
+@dataclass(frozen=True)
+class PatchCleanserResult(CertifyResult):
+    """Per-image outcome of `PatchCleanser.certify`.
 
-    timm keeps `pretrained_cfg["input_size"]` of the pretrained source (3 channels) when a model
-    is created with `in_chans=1`, so the weights are asked first.
+    Attributes:
+        prediction: `(B,)` the robust (double-masking) prediction.
+        certified: `(B,)` bool: no patch of the threat model can change the prediction, and it
+            equals the label.
+        num_views: `(B,)` masked views run through the model for each image.
+        case: `(B,)` 1, 2 or 3: the double-masking case that gave the prediction.
+        one_mask: `(B, K)` the one-mask labels `P_i`.
+        grid: `(B, K, K)` the two-mask labels `P_ij` (symmetric, diagonal `P_ii = P_i`), `-1`
+            where early exit skipped a view; with `early_exit=False` it is complete.
     """
-    channels = _first_conv_channels(model)
-    if channels is None and isinstance(getattr(model, "in_chans", None), int):
-        channels = model.in_chans
-    if channels is None and _timm_input_size(model) is not None:
-        channels = _timm_input_size(model)[0]
-    if isinstance(fill, tuple):
-        if channels is not None and len(fill) != channels:
-            raise ValueError(f"fill has {len(fill)} values but the model takes {channels} channels")
-        channels = len(fill)
-    return channels
+
+    case: torch.Tensor
+    one_mask: torch.Tensor
+    grid: torch.Tensor
 
 
-def wrap(
-    model: nn.Module,
-    patch: int | float | Sequence[int] = DEFAULT_PATCH,
-    num_masks: int | Sequence[int] | None = DEFAULT_NUM_MASKS,
-    stride: int | Sequence[int] | None = None,
-    mask_set: MaskSet | None = None,
-    fill: float | Sequence[float] = 0.0,
-    image_size: int | Sequence[int] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    num_classes: int | None = None,
-) -> RobustPatchClassifier:
-    """Wrap any image classifier into a certifiably patch-robust `RobustPatchClassifier`.
+class PatchCleanser(RobustPatchClassifier):
+    """A classifier defended by PatchCleanser double masking (Xiang et al., USENIX Security 2022).
 
-    ```python
-    model = robustwrap.wrap(timm.create_model("resnet18"), patch=0.02)   # 2% of 224x224 = 32 px
-    ```
+    In eval mode `forward` returns robust logits; in train mode it is the base model's forward,
+    so a wrapped model trains like the original. Build one with `robustwrap.wrap(model,
+    patch=...)` or `PatchCleanser.from_patch`, or directly from a `MaskSet`.
+
+    The keep masks live in a non-persistent buffer built from `mask_set`, so `.to(device)` and
+    `nn.DataParallel` replication move them, and assigning `m.mask_set = other` rebuilds them:
+    the next call certifies against the new set and `settings()` reports it.
 
     Args:
-        model: a timm or torchvision model, or any `nn.Module` mapping `(B, C, H, W)` to
-            `(B, num_classes)` logits.
-        patch: the patch: side in pixels (int), fraction of the image area (float in (0, 1),
-            default 0.02), or `(ph, pw)` in pixels for a rectangle.
-        num_masks: masks per axis (default 6, i.e. 36 masks), or `(kh, kw)`.
-        stride: mask stride in pixels, instead of `num_masks`.
-        mask_set: a ready `MaskSet`, instead of `patch`/`num_masks`/`stride`.
-        fill: masked pixel value in the model's input space (default 0.0: the dataset mean
-            colour after normalisation), a scalar or one value per channel.
-        image_size: `H` or `(H, W)`; defaults to a timm model's `pretrained_cfg["input_size"]`.
-        batch_size: masked views per forward pass (default 64).
-        num_classes: classes of the base model, if it has no `num_classes` attribute.
-
-    Returns:
-        The wrapped model, in the same train/eval mode as `model`.
+        model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
+        mask_set: the R-covering mask set (its `image_size` is the input size).
+        fill: value of masked pixels in the model's input space (after normalisation): a scalar
+            or one value per channel. Train and certify with the same fill.
+        batch_size: masked views per forward pass.
+        precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of every forward pass.
+        margin: certificate margin, a float >= 0 (0 is the papers' rule).
+        num_classes: classes of the base model; read from `model.num_classes` when it has one,
+            else found with one forward pass of a blank image the first time it is needed.
 
     Raises:
-        ValueError: for an impossible threat model (a patch <= 0 or larger than the image,
-            `num_masks < 1`), both `mask_set` and patch settings, or no `image_size` where the
-            model does not carry one.
+        TypeError: if `model` is not an `nn.Module` or is already defended, or `mask_set` is
+            not a `MaskSet`.
+        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`.
     """
-    timm_size = _timm_input_size(model) if isinstance(model, nn.Module) else None
-    if mask_set is not None:
-        given = [n for n, v in (("patch", patch), ("num_masks", num_masks)) if not is_default(v)]
-        given += ["stride"] if stride is not None else []
-        if given:
-            raise ValueError(f"pass either mask_set or patch/num_masks/stride, not both (got mask_set and {', '.join(given)})")
-        if image_size is not None and as_image_size(image_size) != mask_set.image_size:
-            raise ValueError(f"image_size={image_size!r} does not match the mask set's image size {mask_set.image_size}")
-    else:
-        if image_size is None:
-            if timm_size is None:
-                raise ValueError(
-                    "image_size is required: the model has no timm pretrained_cfg['input_size'] to read it from "
-                    "(pass e.g. image_size=224 or image_size=(H, W))"
-                )
-            image_size = timm_size[1:]
-        if isinstance(patch, (tuple, list)):
-            mask_set = MaskSet.rect(image_size, patch, num_masks=num_masks, stride=stride)
+
+    defense = "patchcleanser"
+    _geometry_name = "mask set"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_set: MaskSet,
+        *,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "float32",
+        margin: float = 0.0,
+        num_classes: int | None = None,
+    ):
+        if not isinstance(mask_set, MaskSet):
+            raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
+        super().__init__(
+            model, image_size=mask_set.image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes
+        )
+        self.mask_set = mask_set
+
+    # ------------------------------------------------------------------------------ settings
+    @property
+    def mask_set(self) -> MaskSet:
+        """The R-covering mask set; assigning one rebuilds the keep masks (on their device)."""
+        return self._mask_set
+
+    @mask_set.setter
+    def mask_set(self, value: MaskSet) -> None:
+        if not isinstance(value, MaskSet):
+            raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(value).__name__}")
+        old = self._buffers.get("_keep")
+        keep = value.keep_masks(old.device if old is not None else model_device_dtype(self.model)[0])
+        if old is None:
+            self.register_buffer("_keep", keep, persistent=False)
         else:
-            mask_set = MaskSet.square(image_size, patch, num_masks=num_masks, stride=stride)
-    wrapped = RobustPatchClassifier(model, mask_set, fill=fill, batch_size=batch_size, num_classes=num_classes)
-    wrapped.train(model.training)
-    return wrapped
+            self._buffers["_keep"] = keep
+        self._mask_set = value
+        self._image_size = value.image_size
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        """`(ph, pw)` in pixels: the patch of the threat model (a union of shapes raises; read `mask_set.patch_sizes`)."""
+        return self.mask_set.patch_size
+
+    def _defense_settings(self) -> dict[str, Any]:
+        sizes = [list(p) for p in self.mask_set.patch_sizes]
+        return {"mask_set": self.mask_set.to_dict(), "patch": sizes[0] if len(sizes) == 1 else sizes}
+
+    @classmethod
+    def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        if "mask_set" not in settings:
+            raise ValueError(f"patchcleanser settings lack mask_set (keys: {sorted(settings)})")
+        try:
+            mask_set = MaskSet.from_dict(settings["mask_set"])
+        except TypeError as error:
+            raise ValueError(f"settings mask_set: {error}") from None
+        if "patch" in settings:
+            sizes = [list(p) for p in mask_set.patch_sizes]
+            if settings["patch"] != (sizes[0] if len(sizes) == 1 else sizes):
+                raise ValueError(f"settings patch {settings['patch']!r} disagrees with the mask set's patch sizes {sizes}")
+        return {"mask_set": mask_set}, ("mask_set", "patch")
+
+    @classmethod
+    def from_patch(
+        cls,
+        model: nn.Module,
+        patch: int | float | Sequence[int] | None = None,
+        *,
+        num_masks: int | Sequence[int] | None = None,
+        stride: int | Sequence[int] | None = None,
+        mask_set: MaskSet | None = None,
+        image_size: int | Sequence[int] | None = None,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "float32",
+        margin: float = 0.0,
+        num_classes: int | None = None,
+    ) -> PatchCleanser:
+        """PatchCleanser for a threat model: the mask set for `patch`, or a ready `mask_set`.
+
+        Args:
+            model: the base classifier.
+            patch: side in pixels (int), fraction of the image area (float in (0, 1); default
+                0.02), or `(ph, pw)` in pixels for a rectangle.
+            num_masks: masks per axis (default 6, i.e. 36 masks), or `(kh, kw)`.
+            stride: mask stride in pixels, instead of `num_masks`.
+            mask_set: a ready `MaskSet`, instead of `patch`/`num_masks`/`stride`.
+            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            fill: masked pixel value in the model's input space.
+            batch_size: masked views per forward pass (default 64).
+            precision: autocast precision of every forward pass (default `"float32"`).
+            margin: certificate margin, a float >= 0 (default 0).
+            num_classes: classes of the base model, if it has no `num_classes` attribute.
+
+        Returns:
+            The defended model, in the same train/eval mode as `model`.
+
+        Raises:
+            ValueError: for an impossible threat model, both `mask_set` and patch settings, or
+                no `image_size` where the model does not carry one.
+        """
+        if mask_set is not None:
+            given = [n for n, v in (("patch", patch), ("num_masks", num_masks), ("stride", stride)) if v is not None]
+            if given:
+                raise ValueError(f"pass either mask_set or patch/num_masks/stride, not both (got mask_set and {', '.join(given)})")
+            if not isinstance(mask_set, MaskSet):
+                raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
+            if image_size is not None and as_image_size(image_size) != mask_set.image_size:
+                raise ValueError(f"image_size={image_size!r} does not match the mask set's image size {mask_set.image_size}")
+        else:
+            size = resolve_image_size(model, image_size)
+            patch = DEFAULT_PATCH if patch is None else patch
+            if isinstance(patch, (tuple, list)):
+                mask_set = MaskSet.rect(size, patch, num_masks=num_masks, stride=stride)
+            else:
+                mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
+        defended = cls(model, mask_set, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        defended.train(model.training)
+        return defended
+
+    def extra_repr(self) -> str:
+        return f"mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+
+    # ----------------------------------------------------------------------------- inference
+    def _runner(self) -> ViewRunner:
+        """The view runner for one call, from the current settings (nothing is kept between calls)."""
+        attr = getattr(self.model, "num_classes", None)
+        known = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
+        return ViewRunner(self.model, self._keep, self.fill, self.batch_size, num_classes=known)
+
+    def _one_mask(self, runner: ViewRunner, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor, torch.Tensor]:
+        one_mask, one_logits = runner.one_mask(x)
+        if runner.num_classes is None:
+            self._num_classes = one_logits.shape[-1]  # learnt from the views, so no blank probe is needed
+            runner = dataclasses.replace(runner, num_classes=self._num_classes)
+        return runner, one_mask, one_logits
+
+    def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust logits: the mean of the logits of the masked views that voted for the robust label.
+
+        So `forward(x).argmax(1) == predict(x)`; float32 (or wider) whatever the model's dtype.
+        """
+        return self._infer(x, need_logits=True)[1]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust labels `(B,)` by double masking (in either mode; the base model runs in eval mode)."""
+        return self._infer(x, need_logits=False)[0].label
+
+    def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
+        x = self._check_images(x)
+        runner = self._runner()
+        k = len(runner)
+        with eval_mode(self.model), torch.no_grad(), self.autocast():
+            runner, one_mask, one_logits = self._one_mask(runner, x)
+            row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
+            pairs, owners = row_pairs(row_image, row_mask, k)
+            outcome = runner.evaluate_pairs(
+                x,
+                pairs,
+                owners,
+                one_mask[row_image, row_mask],
+                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed),
+                need_logits=need_logits,
+            )
+            decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
+            if not need_logits:
+                return decision, None
+            return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
+
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchCleanserResult:
+        """Certify a batch against every patch of the threat model.
+
+        An image is certified iff all `K(K+1)/2` views `P_ij`, `i <= j`, show its label `y`
+        (`docs/concepts.md#certification`). With `early_exit`
+        an image stops being evaluated at its first disagreeing view; the result is identical,
+        only `num_views` is smaller.
+
+        Args:
+            x: `(B, C, H, W)` images, floating, as the model expects them.
+            y: `(B,)` integer labels in `[0, num_classes)`.
+            early_exit: skip views that cannot change the result (default True).
+
+        Returns:
+            A `PatchCleanserResult` with the robust prediction, certification, views evaluated
+            per image, case, one-mask labels and the two-mask label grid.
+
+        Raises:
+            TypeError, ValueError: for bad images or labels, before any forward pass.
+        """
+        x = self._check_images(x)
+        y = self._check_labels(y, x.shape[0]).to(x.device)
+        runner = self._runner()
+        b, k = x.shape[0], len(runner)
+        with eval_mode(self.model), torch.no_grad(), self.autocast():
+            runner, one_mask, _ = self._one_mask(runner, x)
+            if early_exit:
+                # Only images whose every one-mask label is y can be certified: check their
+                # off-diagonal views. Others need the rows of their disagreeing masks to predict.
+                candidate = (one_mask == y[:, None]).all(1)
+                cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
+                row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
+                rpairs, rowners = row_pairs(row_image, row_mask, k)
+                n_cert = int(candidate.sum())
+                pairs = torch.cat([cert_pairs, rpairs])
+                owners = torch.cat([cert_owners, torch.where(rowners >= 0, rowners + n_cert, -1)])
+                expect = torch.cat([y[candidate], one_mask[row_image, row_mask]])
+
+                def on_step(done, failed):
+                    cancel = torch.zeros_like(done)
+                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:])
+                    return cancel
+
+                outcome = runner.evaluate_pairs(x, pairs, owners, expect, on_step=on_step)
+            else:
+                pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
+                outcome = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False)
+        grid = _grid(one_mask, pairs, outcome.labels)
+        decision = decide(one_mask, grid)
+        evaluated = pairs[outcome.labels >= 0, 0]
+        num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
+        return PatchCleanserResult(
+            prediction=decision.label,
+            certified=certified(grid, y),
+            num_views=num_views,
+            case=decision.case,
+            one_mask=one_mask,
+            grid=grid,
+        )

@@ -1,4 +1,4 @@
-"""MaskSet against DESIGN.md section 1 and against brute force."""
+"""MaskSet against the Concepts page (docs/concepts.md#mask-sets) and against brute force."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from robustwrap import MaskSet
 from robustwrap.geometry import patch_side
 
-# (patch, num_masks, stride) -> (mask side, stride, starts) for N = 224, from DESIGN.md section 1.
-DESIGN_TABLE = [
+# (patch, num_masks, stride) -> (mask side, stride, starts) for N = 224, from the Concepts page.
+CONCEPTS_TABLE = [
     (32, 6, None, 64, 33, (0, 33, 66, 99, 132, 160)),
     (23, 6, None, 56, 34, None),
     (39, 6, None, 69, 31, None),
@@ -23,7 +23,7 @@ DESIGN_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("patch,k,stride,mask,step,starts", DESIGN_TABLE)
+@pytest.mark.parametrize("patch,k,stride,mask,step,starts", CONCEPTS_TABLE)
 def test_design_table(patch, k, stride, mask, step, starts):
     ms = MaskSet.square(224, patch, num_masks=k, stride=stride) if stride is None else MaskSet.square(224, patch, stride=stride)
     assert ms.mask_size == (mask, mask)
@@ -91,6 +91,7 @@ def geometries(draw):
     return (h, w), (ph, pw), dict(stride=(draw(st.integers(1, 45)), draw(st.integers(1, 45))))
 
 
+@pytest.mark.filterwarnings("ignore:num_masks=.*cannot be honoured")
 @settings(max_examples=300, deadline=None)
 @given(geometries())
 def test_grid_matches_formula_and_covers(geometry):
@@ -106,22 +107,52 @@ def test_grid_matches_formula_and_covers(geometry):
     assert ms.covers(patch)
 
 
+@st.composite
+def box_sets(draw):
+    """An image side, a patch side and boxes inside the image. Half the draws start from a
+    covering grid and drop or add a few boxes, so both the covered and the uncovered branch are
+    reached often (uniformly random boxes almost never cover)."""
+    size = draw(st.integers(4, 20))
+    patch = draw(st.integers(1, 4))
+
+    def box():
+        top, left = draw(st.integers(0, size - 1)), draw(st.integers(0, size - 1))
+        return (top, left, draw(st.integers(1, size - top)), draw(st.integers(1, size - left)))
+
+    if draw(st.booleans()):
+        grid = list(MaskSet.square(size, patch, stride=draw(st.integers(1, size))).boxes)
+        dropped = set(draw(st.lists(st.integers(0, len(grid) - 1), max_size=2, unique=True)))
+        boxes = [b for i, b in enumerate(grid) if i not in dropped] or grid[:1]
+        boxes += [box() for _ in range(draw(st.integers(0, 2)))]
+    else:
+        boxes = [box() for _ in range(draw(st.integers(1, 8)))]
+    return size, patch, boxes
+
+
 @settings(max_examples=200, deadline=None)
-@given(
-    st.integers(4, 20),
-    st.integers(1, 4),
-    st.lists(st.tuples(st.integers(0, 19), st.integers(0, 19), st.integers(1, 20), st.integers(1, 20)), min_size=1, max_size=8),
-)
-def test_covers_is_exhaustive(size, patch, raw_boxes):
-    boxes = [(t, l, min(h, size - t), min(w, size - l)) for t, l, h, w in raw_boxes if t < size and l < size]
-    if not boxes or patch > size:
-        return
+@given(box_sets())
+def test_covers_is_exhaustive(geometry):
+    size, patch, boxes = geometry
     expected = brute_covers((size, size), (patch, patch), boxes)
     if expected:
         assert MaskSet((size, size), tuple(boxes), ((patch, patch),)).covers(patch)
     else:
         with pytest.raises(ValueError, match="do not cover"):
             MaskSet((size, size), tuple(boxes), ((patch, patch),))
+
+
+def test_box_sets_reach_both_branches():
+    """The strategy above is not vacuous: it gives covering and non-covering sets alike."""
+    seen = set()
+
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(box_sets())
+    def collect(geometry):
+        size, patch, boxes = geometry
+        seen.add(brute_covers((size, size), (patch, patch), boxes))
+
+    collect()
+    assert seen == {True, False}
 
 
 def test_uncovered_set_is_an_error():
@@ -146,6 +177,7 @@ def test_coarsen_is_exact_union_of_children(k):
         assert all(len(kids) == 4 for kids in coarse.children)
 
 
+@pytest.mark.filterwarnings("ignore:num_masks=.*cannot be honoured")
 def test_union_covers_both_shapes():
     a = MaskSet.square(64, 8, num_masks=4)
     b = MaskSet.rect(64, (4, 20), num_masks=4)
@@ -179,7 +211,6 @@ def test_keep_masks():
         (dict(image_size=224, patch=225), "larger than the 224x224 image"),
         (dict(image_size=224, patch=32, num_masks=0), "num_masks must be a positive int, got 0"),
         (dict(image_size=224, patch=32, num_masks=6, stride=32), "not both"),
-        (dict(image_size=224, patch=32, num_masks=None), "got neither"),
         (dict(image_size=0, patch=3), "image_size must be a positive int"),
         (dict(image_size=(224, 224, 3), patch=3), "pair"),
         (dict(image_size=224, patch=32, stride=0), "stride must be a positive int"),
@@ -192,6 +223,12 @@ def test_bad_arguments(kwargs, message):
 
 def test_stride_alone_is_not_both():
     assert len(MaskSet.square(224, 32, stride=32)) == 49
+
+
+def test_not_given_num_masks_is_the_default():
+    # "not given" is None: with neither num_masks nor stride the grid is 6x6 (no sentinel ints)
+    assert MaskSet.square(224, 32, num_masks=None) == MaskSet.square(224, 32) == MaskSet.square(224, 32, num_masks=6)
+    assert len(MaskSet.square(224, 32, num_masks=None, stride=None)) == 36
 
 
 def test_rect_rejects_fractions():
@@ -213,3 +250,47 @@ def test_dict_round_trip_for_every_kind_of_set():
     broken["boxes"] = broken["boxes"][:-1]
     with pytest.raises(ValueError, match="do not cover"):
         MaskSet.from_dict(broken)
+
+
+def test_num_masks_the_formula_cannot_honour_is_said_and_warned():
+    # patch=200 on 224 leaves 25 positions per axis: s = ceil(25 / 6) = 5, m = 204, starts 0..20 -> 5 per axis
+    with pytest.warns(UserWarning, match=r"num_masks=6x6 cannot be honoured for a 200x200 px patch on a 224x224 image: the mask-set formula gives 5x5"):
+        ms = MaskSet.square(224, 200)
+    assert ms.grid == (5, 5) and len(ms) == 25
+    assert ms.describe().endswith("(num_masks=6x6 asked for; the formula gives 5x5)")
+    assert MaskSet.from_dict(ms.to_dict()).describe() == ms.describe()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an honoured count, or a stride, is silent
+        assert "asked for" not in MaskSet.square(224, 32).describe()
+        assert "asked for" not in MaskSet.square(224, 200, stride=5).describe()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("boxes", [[0.5, 0, 8, 8]], r"boxes\[0\] must be a list of 4 ints >= 0, got \[0.5, 0, 8, 8\]"),
+        ("boxes", [[0, 0, 8]], r"boxes\[0\] must be a list of 4 ints"),
+        ("boxes", [], "boxes must be a non-empty list"),
+        ("image_size", [64, "64"], "image_size must be a list of 2 ints >= 1"),
+        ("image_size", [64, True], "image_size must be a list of 2 ints >= 1"),
+        ("patch_sizes", [[0, 8]], r"patch_sizes\[0\] must be a list of 2 ints >= 1"),
+        ("grid", [6, 6.0], "grid must be a list of 2 ints >= 1"),
+        ("boxes", [[60, 60, 8, 8]], "is not inside the 64x64 image"),
+    ],
+)
+def test_from_dict_checks_untrusted_input(field, value, message):
+    data = MaskSet.square(64, 8, num_masks=6).to_dict()
+    data[field] = value
+    with pytest.raises(ValueError, match=message):
+        MaskSet.from_dict(data)
+
+
+def test_from_dict_wrong_container():
+    with pytest.raises(TypeError, match="must be a dict"):
+        MaskSet.from_dict([1, 2])
+    data = MaskSet.square(64, 8).to_dict()
+    del data["boxes"]
+    with pytest.raises(ValueError, match="lacks boxes"):
+        MaskSet.from_dict(data)

@@ -1,4 +1,4 @@
-"""The engine: view construction, pair scheduling and view counts."""
+"""The view runner: view construction, pair scheduling and view counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import PeakNet, ViewCounter, masked_copy
 
 from robustwrap import MaskSet
-from robustwrap.views import ViewEngine, mask_images, row_pairs, triangle_pairs
+from robustwrap.views import ViewRunner, mask_images, row_pairs, triangle_pairs
 
 
 def test_mask_images_matches_slicing():
@@ -49,7 +49,7 @@ def test_row_pairs_evaluates_each_unordered_view_once():
 def test_evaluate_pairs_counts_what_it_runs():
     net = PeakNet()
     ms = MaskSet.square(16, 3, num_masks=4)
-    engine = ViewEngine(net, ms, 0.0, batch_size=10)
+    engine = ViewRunner(net, ms.keep_masks(), 0.0, batch_size=10)
     x = torch.randn(5, 3, 16, 16)
     pairs, owners = triangle_pairs(torch.arange(5), len(ms))
     counter = ViewCounter(net)
@@ -72,6 +72,6 @@ def test_model_with_wrong_output_shape():
         def forward(self, x):
             return x.mean((1, 2, 3))
 
-    engine = ViewEngine(Bad(), MaskSet.square(8, 2, num_masks=2), 0.0, 4)
+    engine = ViewRunner(Bad(), MaskSet.square(8, 2, num_masks=2), 0.0, 4)
     with pytest.raises(ValueError, match=r"must map \(N, C, H, W\) images to \(N, num_classes\) logits; for 4 images it returned \(4,\)"):
         engine.one_mask(torch.zeros(1, 3, 8, 8))

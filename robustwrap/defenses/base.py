@@ -1,0 +1,623 @@
+"""The defense contract: what every certified patch defense in robustwrap shares.
+
+`RobustPatchClassifier` holds the base model and the settings every defense has (image size,
+fill, views per forward pass, numeric precision, certificate margin), checks inputs, runs the
+base model in the defense's precision, and plugs the Hub format in. A defense subclasses it
+with its own typed signature and implements `_robust_forward`, `predict`, `certify`,
+`_defense_settings` / `_options_from_settings` and `from_patch` (see `PatchCleanser`).
+
+Every setting is read where it is used: assigning `m.fill`, `m.batch_size`, `m.precision`,
+`m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike, and
+assigning what cannot change (`image_size`, `in_chans`, `num_classes`) raises an error that
+says how to change it (the Concepts page, `docs/concepts.md#settings`). Precision and margin are
+explained at `docs/concepts.md#precision` and `docs/concepts.md#margin`, the fill at
+`docs/concepts.md#fill`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
+from ..views import eval_mode, model_device_dtype
+
+__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH"]
+
+DEFAULT_BATCH_SIZE = 64  # views per forward pass
+DEFAULT_PATCH = 0.02  # of the image area, when `wrap` is not told the patch
+
+# The settings every defense has; `settings()` adds the defense's own.
+_COMMON_KEYS = ("defense", "image_size", "fill", "precision", "margin")
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    """Per-image outcome of `certify`, the fields every defense reports.
+
+    Attributes:
+        prediction: `(B,)` the robust prediction.
+        certified: `(B,)` bool: no patch of the threat model can change the prediction, and it
+            equals the label.
+        num_views: `(B,)` views run through the base model for each image.
+    """
+
+    prediction: torch.Tensor
+    certified: torch.Tensor
+    num_views: torch.Tensor
+
+    @property
+    def total_views(self) -> int:
+        """Views run through the base model for the whole batch."""
+        return int(self.num_views.sum())
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def timm_input(model: nn.Module) -> tuple[int, tuple[int, int], bool] | None:
+    """`(channels, (H, W), fixed)` a timm model was built for, or `None` for a non-timm model.
+
+    Asks timm's public API: `timm.models.get_model_input_config` (timm >= 1.0.31) knows the size
+    a model was built at (`create_model(..., img_size=64)`, which `pretrained_cfg` and
+    `timm.data.resolve_model_data_config` do not reflect: they describe the pretrained source)
+    and whether that size is fixed (a ViT's position embeddings). On older timm the patch
+    embedding's `img_size` and the model's `in_chans` correct `resolve_model_data_config`.
+    """
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        return None
+    import timm.data
+    import timm.models
+
+    get_input_config = getattr(timm.models, "get_model_input_config", None)
+    if get_input_config is not None:
+        config = get_input_config(model)
+        c, h, w = config["input_size"]
+        return int(c), (int(h), int(w)), bool(config.get("fixed_input_size"))
+    c, h, w = timm.data.resolve_model_data_config(model)["input_size"]
+    embed = getattr(model, "patch_embed", None)
+    built = getattr(embed, "img_size", None)
+    fixed = bool(getattr(embed, "strict_img_size", model.pretrained_cfg.get("fixed_input_size", False))) and not getattr(model, "dynamic_img_size", False)
+    if isinstance(built, (tuple, list)) and len(built) == 2:
+        h, w = built
+    if isinstance(getattr(model, "in_chans", None), int):
+        c = model.in_chans
+    return int(c), (int(h), int(w)), fixed
+
+
+def timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation mean and std a timm model expects (timm's public data config), else `None`."""
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        return None
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+
+
+def resolve_image_size(model: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """The `(H, W)` a defense of `model` certifies at: `image_size`, else what the timm model was built for.
+
+    Raises:
+        ValueError: no `image_size` for a model that does not carry one, or an `image_size` that
+            a timm model with a fixed input size (a ViT built with `img_size=...`) cannot take;
+            the message says which argument to pass.
+    """
+    timm_cfg = timm_input(model)
+    if image_size is None:
+        if timm_cfg is None:
+            raise ValueError(
+                "image_size is required: the model has no timm pretrained_cfg to read it from "
+                "(pass e.g. image_size=224 or image_size=(H, W))"
+            )
+        return timm_cfg[1]
+    size = as_image_size(image_size)
+    if timm_cfg is not None and timm_cfg[2] and size != timm_cfg[1]:
+        h, w = timm_cfg[1]
+        raise ValueError(
+            f"image_size={image_size!r} does not match the {h}x{w} input this timm model was built for (its input size is fixed); "
+            f"pass image_size={h if h == w else (h, w)!r}, or create the model with timm.create_model(..., img_size={size[0] if size[0] == size[1] else size})"
+        )
+    return size
+
+
+def _infer_in_chans(model: nn.Module) -> int | None:
+    """Input channels: the model's `in_chans`, else timm's resolved input config, else the first conv.
+
+    timm keeps `pretrained_cfg["input_size"]` of the pretrained source (3 channels) when a model
+    is created with `in_chans=1`, so the model's own `in_chans` is asked first; the first
+    registered `Conv2d` is only a fallback, since it need not be the stem.
+    """
+    if isinstance(getattr(model, "in_chans", None), int) and not isinstance(model.in_chans, bool):
+        return model.in_chans
+    stem = getattr(model, "pretrained_cfg", {}).get("first_conv") if isinstance(getattr(model, "pretrained_cfg", None), dict) else None
+    if isinstance(stem, str):  # the stem timm names: right on every timm version (<1.0.31 keeps the source's 3 channels)
+        try:
+            channels = model.get_submodule(stem).in_channels
+        except AttributeError:
+            channels = None
+        if isinstance(channels, int):
+            return channels
+    timm_cfg = timm_input(model)
+    if timm_cfg is not None:
+        return timm_cfg[0]
+    return _first_conv_channels(model)
+
+
+class RobustPatchClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="robustwrap",
+    tags=["robustwrap", "certified-robustness", "adversarial-patch"],
+):
+    """The base of every certified patch defense: a base classifier plus the defense's settings.
+
+    In eval mode `forward` returns the defense's robust logits; in train mode it is the base
+    model's forward (in the model's precision), so a defended model trains like the original.
+    A train-mode forward under `torch.no_grad()` warns once: that is inference without the
+    defense, almost always a forgotten `.eval()`. Build one with `robustwrap.wrap` or a
+    defense's own class (`robustwrap.PatchCleanser`).
+
+    `save_pretrained(folder)`, `push_to_hub(repo_id)` and `from_pretrained(repo_or_folder)` come
+    from `huggingface_hub.PyTorchModelHubMixin` and write timm's Hub format plus a `"robustwrap"`
+    section holding `settings()` (see `robustwrap.hub`).
+
+    Subclasses set `defense` and implement `_robust_forward`, `predict`, `certify`,
+    `_defense_settings`, `_options_from_settings` and the `from_patch` builder that
+    `robustwrap.wrap` calls.
+
+    Args:
+        model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
+        image_size: `(H, W)` of the inputs, in the model's input space.
+        fill: value of masked / ablated pixels in the model's input space (after normalisation):
+            a scalar or one value per channel. Train and certify with the same fill.
+        batch_size: views per forward pass (speed and memory only; results do not depend on it).
+        precision: `"float32"`, `"bfloat16"` or `"float16"`: the autocast precision of every
+            forward pass of the base model (prediction and certification alike).
+        margin: certificate margin, a float >= 0 (0 is the papers' rule); stored with the model.
+        num_classes: classes of the base model; read from `model.num_classes` when it has one,
+            else found with one forward pass of a blank image the first time it is needed.
+
+    Raises:
+        TypeError: if `model` is not an `nn.Module` or is already a `RobustPatchClassifier`.
+        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`.
+    """
+
+    defense: ClassVar[str] = ""
+    _geometry_name: ClassVar[str] = "defense"  # "images must be HxW for this <...>"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        image_size: int | Sequence[int],
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "float32",
+        margin: float = 0.0,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        self._image_size = as_image_size(image_size)
+        self._num_classes: int | None = None
+        self._warned_train_mode = False
+        self.model = model  # checked and resolved in __setattr__
+        if num_classes is not None:
+            num_classes = positive_int(num_classes, "num_classes")
+            attr = getattr(model, "num_classes", None)
+            if isinstance(attr, int) and attr != num_classes:
+                raise ValueError(f"num_classes={num_classes} but the model says model.num_classes={attr}")
+            self._num_classes = num_classes
+        self.fill = fill
+        self.batch_size = batch_size
+        self.precision = precision
+        self.margin = margin
+        self.pretrained_info: dict = {}
+
+    # ------------------------------------------------------------------------------ settings
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "model" and "_modules" in self.__dict__:
+            if isinstance(value, RobustPatchClassifier):
+                raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+            fill = self.__dict__.get("_fill")
+            in_chans = _infer_in_chans(value)
+            if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:
+                raise ValueError(f"the new model takes {in_chans} channels but fill has {len(fill)} values; set fill first")
+            super().__setattr__(name, value)
+            self._model_in_chans = in_chans
+            self._num_classes = None  # a new base model: ask it again
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(H, W)` of the inputs (fixed by the defense's geometry)."""
+        return self._image_size
+
+    @image_size.setter
+    def image_size(self, value) -> None:
+        raise AttributeError(f"image_size is fixed by the {type(self).__name__}'s geometry; build a new one with robustwrap.wrap(m.model, image_size=...)")
+
+    @property
+    def fill(self) -> float | tuple[float, ...]:
+        """Masked pixel value in the model's input space: a float, or one float per channel."""
+        return self._fill
+
+    @fill.setter
+    def fill(self, value: float | Sequence[float]) -> None:
+        value = as_fill(value)
+        in_chans = self._model_in_chans
+        if isinstance(value, tuple) and in_chans is not None and len(value) != in_chans:
+            raise ValueError(f"fill has {len(value)} values but the model takes {in_chans} channels")
+        self._fill = value
+
+    @property
+    def batch_size(self) -> int:
+        """Views per forward pass (speed and memory only; not part of `settings()`)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._batch_size = positive_int(value, "batch_size")
+
+    @property
+    def precision(self) -> str:
+        """Autocast precision of the base model's forward passes: `"float32"`, `"bfloat16"` or `"float16"`."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = as_precision(value)
+
+    @property
+    def margin(self) -> float:
+        """Certificate margin (float >= 0; 0 is the papers' rule)."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._margin = as_margin(value)
+
+    @property
+    def in_chans(self) -> int | None:
+        """Input channels of the base model (its `in_chans`, timm's config, or the first conv), if known.
+
+        For a model that does not say, a per-channel `fill` gives the count.
+        """
+        if self._model_in_chans is None and isinstance(self.fill, tuple):
+            return len(self.fill)
+        return self._model_in_chans
+
+    @in_chans.setter
+    def in_chans(self, value) -> None:
+        raise AttributeError("in_chans is read from the base model; assign m.model to change it")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the base model (one blank forward pass the first time, if it does not say)."""
+        attr = getattr(self.model, "num_classes", None)
+        if isinstance(attr, int) and not isinstance(attr, bool):
+            return attr
+        if self._num_classes is None:
+            blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
+            with eval_mode(self.model), torch.no_grad(), self.autocast():
+                logits = self.model(self._prepare(blank))
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f"the base model must map (N, C, H, W) images to (N, num_classes) logits; for 1 image it returned {shape}")
+            self._num_classes = int(logits.shape[1])
+        return self._num_classes
+
+    @num_classes.setter
+    def num_classes(self, value) -> None:
+        raise AttributeError("num_classes is read from the base model; assign m.model to change it")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that defines the defended function, JSON-ready.
+
+        `{"defense", "image_size", "fill", "precision", "margin"}` plus the defense's own (e.g.
+        PatchCleanser's `"mask_set"` and `"patch"`). The Hub config, the results fingerprint and
+        the report all serialise exactly this; `batch_size` is not part of it (speed only).
+        `type(m).from_settings(m.model, m.settings())` rebuilds an equal defended model.
+        """
+        return {
+            "defense": self.defense,
+            "image_size": list(self.image_size),
+            "fill": list(self.fill) if isinstance(self.fill, tuple) else self.fill,
+            "precision": self.precision,
+            "margin": self.margin,
+            **self._defense_settings(),
+        }
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, settings: dict[str, Any], **runtime: Any) -> RobustPatchClassifier:
+        """Rebuild a defended model from `settings()` (e.g. read from a Hub config).
+
+        On `RobustPatchClassifier` itself it dispatches on `settings["defense"]`; on a defense
+        class the settings must be that defense's. The dict may come from an untrusted file:
+        every key is checked for type and range.
+
+        Args:
+            model: the base classifier.
+            settings: a dict as `settings()` returns it.
+            **runtime: settings that do not change the defended function: `batch_size`,
+                `num_classes`.
+
+        Returns:
+            The defended model (in the base model's train/eval mode).
+
+        Raises:
+            TypeError: `settings` is not a dict, or an unknown runtime argument.
+            ValueError: an unknown defense, a missing or unknown key, or a value of the wrong
+                type or range (the message names the key).
+        """
+        if not isinstance(settings, dict):
+            raise TypeError(f"settings must be a dict (from settings()), got {type(settings).__name__}")
+        if cls is RobustPatchClassifier:
+            from . import DEFENSES
+
+            defense = settings.get("defense")
+            if defense not in DEFENSES:
+                raise ValueError(f"settings name defense {defense!r}; known defenses: {', '.join(sorted(DEFENSES))}")
+            return DEFENSES[defense].from_settings(model, settings, **runtime)
+        if settings.get("defense") != cls.defense:
+            raise ValueError(f"settings are for defense {settings.get('defense')!r}, not {cls.defense!r} ({cls.__name__})")
+        unknown = sorted(set(runtime) - {"batch_size", "num_classes"})
+        if unknown:
+            raise TypeError(f"unexpected arguments {unknown}: only batch_size and num_classes can be given besides the settings")
+        missing = [key for key in _COMMON_KEYS if key not in settings]
+        if missing:
+            raise ValueError(f"settings lack {', '.join(missing)} (keys: {sorted(settings)})")
+        options, used = cls._options_from_settings(settings)
+        extra = sorted(set(settings) - set(_COMMON_KEYS) - set(used))
+        if extra:
+            raise ValueError(f"unknown {cls.defense} settings {extra}")
+        try:
+            common = {"fill": as_fill(settings["fill"]), "precision": as_precision(settings["precision"]), "margin": as_margin(settings["margin"])}
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        image_size = settings["image_size"]
+        if not isinstance(image_size, (list, tuple)):
+            raise ValueError(f"settings image_size must be [H, W], got {image_size!r}")
+        image_size = as_image_size(image_size)
+        defended = cls(model, **options, **common, **runtime)
+        if defended.image_size != image_size:
+            raise ValueError(f"settings image_size {list(image_size)} disagrees with the {cls.defense} geometry's {list(defended.image_size)}")
+        defended.train(model.training)
+        return defended
+
+    def _defense_settings(self) -> dict[str, Any]:
+        """The defense's own settings, JSON-ready (merged into `settings()`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], Sequence[str]]:
+        """`(constructor keyword arguments, settings keys read)` from the defense's own settings, checked."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_patch(cls, model: nn.Module, patch: Any = None, **options: Any) -> RobustPatchClassifier:
+        """Build this defense for a threat model: what `robustwrap.wrap(model, patch, defense=cls.defense, **options)` calls."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"defense={self.defense}, image_size={self.image_size}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+
+    def __copy__(self) -> RobustPatchClassifier:
+        """A shallow copy with its own settings: changing the copy's settings leaves this one alone.
+
+        The base model and its parameters are shared (as in any shallow copy); the module and
+        buffer tables are not, so `copy.model = other` or `copy.mask_set = ...` does not reach
+        back into the original.
+        """
+        clone = type(self).__new__(type(self))
+        clone.__dict__ = self.__dict__.copy()
+        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "pretrained_info"):
+            if name in clone.__dict__:
+                clone.__dict__[name] = copy.copy(clone.__dict__[name])
+        return clone
+
+    # ------------------------------------------------------------------------------ precision
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A context manager running the base model in `precision` on its device (no-op for float32)."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        device, _ = model_device_dtype(self.model)
+        return torch.autocast(device.type, dtype=getattr(torch, self.precision))
+
+    # ---------------------------------------------------------------------------------- hub
+    # PyTorchModelHubMixin's entry points and hooks; the Hub format itself is robustwrap.hub's.
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> RobustPatchClassifier:
+        """Load a defended model saved with `save_pretrained` / `push_to_hub` (`robustwrap.hub.load`).
+
+        Args:
+            pretrained_model_name_or_path: `hf-hub:<org>/<name>[@revision]`, `<org>/<name>`,
+                `local-dir:<folder>` or an existing folder.
+            force_download: download again even if cached.
+            token: a Hugging Face token for private repos.
+            cache_dir: the Hugging Face cache folder (None: `HF_HUB_CACHE`).
+            local_files_only: never use the network, only the cache.
+            revision: Hub branch, tag or commit (or `@revision` in the name, not both).
+            **kwargs: `device`, `batch_size`.
+
+        Returns:
+            The defended model (the class its config names; it must be a `cls`), in eval mode.
+        """
+        from ..hub import load
+
+        return load(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            expect=cls,
+            **kwargs,
+        )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token, **kwargs):
+        for injected in ("num_classes", "config"):  # what the mixin copies from config.json's top level
+            kwargs.pop(injected, None)
+        return cls.from_pretrained(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token, **kwargs
+        )
+
+    def save_pretrained(self, save_directory: str | Path, *, config: Any = None, repo_id: str | None = None, push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
+        """Write `config.json` (timm's layout plus `settings()`), `model.safetensors` and a model card.
+
+        `config=` raises (the config is `settings()`; free-form information goes into
+        `pretrained_info`); a model that loading could not rebuild is refused before anything is
+        written. See `robustwrap.hub.save_pretrained`.
+        """
+        from ..hub import save_pretrained
+
+        return save_pretrained(self, save_directory, config=config, repo_id=repo_id, push_to_hub=push_to_hub, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+
+    def _save_pretrained(self, save_directory) -> None:
+        from ..hub import save_folder
+
+        save_folder(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the model's files to a Hub repo in one commit; the card names the real repo id (`robustwrap.hub.push_to_hub`)."""
+        from ..hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The model card: defense, threat model and the measured accuracies of `pretrained_info` (`robustwrap.hub.model_card`)."""
+        from ..hub import model_card
+
+        return model_card(self, **kwargs)
+
+    # ------------------------------------------------------------------------------- inputs
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the base model's device and in its dtype."""
+        device, dtype = model_device_dtype(self.model)
+        return x.to(device=device, dtype=dtype)
+
+    def _check_images(self, x) -> torch.Tensor:
+        """`x` checked (type, shape, size, channels, finite) and moved to the model's device and dtype.
+
+        Raises:
+            TypeError, ValueError: naming what was expected and what came, before any forward pass.
+
+        Warns:
+            UserWarning: for values far outside what normalised images can hold (e.g. 0-255
+                pixels), which would otherwise be certified silently at about 0%.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("images is an empty batch (B = 0)")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a floating tensor, normalised as the model expects; got dtype {x.dtype}")
+        h, w = self.image_size
+        if tuple(x.shape[2:]) != (h, w):
+            raise ValueError(f"images must be {h}x{w} for this {self._geometry_name}, got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
+        if self.in_chans is not None and x.shape[1] != self.in_chans:
+            raise ValueError(f"images must have {self.in_chans} channels for this model, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or Inf values")
+        self._warn_if_unnormalised(x)
+        return self._prepare(x)
+
+    def _warn_if_unnormalised(self, x: torch.Tensor) -> None:
+        # Normalised pixels of a [0, 1] image lie between -mean / std and (1 - mean) / std. Be
+        # conservative (random test inputs and strong patches exceed that range): flag only values
+        # 4x beyond it and above 20 with a known mean/std, above 50 without one; 0-255 pixels are.
+        stats = timm_mean_std(self.model)
+        if stats is not None:
+            mean, std = stats
+            normal = max(max(abs(-m / s), abs((1 - m) / s)) for m, s in zip(mean, std))
+            limit, source = max(4 * normal, 20.0), f"its mean {mean} and std {std} (|x| <= {normal:.3g})"
+        else:
+            limit, source = 50.0, "any usual mean and std"
+        peak = float(x.detach().abs().max())
+        if peak > limit:
+            warnings.warn(
+                f"images reach |x| = {peak:.4g}, far outside the range of images normalised with {source}; are they 0-255 pixels? Normalise them as the model expects "
+                "(e.g. timm.data.create_transform(**timm.data.resolve_model_data_config(model))) or every certificate is about the wrong input",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_labels(self, y, batch: int) -> torch.Tensor:
+        """`y` as `(batch,)` long class ids in `[0, num_classes)`, or a TypeError/ValueError."""
+        y = as_labels(y, batch)
+        check_label_range(y, self.num_classes)
+        return y
+
+    # ----------------------------------------------------------------------------- inference
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust logits `(B, num_classes)` in eval mode; the base model's forward in train mode.
+
+        In eval mode `forward(x).argmax(1) == predict(x)`, and the logits are an ordinary
+        float32 (or wider) tensor. In train mode the base model runs in `precision`; doing that
+        with gradients disabled warns once, since it is an undefended prediction.
+        """
+        if self.training:
+            if not torch.is_grad_enabled() and not self._warned_train_mode:
+                self._warned_train_mode = True
+                warnings.warn(
+                    f"{type(self).__name__} is in train mode, so forward() returns the undefended base model's logits; "
+                    "call .eval() for robust predictions (train mode trains like the base model)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            with self.autocast():
+                return self.model(x)
+        return self._robust_forward(x)
+
+    def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The defense's robust logits for `x` (eval mode)."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust labels `(B,)` (in either mode; the base model runs in eval mode)."""
+        raise NotImplementedError
+
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> CertifyResult:
+        """Certify a batch against every patch of the threat model: a `CertifyResult` (or a subclass)."""
+        raise NotImplementedError
+
+    def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
+        """The undefended base model's labels `(B,)` for `x`, with the same checks, device and precision.
+
+        Raises:
+            TypeError, ValueError: for images the defended model cannot take.
+        """
+        x = self._check_images(x)
+        with eval_mode(self.model), torch.no_grad(), self.autocast():
+            return self.model(x).argmax(1)
+
