@@ -1,0 +1,651 @@
+"""PatchGuard: robust masking of local logits, its evidence-bound certificate, and the defended model.
+
+A small-receptive-field model (a BagNet, `robustwrap.models`) returns local logits
+`(B, num_classes, h, w)`; a patch can only change the features inside one `wh x ww` window
+(`robustwrap.geometry.feature_window`). Robust masking clips the logits to `[0, clip]`, sums
+each class's evidence over the map and removes the class's largest window when it holds more
+than a fraction `T` of it. The certificate bounds every class's masked evidence under any patch
+(see the Concepts page, docs/concepts.md#robust-masking and docs/concepts.md#patchguard-certificate).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._args import as_image_size, as_pair, positive_int
+from ..geometry import feature_window, patch_side
+from ..views import eval_mode
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+
+__all__ = [
+    "PatchGuard",
+    "PatchGuardResult",
+    "robust_masking",
+    "evidence_bounds",
+    "masking_certificate",
+    "MaskingCertificate",
+    "provable_adversarial_loss",
+    "window_sums",
+    "clip_evidence",
+]
+
+# Elements of float64 work per chunk of images in the certificate (128 MiB): a 224 px BagNet-17
+# batch of 64 with 1,000 classes would otherwise need about 1.5 GiB at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------- rule
+def clip_evidence(local_logits: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """Local logits clipped to `[0, clip]` (`[0, inf)` without a ceiling): the evidence."""
+    return local_logits.clamp(min=0.0, max=clip)
+
+
+def window_sums(maps: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Sum of every full `wh x ww` window of `(..., h, w)` maps: `(..., h - wh + 1, w - ww + 1)`.
+
+    Sum pooling (`avg_pool2d` with `divisor_override=1`): one kernel, no per-window loop, and each
+    sum adds the window's own entries (no prefix-sum cancellation), so integer-valued maps give
+    exact sums. The window is clipped to the map.
+    """
+    *lead, h, w = maps.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    flat = maps.reshape(-1, 1, h, w)
+    sums = F.avg_pool2d(flat, (wh, ww), stride=1, divisor_override=1)
+    return sums.reshape(*lead, h - wh + 1, w - ww + 1)
+
+
+def _exceeds(top: torch.Tensor, total: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`total > 0 and top / total > threshold`, elementwise (the masking condition)."""
+    positive = total > 0
+    return positive & (top / torch.where(positive, total, torch.ones_like(total)) > threshold)
+
+
+def _masked(evidence: torch.Tensor, window: tuple[int, int], threshold: float) -> torch.Tensor:
+    total = evidence.sum((-2, -1))
+    top = window_sums(evidence, window).amax((-2, -1))
+    return torch.where(_exceeds(top, total, threshold), total - top, total)
+
+
+def robust_masking(local_logits: torch.Tensor, window: tuple[int, int], threshold: float = 0.0, clip: float | None = None) -> torch.Tensor:
+    """The masked evidence `g` `(B, C)` of local logits `(B, C, h, w)` (robust masking).
+
+    Per class `c`: clip to `[0, clip]`, `g_c` = sum over the map, `S` = the largest window sum; if
+    `g_c > 0` and `S / g_c > threshold`, `g_c -= S`. The prediction is `g.argmax(1)` (smallest
+    class id on ties). Computed in the dtype of `local_logits` and differentiable (the attack's
+    surrogate); `PatchGuard` passes float64.
+
+    Args:
+        local_logits: `(B, C, h, w)`.
+        window: `(wh, ww)`, the window of `feature_window`.
+        threshold: the detection threshold `T` in `[0, 1)`.
+        clip: optional ceiling of the clipped logits.
+    """
+    return _masked(clip_evidence(local_logits, clip), window, threshold)
+
+
+@dataclass(frozen=True)
+class MaskingCertificate:
+    """Outcome of `masking_certificate` for a batch.
+
+    Attributes:
+        prediction: `(B,)` robust-masking prediction (smallest class id on ties).
+        certified: `(B,)` bool: the prediction is the label and no patch inside any window can change it.
+        margin: `(B,)` float64, the worst case over windows `u` of `L_y(u) - max_{c != y} U_c(u)`
+            (`inf` with a single class).
+        evidence: `(B, C)` float64 masked evidence `g`.
+    """
+
+    prediction: torch.Tensor
+    certified: torch.Tensor
+    margin: torch.Tensor
+    evidence: torch.Tensor
+
+
+def _label_lower_bound(ev_y: torch.Tensor, window: tuple[int, int], threshold: float) -> torch.Tensor:
+    """`L_y(u)` `(B, nU)` for evidence maps `ev_y` `(B, h, w)` of the label, every window `u`.
+
+    `L'` is the map with window `u` zeroed (the attacker's features at their least); `M` its
+    largest window sum. If `M / sum(L') > T`, masking surely removes a window: `L = sum(L') - M`.
+    Otherwise a window is only removed if the patch makes it the largest, so it overlaps `u`:
+    `L = sum(L') - max over windows overlapping u of their L' sum`.
+    """
+    b, h, w = ev_y.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    nh, nw = h - wh + 1, w - ww + 1
+    dev = ev_y.device
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    top = torch.arange(nh, device=dev)
+    left = torch.arange(nw, device=dev)
+    # keep[u, i, j]: pixel (i, j) lies outside window u.
+    in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + wh)  # (nh, h)
+    in_cols = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + ww)  # (nw, w)
+    keep = ~(in_rows[:, None, :, None] & in_cols[None, :, None, :]).reshape(nh * nw, h, w)
+    reduced = ev_y[:, None] * keep[None]  # (B, nU, h, w): zeros are exact
+    sums = window_sums(reduced, (wh, ww)).reshape(b, nh * nw, nh * nw)  # [b, u, v]
+    total = reduced.sum((-2, -1))  # (B, nU)
+    biggest = sums.amax(-1)
+    if threshold == 0:
+        return total - biggest  # a map with evidence always has a positive largest window
+    overlap = ((top[:, None] - top[None, :]).abs() < wh)[:, None, :, None] & ((left[:, None] - left[None, :]).abs() < ww)[None, :, None, :]
+    overlap = overlap.reshape(nh * nw, nh * nw)  # [u, v]
+    near = torch.where(overlap[None], sums, torch.zeros_like(sums)).amax(-1)
+    return torch.where(_exceeds(biggest, total, threshold), total - biggest, total - near)
+
+
+def evidence_bounds(
+    local_logits: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], threshold: float = 0.0, clip: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds on the masked evidence under a patch inside each window `u`, in float64.
+
+    Upper bound of every class `c`: `U_c(u) = (g_c - S_c(u)) / (1 - T)`, with `g` and `S` of the
+    clipped, unmasked map (whatever the patch writes in `u`, masking removes at least as much as
+    it adds there, or, without masking, at most a fraction `T` of the total). Lower bound of the
+    label `L_y(u)`: see `_label_lower_bound`. Windows `u` are the full `wh x ww` blocks of the map,
+    row-major; the features one patch touches always lie inside one of them.
+
+    Args:
+        local_logits: `(B, C, h, w)` (cast to float64).
+        labels: `(B,)` class ids.
+        window: `(wh, ww)` of `feature_window` (clipped to the map).
+        threshold: `T` in `[0, 1)`.
+        clip: optional ceiling of the clipped logits.
+
+    Returns:
+        `(lower, upper)`: `(B, nU)` for the label and `(B, C, nU)` for every class.
+    """
+    x = clip_evidence(local_logits.detach().to(torch.float64), clip)
+    b, c, h, w = x.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    upper = (x.sum((-2, -1))[..., None] - window_sums(x, (wh, ww)).reshape(b, c, -1)) / (1.0 - threshold)
+    lower = _label_lower_bound(x[torch.arange(b, device=x.device), labels.to(x.device)], (wh, ww), threshold)
+    return lower, upper
+
+
+def masking_certificate(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    window: tuple[int, int],
+    threshold: float = 0.0,
+    clip: float | None = None,
+    margin: float = 0.0,
+) -> MaskingCertificate:
+    """Certify robust masking against any patch whose features lie in one window (float64).
+
+    With the bounds of `evidence_bounds`, the image is certified iff its prediction is `y` and
+    for every window `u` and class `c != y`: `L_y(u) - U_c(u) > margin`, where with `margin = 0`
+    a tie `L_y(u) == U_c(u)` also counts when `y < c` (ties go to the smallest class id). Images
+    are processed in chunks to bound memory; windows are handled by pooling, not a Python loop.
+
+    Args:
+        local_logits: `(B, C, h, w)` local logits (any floating dtype; cast to float64).
+        labels: `(B,)` class ids.
+        window: `(wh, ww)` of `feature_window`.
+        threshold: `T` in `[0, 1)`.
+        clip: optional ceiling of the clipped logits.
+        margin: the margin guard, `>= 0`.
+
+    Returns:
+        A `MaskingCertificate`.
+    """
+    local_logits = local_logits.detach().to(torch.float64)
+    b, c, h, w = local_logits.shape
+    labels = labels.to(local_logits.device)
+    evidence = robust_masking(local_logits, window, threshold, clip)
+    prediction = evidence.argmax(1)  # the first maximum: the smallest class id on ties
+    n_windows = (h - min(window[0], h) + 1) * (w - min(window[1], w) + 1)
+    per_image = c * (h * w + 3 * n_windows) + 2 * n_windows * (h * w + n_windows)
+    chunk = max(1, _CHUNK_ELEMENTS // per_image)
+    ids = torch.arange(c, device=local_logits.device)
+    margins, oks = [], []
+    for start in range(0, b, chunk):
+        ys = labels[start : start + chunk]
+        lower, upper = evidence_bounds(local_logits[start : start + chunk], ys, window, threshold, clip)
+        # The classes that would win a tie against y (smaller ids) and those that would lose it.
+        u_below = upper.masked_fill(~(ids[None, :] < ys[:, None])[..., None], -torch.inf).amax(1)  # (n, nU)
+        u_above = upper.masked_fill(~(ids[None, :] > ys[:, None])[..., None], -torch.inf).amax(1)
+        worst = (lower - torch.maximum(u_below, u_above)).amin(-1)
+        if margin > 0:
+            ok = worst > margin
+        else:
+            ok = ((lower > u_below) & (lower >= u_above)).all(-1)
+        margins.append(worst)
+        oks.append(ok)
+    certified = torch.cat(oks) & (prediction == labels)
+    return MaskingCertificate(prediction=prediction, certified=certified, margin=torch.cat(margins), evidence=evidence)
+
+
+def provable_adversarial_loss(
+    local_logits: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], clip: float | None = None
+) -> torch.Tensor:
+    """PatchGuard's provable adversarial training loss (mean over the batch).
+
+    Clip the local logits to `[0, clip]`, remove the true class's largest window (the evidence a
+    patch could take away from it), average over the map, and take the cross-entropy. A model
+    trained so keeps its label's evidence spread out, which is what the certificate needs.
+
+    Args:
+        local_logits: `(B, C, h, w)` from the base model in train mode.
+        labels: `(B,)` class ids.
+        window: `(wh, ww)` of the defended model's threat model.
+        clip: the ceiling of the defended model (None: `[0, inf)`).
+    """
+    evidence = clip_evidence(local_logits, clip)
+    b, c, h, w = evidence.shape
+    rows = torch.arange(b, device=evidence.device)
+    top = window_sums(evidence[rows, labels], window).amax((-2, -1))  # (B,)
+    logits = evidence.sum((-2, -1))
+    logits = logits - F.one_hot(labels, c).to(logits.dtype) * top[:, None]
+    return F.cross_entropy(logits / (h * w), labels)
+
+
+# ----------------------------------------------------------------------------- classifier
+@dataclass(frozen=True)
+class PatchGuardResult(CertifyResult):
+    """Per-image outcome of `PatchGuard.certify`.
+
+    Attributes:
+        prediction: `(B,)` the robust-masking prediction.
+        certified: `(B,)` bool: no patch of the threat model can change the prediction, and it
+            equals the label.
+        num_views: `(B,)` forward passes per image: always 1.
+        margin: `(B,)` float64, the worst case over windows of the label's lower bound minus the
+            largest upper bound of another class (`> 0`, or `== 0` with only larger class ids
+            tying, means certified when `margin` setting is 0; negative: not certified).
+    """
+
+    margin: torch.Tensor
+
+
+def _geometry(value, name: str, minimum: int | None) -> tuple[int, int]:
+    """An int or a pair of ints (>= `minimum` if given) as a pair, or a ValueError naming `name`."""
+    pair = as_pair(value, name)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair) or (
+        minimum is not None and min(pair) < minimum
+    ):
+        need = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {need} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _as_threshold(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"threshold (the detection threshold T) must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _as_clip(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 < float(value) < float("inf"):
+        raise ValueError(f"clip (the ceiling of the clipped local logits) must be None or a finite float > 0, got {value!r}")
+    return float(value)
+
+
+def _as_patch(patch, image_size: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(patch, float):
+        patch = patch_side(patch, image_size)
+    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
+    h, w = image_size
+    if ph > h or pw > w:
+        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
+    return ph, pw
+
+
+@functools.lru_cache(maxsize=64)
+def _window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size) -> tuple[int, int]:
+    """`feature_window`, after checking that the declared geometry fits the map the model returned."""
+    for axis, (n, r, s, o, m) in enumerate(zip(image_size, receptive_field, feature_stride, feature_offset, feature_size)):
+        first_end, last_start = r - o, s * (m - 1) - o
+        if first_end <= 0 or last_start >= n:
+            name = ("rows", "columns")[axis]
+            raise ValueError(
+                f"the declared geometry (receptive_field={r}, feature_stride={s}, feature_offset={o}) puts features of the "
+                f"{m}-long map outside the {n} image {name} (feature 0 ends at {first_end}, feature {m - 1} starts at "
+                f"{last_start}): it does not describe this model; robustwrap.models.check_receptive_field verifies a declaration"
+            )
+    return feature_window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size)
+
+
+class PatchGuard(RobustPatchClassifier):
+    """A local-logit model defended by PatchGuard robust masking (Xiang et al., USENIX Security 2021).
+
+    The base model maps `(B, C, H, W)` images to local logits `(B, num_classes, h, w)`, where
+    feature `(a, b)` sees only input rows `[s*a - o, s*a - o + r)` and columns likewise (a BagNet
+    from `robustwrap.models`, or any model with that property). A patch then touches at most a
+    `wh x ww` window of features (`window`). Robust masking clips the logits to `[0, clip]` and
+    removes each class's largest window of evidence; the certificate bounds every class's masked
+    evidence under any patch (docs/concepts.md#robust-masking, #patchguard-certificate).
+
+    In eval mode `forward` returns the masked evidence `g` `(B, num_classes)` as float64 (the rule
+    and the certificate run in float64; `forward(x).argmax(1) == predict(x)`), differentiable
+    when gradients are enabled; in train mode it is the base model's forward (the local logits).
+    One forward pass per image, in `precision`; no pixel is masked, so `fill` is unused.
+
+    Args:
+        model: the local-logit model.
+        patch: the threat model's patch: side in pixels (int), fraction of the image area (float
+            in (0, 1)), or `(ph, pw)`.
+        image_size: `H` or `(H, W)` of the inputs.
+        receptive_field: `r` (int or `(rh, rw)`, >= 1); default `model.receptive_field`.
+        feature_stride: `s` (int or pair, >= 1); default `model.feature_stride`.
+        feature_offset: `o` (int or pair; 0 for unpadded models); default `model.feature_offset`.
+        threshold: the detection threshold `T` in `[0, 1)` (default 0: always mask).
+        clip: optional ceiling of the clipped local logits (default None: `[0, inf)`).
+        fill: as for every defense (`RobustPatchClassifier`); unused, since no pixel is masked.
+        batch_size: images per forward pass (speed and memory only).
+        precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of the base model.
+        margin: certificate margin, a float >= 0 (0 is the paper's rule).
+        num_classes: classes of the base model, if it has no `num_classes` attribute.
+
+    Raises:
+        TypeError: if `model` is not an `nn.Module` or is already defended.
+        ValueError: a missing or invalid geometry (the message says how to declare it), a
+            declaration that contradicts the model's attributes, `threshold` outside [0, 1), a
+            bad `clip` or patch.
+    """
+
+    defense = "patchguard"
+    _geometry_name = "PatchGuard model"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        patch: int | float | Sequence[int],
+        *,
+        image_size: int | Sequence[int],
+        receptive_field: int | Sequence[int] | None = None,
+        feature_stride: int | Sequence[int] | None = None,
+        feature_offset: int | Sequence[int] | None = None,
+        threshold: float = 0.0,
+        clip: float | None = None,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "float32",
+        margin: float = 0.0,
+        num_classes: int | None = None,
+    ):
+        super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        self.receptive_field = self._declared("receptive_field", receptive_field, 1)
+        self.feature_stride = self._declared("feature_stride", feature_stride, 1)
+        self.feature_offset = self._declared("feature_offset", feature_offset, None)
+        self.patch = patch
+        self.threshold = threshold
+        self.clip = clip
+
+    def _declared(self, name: str, value, minimum: int | None) -> tuple[int, int]:
+        attr = getattr(self.model, name, None)
+        if value is None and attr is None:
+            raise ValueError(
+                f"PatchGuard needs the base model's {name}: the model has no {name} attribute, so pass {name}= "
+                "(receptive_field r, feature_stride s and feature_offset o say that local logit (a, b) sees only input rows "
+                "[s*a - o, s*a - o + r) and columns likewise; robustwrap.models.bagnet17 and friends carry them)"
+            )
+        if value is not None and attr is not None and _geometry(value, name, minimum) != _geometry(attr, name, minimum):
+            raise ValueError(f"{name}={value!r} contradicts the model's own {name}={attr!r}; pass nothing to use the model's")
+        return _geometry(attr if value is None else value, name, minimum)
+
+    # ------------------------------------------------------------------------------ settings
+    @property
+    def patch(self) -> tuple[int, int]:
+        """`(ph, pw)` in pixels: the patch of the threat model (assign pixels, a pair or an area fraction)."""
+        return self._patch
+
+    @patch.setter
+    def patch(self, value: int | float | Sequence[int]) -> None:
+        self._patch = _as_patch(value, self.image_size)
+
+    @property
+    def threshold(self) -> float:
+        """The detection threshold `T` in `[0, 1)`: a window is removed when it holds more than `T` of its class's evidence."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = _as_threshold(value)
+
+    @property
+    def clip(self) -> float | None:
+        """Ceiling of the clipped local logits (None: clip to `[0, inf)`)."""
+        return self._clip
+
+    @clip.setter
+    def clip(self, value: float | None) -> None:
+        self._clip = _as_clip(value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("receptive_field", "feature_stride", "feature_offset"):
+            value = _geometry(value, name, None if name == "feature_offset" else 1)
+        super().__setattr__(name, value)
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """`(wh, ww)`: the most feature rows and columns one patch can touch (`geometry.feature_window`).
+
+        Read from the local-logit map of one blank image the first time (per base model).
+        """
+        return self._window_for(self._feature_size())
+
+    def _window_for(self, feature_size: tuple[int, int]) -> tuple[int, int]:
+        return _window(self.image_size, self.patch, self.receptive_field, self.feature_stride, self.feature_offset, tuple(feature_size))
+
+    def _feature_size(self) -> tuple[int, int]:
+        cached = self.__dict__.get("_map_size")
+        if cached is None or cached[0] is not self.model:
+            blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
+            with eval_mode(self.model), torch.no_grad():
+                self._local_logits(self._prepare(blank))
+        return self.__dict__["_map_size"][1]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the local logits (one blank forward pass the first time, if the model does not say)."""
+        attr = getattr(self.model, "num_classes", None)
+        if isinstance(attr, int) and not isinstance(attr, bool):
+            return attr
+        if self._num_classes is None:
+            self._feature_size()
+        return self._num_classes
+
+    @num_classes.setter
+    def num_classes(self, value) -> None:
+        raise AttributeError("num_classes is read from the base model; assign m.model to change it")
+
+    def _defense_settings(self) -> dict[str, Any]:
+        return {
+            "patch": list(self.patch),
+            "receptive_field": list(self.receptive_field),
+            "feature_stride": list(self.feature_stride),
+            "feature_offset": list(self.feature_offset),
+            "threshold": self.threshold,
+            "clip": self.clip,
+        }
+
+    @classmethod
+    def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        keys = ("patch", "receptive_field", "feature_stride", "feature_offset", "threshold", "clip")
+        missing = [k for k in keys if k not in settings]
+        if missing:
+            raise ValueError(f"patchguard settings lack {', '.join(missing)} (keys: {sorted(settings)})")
+        for key in keys[:4]:
+            value = settings[key]
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ValueError(f"settings {key} must be a pair [rows, columns] of ints, got {value!r}")
+        image_size = settings.get("image_size")
+        if not isinstance(image_size, (list, tuple)):
+            raise ValueError(f"settings image_size must be [H, W], got {image_size!r}")
+        options = {
+            "image_size": as_image_size(tuple(image_size)),
+            "patch": tuple(positive_int(v, "patch") for v in settings["patch"]),
+            "receptive_field": _geometry(list(settings["receptive_field"]), "receptive_field", 1),
+            "feature_stride": _geometry(list(settings["feature_stride"]), "feature_stride", 1),
+            "feature_offset": _geometry(list(settings["feature_offset"]), "feature_offset", None),
+            "threshold": _as_threshold(settings["threshold"]),
+            "clip": _as_clip(settings["clip"]),
+        }
+        return options, keys
+
+    @classmethod
+    def from_patch(
+        cls,
+        model: nn.Module,
+        patch: int | float | Sequence[int] | None = None,
+        *,
+        receptive_field: int | Sequence[int] | None = None,
+        feature_stride: int | Sequence[int] | None = None,
+        feature_offset: int | Sequence[int] | None = None,
+        threshold: float = 0.0,
+        clip: float | None = None,
+        image_size: int | Sequence[int] | None = None,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "float32",
+        margin: float = 0.0,
+        num_classes: int | None = None,
+    ) -> PatchGuard:
+        """PatchGuard for a threat model: what `robustwrap.wrap(model, patch, defense="patchguard", ...)` calls.
+
+        One blank image goes through the model to find the local-logit map, so a model that
+        does not return local logits, or a patch whose window would cover the whole map, is
+        refused here rather than at the first prediction.
+
+        Args:
+            model: the local-logit model (e.g. `robustwrap.models.bagnet17(num_classes=10)`).
+            patch: side in pixels (int), fraction of the image area (float in (0, 1); default
+                0.02), or `(ph, pw)`.
+            receptive_field: `r`, if the model has no `receptive_field` attribute.
+            feature_stride: `s`, if the model has no `feature_stride` attribute.
+            feature_offset: `o`, if the model has no `feature_offset` attribute.
+            threshold: detection threshold `T` in `[0, 1)` (default 0).
+            clip: optional ceiling of the clipped local logits.
+            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            fill: as for every defense (unused: no pixel is masked).
+            batch_size: images per forward pass (default 64).
+            precision: autocast precision of the base model (default `"float32"`).
+            margin: certificate margin, a float >= 0 (default 0).
+            num_classes: classes of the base model, if it has no `num_classes` attribute.
+
+        Returns:
+            The defended model, in the same train/eval mode as `model`.
+
+        Raises:
+            ValueError: as `PatchGuard`, plus a base model whose output is not `(B, C, h, w)` and
+                a patch that could touch the whole feature map.
+        """
+        size = resolve_image_size(model, image_size)
+        defended = cls(
+            model,
+            DEFAULT_PATCH if patch is None else patch,
+            image_size=size,
+            receptive_field=receptive_field,
+            feature_stride=feature_stride,
+            feature_offset=feature_offset,
+            threshold=threshold,
+            clip=clip,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
+        )
+        defended.window  # noqa: B018  (fail now on a model without local logits or an impossible window)
+        defended.train(model.training)
+        return defended
+
+    def extra_repr(self) -> str:
+        geometry = f"receptive_field={self.receptive_field}, feature_stride={self.feature_stride}, feature_offset={self.feature_offset}"
+        return f"patch={self.patch}, {geometry}, threshold={self.threshold}, clip={self.clip}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+
+    # ----------------------------------------------------------------------------- inference
+    def _local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The base model's local logits for prepared images, `batch_size` at a time, in `precision`."""
+        outs = []
+        with self.autocast():
+            for chunk in x.split(self.batch_size):
+                out = self.model(chunk)
+                if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != chunk.shape[0]:
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"PatchGuard needs a base model that returns local logits (B, num_classes, h, w), one class-evidence "
+                        f"vector per feature of a small receptive field (e.g. robustwrap.models.bagnet17); for {chunk.shape[0]} "
+                        f"images this model returned {shape}. A classifier with (B, num_classes) logits sees the whole image in "
+                        "every logit, so PatchGuard cannot bound a patch's effect: use defense='patchcleanser' for it"
+                    )
+                outs.append(out)
+        local = torch.cat(outs)
+        self._map_size = (self.model, (int(local.shape[2]), int(local.shape[3])))
+        if self._num_classes is None:
+            self._num_classes = int(local.shape[1])
+        return local
+
+    def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The masked evidence `g` `(B, num_classes)`, float64."""
+        x = self._check_images(x)
+        local = self._local_logits(x)
+        return robust_masking(local.to(torch.float64), self._window_for(local.shape[2:]), self.threshold, self.clip)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust labels `(B,)` by robust masking (in either mode; the base model runs in eval mode)."""
+        with eval_mode(self.model), torch.no_grad():
+            return self._robust_forward(x).argmax(1)
+
+    def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
+        """The undefended prediction `(B,)`: local logits averaged over the map (a BagNet's own
+        head), argmax with the smallest class id on ties; same checks, device and precision."""
+        x = self._check_images(x)
+        with eval_mode(self.model), torch.no_grad():
+            return self._local_logits(x).float().mean((-2, -1)).argmax(1)
+
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchGuardResult:
+        """Certify a batch against every patch of the threat model (one forward pass per image).
+
+        Robust masking of the local logits gives the prediction; the evidence bounds of
+        `masking_certificate` (float64, every window at once) the certificate: for every window
+        `u` and class `c != y`, `L_y(u) - U_c(u) > margin` (with `margin = 0`, a tie counts when
+        `y < c`). See docs/concepts.md#patchguard-certificate.
+
+        Args:
+            x: `(B, C, H, W)` images, floating, as the model expects them.
+            y: `(B,)` integer labels in `[0, num_classes)`.
+            early_exit: accepted for the common interface; there is nothing to skip.
+
+        Returns:
+            A `PatchGuardResult` with the prediction, certification, `num_views` (1 per image)
+            and the worst-case `margin` per image.
+
+        Raises:
+            TypeError, ValueError: for bad images or labels, before any forward pass.
+        """
+        x = self._check_images(x)
+        y = self._check_labels(y, x.shape[0]).to(x.device)
+        with eval_mode(self.model), torch.no_grad():
+            local = self._local_logits(x)
+        cert = masking_certificate(local, y, self._window_for(local.shape[2:]), self.threshold, self.clip, self.margin)
+        return PatchGuardResult(
+            prediction=cert.prediction,
+            certified=cert.certified,
+            num_views=torch.ones(x.shape[0], dtype=torch.long, device=x.device),
+            margin=cert.margin,
+        )
+
+    # ------------------------------------------------------------------------------ training
+    def training_loss(self, local_logits: torch.Tensor, labels: torch.Tensor, provable: bool = True) -> torch.Tensor:
+        """The training loss for local logits from the base model in train mode.
+
+        `provable=True` (the default training of this defense): `provable_adversarial_loss` with
+        this model's window and `clip`. `provable=False`: plain training, the cross-entropy of the
+        local logits averaged over the map (a BagNet's usual training).
+        """
+        if local_logits.ndim != 4:
+            raise ValueError(f"local_logits must have shape (B, num_classes, h, w), got {tuple(local_logits.shape)}")
+        if not provable:
+            return F.cross_entropy(local_logits.float().mean((-2, -1)), labels)
+        return provable_adversarial_loss(local_logits.float(), labels, self._window_for(local_logits.shape[2:]), self.clip)
