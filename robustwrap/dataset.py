@@ -1,52 +1,79 @@
-"""`certify_dataset`: certify a whole data set, resumably, in one process or many.
+"""`certify_dataset`: certify a whole data set, resumably, in one process or many, for any defense.
 
 The data set is cut into fixed steps of `batch_size` consecutive images (`0..b-1`, `b..2b-1`, ...)
 that do not depend on what was already done or on how many processes share the work. Each step
-is one `RobustPatchClassifier.certify` call, so an image's record (its views count included)
+is one `certify` call of the defended model, so an image's record (its views count included)
 comes out the same in a straight run, a resumed run and a many-process run:
 
-- resume: a step with any image missing from the results file is certified again and only the
-  missing records are written; finished steps are not loaded at all;
+- resume: every kept record is checked against its image (a content hash, see `image_hash`);
+  a step with any image missing from the results file is certified again and only the missing
+  records are written; finished steps are not certified again;
 - `torch.distributed`: rank `r` takes the unfinished steps `r, r + W, r + 2W, ...`, writes its own
   results file (`<results>.rank<r>`), and the records of all ranks are gathered into one report.
+
+Certification runs at the defended model's own precision (`wrap(..., precision=...)`), the
+same computation as its `forward` and `predict`: see the Concepts page,
+docs/concepts.md#precision; results files and their verification: docs/concepts.md#results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
-from ._args import DefaultInt, is_default, positive_int
-from .defenses.patchcleanser import RobustPatchClassifier
-from .views import eval_mode, model_device_dtype
+from ._args import positive_int
+from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
+from .views import eval_mode, model_device_dtype
 
-__all__ = ["certify_dataset", "model_fingerprint", "view_grid"]
+__all__ = ["certify_dataset", "image_hash", "model_fingerprint", "view_grid"]
 
-DEFAULT_BATCH_SIZE = DefaultInt(32)
+DEFAULT_BATCH_SIZE = 32
 RESULTS_FORMAT = "robustwrap.results"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+HASH_SCHEME = "sha256/float32-le/shape"
+# The fields every CertifyResult has; the others are the defense's own (see `_record_fields`).
+_COMMON_RESULT_FIELDS = ("prediction", "certified", "num_views")
 
 
+def _no_amp(function):
+    """Turn the removed `amp=` keyword into a TypeError that says what replaced it."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if "amp" in kwargs:
+            raise TypeError(
+                f"{function.__name__}() no longer takes amp=: precision is a setting of the defended model, used by "
+                "forward, predict, certify and certify_dataset alike (a certificate computed in bfloat16 says nothing "
+                "about a float32 prediction); build the model with robustwrap.wrap(..., precision='bfloat16') "
+                "(or 'float16') instead"
+            )
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_amp
 def certify_dataset(
     model: RobustPatchClassifier,
     data: Dataset | DataLoader,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     limit: int | None = None,
     results_path: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,
-    amp: bool = False,
 ) -> CertificationReport:
     """Certify every image of a data set; return clean, certified and vanilla accuracy and records.
 
@@ -55,25 +82,35 @@ def certify_dataset(
     print(report.summary())
     ```
 
+    Works for every defense. The model certifies at its own precision and margin (set with
+    `robustwrap.wrap(..., precision=...)`), so the report is about the function the model
+    computes in `forward` and `predict`.
+
     Args:
         model: the defended model.
         data: a map-style `Dataset` of `(image, label)`, or a `DataLoader` over one without
             shuffling (its `batch_size`, workers and `collate_fn` are kept). Images must be
-            tensors, normalised as the model expects.
-        batch_size: images per `certify` call (default 32, or the DataLoader's). The masked
-            views of these images share forward passes of `model.batch_size` views.
+            tensors, normalised as the model expects (a data set of PIL images needs a
+            `transform`).
+        batch_size: images per `certify` call (default: the DataLoader's, else 32). The views
+            of these images share forward passes of `model.batch_size` views.
         limit: certify only the first `limit` images.
         results_path: a JSON-lines file that gets one record per image, flushed as it is
-            written, after a header line that fingerprints the model and threat model.
+            written, after a header line that fingerprints the model and its settings.
         resume: continue the results file: finished images are skipped, a torn last line is
             dropped, and the report equals an uninterrupted run's (with the same `batch_size`:
             how many views an image needs can depend on the images that share its step).
+            Every kept record is verified first: its image is read again from `data` and its
+            content hash compared (all of them, not a sample: reading images costs a small
+            fraction of certifying them, which took many forward passes each, and a sample
+            would miss a data set in which only a few images were replaced or re-transformed).
             With `resume=False` an existing results file is overwritten.
-        progress: show a tqdm bar with the running clean and certified accuracy.
+        progress: show a tqdm bar with the running clean and certified accuracy, updated after
+            every forward pass of the model (its ETA counts an image as done in proportion to
+            the views it needed so far, by the mean views per image measured in this run).
+            `False`: print nothing.
         device: move the model to this device first (`model.to(device)`); by default it runs
             where its parameters are.
-        amp: run the model under `torch.autocast` (float16 on CUDA, bfloat16 on CPU). Labels
-            can differ from float32 near ties, so this is part of the results fingerprint.
 
     Returns:
         The `CertificationReport`, records sorted by index. Under `torch.distributed` every
@@ -81,15 +118,17 @@ def certify_dataset(
         `torch.cuda.set_device(local_rank)` first: the records are gathered as objects).
 
     Raises:
-        TypeError: for a `model` that is not a `RobustPatchClassifier`, or `data` that is not a
-            Dataset or DataLoader.
+        TypeError: for a `model` that is not a robustwrap defended model, `data` that is not a
+            Dataset or DataLoader or gives PIL images (with a hint about the transform), or the
+            removed `amp=` keyword (use `robustwrap.wrap(..., precision=...)`).
         ValueError: for an empty data set, a bad `batch_size` or `limit`, a DataLoader that
             shuffles or has no fixed batch size (an image's index must be stable for resume and
-            sharding), or a results file written for another model, threat model or data set
-            (mixing it in would report numbers that belong to neither).
+            sharding), a results file written for another model, settings or data set size
+            (mixing it in would report numbers that belong to neither), or a kept record whose
+            image is not the one in `data` now (the error names the index and both hashes).
     """
     if not isinstance(model, RobustPatchClassifier):
-        raise TypeError(f"model must be a robustwrap.RobustPatchClassifier (see robustwrap.wrap), got {type(model).__name__}")
+        raise TypeError(f"model must be a robustwrap defended model (a RobustPatchClassifier, see robustwrap.wrap), got {type(model).__name__}")
     dataset, batch_size, loader_options = _dataset_and_loader_options(data, batch_size)
     size = len(dataset)
     n = size if limit is None else min(size, positive_int(limit, "limit"))
@@ -98,13 +137,13 @@ def certify_dataset(
     rank, world = _distributed()
     if device is not None:
         model.to(device)
-    device_, _ = model_device_dtype(model.model)
-    fingerprint = model_fingerprint(model, amp=amp)
+    settings = model.settings()
+    fingerprint = model_fingerprint(model)
 
     store = None
     done: dict[int, ImageRecord] = {}
     if results_path is not None:
-        store = _ResultsStore(Path(results_path), fingerprint, size, model, amp)
+        store = _ResultsStore(Path(results_path), fingerprint, size, settings)
         if not resume and rank == 0:
             store.clear()
         _barrier(world)
@@ -115,15 +154,18 @@ def certify_dataset(
 
     steps = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     mine = [step for step in steps if any(i not in done for i in step)][rank::world]
+    _check_items(dataset, loader_options, mine[0][0] if mine else 0)
+    _verify_kept(dataset, loader_options, done, batch_size, rank, world, progress and rank == 0)
     loader = DataLoader(dataset, batch_sampler=mine, **loader_options)
 
     new: list[ImageRecord] = []
-    bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values())
+    bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values(), full_views=_full_views(model))
     writer = store.writer(rank, world) if store is not None else contextlib.nullcontext()
-    with writer as out, eval_mode(model.model), _autocast(device_, amp), contextlib.closing(bar):
+    with writer as out, eval_mode(model.model), bar.counting_views(model.model), contextlib.closing(bar):
         start = time.perf_counter()
         for step, (x, y) in zip(mine, loader):
-            records = _certify_step(model, x, y, step)
+            bar.start_step(len(step), sum(i not in done for i in step))
+            records = _certify_step(model, x, y, step, bar)
             # Wall time of the step, loading included: images/s is what a user waits for.
             now = time.perf_counter()
             share, start = (now - start) / len(step), now
@@ -135,6 +177,7 @@ def certify_dataset(
                 if out is not None:
                     out.write(record)
                 bar.add(record)
+            bar.end_step()
 
     if world > 1:
         gathered: list[list[ImageRecord]] = [[] for _ in range(world)]
@@ -146,41 +189,98 @@ def certify_dataset(
     return CertificationReport(
         model=_describe_model(model),
         data=_describe_data(dataset),
-        mask_set=model.mask_set,
-        fill=model.fill,
+        defense=str(model.defense),
+        settings=settings,
         num_classes=model.num_classes,
         records=tuple(records[i] for i in range(n)),
-        amp=bool(amp),
         fingerprint=fingerprint,
+        full_views=_full_views(model),
     )
 
 
-def _certify_step(model: RobustPatchClassifier, x, y, indices: list[int]) -> list[ImageRecord]:
+def _certify_step(model: RobustPatchClassifier, x, y, indices: list[int], bar: _Progress | None = None) -> list[ImageRecord]:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"data must give (image tensor, integer label) pairs; a batch collated to ({type(x).__name__}, {type(y).__name__})")
     if x.shape[0] != len(indices):
         raise ValueError(f"a batch of {len(indices)} images collated to {x.shape[0]}; data must give one (image, label) per index")
+    hashes = [image_hash(image) for image in x]
     result = model.certify(x, y)
-    with torch.inference_mode():
-        vanilla = model.model(model.engine.prepare(x)).argmax(1)
-    rows = zip(
-        indices,
-        y.tolist(),
-        result.prediction.tolist(),
-        result.certified.tolist(),
-        result.case.tolist(),
-        vanilla.tolist(),
-        result.num_views.tolist(),
-        result.one_mask.tolist(),
-    )
-    return [ImageRecord(i, label, p, cert, case, v, views, tuple(one)) for i, label, p, cert, case, v, views, one in rows]
+    with _paused(bar):
+        vanilla = _vanilla_prediction(model, x)
+    extras = _record_fields(result, len(indices))
+    rows = zip(indices, y.tolist(), result.prediction.tolist(), result.certified.tolist(), vanilla.tolist(), result.num_views.tolist(), hashes, extras)
+    return [
+        ImageRecord(index=i, label=label, prediction=p, certified=cert, vanilla_prediction=v, num_views=views, image_hash=h, extras=fields)
+        for i, label, p, cert, v, views, h, fields in rows
+    ]
+
+
+def _vanilla_prediction(model: RobustPatchClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The undefended base model's labels on the unmasked images, at the model's precision."""
+    predict_vanilla = getattr(model, "predict_vanilla", None)
+    if callable(predict_vanilla):  # the defense knows its base model's input and output (e.g. local logits)
+        labels = predict_vanilla(x)
+    else:
+        device, dtype = model_device_dtype(model.model)
+        with torch.no_grad(), model.autocast():
+            labels = model.model(x.to(device=device, dtype=dtype)).argmax(1)
+    if tuple(labels.shape) != (x.shape[0],):
+        raise RuntimeError(f"the {model.defense!r} model's vanilla prediction has shape {tuple(labels.shape)}, expected ({x.shape[0]},): one label per image")
+    return labels.cpu()
+
+
+def _record_fields(result: Any, batch: int) -> list[dict]:
+    """The defense's own per-image fields of a `CertifyResult`, one dict per image.
+
+    A result class may say which fields go into records with a `record_fields()` method. Without
+    one they are read generically from the dataclass: every field other than `prediction`,
+    `certified` and `num_views` that is a tensor with leading dimension `batch` and at most two
+    dimensions (a per-image value or vector, e.g. PatchCleanser's `case` and `one_mask`,
+    smoothing's `counts`), or a plain number or 0-d tensor (the same value in every record,
+    e.g. a `delta` shared by the batch). Per-image matrices (PatchCleanser's `(B, K, K)` `grid`)
+    are diagnostics, not records.
+    """
+    method = getattr(result, "record_fields", None)
+    if callable(method):
+        rows = list(method())
+        if len(rows) != batch or not all(isinstance(row, dict) for row in rows):
+            raise RuntimeError(f"internal error: {type(result).__name__}.record_fields() must give one dict per image ({batch})")
+        return rows
+    if not dataclasses.is_dataclass(result):
+        raise TypeError(f"certify must return a dataclass result, got {type(result).__name__}")
+    columns: dict[str, list] = {}
+    for f in dataclasses.fields(result):
+        if f.name in _COMMON_RESULT_FIELDS:
+            continue
+        value = getattr(result, f.name)
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0:
+                columns[f.name] = [value.item()] * batch
+            elif value.shape[0] == batch and value.ndim <= 2:
+                columns[f.name] = value.detach().cpu().tolist()
+        elif isinstance(value, (bool, int, float)):
+            columns[f.name] = [value] * batch
+    return [{name: column[b] for name, column in columns.items()} for b in range(batch)]
+
+
+def _full_views(model: RobustPatchClassifier) -> int | None:
+    """Views of a full evaluation of one image, when the defense states it (PatchCleanser: from its mask set)."""
+    full = getattr(model, "full_views", None)
+    if isinstance(full, int) and not isinstance(full, bool):
+        return full
+    mask_set = getattr(model, "mask_set", None)
+    if mask_set is not None:
+        return len(mask_set) * (len(mask_set) + 1) // 2
+    return None
 
 
 def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every view of one image, with no early exit: for pictures (`report.plot_views`) and debugging.
+    """Every view of one image, with no early exit: for pictures (`plots.plot_views`) and debugging.
+
+    PatchCleanser only.
 
     Args:
-        model: the defended model.
+        model: the defended model (PatchCleanser).
         image: `(C, H, W)` image, normalised as the model expects.
 
     Returns:
@@ -188,8 +288,11 @@ def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.
         labels `P_ij` (diagonal `P_ii = P_i`), on the CPU.
 
     Raises:
-        TypeError, ValueError: for an image the model cannot take.
+        TypeError: for a model of another defense.
+        ValueError: for an image the model cannot take.
     """
+    if getattr(model, "defense", None) != "patchcleanser":
+        raise TypeError(f"view_grid draws PatchCleanser's two-mask grid; model is a {getattr(model, 'defense', type(model).__name__)!r} model")
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
         raise ValueError(f"image must be one (C, H, W) tensor, got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
     # The label only decides `certified`, which is not returned: any class gives the full grid.
@@ -197,10 +300,19 @@ def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.
     return grid.diagonal().clone(), grid
 
 
-def model_fingerprint(model: RobustPatchClassifier, *, amp: bool = False) -> str:
-    """A hash of what decides the results: the base model's class and weights, the mask set, the fill and `amp`.
+def model_fingerprint(model: RobustPatchClassifier) -> str:
+    """A hash of what decides the results: the base model's class and weights, and `model.settings()`.
 
-    Results files carry it so that results of another model or threat model are never mixed in.
+    `settings()` holds every setting that defines the defended function (defense, threat model,
+    fill, precision, margin and the defense's own), so results files of another model, another
+    threat model or another precision are never mixed in. `batch_size` is not part of it: it
+    changes speed, not results.
+
+    Args:
+        model: the defended model.
+
+    Returns:
+        32 hex digits (the first 128 bits of a SHA-256).
     """
     digest = hashlib.sha256()
     digest.update(type(model.model).__qualname__.encode())
@@ -208,8 +320,27 @@ def model_fingerprint(model: RobustPatchClassifier, *, amp: bool = False) -> str
         tensor = tensor.detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    settings = {"mask_set": model.mask_set.to_dict(), "fill": model.fill, "amp": bool(amp)}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(model.settings(), sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def image_hash(image: torch.Tensor) -> str:
+    """The content hash a record keeps of its image: SHA-256 of its shape and float32 values.
+
+    The image is hashed as certified (after the data set's transform), in a canonical form:
+    C-contiguous little-endian float32 on the CPU, after its shape, so the hash does not depend
+    on the device, the memory layout or the dtype the loader produced (float16 and float64
+    images hash as their float32 values).
+
+    Args:
+        image: one `(C, H, W)` image tensor.
+
+    Returns:
+        32 hex digits (the first 128 bits of the SHA-256).
+    """
+    values = image.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(repr(tuple(values.shape)).encode())
+    digest.update(values.numpy().astype("<f4", copy=False).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -221,7 +352,7 @@ def _dataset_and_loader_options(data, batch_size) -> tuple[Dataset, int, dict]:
                 "data must be a DataLoader with shuffle=False, a batch_size and a map-style dataset (or pass the Dataset itself): "
                 "images are identified by their index, which must not change between runs"
             )
-        if is_default(batch_size):
+        if batch_size is None:
             batch_size = data.batch_size
         options = {
             "num_workers": data.num_workers,
@@ -233,7 +364,69 @@ def _dataset_and_loader_options(data, batch_size) -> tuple[Dataset, int, dict]:
         return data.dataset, positive_int(batch_size, "batch_size"), options
     if isinstance(data, IterableDataset) or not isinstance(data, Dataset) or not hasattr(data, "__len__"):
         raise TypeError(f"data must be a map-style torch Dataset (with __len__) or a DataLoader, got {type(data).__name__}")
-    return data, positive_int(batch_size, "batch_size"), {}
+    return data, positive_int(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, "batch_size"), {}
+
+
+def _check_items(dataset: Dataset, loader_options: dict, index: int) -> None:
+    """Refuse PIL images up front with a hint about the transform, instead of torch's collate error.
+
+    Only with the default collate function: a custom `collate_fn` may turn PIL images into tensors.
+    """
+    if loader_options.get("collate_fn", default_collate) is not default_collate or len(dataset) == 0:
+        return
+    item = dataset[index]
+    image = item[0] if isinstance(item, (tuple, list)) and item else item
+    if type(image).__module__.split(".")[0] == "PIL":
+        raise TypeError(
+            f"data gives PIL images (item {index} is a {type(image).__name__}), but the model takes normalised image tensors: "
+            "give the data set a transform, e.g. torchvision.transforms.Compose([Resize(...), CenterCrop(...), ToTensor(), "
+            "Normalize(mean, std)]) with the size and mean/std the model was trained with (for a timm model: "
+            "timm.data.create_transform(**timm.data.resolve_data_config({}, model=base_model)))"
+        )
+
+
+def _verify_kept(dataset: Dataset, loader_options: dict, done: dict[int, ImageRecord], batch_size: int, rank: int, world: int, progress: bool) -> None:
+    """Read every kept record's image again and compare content hashes; raise on the first mismatch.
+
+    Under `torch.distributed` each rank checks its share and all ranks raise the same error.
+    """
+    kept = sorted(done)[rank::world]
+    mismatch = None
+    if kept:
+        chunks = [kept[s : s + batch_size] for s in range(0, len(kept), batch_size)]
+        loader = DataLoader(dataset, batch_sampler=chunks, **loader_options)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(kept), desc="verify kept results", unit="img", dynamic_ncols=True, leave=False)
+        try:
+            for chunk, (x, _) in zip(chunks, loader):
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"data must give (image tensor, integer label) pairs; a batch collated to {type(x).__name__}")
+                for index, image in zip(chunk, x):
+                    stored, now = done[index].image_hash, image_hash(image)
+                    if stored != now:
+                        mismatch = (index, stored, now)
+                        break
+                if bar is not None:
+                    bar.update(len(chunk))
+                if mismatch is not None:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+    if world > 1:
+        found: list = [None] * world
+        torch.distributed.all_gather_object(found, mismatch)
+        mismatch = min((m for m in found if m is not None), default=None)
+    if mismatch is not None:
+        index, stored, now = mismatch
+        raise ValueError(
+            f"results_path holds a record for image {index} of other content: hash {stored} in the results file, "
+            f"{now} for image {index} of data now; the data set (its files, order or transform) changed since those results "
+            "were written, and resuming would mix two data sets into one report. Use another results file, or resume=False to overwrite it"
+        )
 
 
 def _describe_model(model: RobustPatchClassifier) -> str:
@@ -261,43 +454,119 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-
-
 # ----------------------------------------------------------------------------------- progress
 class _Progress:
-    """A tqdm bar over this process's images with the running clean and certified accuracy."""
+    """A tqdm bar over this process's images with the running clean and certified accuracy.
 
-    def __init__(self, enabled: bool, total: int, done) -> None:
+    It moves after every forward pass of the base model (a forward hook counts the views): within
+    a step, an image counts as done in proportion to the views run so far over the views a step
+    needs on average (the mean views per image of the records seen, resumed ones included, else
+    the defense's full evaluation), capped below the step's end so the bar never runs ahead; the
+    step's records then set it exactly.
+    """
+
+    def __init__(self, enabled: bool, total: int, done, full_views: int | None) -> None:
         done = list(done)
         self.seen = len(done)
         self.correct = sum(r.correct for r in done)
         self.certified = sum(r.certified for r in done)
+        self.views = sum(r.num_views for r in done)
+        self.full_views = full_views
+        self.step_images = self.step_new = 0
+        self.step_views = 0
+        self.shown = 0.0  # fraction of the current step already shown on the bar, in images
+        self.counting = False
+        self.images = 0  # this run's images finished, as shown on the bar at the end of a step
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="certify", unit="img", dynamic_ncols=True)
+            self.bar = _bar_class()(total=total, desc="certify", unit="img", dynamic_ncols=True, bar_format=_BAR_FORMAT)
             if done:
                 self.bar.set_postfix_str(self._postfix() + f" (resumed {len(done)})")
 
     def _postfix(self) -> str:
+        if not self.seen:
+            return "first step"
         return f"clean {100 * self.correct / self.seen:.1f}% certified {100 * self.certified / self.seen:.1f}%"
+
+    @contextlib.contextmanager
+    def counting_views(self, module: torch.nn.Module) -> Iterator[None]:
+        """Count the views of every forward pass of `module` while certifying (only with a bar)."""
+        if self.bar is None:
+            yield
+            return
+        handle = module.register_forward_hook(self._hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _hook(self, module, inputs, output) -> None:
+        if not self.counting or not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].ndim == 0:
+            return
+        self.step_views += int(inputs[0].shape[0])
+        per_image = self.views / self.seen if self.seen else self.full_views
+        step = 0.0
+        if per_image:
+            target = min(0.95, self.step_views / (per_image * self.step_images)) * self.step_new
+            step, self.shown = max(0.0, target - self.shown), max(target, self.shown)
+        self.bar.set_postfix_str(self._postfix() + f", views {self.step_views} this step", refresh=False)
+        self.bar.update(step)  # one update per forward pass; tqdm redraws at most every `mininterval` seconds
+
+    def start_step(self, images: int, new: int) -> None:
+        self.step_images, self.step_new, self.step_views, self.shown = images, new, 0, 0.0
+        self.counting = True
 
     def add(self, record: ImageRecord) -> None:
         self.seen += 1
         self.correct += record.correct
         self.certified += record.certified
+        self.views += record.num_views
+
+    def end_step(self) -> None:
+        self.counting = False
+        self.images += self.step_new
         if self.bar is not None:
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            self.bar.update(1)
+            self.bar.update(self.images - self.bar.n)
+            self.bar.n = self.images  # exact, whatever the fractions of the step added up to
+        self.shown = 0.0
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()
             self.bar.close()
+
+
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+@functools.cache
+def _bar_class():
+    """tqdm (the notebook one in notebooks) that shows a fractional count with one decimal and a whole one as is."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            n = d["n"]
+            d["n_fmt"] = str(int(n)) if float(n).is_integer() else f"{n:.1f}"
+            return d
+
+    return Bar
+
+
+@contextlib.contextmanager
+def _paused(bar: _Progress | None) -> Iterator[None]:
+    """Stop counting views (the vanilla pass runs the base model but is not a view)."""
+    if bar is None:
+        yield
+        return
+    counting, bar.counting = bar.counting, False
+    try:
+        yield
+    finally:
+        bar.counting = counting
 
 
 # ------------------------------------------------------------------------------------ results
@@ -308,16 +577,15 @@ class _ResultsStore:
     takes all of them, so a run may be resumed with another number of processes.
     """
 
-    def __init__(self, path: Path, fingerprint: str, dataset_size: int, model: RobustPatchClassifier, amp: bool):
+    def __init__(self, path: Path, fingerprint: str, dataset_size: int, settings: dict):
         self.path = path
         self.header = {
             "format": RESULTS_FORMAT,
             "version": RESULTS_VERSION,
             "fingerprint": fingerprint,
             "dataset_size": dataset_size,
-            "threat_model": model.mask_set.describe(),
-            "fill": model.fill,
-            "amp": bool(amp),
+            "image_hash": HASH_SCHEME,
+            "settings": json.loads(json.dumps(settings)),
         }
 
     def files(self) -> list[Path]:
@@ -345,12 +613,16 @@ class _ResultsStore:
         header = self._parse(file, 1, lines[0])
         if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
             raise ValueError(f"results_path {file} is not a robustwrap results file (its first line is not a robustwrap results header)")
-        if header.get("fingerprint") != self.header["fingerprint"] or header.get("amp") != self.header["amp"]:
+        if header.get("version") != RESULTS_VERSION or header.get("image_hash") != HASH_SCHEME:
+            raise ValueError(
+                f"results_path {file} was written by another robustwrap version (results format {header.get('version')!r}, "
+                f"this one reads {RESULTS_VERSION}, with image hashes); use another results file, or resume=False to overwrite it"
+            )
+        if header.get("fingerprint") != self.header["fingerprint"]:
             raise ValueError(
                 f"results_path {file} holds results of another model or threat model "
-                f"(written for {header.get('threat_model')!r}, fill {header.get('fill')!r}, amp {header.get('amp')!r}, fingerprint {header.get('fingerprint')}; "
-                f"this run is {self.header['threat_model']!r}, fill {self.header['fill']!r}, amp {self.header['amp']!r}, fingerprint {self.header['fingerprint']}); "
-                "use another results file, or resume=False to overwrite it"
+                f"({_settings_difference(header.get('settings'), self.header['settings'])}; fingerprint {header.get('fingerprint')}, "
+                f"this run {self.header['fingerprint']}); use another results file, or resume=False to overwrite it"
             )
         if header.get("dataset_size") != self.header["dataset_size"]:
             raise ValueError(
@@ -360,9 +632,12 @@ class _ResultsStore:
         records = []
         for number, line in enumerate(lines[1:], start=2):
             try:
-                records.append(ImageRecord.from_dict(self._parse(file, number, line)))
+                record = ImageRecord.from_dict(self._parse(file, number, line))
+                if not record.image_hash:
+                    raise ValueError("the record has no image_hash")
             except ValueError as error:
                 raise ValueError(f"results_path {file} line {number} is damaged: {error}") from None
+            records.append(record)
         return records, end
 
     @staticmethod
@@ -386,6 +661,14 @@ class _ResultsStore:
             yield writer
 
 
+def _settings_difference(written, now: dict) -> str:
+    """Which settings differ between a results file and this run, in words."""
+    if not isinstance(written, dict):
+        return "its settings are not recorded"
+    differ = [f"{k}: {written.get(k)!r:.80} there, {now.get(k)!r:.80} now" for k in sorted(set(written) | set(now)) if written.get(k) != now.get(k)]
+    return "; ".join(differ) if differ else "same settings, other base model weights"
+
+
 class _Writer:
     def __init__(self, handle) -> None:
         self.handle = handle
@@ -397,4 +680,3 @@ class _Writer:
 
     def write(self, record: ImageRecord) -> None:
         self.write_json(record.to_dict())
-

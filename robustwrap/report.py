@@ -1,21 +1,24 @@
-"""`CertificationReport`: what `certify_dataset` found, as a table, as JSON and as pictures.
+"""`CertificationReport`: what `certify_dataset` found, as records, a table and JSON.
 
-Everything here reads results; nothing runs a model. The pictures use matplotlib's object API
-(`matplotlib.figure.Figure`, no pyplot), so they never change a notebook's backend and render
-headless; matplotlib is imported only when a picture is asked for.
+Everything here reads results; nothing runs a model and nothing draws (the pictures are in
+`robustwrap.plots`). A report works for every defense: each `ImageRecord` has the fields all
+defenses share and the defense's own per-image fields in `extras` (PatchCleanser: `case`,
+`one_mask`; (De)Randomized Smoothing: `counts`, `delta`; PatchGuard: `margin`), and the report
+carries the defended model's `settings()` as they were when it was certified.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .defenses import patchcleanser as rule
 from .geometry import MaskSet
@@ -23,26 +26,35 @@ from .geometry import MaskSet
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["CertificationReport", "ImageRecord", "plot_mask_set", "plot_sweep", "plot_views", "sweep_table"]
+__all__ = ["CertificationReport", "ImageRecord", "sweep_table"]
 
 REPORT_FORMAT = "robustwrap.CertificationReport"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 CASE_NAMES = {rule.CASE_UNANIMOUS: "I", rule.CASE_DISAGREER: "II", rule.CASE_MAJORITY: "III"}
+
+# The JSON keys of the fields every record has; any other key of a record is a defense's own field.
+_COMMON = ("index", "label", "prediction", "certified", "vanilla_prediction", "num_views", "image_hash", "seconds")
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """The outcome for one image of a data set.
+    """The outcome for one image of a data set, for any defense.
+
+    The defense's own per-image fields are in `extras` and can also be read as attributes
+    (`record.case`, `record.one_mask` for PatchCleanser; `record.counts` for smoothing).
 
     Attributes:
         index: position of the image in the data set.
         label: the true label.
-        prediction: the robust (double-masking) prediction.
+        prediction: the defended model's prediction.
         certified: no patch of the threat model can change the prediction, and it equals `label`.
-        case: 1, 2 or 3: the double-masking case that gave the prediction.
         vanilla_prediction: the undefended base model's prediction on the unmasked image.
-        num_views: masked views run through the model for this image.
-        one_mask: the `K` one-mask labels `P_i`.
+        num_views: masked (or ablated) views run through the model for this image.
+        image_hash: content hash of the image tensor as certified (see
+            `robustwrap.dataset.image_hash`); a resumed run checks it against the data set.
+            Empty when unknown.
+        extras: the defense's own per-image fields, JSON values (lists are kept as tuples):
+            PatchCleanser `case` (1, 2 or 3) and `one_mask` (the `K` one-mask labels).
         seconds: this image's share of the time of the step that certified it; not compared,
             so that reports of the same results are equal however they were timed.
     """
@@ -51,15 +63,43 @@ class ImageRecord:
     label: int
     prediction: int
     certified: bool
-    case: int
     vanilla_prediction: int
     num_views: int
-    one_mask: tuple[int, ...]
+    image_hash: str = ""
+    extras: dict[str, Any] = field(default_factory=dict, hash=False)
     seconds: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("index", "label", "prediction", "vanilla_prediction", "num_views"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r:.80}")
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.certified, (bool, np.bool_)):
+            raise TypeError(f"certified must be a bool, got {self.certified!r:.80}")
+        object.__setattr__(self, "certified", bool(self.certified))
+        if not isinstance(self.image_hash, str):
+            raise TypeError(f"image_hash must be a string, got {self.image_hash!r:.80}")
+        if not isinstance(self.extras, Mapping):
+            raise TypeError(f"extras must be a dict of the defense's per-image fields, got {type(self.extras).__name__}")
+        extras = {}
+        for name, value in self.extras.items():
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in _COMMON or name == "extras":
+                raise ValueError(f"extras names must be identifiers other than the common fields {_COMMON}, got {name!r}")
+            extras[name] = _freeze(value, name)
+        object.__setattr__(self, "extras", extras)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when ordinary lookup fails: the defense's own fields read as attributes.
+        extras = self.__dict__.get("extras")
+        if not name.startswith("_") and extras is not None and name in extras:
+            return extras[name]
+        known = f" (this record's defense fields: {', '.join(sorted(extras))})" if extras else ""
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}{known}")
 
     @property
     def correct(self) -> bool:
-        """The robust prediction equals the label."""
+        """The defended prediction equals the label."""
         return self.prediction == self.label
 
     @property
@@ -68,30 +108,47 @@ class ImageRecord:
         return self.vanilla_prediction == self.label
 
     def to_dict(self) -> dict:
-        """The record as a JSON-ready dict."""
-        record = asdict(self)
-        record["one_mask"] = list(self.one_mask)
+        """The record as a JSON-ready dict: the common fields with the defense's fields beside them."""
+        record = {
+            "index": self.index,
+            "label": self.label,
+            "prediction": self.prediction,
+            "certified": self.certified,
+            "vanilla_prediction": self.vanilla_prediction,
+            "num_views": self.num_views,
+        }
+        record.update({name: _thaw(value) for name, value in self.extras.items()})
+        record["image_hash"] = self.image_hash
+        record["seconds"] = self.seconds
         return record
 
     @classmethod
     def from_dict(cls, record: dict) -> ImageRecord:
-        """The record back from `to_dict`.
+        """The record back from `to_dict` (every key that is not a common field is a defense field).
 
         Raises:
             ValueError: if a field is missing or has the wrong type, so that a damaged results
                 file is reported instead of counted.
         """
         try:
+            if not isinstance(record, dict):
+                raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+            image_hash = record.get("image_hash", "")
+            if not isinstance(image_hash, str):
+                raise TypeError(f"image_hash must be a string, got {image_hash!r}")
+            seconds = record.get("seconds", 0.0)
+            if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+                raise TypeError(f"seconds must be a number, got {seconds!r}")
             return cls(
                 index=_int(record["index"]),
                 label=_int(record["label"]),
                 prediction=_int(record["prediction"]),
                 certified=_bool(record["certified"]),
-                case=_int(record["case"]),
                 vanilla_prediction=_int(record["vanilla_prediction"]),
                 num_views=_int(record["num_views"]),
-                one_mask=tuple(_int(v) for v in record["one_mask"]),
-                seconds=float(record.get("seconds", 0.0)),
+                image_hash=image_hash,
+                extras={k: v for k, v in record.items() if k not in _COMMON},
+                seconds=float(seconds),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not an image record ({type(error).__name__}: {error}): {record!r:.200}") from None
@@ -109,33 +166,117 @@ def _bool(value) -> bool:
     return value
 
 
+def _freeze(value, name: str):
+    """A JSON value with lists as tuples (records stay immutable and compare after a JSON round trip)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a tensor or numpy value
+        return _freeze(value.tolist(), name)
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v, name) for v in value)
+    raise TypeError(f"extras[{name!r}] must be a JSON value (number, bool, string, list), got {type(value).__name__}")
+
+
+def _thaw(value):
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class CertificationReport:
     """Clean and certified accuracy of a defended model on a data set, with per-image records.
 
     Every count is derived from `records`, so a report cannot disagree with itself. Two reports
-    compare equal when they hold the same results for the same model and threat model; timings
-    are not compared (a resumed or many-process run equals a straight one).
+    compare equal when they hold the same results for the same model and settings; timings are
+    not compared (a resumed or many-process run equals a straight one).
 
     Attributes:
         model: what was certified (a zoo name, a path, an architecture).
         data: what it was certified on.
-        mask_set: the threat model: patch size(s) and the mask set.
-        fill: the masked pixel value in the model's input space.
+        defense: the defense's name (`"patchcleanser"`, `"smoothing"`, `"patchguard"`).
+        settings: the defended model's `settings()` when it was certified: everything that
+            defines the defended function (threat model, fill, precision, margin and the
+            defense's own settings). Stored as its JSON form (tuples become lists).
         num_classes: classes of the model.
         records: one `ImageRecord` per image, by index.
-        amp: whether the model ran under autocast (mixed precision).
-        fingerprint: hash of the weights, mask set, fill and precision (see `certify_dataset`).
+        fingerprint: hash of the base model's weights and `settings` (see
+            `robustwrap.dataset.model_fingerprint`).
+        full_views: views of a full evaluation of one image (no early exit), when the defense
+            states it; for PatchCleanser `K(K+1)/2`, derived from the mask set when not given.
     """
 
     model: str
     data: str
-    mask_set: MaskSet
-    fill: float | tuple[float, ...]
+    defense: str
+    settings: dict[str, Any] = field(hash=False)
     num_classes: int
     records: tuple[ImageRecord, ...]
-    amp: bool = False
     fingerprint: str = ""
+    full_views: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.settings, Mapping):
+            raise TypeError(f"settings must be the model's settings() dict, got {type(self.settings).__name__}")
+        try:
+            settings = json.loads(json.dumps(dict(self.settings)))  # the JSON form: what a saved report reads back
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"settings must be JSON-able (the model's settings()), got {error}") from None
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "records", tuple(self.records))
+        if self.full_views is None and self.mask_set is not None:
+            k = len(self.mask_set)
+            object.__setattr__(self, "full_views", k * (k + 1) // 2)
+
+    # -------------------------------------------------------------------------------- settings
+    @cached_property
+    def mask_set(self) -> MaskSet | None:
+        """PatchCleanser's mask set (the threat model), from `settings`; `None` for other defenses."""
+        spec = self.settings.get("mask_set")
+        return MaskSet.from_dict(spec) if spec is not None else None
+
+    @property
+    def fill(self) -> float | tuple[float, ...] | None:
+        """The masked (ablated) pixel value in the model's input space."""
+        fill = self.settings.get("fill")
+        return tuple(fill) if isinstance(fill, list) else fill
+
+    @property
+    def precision(self) -> str | None:
+        """The numeric precision the model was certified at (`"float32"`, `"bfloat16"`, `"float16"`)."""
+        return self.settings.get("precision")
+
+    @property
+    def margin(self) -> float | None:
+        """The model's margin guard when it was certified (the Concepts page, docs/concepts.md#margin)."""
+        return self.settings.get("margin")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(H, W)` of the model's inputs."""
+        if self.mask_set is not None:
+            return self.mask_set.image_size
+        h, w = self.settings["image_size"]
+        return int(h), int(w)
+
+    @property
+    def patch_sizes(self) -> tuple[tuple[int, int], ...]:
+        """The patch shape(s) `(ph, pw)` in pixels of the threat model."""
+        if self.mask_set is not None:
+            return tuple(self.mask_set.patch_sizes)
+        ph, pw = self.settings["patch"]
+        return ((int(ph), int(pw)),)
+
+    @property
+    def patch_percent(self) -> tuple[float, ...]:
+        """Each patch of the threat model as a percentage of the image area."""
+        h, w = self.image_size
+        return tuple(100 * ph * pw / (h * w) for ph, pw in self.patch_sizes)
+
+    def threat_model(self) -> str:
+        """The threat model in words, with the patch in pixels and as a share of the image area."""
+        if self.mask_set is not None:
+            return self.mask_set.describe()
+        h, w = self.image_size
+        return "; ".join(f"patch {ph}x{pw} px ({p:.2f}% of {h}x{w})" for (ph, pw), p in zip(self.patch_sizes, self.patch_percent))
 
     # ---------------------------------------------------------------------------------- counts
     @property
@@ -175,30 +316,27 @@ class CertificationReport:
 
     @property
     def case_counts(self) -> dict[int, int]:
-        """Images decided by Case I, II and III (keys 1, 2, 3)."""
+        """PatchCleanser: images decided by Case I, II and III (keys 1, 2, 3); `{}` for other defenses."""
+        if not any("case" in r.extras for r in self.records) and self.defense != "patchcleanser":
+            return {}
         counts = dict.fromkeys(CASE_NAMES, 0)
         for r in self.records:
-            counts[r.case] += 1
+            counts[r.extras["case"]] += 1
         return counts
 
     @property
-    def num_masks(self) -> int:
-        """`K`, the masks of the mask set."""
-        return len(self.mask_set)
-
-    @property
-    def full_views(self) -> int:
-        """`K(K+1)/2`: the views of a full two-mask grid, diagonal included, per image."""
-        return self.num_masks * (self.num_masks + 1) // 2
+    def num_masks(self) -> int | None:
+        """PatchCleanser: `K`, the masks of the mask set; `None` for other defenses."""
+        return len(self.mask_set) if self.mask_set is not None else None
 
     @property
     def total_views(self) -> int:
-        """Masked views run through the model for all images."""
+        """Masked (or ablated) views run through the model for all images."""
         return sum(r.num_views for r in self.records)
 
     @property
     def views_per_image(self) -> float:
-        """Mean masked views per image (compare with `full_views`)."""
+        """Mean views per image (compare with `full_views`)."""
         return self.total_views / self.num_images if self.records else math.nan
 
     @property
@@ -212,69 +350,118 @@ class CertificationReport:
         seconds = self.seconds
         return self.num_images / seconds if seconds > 0 else math.nan
 
-    @property
-    def patch_percent(self) -> tuple[float, ...]:
-        """Each patch of the threat model as a percentage of the image area."""
-        h, w = self.mask_set.image_size
-        return tuple(100 * ph * pw / (h * w) for ph, pw in self.mask_set.patch_sizes)
-
     def _fraction(self, count: int) -> float:
         return count / self.num_images if self.records else math.nan
+
+    def _extras_means(self) -> dict[str, float]:
+        """The mean of each numeric scalar defense field (e.g. smoothing's `delta`, PatchGuard's `margin`)."""
+        means = {}
+        names = dict.fromkeys(name for r in self.records for name in r.extras)
+        for name in names:
+            values = [r.extras.get(name) for r in self.records]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                means[name] = sum(values) / len(values)
+        return means
 
     # ------------------------------------------------------------------------------------ text
     def summary(self) -> str:
         """A readable table of the report (what `robustwrap certify` prints)."""
         n = self.num_images
-        cases = self.case_counts
         rows = [
             ("model", self.model),
             ("data", f"{self.data} ({n} images, {self.num_classes} classes)"),
-            ("threat model", self.mask_set.describe()),
-            ("fill", f"{self.fill}" + ("  (autocast)" if self.amp else "")),
+            ("defense", self.defense),
+            ("threat model", self.threat_model()),
+            ("settings", _settings_line(self.settings)),
             ("", ""),
             ("vanilla clean accuracy", f"{_pct(self.vanilla_accuracy)}  ({self.vanilla_correct}/{n})  undefended base model"),
             ("clean accuracy", f"{_pct(self.clean_accuracy)}  ({self.clean_correct}/{n})  defended"),
             ("certified accuracy", f"{_pct(self.certified_accuracy)}  ({self.certified}/{n})"),
-            ("cases I / II / III", " / ".join(str(cases[c]) for c in CASE_NAMES)),
-            ("views per image", f"{self.views_per_image:.1f} of {self.full_views} (K(K+1)/2, K={self.num_masks}): {_pct(self.views_per_image / self.full_views)}"),
-            ("speed", f"{self.images_per_second:.1f} images/s per process"),
         ]
+        if self.defense == "patchcleanser":
+            cases = self.case_counts
+            rows.append(("cases I / II / III", " / ".join(str(cases[c]) for c in CASE_NAMES)))
+        else:
+            rows += [(f"{name} (mean)", f"{value:.3g}") for name, value in self._extras_means().items()]
+        views = f"{self.views_per_image:.1f}"
+        if self.full_views:
+            formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
+            views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
+        rows += [("views per image", views), ("speed", f"{self.images_per_second:.1f} images/s per process")]
         return _table(rows, title="robustwrap certification report")
 
     # ------------------------------------------------------------------------------------ JSON
-    def to_json(self, indent: int | None = None) -> str:
-        """The report as JSON: settings, a summary block of the counts, and every record.
-
-        `CertificationReport.from_json(report.to_json()) == report`.
-        """
+    def to_document(self) -> dict:
+        """The report as a JSON-ready dict (what `to_json` writes)."""
         summary = {
             "num_images": self.num_images,
             "vanilla_accuracy": self.vanilla_accuracy,
             "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy,
-            "cases": {CASE_NAMES[c]: v for c, v in self.case_counts.items()},
-            "patch_pixels": [list(p) for p in self.mask_set.patch_sizes],
+            "patch_pixels": [list(p) for p in self.patch_sizes],
             "patch_percent": list(self.patch_percent),
-            "num_masks": self.num_masks,
             "views_per_image": self.views_per_image,
             "full_views": self.full_views,
             "seconds": self.seconds,
             "images_per_second": self.images_per_second,
         }
-        document = {
+        if self.defense == "patchcleanser":
+            summary["cases"] = {CASE_NAMES[c]: v for c, v in self.case_counts.items()}
+            summary["num_masks"] = self.num_masks
+        else:
+            summary.update({f"mean_{name}": value for name, value in self._extras_means().items()})
+        return {
             "format": REPORT_FORMAT,
             "version": REPORT_VERSION,
             "model": self.model,
             "data": self.data,
-            "mask_set": self.mask_set.to_dict(),
-            "fill": list(self.fill) if isinstance(self.fill, tuple) else self.fill,
+            "defense": self.defense,
+            "settings": self.settings,
             "num_classes": self.num_classes,
-            "amp": self.amp,
+            "full_views": self.full_views,
             "fingerprint": self.fingerprint,
             "summary": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()},
             "records": [r.to_dict() for r in self.records],
         }
-        return json.dumps(document, indent=indent)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The report as JSON: settings, a summary block of the counts, and every record.
+
+        `CertificationReport.from_json(report.to_json()) == report`.
+        """
+        return json.dumps(self.to_document(), indent=indent)
+
+    @classmethod
+    def from_document(cls, document: Any) -> CertificationReport:
+        """A report from `to_document`'s dict (the `summary` block is recomputed, not read).
+
+        Raises:
+            ValueError: if `document` is not a robustwrap report, so that another JSON file is
+                not mistaken for one.
+        """
+        if not isinstance(document, dict) or document.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a robustwrap report: expected a JSON object with format {REPORT_FORMAT!r}")
+        if document.get("version") != REPORT_VERSION:
+            raise ValueError(
+                f"report format version {document.get('version')!r} is not supported (expected {REPORT_VERSION}); "
+                "certify again with this robustwrap version to get a report it can read"
+            )
+        try:
+            full_views = document.get("full_views")
+            if full_views is not None:
+                full_views = _int(full_views)
+            return cls(
+                model=_str(document["model"], "model"),
+                data=_str(document["data"], "data"),
+                defense=_str(document["defense"], "defense"),
+                settings=_dict(document["settings"], "settings"),
+                num_classes=_int(document["num_classes"]),
+                records=tuple(ImageRecord.from_dict(r) for r in _list(document["records"], "records")),
+                fingerprint=_str(document.get("fingerprint", ""), "fingerprint"),
+                full_views=full_views,
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not a robustwrap report: a field is missing or has the wrong type ({type(error).__name__}: {error})") from None
 
     @classmethod
     def from_json(cls, text: str) -> CertificationReport:
@@ -284,25 +471,10 @@ class CertificationReport:
             ValueError: if `text` is not a robustwrap report, so that another JSON file is not
                 mistaken for one.
         """
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"not a robustwrap report: invalid JSON ({error})") from None
-        if not isinstance(document, dict) or document.get("format") != REPORT_FORMAT:
-            raise ValueError(f"not a robustwrap report: expected a JSON object with format {REPORT_FORMAT!r}")
-        if document.get("version") != REPORT_VERSION:
-            raise ValueError(f"report format version {document.get('version')!r} is not supported (expected {REPORT_VERSION})")
-        fill = document["fill"]
-        return cls(
-            model=document["model"],
-            data=document["data"],
-            mask_set=MaskSet.from_dict(document["mask_set"]),
-            fill=tuple(fill) if isinstance(fill, list) else fill,
-            num_classes=document["num_classes"],
-            records=tuple(ImageRecord.from_dict(r) for r in document["records"]),
-            amp=document["amp"],
-            fingerprint=document["fingerprint"],
-        )
+        document = _parse_json(text)
+        if isinstance(document, list) and document and all(isinstance(d, dict) and d.get("format") == REPORT_FORMAT for d in document):
+            raise ValueError(f"this JSON holds a list of {len(document)} reports (a sweep): read it with CertificationReport.load_many")
+        return cls.from_document(document)
 
     def save(self, path: str | Path) -> Path:
         """Write `to_json()` to `path` (indented); returns the path."""
@@ -316,13 +488,71 @@ class CertificationReport:
 
         Raises:
             OSError: if the file cannot be read.
-            ValueError: if it is not a robustwrap report.
+            ValueError: if it is not a robustwrap report, or holds several (a sweep written by
+                `save_many`: read it with `load_many`).
         """
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    @staticmethod
+    def save_many(path: str | Path, reports: Sequence[CertificationReport]) -> Path:
+        """Write several reports (e.g. one per patch size of a sweep) to one JSON file, as a list.
+
+        ```python
+        CertificationReport.save_many("sweep.json", reports)
+        assert CertificationReport.load_many("sweep.json") == reports
+        ```
+
+        Args:
+            path: the file to write.
+            reports: the reports, in the order `load_many` returns them.
+
+        Returns:
+            The path.
+
+        Raises:
+            TypeError: if `reports` is not a non-empty sequence of `CertificationReport`s.
+        """
+        if isinstance(reports, CertificationReport) or not isinstance(reports, Sequence) or not reports:
+            raise TypeError(f"reports must be a non-empty list of CertificationReport, got {type(reports).__name__}")
+        for i, report in enumerate(reports):
+            if not isinstance(report, CertificationReport):
+                raise TypeError(f"reports[{i}] must be a CertificationReport, got {type(report).__name__}")
+        path = Path(path)
+        path.write_text(json.dumps([r.to_document() for r in reports], indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load_many(cls, path: str | Path) -> list[CertificationReport]:
+        """Read every report of a file: a list written by `save_many`, or one report written by `save`.
+
+        So `load_many` reads any report file `robustwrap certify --report` writes.
+
+        Returns:
+            The reports, in file order (a single report comes back as a list of one).
+
+        Raises:
+            OSError: if the file cannot be read.
+            ValueError: if it holds something else than robustwrap reports.
+        """
+        document = _parse_json(Path(path).read_text(), path)
+        documents = document if isinstance(document, list) else [document]
+        if not documents:
+            raise ValueError(f"{path}: not a robustwrap report: an empty list")
+        reports = []
+        for i, item in enumerate(documents):
+            try:
+                reports.append(cls.from_document(item))
+            except ValueError as error:
+                where = f"{path} (report {i})" if isinstance(document, list) else str(path)
+                raise ValueError(f"{where}: {error}") from None
+        return reports
 
     # -------------------------------------------------------------------------------- pictures
     def plot(self, path: str | Path | None = None) -> Figure:
-        """Accuracy bars, the cases split by outcome, and the views per image against a full grid.
+        """Accuracy bars, the defense's breakdown and the views per image: `robustwrap.plots.plot_report`.
 
         Args:
             path: where to save the PNG (or any format matplotlib knows by the suffix).
@@ -333,64 +563,28 @@ class CertificationReport:
         Raises:
             ImportError: if matplotlib is not installed (`pip install matplotlib`).
         """
-        fig = _figure((13, 4.2))
-        ax_acc, ax_case, ax_views = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.2, 1.4]})
+        from .plots import plot_report
 
-        names = ["vanilla\n(undefended)", "clean\n(defended)", "certified"]
-        values = [100 * self.vanilla_accuracy, 100 * self.clean_accuracy, 100 * self.certified_accuracy]
-        bars = ax_acc.bar(names, values, color=["#9e9e9e", "#4c72b0", "#2e7d32"])
-        for bar, value in zip(bars, values):
-            ax_acc.text(bar.get_x() + bar.get_width() / 2, value + 1.5, f"{value:.1f}%", ha="center", va="bottom", fontsize=10)
-        ax_acc.set_ylim(0, 112)
-        ax_acc.set_ylabel("accuracy (%)")
-        ax_acc.set_title(f"accuracy on {self.num_images} images")
-
-        labels = [f"Case {CASE_NAMES[c]}" for c in CASE_NAMES]
-        certified = [sum(r.certified for r in self.records if r.case == c) for c in CASE_NAMES]
-        correct = [sum(r.correct and not r.certified for r in self.records if r.case == c) for c in CASE_NAMES]
-        wrong = [sum(not r.correct for r in self.records if r.case == c) for c in CASE_NAMES]
-        ax_case.bar(labels, certified, color="#2e7d32", label="correct, certified")
-        ax_case.bar(labels, correct, bottom=certified, color="#81c784", label="correct, not certified")
-        ax_case.bar(labels, wrong, bottom=[a + b for a, b in zip(certified, correct)], color="#c62828", label="wrong")
-        for x, total in enumerate(a + b + c for a, b, c in zip(certified, correct, wrong)):
-            ax_case.text(x, total, str(total), ha="center", va="bottom", fontsize=10)
-        ax_case.set_ylabel("images")
-        ax_case.set_ylim(0, max(1, self.num_images) * 1.15)
-        ax_case.set_title("double-masking case of each prediction")
-        ax_case.legend(fontsize=8, loc="upper right")
-
-        views = [r.num_views for r in self.records]
-        ax_views.hist(views, bins=min(40, max(1, self.full_views - self.num_masks + 1)), range=(self.num_masks, self.full_views + 1), color="#4c72b0")
-        ax_views.axvline(self.full_views, color="#c62828", linestyle="--", label=f"full grid K(K+1)/2 = {self.full_views}")
-        if self.records:
-            ax_views.axvline(self.views_per_image, color="black", linestyle=":", label=f"mean {self.views_per_image:.1f}")
-        ax_views.set_xlabel("masked views evaluated per image")
-        ax_views.set_ylabel("images")
-        ax_views.set_title("cost: views per image (early exit)")
-        ax_views.legend(fontsize=8, loc="upper center")
-
-        fig.suptitle(f"{self.model} on {self.data}: {self.mask_set.describe()}", fontsize=10)
-        return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------- mask sets
+        return plot_report(self, path)
 
 
 # -------------------------------------------------------------------------------------- sweeps
 def sweep_table(reports: Sequence[CertificationReport]) -> str:
-    """One row per report of a patch-size sweep: patch, masks, clean and certified accuracy."""
-    header = ("patch", "% of area", "masks", "vanilla", "clean", "certified", "views/image")
+    """One row per report of a patch-size sweep: patch, defense, clean and certified accuracy, views."""
+    header = ("patch", "% of area", "defense", "vanilla", "clean", "certified", "views/image")
     rows = [header]
     for r in reports:
+        defense = f"{r.defense} K={r.num_masks}" if r.num_masks is not None else r.defense
+        views = f"{r.views_per_image:.1f}" + (f"/{r.full_views}" if r.full_views else "")
         rows.append(
             (
-                ", ".join(f"{ph}x{pw} px" for ph, pw in r.mask_set.patch_sizes),
+                ", ".join(f"{ph}x{pw} px" for ph, pw in r.patch_sizes),
                 ", ".join(f"{p:.2f}%" for p in r.patch_percent),
-                str(r.num_masks),
+                defense,
                 _pct(r.vanilla_accuracy),
                 _pct(r.clean_accuracy),
                 _pct(r.certified_accuracy),
-                f"{r.views_per_image:.1f}/{r.full_views}",
+                views,
             )
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
@@ -399,236 +593,38 @@ def sweep_table(reports: Sequence[CertificationReport]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(reports: Sequence[CertificationReport], path: str | Path | None = None) -> Figure:
-    """Certified (and clean) accuracy against the patch size, for reports of one model and data.
-
-    Args:
-        reports: one report per patch size (e.g. `robustwrap certify --patch 1%,2%,3%`).
-        path: where to save the picture.
-
-    Returns:
-        The matplotlib `Figure`.
-
-    Raises:
-        ValueError: for no reports, or a report whose threat model has several patch shapes
-            (a union has no single size to put on the axis).
-    """
-    if not reports:
-        raise ValueError("plot_sweep needs at least one report, got none")
-    for r in reports:
-        if len(r.mask_set.patch_sizes) != 1:
-            raise ValueError(f"plot_sweep needs one patch shape per report, got {r.mask_set.patch_sizes}")
-    ordered = sorted(reports, key=lambda r: r.patch_percent[0])
-    x = [r.patch_percent[0] for r in ordered]
-    fig = _figure((7, 4.5))
-    ax = fig.subplots()
-    ax.plot(x, [100 * r.certified_accuracy for r in ordered], "o-", color="#2e7d32", linewidth=2, label="certified accuracy")
-    ax.plot(x, [100 * r.clean_accuracy for r in ordered], "s--", color="#4c72b0", label="clean accuracy (defended)")
-    ax.plot(x, [100 * r.vanilla_accuracy for r in ordered], ":", color="#9e9e9e", label="vanilla clean accuracy (undefended)")
-    for r, xv in zip(ordered, x):
-        ph, pw = r.mask_set.patch_sizes[0]
-        ax.annotate(f"{100 * r.certified_accuracy:.1f}%\n{ph}x{pw} px, K={r.num_masks}", (xv, 100 * r.certified_accuracy), textcoords="offset points", xytext=(0, -26), ha="center", fontsize=8)
-    ax.set_xlabel("patch size (% of image area)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    pad = max(0.1, 0.08 * (max(x) - min(x)))
-    ax.set_xlim(min(x) - pad, max(x) + pad)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    first = ordered[0]
-    ax.set_title(f"{first.model} on {first.data} ({first.num_images} images)", fontsize=10)
-    return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------- images
-def plot_mask_set(mask_set: MaskSet, image: torch.Tensor | None = None, path: str | Path | None = None) -> Figure:
-    """The mask set drawn over an image: how many masks cover each pixel, and one mask with a patch.
-
-    Args:
-        mask_set: the masks.
-        image: `(C, H, W)` image in any value range (shown min-max scaled), or `None` for a
-            plain background.
-        path: where to save the picture.
-
-    Returns:
-        The matplotlib `Figure`.
-
-    Raises:
-        ValueError: if the image size is not the mask set's.
-    """
-    from matplotlib.patches import Rectangle
-
-    shown = _display_image(image, mask_set.image_size)
-    fig = _figure((10.5, 5.2))
-    ax_all, ax_one = fig.subplots(1, 2)
-    # Outlines of dozens of overlapping masks read as a plain grid; the overlap is the point,
-    # so the left panel is the count of masks over each pixel, without the image under it.
-    coverage = (~mask_set.keep_masks()).sum(0).numpy()
-    levels = int(coverage.max())
-    heat = ax_all.imshow(coverage, cmap=_colormap("YlGnBu").resampled(levels), vmin=0.5, vmax=levels + 0.5, interpolation="nearest")
-    bar = fig.colorbar(heat, ax=ax_all, ticks=range(1, levels + 1), fraction=0.046, pad=0.03)
-    bar.set_label("masks covering the pixel")
-    cols = mask_set.grid[1] if mask_set.grid is not None else len(mask_set)
-    for k, name, colour in [(0, "mask 0", "#d81b60"), (1, "mask 1", "#ef6c00"), (cols, f"mask {cols} (next row)", "#6a1b9a")]:
-        if k < len(mask_set) and (k == 0 or k != cols or mask_set.grid is not None):
-            top, left, bh, bw = mask_set.boxes[k]
-            ax_all.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, fill=False, edgecolor=colour, linewidth=2, label=name))
-    ax_all.legend(fontsize=8, loc="lower right")
-    grid = f" ({mask_set.grid[0]}x{mask_set.grid[1]})" if mask_set.grid is not None else ""
-    ax_all.set_title(f"all {len(mask_set)} masks{grid}: overlap, three outlined", fontsize=10)
-    ax_one.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    for ax in (ax_all, ax_one):
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-    top, left, bh, bw = mask_set.boxes[0]
-    ax_one.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, facecolor=(0.85, 0.11, 0.38, 0.4), edgecolor="#d81b60", linewidth=2, label=f"mask 0: {bh}x{bw} px"))
-    if len(mask_set) > 1:
-        t1, l1, h1, w1 = mask_set.boxes[1]
-        ax_one.add_patch(Rectangle((l1 - 0.5, t1 - 0.5), w1, h1, fill=False, edgecolor="#ef6c00", linewidth=2, linestyle="--", label="mask 1"))
-    ph, pw = mask_set.patch_sizes[0]
-    # The patch sits at the far corner of mask 0: the last position that mask still covers.
-    ax_one.add_patch(Rectangle((left + bw - pw - 0.5, top + bh - ph - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px"))
-    ax_one.legend(fontsize=8, loc="lower right")
-    ax_one.set_title("one mask and a patch it covers", fontsize=10)
-    fig.suptitle(mask_set.describe(), fontsize=10)
-    return _save(fig, path)
-
-
-def plot_views(
-    one_mask: torch.Tensor,
-    grid: torch.Tensor,
-    label: int,
-    mask_set: MaskSet,
-    image: torch.Tensor | None = None,
-    path: str | Path | None = None,
-    class_names: Sequence[str] | None = None,
-) -> Figure:
-    """For one image: the one-mask labels laid out like the masks, and the two-mask grid.
-
-    Views whose label differs from `label` (the views that break the certificate) are framed
-    on the one-mask grid and crossed on the two-mask heatmap; a view that was not evaluated is
-    grey.
-
-    Args:
-        one_mask: `(K,)` one-mask labels `P_i`.
-        grid: `(K, K)` two-mask labels `P_ij` (symmetric, `-1` where not evaluated).
-        label: the true label.
-        mask_set: the masks (their grid lays out the one-mask labels).
-        image: `(C, H, W)` the image, in any value range, to show beside the grids.
-        path: where to save the picture.
-        class_names: names for the class ids, for the titles.
-
-    Returns:
-        The matplotlib `Figure`.
-
-    Raises:
-        ValueError: if the shapes do not match the mask set.
-    """
-    from matplotlib.colors import BoundaryNorm, ListedColormap
-    from matplotlib.ticker import MaxNLocator
-
-    k = len(mask_set)
-    one_mask = torch.as_tensor(one_mask).reshape(-1).cpu().long()
-    grid = torch.as_tensor(grid).cpu().long()
-    if one_mask.numel() != k or tuple(grid.shape) != (k, k):
-        raise ValueError(f"one_mask must have {k} labels and grid shape ({k}, {k}) for this mask set, got {one_mask.numel()} and {tuple(grid.shape)}")
-    grid = grid.clone()
-    grid[torch.arange(k), torch.arange(k)] = one_mask
-    decision = rule.decide(one_mask[None], grid[None])
-    prediction, case = int(decision.label[0]), int(decision.case[0])
-    certified = bool(rule.certified(grid[None], torch.tensor([label]))[0])
-
-    def name(c: int) -> str:
-        return f"{c} ({class_names[c]})" if class_names is not None and 0 <= c < len(class_names) else str(c)
-
-    classes = sorted({int(v) for v in grid.unique() if v >= 0} | {int(label)})
-    palette = _colormap("tab10" if len(classes) <= 10 else "tab20")
-    cmap = ListedColormap([(0.8, 0.8, 0.8)] + [palette(i % palette.N) for i in range(len(classes))])
-    index_of = {c: i + 1 for i, c in enumerate(classes)}
-    index_of[-1] = 0
-    norm = BoundaryNorm([i - 0.5 for i in range(len(classes) + 2)], cmap.N)
-
-    panels = 3 if image is not None else 2
-    fig = _figure((4.6 * panels + 0.8, 5))
-    axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.25]})
-    if image is not None:
-        axes[0].imshow(_display_image(image, mask_set.image_size), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[0].set_xticks([])
-        axes[0].set_yticks([])
-        axes[0].set_title(f"label {name(label)}", fontsize=10)
-
-    ax_one = axes[-2]
-    rows, cols = mask_set.grid if mask_set.grid is not None and mask_set.grid[0] * mask_set.grid[1] == k else (1, k)
-    colour_index = np.vectorize(index_of.__getitem__, otypes=[int])
-    ax_one.imshow(colour_index(one_mask.reshape(rows, cols).numpy()), cmap=cmap, norm=norm)
-    for r in range(rows):
-        for c in range(cols):
-            value = int(one_mask[r * cols + c])
-            bad = value != label
-            ax_one.text(c, r, str(value), ha="center", va="center", fontsize=11 if k <= 64 else 7, fontweight="bold" if bad else None)
-            if bad:
-                ax_one.add_patch(_rect(c, r, "black"))
-    ax_one.set_xticks(range(cols))
-    ax_one.set_yticks(range(rows))
-    ax_one.set_title(f"one-mask labels P_i, laid out as the masks (framed: not {label})", fontsize=10)
-
-    ax_two = axes[-1]
-    image_ = ax_two.imshow(colour_index(grid.numpy()), cmap=cmap, norm=norm, interpolation="nearest")
-    fail_i, fail_j = ((grid != label) & (grid >= 0)).nonzero(as_tuple=True)
-    ax_two.scatter(fail_j.numpy(), fail_i.numpy(), marker="x", color="black", s=max(6, 2400 / k**1.5), linewidths=1)
-    for axis in (ax_two.xaxis, ax_two.yaxis):
-        axis.set_major_locator(MaxNLocator(integer=True))
-    ax_two.set_xlabel("mask j")
-    ax_two.set_ylabel("mask i")
-    ax_two.set_title(f"two-mask labels P_ij (x: not {label}, {len(fail_i)} of {k * k} cells)", fontsize=10)
-    bar = fig.colorbar(image_, ax=ax_two, ticks=range(len(classes) + 1), fraction=0.046, pad=0.04)
-    bar.ax.set_yticklabels(["not run"] + [name(c) for c in classes], fontsize=8)
-    bar.set_label("class")
-
-    verdict = "certified" if certified else "NOT certified"
-    fig.suptitle(f"prediction {name(prediction)} (Case {CASE_NAMES[case]}), label {name(label)}: {verdict}", fontsize=11)
-    return _save(fig, path)
-
-
 # ------------------------------------------------------------------------------------- plumbing
-def _figure(size: tuple[float, float]) -> Figure:
+def _parse_json(text: str, path: str | Path | None = None):
     try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("pictures need matplotlib: pip install matplotlib") from None
-    return Figure(figsize=size, dpi=110, layout="constrained")
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}not a robustwrap report: invalid JSON ({error})") from None
 
 
-def _save(fig: Figure, path: str | Path | None) -> Figure:
-    if path is not None:
-        fig.savefig(path)
-    return fig
+def _str(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r:.80}")
+    return value
 
 
-def _colormap(name: str):
-    from matplotlib import colormaps
-
-    return colormaps[name]
-
-
-def _rect(c: int, r: int, colour: str):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((c - 0.45, r - 0.45), 0.9, 0.9, fill=False, edgecolor=colour, linewidth=2.5)
+def _dict(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object, got {value!r:.80}")
+    return value
 
 
-def _display_image(image: torch.Tensor | None, size: tuple[int, int]):
-    """`(H, W)` or `(H, W, 3)` floats in [0, 1]: the image min-max scaled (it is usually normalised)."""
-    h, w = size
-    if image is None:
-        return torch.full((h, w), 0.92).numpy()
-    image = torch.as_tensor(image).detach().cpu().float()
-    if image.ndim != 3 or tuple(image.shape[1:]) != (h, w):
-        raise ValueError(f"image must have shape (C, {h}, {w}) for this mask set, got {tuple(image.shape)}")
-    lo, hi = image.min(), image.max()
-    image = (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
-    return image[0].numpy() if image.shape[0] == 1 else image[:3].permute(1, 2, 0).numpy()
+def _list(value, name: str) -> list:
+    if not isinstance(value, list):
+        raise TypeError(f"{name} must be a JSON list, got {value!r:.80}")
+    return value
+
+
+def _settings_line(settings: Mapping[str, Any]) -> str:
+    """The scalar settings that the threat model line does not show, e.g. `fill 0.0, precision float32, margin 0.0`."""
+    shown = ("defense", "image_size", "mask_set", "patch")
+    parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]
+    return ", ".join(parts) if parts else "-"
 
 
 def _pct(value: float) -> str:

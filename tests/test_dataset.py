@@ -1,4 +1,4 @@
-"""certify_dataset: exact counts, resume after a kill, refusal of foreign results, two processes."""
+"""certify_dataset: exact counts, precision, progress, resume after a kill, refusal of foreign results or images, two processes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import PeakNet, ViewCounter, brute_force_grid
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustwrap
-from robustwrap.dataset import certify_dataset, model_fingerprint, view_grid
+from robustwrap.dataset import _record_fields, certify_dataset, image_hash, model_fingerprint, view_grid
 from robustwrap.report import CertificationReport
 
 TESTS = Path(__file__).resolve().parent
@@ -110,12 +110,32 @@ def test_progress_bar_shows_running_accuracy(capsys):
     assert "8/8" in err and "clean" in err and "certified" in err
 
 
-def test_amp_runs_and_is_part_of_the_fingerprint(tmp_path):
-    report = certify_dataset(make_model(), make_data(8), batch_size=4, amp=True, progress=False, results_path=tmp_path / "r.jsonl")
-    assert report.amp and report.num_images == 8
-    assert report.fingerprint != model_fingerprint(make_model())
-    with pytest.raises(ValueError, match="another model or threat model"):
-        certify_dataset(make_model(), make_data(8), batch_size=4, progress=False, results_path=tmp_path / "r.jsonl")
+def test_amp_is_refused_with_a_pointer_to_precision():
+    with pytest.raises(TypeError, match=r"no longer takes amp=.*wrap\(\.\.\., precision='bfloat16'\)"):
+        certify_dataset(make_model(), make_data(8), amp=True, progress=False)
+
+
+def test_certification_runs_at_the_models_precision_which_is_in_the_fingerprint(tmp_path):
+    model, data = make_model(precision="bfloat16"), make_data(8)
+    report = certify_dataset(model, data, batch_size=4, progress=False, results_path=tmp_path / "r.jsonl")
+    x, y = data.tensors
+    for start in (0, 4):  # the same computation as the model's own certify, at its precision
+        expected = model.certify(x[start : start + 4], y[start : start + 4])
+        assert [r.prediction for r in report.records[start : start + 4]] == expected.prediction.tolist()
+        assert [r.num_views for r in report.records[start : start + 4]] == expected.num_views.tolist()
+    with torch.no_grad(), model.autocast():
+        assert [r.vanilla_prediction for r in report.records] == model.model(x).argmax(1).tolist()
+    assert report.precision == "bfloat16" and report.settings == json.loads(json.dumps(model.settings()))
+    assert report.fingerprint == model_fingerprint(model) != model_fingerprint(make_model())
+    with pytest.raises(ValueError, match="another model or threat model.*precision: 'bfloat16' there, 'float32' now"):
+        certify_dataset(make_model(), data, batch_size=4, progress=False, results_path=tmp_path / "r.jsonl")
+
+
+def test_fingerprint_is_settings_and_weights_only():
+    model = make_model()
+    assert model_fingerprint(model) == model_fingerprint(make_model(batch_size=7))  # speed only
+    assert model_fingerprint(model) != model_fingerprint(make_model(margin=0.5))
+    assert model_fingerprint(model) != model_fingerprint(make_model(seed=1))
 
 
 def test_view_grid_is_the_full_brute_force_grid():
@@ -229,6 +249,148 @@ def test_seconds_are_not_compared_but_kept():
     slower = dataclasses.replace(report, records=tuple(dataclasses.replace(r, seconds=r.seconds + 1) for r in report.records))
     assert slower == report and slower.seconds == pytest.approx(report.seconds + 8)
     assert report.seconds > 0 and report.images_per_second > 0
+
+
+# ----------------------------------------------------------------------------- image hashes
+def test_records_carry_the_hash_of_the_image_as_certified():
+    data = make_data(8)
+    report = certify_dataset(make_model(), data, batch_size=4, progress=False)
+    assert [r.image_hash for r in report.records] == [image_hash(x) for x in data.tensors[0]]
+    assert len({r.image_hash for r in report.records}) == 8
+    image = data.tensors[0][0]
+    # Canonical: the same values hash the same in another dtype or memory layout; other values or shape do not.
+    assert image_hash(image.double()) == image_hash(image) == image_hash(image.permute(1, 2, 0).contiguous().permute(2, 0, 1))
+    assert image_hash(image.reshape(3, 8, 32)) != image_hash(image)
+    changed = image.clone()
+    changed[0, 0, 0] += 1e-3
+    assert image_hash(changed) != image_hash(image)
+
+
+def replaced(data: TensorDataset, index: int) -> TensorDataset:
+    """The same data set with image `index` replaced by another image of the same size."""
+    x, y = data.tensors
+    x = x.clone()
+    x[index] = torch.randn(x[index].shape, generator=torch.Generator().manual_seed(99))
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("index", [0, 5, 17])
+def test_resume_with_other_images_of_the_same_size_is_refused_naming_the_index(tmp_path, index):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(), batch_size=4, results_path=path, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:21]))  # interrupted after 20 images: the rest is left to do
+    before = path.read_bytes()
+    other = replaced(make_data(), index)
+    model = make_model()
+    counter = ViewCounter(model.model)
+    stored = json.loads(lines[1 + index])["image_hash"]
+    with pytest.raises(ValueError, match=rf"image {index} of other content: hash {stored} in the results file, {image_hash(other[index][0])} for image {index}"):
+        certify_dataset(model, other, batch_size=4, results_path=path, progress=False)
+    assert counter.calls == 0 and path.read_bytes() == before  # refused before any forward pass or write
+    # Images after the interruption are not kept records: replacing one of them is a plain resume.
+    assert certify_dataset(make_model(), replaced(make_data(), 25), batch_size=4, results_path=path, progress=False).num_images == N
+
+
+def test_resume_with_reordered_images_is_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
+    x, y = make_data(8).tensors
+    with pytest.raises(ValueError, match="image 0 of other content"):
+        certify_dataset(make_model(), TensorDataset(x.flip(0), y.flip(0)), batch_size=4, results_path=path, progress=False)
+
+
+def test_results_of_an_older_format_are_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    header["version"] = 1
+    path.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="another robustwrap version"):
+        certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
+
+
+# ----------------------------------------------------------------------------- data and progress
+class PILDigits(torch.utils.data.Dataset):
+    """A data set without a transform: (PIL image, label) pairs, as torchvision gives them."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        return Image.new("RGB", (16, 16)), 0
+
+
+def test_pil_images_get_a_hint_about_the_transform():
+    model = make_model()
+    counter = ViewCounter(model.model)
+    with pytest.raises(TypeError, match=r"PIL images .*transform.*ToTensor\(\), Normalize"):
+        certify_dataset(model, PILDigits(), progress=False)
+    with pytest.raises(TypeError, match="PIL images"):
+        certify_dataset(model, DataLoader(PILDigits(), batch_size=2), progress=False)
+    assert counter.calls == 0
+
+
+def test_progress_moves_after_every_forward_pass(monkeypatch):
+    import robustwrap.dataset as module
+
+    updates: list[tuple[float, float]] = []  # (bar position after the update, views counted so far)
+
+    class RecordingBar(module._bar_class()):
+        def update(self, n=1):
+            result = super().update(n)
+            updates.append((self.n, counter.images))
+            return result
+
+    monkeypatch.setattr(module, "_bar_class", lambda: RecordingBar)
+    model = make_model()
+    assert model.num_classes == 4  # found by a blank forward pass, before counting
+    counter = ViewCounter(model.model)
+    report = certify_dataset(model, make_data(8), batch_size=4, progress=True)
+    view_passes = counter.calls - 2  # one vanilla pass per step is not a view
+    assert len(updates) == view_passes + 2  # one update per forward pass of views, one per step's end
+    positions = [n for n, _ in updates]
+    assert positions == sorted(positions) and positions[-1] == pytest.approx(8)
+    assert 0 < positions[0] < 4  # the first step moves the bar before it ends (full-grid estimate)
+    first_step_views = sum(r.num_views for r in report.records[:4])
+    assert all(n < 4 for n, views in updates if views <= first_step_views)  # never ahead of a step's end
+    assert not model.model._forward_hooks or list(model.model._forward_hooks.values()) == [counter._hook]
+
+
+def test_no_progress_prints_nothing(capsys, tmp_path):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(8), batch_size=4, progress=False, results_path=path)
+    certify_dataset(make_model(), make_data(8), batch_size=4, progress=False, results_path=path)  # resume: verify quietly
+    assert capsys.readouterr() == ("", "")
+
+
+# -------------------------------------------------------------------------- defense fields
+@dataclasses.dataclass
+class FakeSmoothingResult:
+    prediction: torch.Tensor
+    certified: torch.Tensor
+    num_views: torch.Tensor
+    counts: torch.Tensor
+    delta: int
+    grid: torch.Tensor
+
+
+def test_record_fields_are_read_generically_from_any_result():
+    result = FakeSmoothingResult(
+        prediction=torch.tensor([1, 0]),
+        certified=torch.tensor([True, False]),
+        num_views=torch.tensor([16, 16]),
+        counts=torch.tensor([[0, 12, 4], [9, 7, 0]]),
+        delta=3,
+        grid=torch.zeros(2, 4, 4),  # a per-image matrix: a diagnostic, not a record field
+    )
+    assert _record_fields(result, 2) == [{"counts": [0, 12, 4], "delta": 3}, {"counts": [9, 7, 0], "delta": 3}]
+    model, data = make_model(), make_data(4)
+    pc = model.certify(*data.tensors)
+    assert _record_fields(pc, 4) == [{"case": c, "one_mask": o} for c, o in zip(pc.case.tolist(), pc.one_mask.tolist())]
 
 
 # ------------------------------------------------------------------------------ two processes

@@ -1,23 +1,45 @@
-"""CertificationReport: counts from records, JSON round trip, the table, and the pictures."""
+"""CertificationReport: counts from records, JSON round trip (one report and many), the table, any defense."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import pickle
 
 import pytest
-import torch
-from PIL import Image
 
 from robustwrap import MaskSet
-from robustwrap.report import CertificationReport, ImageRecord, plot_mask_set, plot_sweep, plot_views, sweep_table
+from robustwrap.report import CertificationReport, ImageRecord, sweep_table
 
 MASKS = MaskSet.square(16, 3, num_masks=3)  # 9 masks: 45 views in a full grid
 
 
 def record(index, label, prediction, certified=False, case=1, vanilla=None, views=20, seconds=0.5):
-    return ImageRecord(index, label, prediction, certified, case, label if vanilla is None else vanilla, views, (prediction,) * 9, seconds)
+    return ImageRecord(
+        index=index,
+        label=label,
+        prediction=prediction,
+        certified=certified,
+        vanilla_prediction=label if vanilla is None else vanilla,
+        num_views=views,
+        image_hash=f"{index:032x}",
+        extras={"case": case, "one_mask": (prediction,) * 9},
+        seconds=seconds,
+    )
+
+
+def patchcleanser_settings(mask_set=MASKS, fill=0.0) -> dict:
+    """What a PatchCleanser model's settings() holds for this mask set and fill."""
+    return {
+        "defense": "patchcleanser",
+        "image_size": list(mask_set.image_size),
+        "fill": list(fill) if isinstance(fill, tuple) else fill,
+        "precision": "float32",
+        "margin": 0.0,
+        "mask_set": mask_set.to_dict(),
+        "patch": list(mask_set.patch_sizes[0]),
+    }
 
 
 def make_report(mask_set=MASKS, fill=0.0, records=None) -> CertificationReport:
@@ -27,7 +49,7 @@ def make_report(mask_set=MASKS, fill=0.0, records=None) -> CertificationReport:
         record(2, 0, 3, case=3, vanilla=3, views=10),
         record(3, 3, 3, case=1, vanilla=0, views=33),
     )
-    return CertificationReport("peaknet", "tiny", mask_set, fill, 4, tuple(records), amp=False, fingerprint="abc")
+    return CertificationReport("peaknet", "tiny", "patchcleanser", patchcleanser_settings(mask_set, fill), 4, tuple(records), fingerprint="abc")
 
 
 def test_counts_are_derived_from_the_records():
@@ -78,7 +100,7 @@ def test_equality_ignores_timing_only():
     report = make_report()
     assert dataclasses.replace(report, records=tuple(dataclasses.replace(r, seconds=9.0) for r in report.records)) == report
     assert dataclasses.replace(report, records=report.records[:3]) != report
-    assert dataclasses.replace(report, fill=0.5) != report
+    assert dataclasses.replace(report, settings={**report.settings, "fill": 0.5}) != report
 
 
 @pytest.mark.parametrize(
@@ -104,59 +126,120 @@ def test_empty_report_has_no_accuracy_rather_than_a_division_error():
     assert CertificationReport.from_json(empty.to_json()) == empty
 
 
-# ------------------------------------------------------------------------------------ pictures
-def png_size(path):
-    with Image.open(path) as image:
-        return image.format, image.size
+
+def test_patchcleanser_settings_are_read_from_the_report():
+    report = make_report(fill=(0.1, -0.2, 0.3))
+    assert report.mask_set == MASKS and report.fill == (0.1, -0.2, 0.3)
+    assert (report.precision, report.margin, report.num_masks) == ("float32", 0.0, 9)
+    assert report.records[1].case == 2 and report.records[0].one_mask == (1,) * 9  # defense fields as attributes
+    assert "precision float32, margin 0.0" in report.summary()
 
 
-def test_report_plot_bars_are_the_accuracies(tmp_path):
-    fig = make_report().plot(tmp_path / "report.png")
-    heights = [bar.get_height() for bar in fig.axes[0].patches]
-    assert heights == pytest.approx([50.0, 75.0, 25.0])
-    fmt, (w, h) = png_size(tmp_path / "report.png")
-    assert fmt == "PNG" and w > 800 and h > 300
+# ------------------------------------------------------------------------------------- sweeps
+def test_save_many_and_load_many_round_trip_and_load_refers_to_load_many(tmp_path):
+    reports = [make_report(), make_report(mask_set=MaskSet.square(16, 5, num_masks=2)), smoothing_report()]
+    path = CertificationReport.save_many(tmp_path / "sweep.json", reports)
+    assert CertificationReport.load_many(path) == reports
+    assert isinstance(json.loads(path.read_text()), list)
+    with pytest.raises(ValueError, match="list of 3 reports.*load_many"):
+        CertificationReport.load(path)
+    single = make_report().save(tmp_path / "one.json")
+    assert CertificationReport.load_many(single) == [make_report()]  # load_many reads every report file
+    (tmp_path / "bad.json").write_text(json.dumps([make_report().to_document(), {"format": "other"}]))
+    with pytest.raises(ValueError, match=r"report 1\): not a robustwrap report"):
+        CertificationReport.load_many(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty list"):
+        CertificationReport.load_many(tmp_path / "empty.json")
+    with pytest.raises(TypeError, match="non-empty list"):
+        CertificationReport.save_many(tmp_path / "x.json", [])
+    with pytest.raises(TypeError, match=r"reports\[1\]"):
+        CertificationReport.save_many(tmp_path / "x.json", [make_report(), "report"])
 
 
-def test_plot_mask_set_over_an_image(tmp_path):
-    mask_set = MaskSet.square(224, 0.02)
-    image = torch.randn(3, 224, 224)
-    fig = plot_mask_set(mask_set, image, tmp_path / "masks.png")
-    coverage = fig.axes[0].images[0].get_array()
-    assert coverage.shape == (224, 224) and coverage.min() == 1 and coverage.max() == 9  # covered everywhere
-    assert png_size(tmp_path / "masks.png")[0] == "PNG"
-    plot_mask_set(MaskSet.square(28, 4), None, tmp_path / "plain.png")  # a plain background too
-    with pytest.raises(ValueError, match="shape"):
-        plot_mask_set(mask_set, torch.randn(3, 32, 32))
+# ------------------------------------------------------------------------------ other defenses
+def smoothing_settings() -> dict:
+    return {
+        "defense": "smoothing",
+        "image_size": [16, 16],
+        "fill": 0.0,
+        "precision": "bfloat16",
+        "margin": 0.0,
+        "patch": [3, 3],
+        "ablation": "column",
+        "size": 4,
+        "stride": 1,
+        "threshold": None,
+        "encoding": "fill",
+    }
 
 
-def test_plot_views_marks_every_failing_view(tmp_path):
-    one_mask = torch.tensor([1, 1, 1, 2, 1, 1, 1, 1, 1])
-    grid = torch.full((9, 9), 1)
-    grid[3, :] = grid[:, 3] = 2
-    grid[0, 8] = grid[8, 0] = -1  # a view that was not evaluated
-    fig = plot_views(one_mask, grid, 1, MASKS, torch.randn(3, 16, 16), tmp_path / "views.png", class_names=["a", "b", "c"])
-    crosses = fig.axes[2].collections[0].get_offsets()
-    assert len(crosses) == 17  # row 3 and column 3, P_33 once; the unevaluated view is not a failure
-    assert sorted({(int(x), int(y)) for x, y in crosses} - {(3, i) for i in range(9)} - {(i, 3) for i in range(9)}) == []
-    assert len(fig.axes[1].patches) == 1  # mask 3 is the only one-mask view that is not the label
-    assert "Case II" in fig.get_suptitle() and "NOT certified" in fig.get_suptitle()
-    assert png_size(tmp_path / "views.png")[0] == "PNG"
-    with pytest.raises(ValueError, match="one_mask must have 9 labels"):
-        plot_views(one_mask[:4], grid, 1, MASKS)
-
-
-def test_plot_sweep_is_certified_accuracy_against_patch_size(tmp_path):
-    reports = [
-        make_report(mask_set=MaskSet.square(16, p, num_masks=3), records=[record(i, 0, 0, certified=i < c) for i in range(4)])
-        for p, c in ((5, 1), (2, 4), (3, 2))
+def smoothing_report() -> CertificationReport:
+    """A report of a (De)Randomized Smoothing model: per-image vote counts and delta, 16 views each."""
+    records = [
+        ImageRecord(0, 1, 1, True, 1, 16, "a" * 32, {"counts": [0, 12, 4, 0], "delta": 3}, 0.25),
+        ImageRecord(1, 2, 1, False, 1, 16, "b" * 32, {"counts": [2, 8, 6, 0], "delta": 3}, 0.25),
+        ImageRecord(2, 0, 0, False, 0, 16, "c" * 32, {"counts": [9, 7, 0, 0], "delta": 3}, 0.25),
     ]
-    fig = plot_sweep(reports, tmp_path / "sweep.png")
-    line = fig.axes[0].lines[0]
-    assert list(line.get_xdata()) == pytest.approx([100 * 4 / 256, 100 * 9 / 256, 100 * 25 / 256])
-    assert list(line.get_ydata()) == [100.0, 50.0, 25.0]
-    assert png_size(tmp_path / "sweep.png")[0] == "PNG"
-    table = sweep_table(reports).splitlines()
-    assert len(table) == 5 and "5x5 px" in table[2] and "25.00%" in table[2]
-    with pytest.raises(ValueError, match="at least one"):
-        plot_sweep([])
+    return CertificationReport("peaknet", "tiny", "smoothing", smoothing_settings(), 4, tuple(records), fingerprint="def", full_views=16)
+
+
+def test_records_carry_any_defense_fields_and_round_trip():
+    report = smoothing_report()
+    first = report.records[0]
+    assert first.counts == (0, 12, 4, 0) and first.delta == 3 and first.extras == {"counts": (0, 12, 4, 0), "delta": 3}
+    with pytest.raises(AttributeError, match="counts, delta"):
+        first.case  # noqa: B018  (a PatchCleanser field: not on a smoothing record)
+    assert ImageRecord.from_dict(first.to_dict()) == first
+    assert first.to_dict()["counts"] == [0, 12, 4, 0]  # a defense field sits beside the common ones
+    again = CertificationReport.from_json(report.to_json())
+    assert again == report and again.records[1].counts == (2, 8, 6, 0)
+    assert pickle.loads(pickle.dumps(first)) == first  # records are gathered across processes as objects
+    assert report.case_counts == {} and report.mask_set is None and report.num_masks is None
+    assert report.patch_sizes == ((3, 3),) and report.patch_percent == pytest.approx((100 * 9 / 256,))
+    assert (report.clean_accuracy, report.certified_accuracy, report.vanilla_accuracy) == (pytest.approx(2 / 3), pytest.approx(1 / 3), pytest.approx(2 / 3))
+    document = json.loads(report.to_json())
+    assert document["defense"] == "smoothing" and document["settings"] == smoothing_settings()
+    assert document["summary"]["mean_delta"] == 3 and "cases" not in document["summary"]
+
+
+def test_summary_works_for_any_defense():
+    text = smoothing_report().summary()
+    for expected in [
+        "defense                 smoothing",
+        "patch 3x3 px (3.52% of 16x16)",
+        "precision bfloat16, margin 0.0, ablation column, size 4, stride 1, threshold None, encoding fill",
+        "certified accuracy      33.33%  (1/3)",
+        "delta (mean)            3",
+        "16.0 of 16 (full evaluation): 100.00%",
+    ]:
+        assert expected in text
+    assert "cases" not in text
+    table = sweep_table([smoothing_report(), make_report()]).splitlines()
+    assert "smoothing" in table[2] and "16.0/16" in table[2] and "patchcleanser K=9" in table[3]
+
+
+@pytest.mark.parametrize(
+    ("extras", "error", "match"),
+    [({"label": 3}, ValueError, "common fields"), ({"_x": 1}, ValueError, "identifiers"), ({"grid": object()}, TypeError, "JSON value"), ([1], TypeError, "dict")],
+)
+def test_bad_defense_fields_are_refused(extras, error, match):
+    with pytest.raises(error, match=match):
+        ImageRecord(0, 1, 1, True, 1, 4, "", extras)
+
+
+def test_report_settings_must_be_json():
+    with pytest.raises(TypeError, match="JSON-able"):
+        dataclasses.replace(make_report(), settings={"fill": object()})
+    document = json.loads(make_report().to_json())
+    del document["settings"]
+    with pytest.raises(ValueError, match="settings"):
+        CertificationReport.from_document(document)
+
+
+def test_common_fields_are_type_checked():
+    with pytest.raises(TypeError, match="vanilla_prediction must be an int"):
+        ImageRecord(0, 1, 1, True, [[0, 1], [1, 0]], 4)  # e.g. a label map instead of one label
+    with pytest.raises(TypeError, match="certified must be a bool"):
+        ImageRecord(0, 1, 1, 1, 1, 4)
+    assert ImageRecord(0, 1, 1, True, 1, 4) == ImageRecord(0, 1, 1, True, 1, 4, "", {})

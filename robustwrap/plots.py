@@ -1,0 +1,327 @@
+"""Pictures of certification results: a report, a mask set, one image's views, a patch-size sweep.
+
+Everything here draws results; nothing runs a model (`robustwrap.dataset.view_grid` computes the
+views that `plot_views` draws). The pictures use matplotlib's object API
+(`matplotlib.figure.Figure`, no pyplot), so they never change a notebook's backend and render
+headless; matplotlib is imported only when a picture is drawn, so `import robustwrap` does not
+import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .defenses import patchcleanser as rule
+from .geometry import MaskSet
+from .report import CASE_NAMES, CertificationReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
+
+
+# ------------------------------------------------------------------------------------- reports
+def plot_report(report: CertificationReport, path: str | Path | None = None) -> Figure:
+    """Accuracy bars, the defense's breakdown (PatchCleanser: the cases) and the views per image.
+
+    `report.plot(path)` draws the same picture.
+
+    Args:
+        report: the report to draw.
+        path: where to save the PNG (or any format matplotlib knows by the suffix).
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ImportError: if matplotlib is not installed (`pip install matplotlib`).
+    """
+    has_cases = bool(report.case_counts)
+    fig = _figure((13, 4.2) if has_cases else (9.5, 4.2))
+    axes = fig.subplots(1, 3 if has_cases else 2, gridspec_kw={"width_ratios": [1, 1.2, 1.4] if has_cases else [1, 1.4]})
+    ax_acc, ax_views = axes[0], axes[-1]
+
+    names = ["vanilla\n(undefended)", "clean\n(defended)", "certified"]
+    values = [100 * report.vanilla_accuracy, 100 * report.clean_accuracy, 100 * report.certified_accuracy]
+    bars = ax_acc.bar(names, values, color=["#9e9e9e", "#4c72b0", "#2e7d32"])
+    for bar, value in zip(bars, values):
+        ax_acc.text(bar.get_x() + bar.get_width() / 2, value + 1.5, f"{value:.1f}%", ha="center", va="bottom", fontsize=10)
+    ax_acc.set_ylim(0, 112)
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title(f"accuracy on {report.num_images} images")
+
+    if has_cases:
+        ax_case = axes[1]
+        labels = [f"Case {CASE_NAMES[c]}" for c in CASE_NAMES]
+        records = report.records
+        certified = [sum(r.certified for r in records if r.extras["case"] == c) for c in CASE_NAMES]
+        correct = [sum(r.correct and not r.certified for r in records if r.extras["case"] == c) for c in CASE_NAMES]
+        wrong = [sum(not r.correct for r in records if r.extras["case"] == c) for c in CASE_NAMES]
+        ax_case.bar(labels, certified, color="#2e7d32", label="correct, certified")
+        ax_case.bar(labels, correct, bottom=certified, color="#81c784", label="correct, not certified")
+        ax_case.bar(labels, wrong, bottom=[a + b for a, b in zip(certified, correct)], color="#c62828", label="wrong")
+        for x, total in enumerate(a + b + c for a, b, c in zip(certified, correct, wrong)):
+            ax_case.text(x, total, str(total), ha="center", va="bottom", fontsize=10)
+        ax_case.set_ylabel("images")
+        ax_case.set_ylim(0, max(1, report.num_images) * 1.15)
+        ax_case.set_title("double-masking case of each prediction")
+        ax_case.legend(fontsize=8, loc="upper right")
+
+    views = [r.num_views for r in report.records]
+    full = report.full_views
+    low = report.num_masks if report.num_masks is not None else min(views, default=0)
+    high = max([full or 0, *views, low + 1])
+    ax_views.hist(views, bins=min(40, max(1, high - low + 1)), range=(low, high + 1), color="#4c72b0")
+    if full:
+        formula = "K(K+1)/2" if report.num_masks is not None else "full evaluation"
+        ax_views.axvline(full, color="#c62828", linestyle="--", label=f"{formula} = {full}")
+    if report.records:
+        ax_views.axvline(report.views_per_image, color="black", linestyle=":", label=f"mean {report.views_per_image:.1f}")
+    ax_views.set_xlabel("views evaluated per image")
+    ax_views.set_ylabel("images")
+    ax_views.set_title("cost: views per image (early exit)")
+    if full or report.records:
+        ax_views.legend(fontsize=8, loc="upper center")
+
+    fig.suptitle(f"{report.model} on {report.data}: {report.defense}, {report.threat_model()}", fontsize=10)
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------- sweeps
+def plot_sweep(reports: Sequence[CertificationReport], path: str | Path | None = None) -> Figure:
+    """Certified (and clean) accuracy against the patch size, for reports of one model and data.
+
+    Args:
+        reports: one report per patch size (e.g. `robustwrap certify --patch 1%,2%,3%`).
+        path: where to save the picture.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ValueError: for no reports, or a report whose threat model has several patch shapes
+            (a union has no single size to put on the axis).
+    """
+    if not reports:
+        raise ValueError("plot_sweep needs at least one report, got none")
+    for r in reports:
+        if len(r.patch_sizes) != 1:
+            raise ValueError(f"plot_sweep needs one patch shape per report, got {r.patch_sizes}")
+    ordered = sorted(reports, key=lambda r: r.patch_percent[0])
+    x = [r.patch_percent[0] for r in ordered]
+    fig = _figure((7, 4.5))
+    ax = fig.subplots()
+    ax.plot(x, [100 * r.certified_accuracy for r in ordered], "o-", color="#2e7d32", linewidth=2, label="certified accuracy")
+    ax.plot(x, [100 * r.clean_accuracy for r in ordered], "s--", color="#4c72b0", label="clean accuracy (defended)")
+    ax.plot(x, [100 * r.vanilla_accuracy for r in ordered], ":", color="#9e9e9e", label="vanilla clean accuracy (undefended)")
+    for r, xv in zip(ordered, x):
+        ph, pw = r.patch_sizes[0]
+        masks = f", K={r.num_masks}" if r.num_masks is not None else ""
+        ax.annotate(f"{100 * r.certified_accuracy:.1f}%\n{ph}x{pw} px{masks}", (xv, 100 * r.certified_accuracy), textcoords="offset points", xytext=(0, -26), ha="center", fontsize=8)
+    ax.set_xlabel("patch size (% of image area)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    pad = max(0.1, 0.08 * (max(x) - min(x)))
+    ax.set_xlim(min(x) - pad, max(x) + pad)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    first = ordered[0]
+    ax.set_title(f"{first.model} on {first.data} ({first.num_images} images)", fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------- images
+def plot_mask_set(mask_set: MaskSet, image: torch.Tensor | None = None, path: str | Path | None = None) -> Figure:
+    """The mask set drawn over an image: how many masks cover each pixel, and one mask with a patch.
+
+    Args:
+        mask_set: the masks.
+        image: `(C, H, W)` image in any value range (shown min-max scaled), or `None` for a
+            plain background.
+        path: where to save the picture.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ValueError: if the image size is not the mask set's.
+    """
+    from matplotlib.patches import Rectangle
+
+    shown = _display_image(image, mask_set.image_size)
+    fig = _figure((10.5, 5.2))
+    ax_all, ax_one = fig.subplots(1, 2)
+    # Outlines of dozens of overlapping masks read as a plain grid; the overlap is the point,
+    # so the left panel is the count of masks over each pixel, without the image under it.
+    coverage = (~mask_set.keep_masks()).sum(0).numpy()
+    levels = int(coverage.max())
+    heat = ax_all.imshow(coverage, cmap=_colormap("YlGnBu").resampled(levels), vmin=0.5, vmax=levels + 0.5, interpolation="nearest")
+    bar = fig.colorbar(heat, ax=ax_all, ticks=range(1, levels + 1), fraction=0.046, pad=0.03)
+    bar.set_label("masks covering the pixel")
+    cols = mask_set.grid[1] if mask_set.grid is not None else len(mask_set)
+    for k, name, colour in [(0, "mask 0", "#d81b60"), (1, "mask 1", "#ef6c00"), (cols, f"mask {cols} (next row)", "#6a1b9a")]:
+        if k < len(mask_set) and (k == 0 or k != cols or mask_set.grid is not None):
+            top, left, bh, bw = mask_set.boxes[k]
+            ax_all.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, fill=False, edgecolor=colour, linewidth=2, label=name))
+    ax_all.legend(fontsize=8, loc="lower right")
+    grid = f" ({mask_set.grid[0]}x{mask_set.grid[1]})" if mask_set.grid is not None else ""
+    ax_all.set_title(f"all {len(mask_set)} masks{grid}: overlap, three outlined", fontsize=10)
+    ax_one.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for ax in (ax_all, ax_one):
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    top, left, bh, bw = mask_set.boxes[0]
+    ax_one.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, facecolor=(0.85, 0.11, 0.38, 0.4), edgecolor="#d81b60", linewidth=2, label=f"mask 0: {bh}x{bw} px"))
+    if len(mask_set) > 1:
+        t1, l1, h1, w1 = mask_set.boxes[1]
+        ax_one.add_patch(Rectangle((l1 - 0.5, t1 - 0.5), w1, h1, fill=False, edgecolor="#ef6c00", linewidth=2, linestyle="--", label="mask 1"))
+    ph, pw = mask_set.patch_sizes[0]
+    # The patch sits at the far corner of mask 0: the last position that mask still covers.
+    ax_one.add_patch(Rectangle((left + bw - pw - 0.5, top + bh - ph - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px"))
+    ax_one.legend(fontsize=8, loc="lower right")
+    ax_one.set_title("one mask and a patch it covers", fontsize=10)
+    fig.suptitle(mask_set.describe(), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_views(
+    one_mask: torch.Tensor,
+    grid: torch.Tensor,
+    label: int,
+    mask_set: MaskSet,
+    image: torch.Tensor | None = None,
+    path: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """For one image: the one-mask labels laid out like the masks, and the two-mask grid.
+
+    Views whose label differs from `label` (the views that break the certificate) are framed
+    on the one-mask grid and crossed on the two-mask heatmap; a view that was not evaluated is
+    grey.
+
+    Args:
+        one_mask: `(K,)` one-mask labels `P_i`.
+        grid: `(K, K)` two-mask labels `P_ij` (symmetric, `-1` where not evaluated).
+        label: the true label.
+        mask_set: the masks (their grid lays out the one-mask labels).
+        image: `(C, H, W)` the image, in any value range, to show beside the grids.
+        path: where to save the picture.
+        class_names: names for the class ids, for the titles.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ValueError: if the shapes do not match the mask set.
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    k = len(mask_set)
+    one_mask = torch.as_tensor(one_mask).reshape(-1).cpu().long()
+    grid = torch.as_tensor(grid).cpu().long()
+    if one_mask.numel() != k or tuple(grid.shape) != (k, k):
+        raise ValueError(f"one_mask must have {k} labels and grid shape ({k}, {k}) for this mask set, got {one_mask.numel()} and {tuple(grid.shape)}")
+    grid = grid.clone()
+    grid[torch.arange(k), torch.arange(k)] = one_mask
+    decision = rule.decide(one_mask[None], grid[None])
+    prediction, case = int(decision.label[0]), int(decision.case[0])
+    certified = bool(rule.certified(grid[None], torch.tensor([label]))[0])
+
+    def name(c: int) -> str:
+        return f"{c} ({class_names[c]})" if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+    classes = sorted({int(v) for v in grid.unique() if v >= 0} | {int(label)})
+    palette = _colormap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = ListedColormap([(0.8, 0.8, 0.8)] + [palette(i % palette.N) for i in range(len(classes))])
+    index_of = {c: i + 1 for i, c in enumerate(classes)}
+    index_of[-1] = 0
+    norm = BoundaryNorm([i - 0.5 for i in range(len(classes) + 2)], cmap.N)
+
+    panels = 3 if image is not None else 2
+    fig = _figure((4.6 * panels + 0.8, 5))
+    axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.25]})
+    if image is not None:
+        axes[0].imshow(_display_image(image, mask_set.image_size), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
+        axes[0].set_title(f"label {name(label)}", fontsize=10)
+
+    ax_one = axes[-2]
+    rows, cols = mask_set.grid if mask_set.grid is not None and mask_set.grid[0] * mask_set.grid[1] == k else (1, k)
+    colour_index = np.vectorize(index_of.__getitem__, otypes=[int])
+    ax_one.imshow(colour_index(one_mask.reshape(rows, cols).numpy()), cmap=cmap, norm=norm)
+    for r in range(rows):
+        for c in range(cols):
+            value = int(one_mask[r * cols + c])
+            bad = value != label
+            ax_one.text(c, r, str(value), ha="center", va="center", fontsize=11 if k <= 64 else 7, fontweight="bold" if bad else None)
+            if bad:
+                ax_one.add_patch(_rect(c, r, "black"))
+    ax_one.set_xticks(range(cols))
+    ax_one.set_yticks(range(rows))
+    ax_one.set_title(f"one-mask labels P_i, laid out as the masks (framed: not {label})", fontsize=10)
+
+    ax_two = axes[-1]
+    image_ = ax_two.imshow(colour_index(grid.numpy()), cmap=cmap, norm=norm, interpolation="nearest")
+    fail_i, fail_j = ((grid != label) & (grid >= 0)).nonzero(as_tuple=True)
+    ax_two.scatter(fail_j.numpy(), fail_i.numpy(), marker="x", color="black", s=max(6, 2400 / k**1.5), linewidths=1)
+    for axis in (ax_two.xaxis, ax_two.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    ax_two.set_xlabel("mask j")
+    ax_two.set_ylabel("mask i")
+    ax_two.set_title(f"two-mask labels P_ij (x: not {label}, {len(fail_i)} of {k * k} cells)", fontsize=10)
+    bar = fig.colorbar(image_, ax=ax_two, ticks=range(len(classes) + 1), fraction=0.046, pad=0.04)
+    bar.ax.set_yticklabels(["not run"] + [name(c) for c in classes], fontsize=8)
+    bar.set_label("class")
+
+    verdict = "certified" if certified else "NOT certified"
+    fig.suptitle(f"prediction {name(prediction)} (Case {CASE_NAMES[case]}), label {name(label)}: {verdict}", fontsize=11)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------- plumbing
+def _figure(size: tuple[float, float]) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("pictures need matplotlib: pip install matplotlib") from None
+    return Figure(figsize=size, dpi=110, layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path | None) -> Figure:
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
+def _rect(c: int, r: int, colour: str):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((c - 0.45, r - 0.45), 0.9, 0.9, fill=False, edgecolor=colour, linewidth=2.5)
+
+
+def _display_image(image: torch.Tensor | None, size: tuple[int, int]):
+    """`(H, W)` or `(H, W, 3)` floats in [0, 1]: the image min-max scaled (it is usually normalised)."""
+    h, w = size
+    if image is None:
+        return torch.full((h, w), 0.92).numpy()
+    image = torch.as_tensor(image).detach().cpu().float()
+    if image.ndim != 3 or tuple(image.shape[1:]) != (h, w):
+        raise ValueError(f"image must have shape (C, {h}, {w}) for this mask set, got {tuple(image.shape)}")
+    lo, hi = image.min(), image.max()
+    image = (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
+    return image[0].numpy() if image.shape[0] == 1 else image[:3].permute(1, 2, 0).numpy()
