@@ -8,7 +8,7 @@ undefended model, the clean accuracy of the defended (double-masking) model and 
 accuracy.
 
 Default threat model: a 5x5 px patch (3.19% of 28x28) with a 6x6 mask set of 8 px masks,
-stride 4. A 4 px patch (2.04%) gives only a 5x5 set under DESIGN.md's formula (`--patch 4`).
+stride 4. A 4 px patch (2.04%) gives only a 5x5 set under the mask-set formula (docs/concepts.md#mask-sets) (`--patch 4`).
 
     python benchmarks/strategies.py              # ~12 CPU-minutes on one thread, grid is 2/3 of it
     python benchmarks/strategies.py --patch 4    # the 2.04% patch (5x5 mask set)

@@ -1126,10 +1126,12 @@ def audit(
 
     Args:
         defended: the defended model.
-        data: `(images, labels)` tensors, a map-style `Dataset` of `(image, label)` or a
-            `DataLoader`, with images as the model expects them.
+        data (tuple | Dataset | DataLoader): `(images, labels)` tensors, a map-style `Dataset`
+            of `(image, label)` or a `DataLoader`, with images as the model expects them.
         patch: the attack's patch; None: the model's own threat model (the one certified).
-        steps, step_size, restarts: as in `robustwrap.attack`.
+        steps: as in `robustwrap.attack`.
+        step_size: as in `robustwrap.attack`.
+        restarts: as in `robustwrap.attack`.
         budget: surrogate views per image (through the base model) the attack may spend.
         limit: audit the first `limit` images only.
         batch_size: images per certification and attack batch.

@@ -8,7 +8,8 @@ inference and certification, so training sees exactly the pixels certification w
 Every class is called as `aug(x, y)` and returns the masked batch; with `return_indices=True` it
 also returns what it chose: `(B, 2)` mask indices, or `(B, n_holes, 4)` boxes for `RandomCutout`.
 The searching classes (`GreedyCutout`, `MultiSizeGreedyCutout`, `GridCutout`) take the model at
-construction, so that one object drops into any training loop:
+construction, so that one object drops into any training loop (the strategies and their costs are
+on the Concepts page, docs/concepts.md#training):
 
 ```python
 aug = GreedyCutout(mask_set, model, fill=0.0)
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_fill, as_labels, as_pair, check_label_range, positive_int
-from .defenses.patchcleanser import RobustPatchClassifier
-from .views import ViewEngine, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
+from .defenses import RobustPatchClassifier
 from .geometry import MaskSet
+from .views import ViewRunner, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
 
 __all__ = [
     "apply_masks",
@@ -227,12 +228,17 @@ class _MaskSearch(_MaskSetAugmentation):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.batch_size = positive_int(batch_size, "batch_size")
-        # Candidate views are built and run by the engine that certification uses.
-        self.engine = ViewEngine(model, self._candidates(), self.fill, self.batch_size)
+        self._keep: dict[torch.device, torch.Tensor] = {}
 
     def _candidates(self) -> MaskSet:
-        """The masks a view of the search may hide (`engine` indexes them)."""
+        """The masks a view of the search may hide (the view runner indexes them)."""
         return self.mask_set
+
+    def _runner(self, device: torch.device) -> ViewRunner:
+        """Candidate views are built and run by the view runner that certification uses."""
+        if device not in self._keep:  # the mask set never changes: build its keep masks once per device
+            self._keep[device] = self._candidates().keep_masks(device)
+        return ViewRunner(self.model, self._keep[device], self.fill, self.batch_size)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, return_indices: bool = False):
         """Mask each image of `x` with the two masks the search finds worst for its label in `y`.
@@ -268,9 +274,10 @@ class _MaskSearch(_MaskSetAugmentation):
     def _losses(self, x: torch.Tensor, y: torch.Tensor, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-view cross entropy of the views `x[image]` hiding candidate masks `a` and `b`, as `(N,)` float32."""
         losses = torch.empty(image.numel(), dtype=torch.float32, device=x.device)
+        runner = self._runner(x.device)
         for s in range(0, image.numel(), self.batch_size):
             part = slice(s, s + self.batch_size)
-            logits = self.engine.run(x, image[part], a[part], b[part])
+            logits = runner.run(x, image[part], a[part], b[part])
             if s == 0:
                 check_label_range(y, logits.shape[1], "y")
             losses[part] = F.cross_entropy(logits.float(), y[image[part]], reduction="none")

@@ -2,12 +2,16 @@
 
 Certified accuracy depends on how well the base model classifies images with two masks hidden.
 `fit_masking` fine-tunes it on masked training images chosen by one of the strategies of
-`robustwrap.augment`, with the recipe of Saha et al. (TMLR 2023) as its defaults, and writes a
-resumable checkpoint after every epoch.
+`robustwrap.augment`, with the recipe of Saha et al. (TMLR 2023) as its defaults, at the defended
+model's own precision and fill, and writes a resumable checkpoint after every epoch. The rules it
+follows (precision, fill, frozen modules, exact resume) are on the Concepts page,
+docs/concepts.md#training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import random
 import re
@@ -28,9 +32,9 @@ from tqdm.auto import tqdm
 from ._args import as_fill, as_labels, check_label_range, positive_int
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
-from .defenses.patchcleanser import RobustPatchClassifier
-from .views import eval_mode, model_device_dtype
+from .defenses import RobustPatchClassifier, wrap
 from .geometry import MaskSet
+from .views import eval_mode, model_device_dtype
 
 __all__ = ["fit_masking", "FitHistory", "EpochStats", "STRATEGIES"]
 
@@ -39,6 +43,9 @@ STRATEGIES = ("none", *_AUGMENTATIONS)
 
 _CONVNET_LR, _TRANSFORMER_LR = 0.01, 0.001
 _WEIGHTS, _STATE = "model.safetensors", "training_state.pt"
+_DEFAULT_STRATEGY = "multisize_greedy"  # PatchCleanser's: Multi-size Greedy Cutout (Saha et al., TMLR 2023)
+_SMOOTHING_STRATEGIES = ("none", "random_ablation")  # (De)Randomized Smoothing: one random ablated view per image
+_PATCHGUARD_STRATEGIES = ("provable_adversarial", "none")  # PatchGuard: provable adversarial training, or plain
 _EPOCH_DIR = re.compile(r"epoch_(\d+)")
 
 Strategy = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,11 +106,28 @@ class FitHistory:
         return self.epochs[-1]
 
 
+def _refuse_amp(function: Callable) -> Callable:
+    """Answer a stale `amp=` with where precision lives now, instead of Python's bare "unexpected keyword"."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if "amp" in kwargs:
+            raise TypeError(
+                f"fit_masking() no longer takes amp={kwargs['amp']!r}: precision is a setting of the defended model, "
+                "used alike for training, prediction and certification. Wrap with it, e.g. "
+                "robustwrap.wrap(model, patch=..., precision='bfloat16'), and pass the wrapped model"
+            )
+        return function(*args, **kwargs)
+
+    return call
+
+
+@_refuse_amp
 def fit_masking(
     model: nn.Module,
     train_loader: Iterable,
     *,
-    strategy: Strategy = "multisize_greedy",
+    strategy: Strategy | None = None,
     mask_set: MaskSet | None = None,
     fill: float | Sequence[float] | None = None,
     epochs: int = 10,
@@ -113,7 +137,6 @@ def fit_masking(
     clean_ratio: float = 0.0,
     val_loader: Iterable | None = None,
     certify_every: int | None = None,
-    amp: bool = False,
     device: str | torch.device | None = None,
     search_batch_size: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -125,6 +148,7 @@ def fit_masking(
     ```python
     model = robustwrap.wrap(timm.create_model("resnet50", pretrained=True), patch=0.02)
     history = robustwrap.fit_masking(model, train_loader, val_loader=val_loader, certify_every=5)
+    model.eval()   # in train mode forward is the base model's; call .eval() for robust predictions
     ```
 
     Each training image is masked by `strategy` (all of them with the default `clean_ratio=0`)
@@ -136,19 +160,31 @@ def fit_masking(
     DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
     where that rule is wrong for your model.
 
-    The model is trained in place (a `RobustPatchClassifier`'s base model) in train mode; each
-    submodule gets its own mode back at the end.
+    The base model is trained in place, at the defended model's `precision` (the autocast that
+    prediction and certification use too; float16 adds loss scaling), with its `fill`.
+    Training modes: submodules keep the modes they have when `fit_masking` starts, so a BatchNorm
+    you put in eval mode stays frozen (its running statistics are not updated); only a model
+    entirely in eval mode, as loaded for inference, is switched to train mode as a whole. The
+    strategies search in eval mode, and every submodule gets its own mode back at the end.
+    See the Concepts page, docs/concepts.md#training.
 
     Args:
-        model: a `RobustPatchClassifier` (its mask set and fill are used), or a bare classifier
-            `(B, C, H, W) -> (B, num_classes)` together with `mask_set`.
+        model: a defended model (its mask set or views, fill and precision are used), or a bare
+            classifier `(B, C, H, W) -> (B, num_classes)` together with `mask_set` (trained in
+            float32; wrap it with `robustwrap.wrap(..., precision=...)` for another precision).
         train_loader: an iterable of `(images, labels)` batches (extra items are ignored), such
             as a `DataLoader`; images normalised as the model expects, labels integer class ids.
             For `resume` to give the same result as an uninterrupted run, its order must come
             from a seeded torch generator or torch's global one (the default of a `DataLoader`).
-        strategy: `"multisize_greedy"` (default), `"greedy"`, `"grid"`, `"random_mask"`,
-            `"random_cutout"`, `"none"` (clean fine-tuning; see `robustwrap.augment`), or a
-            callable `strategy(images, labels) -> masked images` of the same shape.
+        strategy: `None` (default) for the defense's own strategy: Multi-size Greedy Cutout
+            (`"multisize_greedy"`) for PatchCleanser and a bare model, `"random_ablation"` (one
+            random ablated view per image, see `robustwrap.defenses.smoothing.RandomAblation`) for
+            (De)Randomized Smoothing, `"provable_adversarial"` for PatchGuard (no masking: the loss
+            removes the true class's largest window of evidence, `PatchGuard.training_loss`).
+            PatchCleanser also takes `"greedy"`, `"grid"`, `"random_mask"` and `"random_cutout"`
+            (see `robustwrap.augment`); every defense takes `"none"` (clean fine-tuning; for
+            PatchGuard, cross-entropy of the mean local logits) and a callable
+            `strategy(images, labels) -> masked images` (the images as the base model takes them).
         mask_set: the mask set the model will be certified with; required for a bare model,
             taken from a `RobustPatchClassifier`.
         fill: value of masked pixels in the model's input space; default the classifier's fill,
@@ -163,7 +199,6 @@ def fit_masking(
         val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
         certify_every: with `val_loader`, also certify it every this many epochs and after the
             last one (certification runs up to `K(K + 1) / 2` views per image).
-        amp: train with mixed precision: float16 with loss scaling on CUDA, bfloat16 elsewhere.
         device: move the model to this device and train there (default: where the model is).
         search_batch_size: views per forward pass of a searching strategy and of certification
             (default: the classifier's `batch_size`, or 64).
@@ -182,17 +217,19 @@ def fit_masking(
         The `FitHistory` of every epoch.
 
     Raises:
-        TypeError: for a model that is not an `nn.Module`, or a strategy that is neither a name
-            nor a callable.
+        TypeError: for a model that is not an `nn.Module`, a strategy that is neither a name
+            nor a callable, or the removed `amp=` argument (precision is a setting of the
+            defended model, so that training, prediction and certification cannot disagree).
         ValueError: for settings that cannot work, all checked before the first update: an unknown
             strategy name, a bare model without `mask_set`, both a classifier and `mask_set`, `lr`
             with your own optimizer, `certify_every` without `val_loader`, `resume` without
             `checkpoint_dir`, a `checkpoint_dir` that already holds a run but `resume=False` (so
-            a run is never overwritten by mistake), a checkpoint made with other settings, an
-            empty loader, or batches without labels or with labels outside `[0, num_classes)`.
+            a run is never overwritten by mistake), a checkpoint made with other settings (strategy,
+            clean ratio, mask set, fill or precision), an empty loader, or batches without labels
+            or with labels outside `[0, num_classes)`.
     """
-    classifier, mask_set, fill = _resolve_defense(model, mask_set, fill)
-    base = classifier.model if classifier is not None else model
+    target = _resolve_defense(model, mask_set, fill)
+    classifier, base, mask_set, fill, precision = target.classifier, target.base, target.mask_set, target.fill, target.precision
     epochs = positive_int(epochs, "epochs")
     if isinstance(clean_ratio, bool) or not isinstance(clean_ratio, (int, float)) or not 0.0 <= clean_ratio <= 1.0:
         raise ValueError(f"clean_ratio must be a number in [0, 1], got {clean_ratio!r}")
@@ -213,7 +250,8 @@ def fit_masking(
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if lr is not None and optimizer is not None:
         raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
-    augment, strategy_name = _make_strategy(strategy, base, mask_set, fill, search_batch_size)
+    augment, strategy_name = _make_strategy(strategy, target, search_batch_size)
+    loss_fn, scores = target.training_loss(strategy_name)
 
     if device is not None:
         base.to(device)
@@ -223,23 +261,26 @@ def fit_masking(
         optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         if scheduler is None:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[(epochs + 1) // 2], gamma=0.1)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
     loop = _Loop(
         base=base,
         augment=augment,
+        encode=target.encode,
+        loss=loss_fn,
+        scores=scores,
         clean_ratio=float(clean_ratio),
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        # float16 underflows small gradients; bfloat16 has float32's range and needs no scaling
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "float16"),
         device=device,
         dtype=dtype,
-        amp_dtype=amp_dtype,
+        autocast=classifier.autocast if classifier is not None else contextlib.nullcontext,
         num_classes=_known_num_classes(classifier, base),
         progress=progress,
     )
 
     history = FitHistory(strategy=strategy_name, lr=float(optimizer.param_groups[0]["lr"]))
-    config = {"strategy": strategy_name, "clean_ratio": float(clean_ratio), "mask_set": [list(b) for b in mask_set.boxes], "fill": fill}
+    config = {"strategy": strategy_name, "clean_ratio": float(clean_ratio), **target.geometry, "fill": fill, "precision": precision}
     generators = _loader_generators(train_loader)
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -254,10 +295,11 @@ def fit_masking(
 
     certifier = None
     if certify_every is not None:
-        certifier = classifier or RobustPatchClassifier(
-            base, mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes
-        )
+        certifier = classifier or wrap(base, mask_set=mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes)
     modes = [(module, module.training) for module in base.modules()]
+    if not any(training for _, training in modes):
+        base.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
+    loop.modes = [(module, module.training) for module in base.modules()]
     try:
         for epoch in range(len(history), epochs):
             with tqdm(total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True) as bar:
@@ -281,25 +323,31 @@ class _Loop:
 
     base: nn.Module
     augment: Callable | None
+    encode: Callable[[torch.Tensor], torch.Tensor]  # an unmasked image as the base model takes it
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (base model output, labels) -> loss
+    scores: Callable[[torch.Tensor], torch.Tensor]  # base model output -> (B, num_classes), for accuracy
     clean_ratio: float
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
     device: torch.device
     dtype: torch.dtype
-    amp_dtype: torch.dtype | None
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the defended model's precision
     num_classes: int | None  # found from the first batch when the model does not say
     progress: bool
+    modes: list[tuple[nn.Module, bool]] = field(default_factory=list)  # each submodule's mode for training
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def train_mode(self) -> None:
+        """Every submodule in its training mode: frozen ones (e.g. a BatchNorm in eval mode) stay frozen."""
+        for module, training in self.modes:
+            module.training = training
 
     def batch(self, batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`(images, labels)` of a loader's batch on the model's device, labels checked against the model."""
         x, y = _unpack(batch, name)
         x, y = x.to(device=self.device, dtype=self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.num_classes is None:
-            self.num_classes = _probe_num_classes(self.base, x)
+            self.num_classes = _probe_num_classes(self.base, self.encode(x))
         check_label_range(y, self.num_classes, f"{name} labels")
         return x, y
 
@@ -307,7 +355,7 @@ class _Loop:
 def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: tqdm) -> EpochStats:
     """One epoch over `loader`; `updates` is the number of optimizer steps before it."""
     base, optimizer, scheduler, scaler = loop.base, loop.optimizer, loop.scheduler, loop.scaler
-    base.train()
+    loop.train_mode()
     lr = float(optimizer.param_groups[0]["lr"])
     total_loss = torch.zeros((), dtype=torch.float64, device=loop.device)
     correct = torch.zeros((), dtype=torch.long, device=loop.device)
@@ -316,9 +364,9 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
     for batch in loader:
         with loop.autocast():
             x, y = loop.batch(batch, "train_loader")
-            x = _mask_batch(loop.augment, x, y, loop.clean_ratio)
+            x = _mask_batch(loop.augment, loop.encode, x, y, loop.clean_ratio)
             logits = base(x)
-            loss = F.cross_entropy(logits, y)
+            loss = loop.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -327,7 +375,7 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
         if hasattr(scheduler, "step_update"):  # a timm scheduler: per-update schedule
             scheduler.step_update(num_updates=updates + steps)
         total_loss += loss.detach().double() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += (loop.scores(logits.detach()).argmax(1) == y).sum()
         seen += y.shape[0]
         bar.update(1)
         if loop.progress and steps % 10 == 1:
@@ -348,7 +396,7 @@ def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: Robus
     with torch.no_grad(), eval_mode(loop.base), loop.autocast():
         for batch in loader:
             x, y = loop.batch(batch, "val_loader")
-            clean += int((loop.base(x).argmax(1) == y).sum())
+            clean += int((loop.scores(loop.base(loop.encode(x))).argmax(1) == y).sum())
             seen += y.shape[0]
             if certifier is not None:
                 result = certifier.certify(x, y)
@@ -367,29 +415,98 @@ def _postfix(stats: EpochStats) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------- resolution
-def _resolve_defense(model, mask_set, fill) -> tuple[RobustPatchClassifier | None, MaskSet, float | tuple[float, ...]]:
-    """The classifier (if any), mask set and fill to train with."""
+@dataclass
+class _Target:
+    """What `fit_masking` trains and how the defense wants it trained."""
+
+    classifier: RobustPatchClassifier | None
+    base: nn.Module
+    fill: float | tuple[float, ...]
+    precision: str
+    strategies: tuple[str, ...]  # the strategy names that make sense for this defense
+    default: str | None  # the defense's own strategy (`strategy=None`)
+    geometry: dict  # what decides the training views, recorded in checkpoints
+    mask_set: MaskSet | None = None
+    encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+
+    def training_loss(self, strategy: str) -> tuple[Callable, Callable]:
+        """`(loss(output, labels), scores(output) -> (B, num_classes))` for the base model's output."""
+        if getattr(self.classifier, "defense", None) == "patchguard":  # local logits (B, C, h, w)
+            provable = strategy == "provable_adversarial"
+
+            def loss(local: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return self.classifier.training_loss(local, y, provable=provable)
+
+            return loss, lambda local: local.float().mean((-2, -1))
+        return F.cross_entropy, (lambda logits: logits)
+
+
+def _resolve_defense(model, mask_set, fill) -> _Target:
+    """The base model, fill, precision and strategies to train with (docs/concepts.md#training)."""
     if isinstance(model, RobustPatchClassifier):
         if mask_set is not None:
-            raise ValueError("the RobustPatchClassifier brings its own mask_set; pass one or the other, not both")
-        return model, model.mask_set, model.fill if fill is None else as_fill(fill)
+            raise ValueError(f"the {type(model).__name__} brings its own mask set and fill; pass mask_set with a bare model only, not both")
+        fill = model.fill if fill is None else as_fill(fill)
+        common = {"classifier": model, "base": model.model, "fill": fill, "precision": model.precision}
+        if isinstance(getattr(model, "mask_set", None), MaskSet):  # PatchCleanser: the masking strategies
+            geometry = {"mask_set": [list(b) for b in model.mask_set.boxes]}
+            return _Target(**common, strategies=STRATEGIES, default=_DEFAULT_STRATEGY, geometry=geometry, mask_set=model.mask_set)
+        if getattr(model, "defense", None) == "smoothing":  # one random ablated view per image, encoded alike
+            from .defenses.smoothing import encode_full
+
+            settings = model.settings()
+            geometry = {"views": {key: settings[key] for key in ("ablation", "size", "stride", "encoding")}}
+            encoding = settings["encoding"]
+            return _Target(
+                **common,
+                strategies=_SMOOTHING_STRATEGIES,
+                default="random_ablation",
+                geometry=geometry,
+                encode=lambda x: encode_full(x, encoding),
+            )
+        if getattr(model, "defense", None) == "patchguard":  # no masking: the loss makes it robust
+            settings = model.settings()
+            geometry = {"guard": {k: v for k, v in settings.items() if k not in ("fill", "precision", "margin")}}
+            return _Target(**common, strategies=_PATCHGUARD_STRATEGIES, default="provable_adversarial", geometry=geometry)
+        return _Target(**common, strategies=("none",), default=None, geometry={"defense": getattr(model, "defense", "")})
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a RobustPatchClassifier, got {type(model).__name__}")
     if mask_set is None:
         raise ValueError("mask_set is required for a bare model (the masks it will be certified with); or pass robustwrap.wrap(model, ...)")
     if not isinstance(mask_set, MaskSet):
         raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
-    return None, mask_set, 0.0 if fill is None else as_fill(fill)
+    return _Target(
+        classifier=None,
+        base=model,
+        fill=0.0 if fill is None else as_fill(fill),
+        precision="float32",
+        strategies=STRATEGIES,
+        default=_DEFAULT_STRATEGY,
+        geometry={"mask_set": [list(b) for b in mask_set.boxes]},
+        mask_set=mask_set,
+    )
 
 
-def _make_strategy(strategy, base, mask_set, fill, batch_size) -> tuple[Callable | None, str]:
+def _make_strategy(strategy, target: _Target, batch_size: int) -> tuple[Callable | None, str]:
     """The augmentation (None for clean training) and the strategy's name."""
+    defense = f"a {target.classifier.defense!r} model" if target.classifier is not None else "this model"
+    if strategy is None:
+        if target.default is None:
+            raise ValueError(f"fit_masking has no default strategy for {defense}; pass strategy='none' or a callable")
+        strategy = target.default
     if isinstance(strategy, str):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))} or a callable; got {strategy!r}")
-        if strategy == "none":
+        if strategy not in target.strategies:
+            raise ValueError(
+                f"strategy must be one of {', '.join(map(repr, target.strategies))} or a callable for {defense}; got {strategy!r}"
+            )
+        if strategy in ("none", "provable_adversarial"):  # PatchGuard's provable training is a loss, not a masking
             return None, strategy
-        return create_augmentation(strategy, mask_set, base, fill=fill, batch_size=batch_size), strategy
+        if strategy == "random_ablation":
+            from .defenses.smoothing import RandomAblation
+
+            model = target.classifier
+            return RandomAblation(model.ablation_set, model.encoding, target.fill), strategy
+        return create_augmentation(strategy, target.mask_set, target.base, fill=target.fill, batch_size=batch_size), strategy
     if callable(strategy):
         return strategy, getattr(strategy, "__name__", type(strategy).__name__)
     raise TypeError(f"strategy must be a name or a callable (images, labels) -> masked images, got {type(strategy).__name__}")
@@ -449,23 +566,24 @@ def _unpack(batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, as_labels(y, x.shape[0], f"{name} labels")
 
 
-def _mask_batch(augment, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> torch.Tensor:
-    """`x` with every image masked by `augment`, except a `clean_ratio` share left clean at random."""
+def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> torch.Tensor:
+    """`x` with every image masked by `augment`, except a `clean_ratio` share left clean (`encode`d) at random."""
     if augment is None or clean_ratio == 1.0:
-        return x
+        return encode(x)
+    clean = encode(x)
     if clean_ratio == 0.0:
-        return _run_strategy(augment, x, y)
+        return _run_strategy(augment, x, y, clean.shape)
     masked = (torch.rand(x.shape[0]) >= clean_ratio).to(x.device)
-    out = x.clone()
-    out[masked] = _run_strategy(augment, x[masked], y[masked])
+    out = clean.clone()
+    out[masked] = _run_strategy(augment, x[masked], y[masked], clean[masked].shape)
     return out
 
 
-def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     out = augment(x, y)
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+    if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"strategy must return the masked images with the shape of its input {tuple(x.shape)}, got {got}")
+        raise ValueError(f"strategy must return the masked images with the shape of its input {tuple(shape)}, got {got}")
     return out
 
 
@@ -551,6 +669,8 @@ def _load_checkpoint(path: Path, loop: _Loop, generators: list[torch.Generator],
     # weights_only: the training state holds tensors and plain containers; nothing is unpickled as code.
     state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
     for key, value in config.items():
+        if key not in state["config"]:
+            continue  # a checkpoint written before the setting was recorded
         saved = state["config"][key]
         if saved != value:
             settings = (

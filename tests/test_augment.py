@@ -25,7 +25,7 @@ from robustwrap.augment import (
 
 SET9 = MaskSet.square(12, 3, num_masks=3)  # 3x3 masks of 6 px on 12x12 images
 SET36 = MaskSet.square(14, 3, num_masks=6)  # 6x6 masks of 4 px on 14x14 images
-SET25 = MaskSet.square(12, 3, num_masks=6)  # the formula gives 5x5: an odd grid to coarsen
+SET25 = MaskSet.square(12, 3, num_masks=5)  # 5x5 masks of 4 px: an odd grid to coarsen
 
 
 def batch(n: int, size: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:

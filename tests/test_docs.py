@@ -357,6 +357,41 @@ def test_page_runs(path, tmp_path, monkeypatch, one_thread):
 
 
 
+# The rules the code implements, each under a stable anchor of the Concepts page (docstrings cite them).
+CONCEPTS_ANCHORS = (
+    "threat-model", "patch-size", "ties", "fill", "precision", "margin", "settings",
+    "mask-sets", "double-masking", "certification", "what-a-certificate-proves",
+    "smoothing", "smoothing-delta", "smoothing-certificate", "smoothing-early-exit",
+    "patchguard", "robust-masking", "patchguard-certificate",
+    "training", "results", "hub-format",
+)  # fmt: skip
+# What users get: the docs, the README, the package, the zoo recipes and the benchmarks (whose
+# records the docs include).
+USER_FILES = sorted(
+    [*PAGES, ROOT / "hubconf.py", *(ROOT / "robustwrap").rglob("*.py"), *(ROOT / "robustwrap").rglob("*.md")]
+    + [*(ROOT / "hub").rglob("*.py"), *(ROOT / "hub").rglob("*.md"), *(ROOT / "benchmarks").glob("*.*")]
+)
+
+
+def test_the_project_carries_its_own_contract():
+    """Every rule has its anchor on the Concepts page; nothing users get points to a design file they
+    do not have, to an anchor that does not exist, or to a repository that does not exist (issue 9, item 9)."""
+    concepts = (DOCS / "concepts.md").read_text()
+    for anchor in CONCEPTS_ANCHORS:
+        assert f"{{ #{anchor} }}" in concepts, f"docs/concepts.md has no section with the anchor #{anchor}"
+    anchors = set(re.findall(r"\{ #([\w-]+) \}", concepts))
+    for path in USER_FILES:
+        if not path.is_file() or path.suffix not in (".py", ".md", ".txt", ".json"):
+            continue
+        text, where = path.read_text(), path.relative_to(ROOT)
+        assert "DESIGN.md" not in text and "../shared" not in text, f"{where} points to the internal design file; cite docs/concepts.md"
+        assert "github.com/robustwrap" not in text, f"{where} names a repository that does not exist"
+        for anchor in re.findall(r"concepts\.md#([\w-]+)", text):
+            assert anchor in anchors, f"{where} cites docs/concepts.md#{anchor}, which does not exist"
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "repo_url" not in config and "github.com" not in config
+
+
 def test_generated_content_expands_on_every_page():
     """Every `<!-- robustwrap:... -->` marker renders (a renamed README section or command fails here)."""
     hook = _hook()

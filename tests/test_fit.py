@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 
@@ -206,14 +207,118 @@ def test_progress_bar_shows_loss_and_accuracy(capsys):
     assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
 
 
-def test_amp_trains_in_bfloat16_on_cpu_and_modes_are_restored():
+# ----------------------------------------------------------------------------- modes, precision
+def test_frozen_modules_stay_frozen_while_training():
+    """A BatchNorm the user put in eval mode is not unfrozen: its running statistics never move (issue 9, item 5)."""
     net = BNNet()
-    net.eval()
+    net.train()
+    bn, dropout = net.features[1], net.features[3]
+    bn.eval()  # the usual way to freeze BatchNorm statistics while fine-tuning
+    frozen = {k: v.clone() for k, v in bn.named_buffers()}  # running statistics (weight and bias still train)
+    seen = []
+    net.features[0].register_forward_pre_hook(lambda module, args: seen.append((net.training, bn.training, dropout.training)))
+    fit_masking(net, loader(data()), mask_set=SET9, strategy="random_mask", epochs=2, progress=False)
+    assert (True, False, True) in seen  # the training forwards: dropout trained, the frozen BatchNorm did not
+    assert all(not bn_training for _, bn_training, _ in seen)
+    assert all(torch.equal(frozen[k], v) for k, v in bn.named_buffers())
+    assert net.training and not bn.training and dropout.training  # the caller's modes, per module
+
+
+def test_a_model_entirely_in_eval_mode_trains_in_train_mode_and_gets_its_modes_back():
+    net = BNNet()
+    net.eval()  # e.g. straight from from_pretrained: loaded for inference, not frozen module by module
+    bn = net.features[1]
+    before = bn.running_mean.clone()
+    seen = []
+    net.features[0].register_forward_pre_hook(lambda module, args: seen.append(bn.training))
+    history = fit_masking(net, loader(data()), mask_set=SET9, strategy="multisize_greedy", epochs=1, progress=False)
+    assert True in seen and not torch.equal(bn.running_mean, before) and torch.isfinite(torch.tensor(history.final.loss))
+    assert not any(m.training for m in net.modules())
+
+
+@pytest.mark.parametrize("precision, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_trains_at_the_defended_models_precision(precision, dtype):
+    """Training, the strategy's search and validation run under the model's own autocast, as prediction does."""
+    net = BNNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, num_classes=4, precision=precision)
     dtypes = []
     net.features[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
-    history = fit_masking(net, loader(data()), mask_set=SET9, strategy="multisize_greedy", epochs=1, amp=True, device="cpu", progress=False)
-    assert set(dtypes) == {torch.bfloat16} and torch.isfinite(torch.tensor(history.final.loss))
-    assert not net.training and not net.features[1].training  # the caller's modes, per module
+    history = fit_masking(robust, loader(data()), strategy="greedy", val_loader=loader(data(8), shuffle=False), epochs=1, progress=False)
+    assert set(dtypes) == {dtype} and torch.isfinite(torch.tensor(history.final.loss))
+    assert robust.precision == precision  # a setting of the model, untouched by training
+
+
+def test_amp_is_refused_with_where_precision_lives():
+    net = PeakNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    stale = r"amp=True.*precision is a setting of the defended model.*wrap\(model, patch=\.\.\., precision='bfloat16'\)"
+    with pytest.raises(TypeError, match=stale):
+        fit_masking(net, loader(data()), mask_set=SET9, epochs=1, amp=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_default_strategy_is_the_defenses_own():
+    history = fit_masking(robustwrap.wrap(PeakNet(), mask_set=SET9, num_classes=4), loader(data(8)), epochs=1, progress=False)
+    assert history.strategy == "multisize_greedy"
+
+
+def smoothing_model(net: nn.Module, encoding: str = "fill") -> robustwrap.RobustPatchClassifier:
+    """Column bands of 3 px on 12x12 images against a 2 px patch: Δ = 4, 2Δ < V = 12."""
+    return robustwrap.wrap(net, patch=2, defense="smoothing", size=3, encoding=encoding, image_size=12, num_classes=4)
+
+
+@pytest.mark.parametrize("encoding, channels", [("fill", 3), ("levine2020", 6)])
+def test_a_smoothing_model_trains_on_one_random_ablated_view_per_image(encoding, channels):
+    net = PeakNet(in_chans=channels)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()) if module.training else None)
+    val = data(8, seed=5)
+    history = fit_masking(smoothing_model(net, encoding), loader(data()), val_loader=loader(val, shuffle=False), epochs=1, progress=False)
+    assert history.strategy == "random_ablation" and len(seen) == 4
+    for x in seen:
+        assert x.shape[1:] == (channels, 12, 12)
+        kept = (x != 0).any(dim=(1, 2))  # (B, W): the columns that kept anything (ablated pixels are exactly 0)
+        for row in kept:  # one band of 3 neighbouring columns per image, wrapping around the edge
+            columns = set(row.nonzero().flatten().tolist())
+            assert any(columns == {(q + t) % 12 for t in range(3)} for q in range(12)), columns
+    x, y = val.tensors
+    encoded = torch.cat([x, 1 - x], 1) if encoding == "levine2020" else x
+    with torch.no_grad():
+        assert history.final.val_accuracy == (net.eval()(encoded).argmax(1) == y).float().mean().item()
+
+
+def test_a_smoothing_model_takes_its_own_strategies():
+    net = PeakNet(in_chans=6)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()) if module.training else None)
+    fit_masking(smoothing_model(net, "levine2020"), loader(data()), strategy="none", epochs=1, progress=False)
+    assert all(x.shape[1] == 6 and (x != 0).any(dim=(1, 2)).all() for x in seen)  # clean: (x, 1 - x), every column
+    with pytest.raises(ValueError, match=r"'none', 'random_ablation' or a callable for a 'smoothing' model; got 'greedy'"):
+        fit_masking(smoothing_model(PeakNet()), loader(data()), strategy="greedy", epochs=1, progress=False)
+
+
+def test_a_patchguard_model_trains_with_provable_adversarial_training_by_default():
+    """No masking: the loss is the model's own training loss on the local logits, as a hand-written loop computes it."""
+    torch.manual_seed(0)
+    base = timm.create_model("bagnet_tiny", num_classes=4, in_chans=3)
+    ref = copy.deepcopy(base)
+    guard = robustwrap.wrap(base, patch=3, defense="patchguard", image_size=16)
+    train = data(16, size=16)
+    history = fit_masking(guard, loader(train, shuffle=False), epochs=1, lr=0.01, progress=False)
+    assert history.strategy == "provable_adversarial"
+
+    reference = robustwrap.wrap(ref, patch=3, defense="patchguard", image_size=16)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    ref.train()
+    for x, y in loader(train, shuffle=False):
+        optimizer.zero_grad()
+        reference.training_loss(ref(x), y).backward()
+        optimizer.step()
+    assert same_weights(base, ref)
+    plain = fit_masking(guard, loader(train), strategy="none", epochs=1, progress=False)
+    assert plain.strategy == "none" and 0.0 <= plain.final.accuracy <= 1.0
+    with pytest.raises(ValueError, match=r"'provable_adversarial', 'none' or a callable for a 'patchguard' model; got 'greedy'"):
+        fit_masking(guard, loader(train), strategy="greedy", epochs=1, progress=False)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -236,11 +341,20 @@ class InterruptingLoader(DataLoader):
             yield item
 
 
-@pytest.mark.parametrize("strategy, clean_ratio", [("random_cutout", 0.5), ("greedy", 0.0)])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, strategy, clean_ratio):
+@pytest.mark.parametrize(
+    "strategy, clean_ratio, defense",
+    [("random_cutout", 0.5, None), ("greedy", 0.0, None), ("greedy", 0.0, "bfloat16"), ("random_ablation", 0.5, "smoothing")],
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, strategy, clean_ratio, defense):
     train, val = data(), data(8, seed=9)
+
+    def defend(net):  # a bare model, PatchCleanser in bfloat16, or a smoothing model
+        if defense == "smoothing":
+            return smoothing_model(net)
+        return net if defense is None else robustwrap.wrap(net, mask_set=SET9, num_classes=4, precision=defense)
+
     kwargs = dict(
-        mask_set=SET9,
+        mask_set=None if defense else SET9,
         strategy=strategy,
         clean_ratio=clean_ratio,
         epochs=3,
@@ -251,18 +365,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, strateg
 
     torch.manual_seed(123)
     straight = BNNet()
-    expected = fit_masking(straight, loader(train), **kwargs)
+    expected = fit_masking(defend(straight), loader(train), **kwargs)
 
     torch.manual_seed(123)
     first = BNNet()
     dying = InterruptingLoader(train, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1), after=2)
     with pytest.raises(Interrupted):
-        fit_masking(first, dying, checkpoint_dir=tmp_path, **kwargs)
+        fit_masking(defend(first), dying, checkpoint_dir=tmp_path, **kwargs)
     assert sorted(os.listdir(tmp_path)) == ["epoch_0001"]
 
     torch.manual_seed(999)  # a new process: other global RNG state, other initial weights
     resumed = BNNet(seed=7)
-    history = fit_masking(resumed, loader(train), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    history = fit_masking(defend(resumed), loader(train), checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert same_weights(resumed, straight)
     strip = lambda h: [{**vars(e), "seconds": 0} for e in h.epochs]
     assert strip(history) == strip(expected) and len(history) == 3
@@ -302,6 +416,9 @@ def test_checkpoint_dir_is_never_overwritten_or_resumed_with_other_settings(tmp_
         PeakNet(), loader(data()), mask_set=SET9, strategy="random_mask", epochs=1, checkpoint_dir=tmp_path, resume=True, progress=False
     )
     assert len(done) == 1  # already finished: nothing to do
+    bf16 = robustwrap.wrap(PeakNet(), mask_set=SET9, num_classes=4, precision="bfloat16")
+    with pytest.raises(ValueError, match="precision='float32', not 'bfloat16'"):
+        fit_masking(bf16, loader(data()), strategy="random_mask", epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 # ---------------------------------------------------------------------------------------- errors

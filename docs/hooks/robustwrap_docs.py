@@ -12,7 +12,7 @@ A page asks for generated content with a marker comment on a line of its own:
 An unknown marker fails the build, so a typo can never silently drop content.
 
 Pictures under `images/` are drawn at build time with robustwrap's own plotting functions
-(`robustwrap.report.plot_mask_set`, `plot_views`) and matplotlib, on the embedded zoo model and
+(`robustwrap.plots.plot_mask_set`, `plot_views`) and matplotlib, on the embedded zoo model and
 its held-out digits, and added to the site as generated files: no binary is kept in `docs/`.
 """
 
@@ -217,10 +217,10 @@ def _digits(model, count: int):
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from robustwrap import hub
+    from robustwrap import zoo
 
     transform = create_transform(**resolve_data_config(model=model.model))
-    data = hub.builtin_dataset(hub.zoo_entry(hub.DEFAULT_MODEL)["dataset"], transform=transform)
+    data = zoo.builtin_dataset(zoo.zoo_entry(zoo.DEFAULT_MODEL)["dataset"], transform=transform)
     images, labels = zip(*(data[i] for i in range(min(count, len(data)))))
     return torch.stack(images), torch.tensor(labels)
 
@@ -238,9 +238,9 @@ def _one_mask_labels(model, x):
 
 
 def figure_mask_set() -> bytes:
-    """DESIGN.md's canonical set: 2% of 224x224 (32 px), 6x6 masks of 64 px, stride 33."""
+    """The Concepts page's canonical set: 2% of 224x224 (32 px), 6x6 masks of 64 px, stride 33."""
     from robustwrap import MaskSet
-    from robustwrap.report import plot_mask_set
+    from robustwrap.plots import plot_mask_set
 
     return _png(plot_mask_set(MaskSet.square(224, 0.02, num_masks=6)))
 
@@ -252,11 +252,12 @@ def figure_views() -> dict[str, bytes]:
     - case 3: one mask changes the label but its row does not keep it, so the majority wins;
     - case 2: the majority is wrong, and a disagreeing mask whose whole row agrees wins, rightly.
     """
-    from robustwrap import hub, rule
+    from robustwrap import zoo
     from robustwrap.dataset import view_grid
-    from robustwrap.report import plot_views
+    from robustwrap.defenses import patchcleanser as rule
+    from robustwrap.plots import plot_views
 
-    model = hub.create_model(hub.DEFAULT_MODEL).eval()
+    model = zoo.create_model(zoo.DEFAULT_MODEL).eval()
     # name: (a cheap test on the one-mask labels, the test on the full grid)
     wanted = {
         "images/views-certified.png": (lambda wrong: wrong == 0, lambda case, certified: certified),
@@ -296,11 +297,11 @@ def figure_cutouts() -> bytes:
     import torch
     from matplotlib.figure import Figure
 
-    from robustwrap import hub
+    from robustwrap import zoo
     from robustwrap.augment import create_augmentation
 
     torch.manual_seed(0)
-    model = hub.create_model(hub.DEFAULT_MODEL).eval()
+    model = zoo.create_model(zoo.DEFAULT_MODEL).eval()
     x, y = _digits(model, 6)
     names = ["random_cutout", "random_mask", "greedy", "multisize_greedy", "grid"]
     fig = Figure(figsize=(1.55 * x.shape[0], 1.6 * (len(names) + 1)), dpi=110, layout="constrained")
@@ -329,14 +330,14 @@ def figures() -> dict[str, bytes]:
     """Every generated picture (`FIGURES`), by its path under the docs folder."""
     import torch
 
-    from robustwrap import hub
+    from robustwrap import zoo
 
     # One thread: a few seconds everywhere, where two threads on a busy 2-core machine take minutes.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pictures = {"images/mask-set-224.png": figure_mask_set()}
-        if hub.DEFAULT_MODEL is None:
+        if zoo.DEFAULT_MODEL is None:
             log.warning("the zoo has no default model: the pictures of the embedded model are left out")
             return pictures
         pictures |= figure_views()
