@@ -1,40 +1,61 @@
 """The `robustwrap` command: certify a data set, show a mask set, predict images, list the zoo.
 
 ```
-robustwrap certify                                  # the embedded default model on its held-out digits
-robustwrap certify --model hf-hub:org/name --data val/ --patch 1%,2%,3% --plot out/
+robustwrap certify                                  # the embedded default model on the first 100 shipped digits
+robustwrap certify --limit all                      # ... on all 1,000 of them
+robustwrap certify --model hf-hub:org/name --data val/ --patch 1%,2%,3% --plot out/ --report sweep.json
+robustwrap certify --model timm:resnet18 --pretrained --data val/ --patch 2%
 robustwrap masks --image-size 224 --patch 2% --num-masks 6 --plot masks.png
-robustwrap predict digit.png --model mnist-...
+robustwrap predict digit.png digits/ --json
 robustwrap models
 ```
 
 Every failure the user can cause (a missing folder, an unreadable image, an unknown model, a bad
-patch string) ends with one line on stderr and a non-zero exit code, never a traceback.
+patch string) ends with one line on stderr and exit code 1; an unexpected error (a bug) surfaces
+with its traceback, and `--traceback` shows the traceback of the expected ones too. The threat
+model, the settings and what a certificate proves are explained on the Concepts page
+(docs/concepts.md).
+
+`robustwrap --help` imports neither torch nor timm nor matplotlib: each subcommand imports what it
+uses when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
+    import torch
+    from torch import nn
 
-from .defenses.patchcleanser import RobustPatchClassifier, wrap
-from .geometry import MaskSet
-from .report import CASE_NAMES, CertificationReport
+    from .defenses import RobustPatchClassifier
+    from .report import CertificationReport
 
-__all__ = ["main", "parse_patch"]
+__all__ = ["main", "parse_class_map", "parse_patch"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Errors a user can cause: a wrong option, a missing or unreadable file, no network, a missing
+# optional package. They are printed as one line; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
+
+# `robustwrap certify` with no --data and no --limit certifies this many of the zoo model's own
+# images. Measured on a 2-core CPU: the embedded MNIST model needs about 0.4 s of CPU per digit on
+# one thread (a certified digit takes all 666 views), so 100 digits and the start take under a
+# minute of CPU; all 1,000 take about 6 minutes.
+DEFAULT_LIMIT = 100
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,77 +67,230 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 1 for an error (printed as one line on stderr), 2 for bad
         usage, 130 when interrupted.
+
+    Raises:
+        Exception: an unexpected error (a bug, not a wrong input) is re-raised with its traceback,
+            after a line that says so; with `--traceback`, every error is re-raised.
     """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        with _threads(getattr(args, "threads", None), args.command):
+            args.run(args)
     except BrokenPipeError:
         # The reader of stdout went away (`robustwrap masks | head`): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
     except KeyboardInterrupt:
         hint = " (finished images are in --results; rerun with --resume)" if getattr(args, "results", None) else ""
         print(f"robustwrap {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:  # noqa: BLE001 - the command's contract: one line, never a traceback
+    except EXPECTED_ERRORS as error:
+        if args.traceback:
+            raise
         print(f"robustwrap {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as error:
+        if _is_out_of_memory(error) and not args.traceback:
+            print(f"robustwrap {args.command}: error: out of memory: lower --views-per-pass (views per forward pass)", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"robustwrap {args.command}: internal error ({type(error).__name__}); the traceback follows, please report it", file=sys.stderr)
+        raise
     return 0
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's exit flush does not fail again on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in a test)
+        pass
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(error, oom)
+
+
+def _busy_cores() -> tuple[float, int] | None:
+    """`(load, cores)` when the machine's 1-minute load average already fills every core, else None."""
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return None
+    return (load, cores) if cores > 1 and load >= cores else None
+
+
+class _threads:
+    """Run with `n` intra-op torch threads, then restore the previous number.
+
+    `n` is `--threads`, else `OMP_NUM_THREADS` when set, else 1 when the machine is already busy
+    (load average >= cores: torch's one thread per core then oversubscribes the cores, and on a
+    loaded 2-core machine made `robustwrap certify` 7x slower than one thread), else torch's default.
+    """
+
+    def __init__(self, n: int | None, command: str) -> None:
+        self.note = None
+        if n is None:
+            env = os.environ.get("OMP_NUM_THREADS", "").strip()
+            if env:
+                n = int(env) if env.isdigit() and int(env) > 0 else None
+            elif command in ("certify", "predict") and (busy := _busy_cores()) is not None:
+                n = 1
+                self.note = (
+                    f"robustwrap {command}: the machine is busy (load {busy[0]:.1f} on {busy[1]} cores): running torch on 1 thread "
+                    "(--threads N or OMP_NUM_THREADS=N to choose)"
+                )
+        self.n, self.previous = n, None
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            import torch
+
+            if self.note is not None:
+                print(self.note, file=sys.stderr)
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            import torch
+
+            torch.set_num_threads(self.previous)
+
+
 # ------------------------------------------------------------------------------------- parser
+def _version() -> str:
+    from . import __version__
+
+    return f"robustwrap {__version__}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robustwrap", description="Certifiably patch-robust image classifiers (PatchCleanser double masking).")
+    parser = argparse.ArgumentParser(
+        prog="robustwrap",
+        description="Certifiably patch-robust image classifiers: certify a model against an adversarial patch, "
+        "show a mask set, predict images, list the model zoo.",
+        epilog="'robustwrap COMMAND --help' explains a command. The concepts (threat model, patch units, what a "
+        "certificate proves) are on the Concepts page of the documentation (docs/concepts.md).",
+    )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true", help="show the full traceback of an error instead of one line")
 
     certify = commands.add_parser(
         "certify",
+        parents=[common],
         help="certify a data set: clean, certified and vanilla accuracy",
-        description="Certify a model on a data set. With no arguments: the embedded default model on its shipped held-out digits.",
+        description=(
+            "Certify a model on a data set. With no arguments: the embedded default model on the first "
+            f"{DEFAULT_LIMIT} of its 1,000 shipped held-out digits (about a minute on a 2-core CPU; "
+            "--limit all certifies all of them in about 6 minutes and reproduces the zoo's figures)."
+        ),
+        epilog=(
+            "Two batch sizes: --images-per-step is how many images one certify call takes (a results file "
+            "is written and resumed per step); --views-per-pass is how many masked views of them go through "
+            "the model in one forward pass (the speed/memory knob: lower it when memory runs out, raise it "
+            "on a GPU). Preprocessing (resize, crop, mean, std) always comes from the model's own data "
+            "config (timm's resolve_data_config)."
+        ),
     )
-    _model_options(certify)
+    _model_options(certify, sweep=True)
     certify.add_argument("--data", help="an image folder laid out like torchvision's ImageFolder, or a built-in data set name (default: the zoo model's own)")
-    certify.add_argument("--batch-size", type=_positive, help="images per certification step (default 32)")
-    certify.add_argument("--limit", type=_positive, help="certify only the first N images")
-    certify.add_argument("--amp", action="store_true", help="run the model under autocast (mixed precision)")
-    certify.add_argument("--results", type=Path, help="JSON-lines file of per-image results, written as they come")
+    certify.add_argument(
+        "--class-map",
+        metavar="MAP",
+        help="class ids of the --data folders: name=id,name=id or a JSON file ({'name': id} or a list of class names). "
+        "By default folders are matched to the model's label names when it has them, integer folder names are "
+        "taken as ids, and a full set of folders is numbered in sorted order; a subset that matches nothing is refused",
+    )
+    certify.add_argument(
+        "--limit",
+        type=_limit,
+        metavar="N|all",
+        help=f"certify only the first N images, or 'all' (default: all; without --data, the first {DEFAULT_LIMIT} "
+        "images of the zoo model's own data set, so that the default run takes about a minute on a 2-core CPU)",
+    )
+    certify.add_argument("--images-per-step", type=_positive, metavar="N", help="images per certify step (default 32); see below")
+    certify.add_argument("--batch-size", type=_positive, metavar="N", help=argparse.SUPPRESS)  # deprecated: --images-per-step
+    certify.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)  # removed: --precision
+    certify.add_argument("--results", type=Path, help="JSON-lines file of per-image results, written as they come (resumable)")
     certify.add_argument("--resume", action="store_true", help="continue an interrupted run from --results")
-    certify.add_argument("--report", type=Path, help="write the report as JSON (a list of reports for a patch sweep)")
+    certify.add_argument("--report", type=Path, help="write the report as JSON (a list of reports for a patch sweep); robustwrap.CertificationReport.load_many reads both")
     certify.add_argument("--plot", type=Path, metavar="DIR", help="write pictures (report, mask set, one image's views, sweep) to DIR")
     certify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     certify.set_defaults(run=_certify)
 
-    masks = commands.add_parser("masks", help="show a mask set's geometry as a table and a picture")
+    masks = commands.add_parser("masks", parents=[common], help="show a mask set's geometry as a table and a picture")
     masks.add_argument("--image-size", type=_image_size, default=(224, 224), help="H or HxW (default 224)")
     masks.add_argument("--patch", type=_single_patch, default=0.02, help="pixels (32), a percentage of the image area (2%%) or a fraction (0.02); default 2%%")
     _grid_options(masks)
     masks.add_argument("--plot", type=Path, metavar="FILE", help="draw the mask set to FILE (e.g. masks.png)")
     masks.set_defaults(run=_masks)
 
-    predict = commands.add_parser("predict", help="robust label of images, with the double-masking case and certificate")
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    _model_options(predict)
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="robust label of images, with the double-masking case and certificate",
+        description="The robust label of each image, its double-masking case, and whether any patch could change it.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files, or folders (searched recursively for images)")
+    _model_options(predict, sweep=False)
+    predict.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     predict.set_defaults(run=_predict)
 
-    models = commands.add_parser("models", help="the model zoo")
+    models = commands.add_parser("models", parents=[common], help="the model zoo")
     models.set_defaults(run=_models)
     return parser
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="zoo name, local folder, hf-hub:org/name[@rev], or timm:<arch> with --checkpoint (default: the embedded default)")
-    parser.add_argument("--checkpoint", type=Path, help="weights for --model timm:<arch>, a .safetensors file")
-    parser.add_argument(
-        "--patch",
-        type=parse_patch,
-        help="patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02); a comma list (1%%,2%%,3%%) is a sweep (default: the model's own)",
+def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        help="a zoo name (robustwrap models), a robustwrap folder, hf-hub:org/name[@rev], timm:<arch> (with --pretrained "
+        "or --checkpoint), or local-dir:FOLDER saved by timm (config.json + model.safetensors); default: the embedded default",
     )
-    _grid_options(parser)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    model.add_argument("--checkpoint", type=Path, help="weights for --model timm:<arch>, a .safetensors file")
+    model.add_argument("--pretrained", action="store_true", help="--model timm:<arch> with timm's pretrained weights (downloaded once, then read from the Hugging Face cache)")
+    model.add_argument("--image-size", type=_image_size, help="H or HxW input size of a timm model (timm:<arch> or a timm folder); default: the size it is built for")
+    model.add_argument("--num-classes", type=_positive, metavar="N", help="classes of a timm model's head (default: the checkpoint's or timm's)")
+    model.add_argument("--in-chans", type=_positive, metavar="N", help="input channels of a timm model (default: the checkpoint's or 3)")
+
+    threat = parser.add_argument_group("threat model and defense")
+    if sweep:
+        patch_help = "patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02); a comma list (1%%,2%%,3%%) is a sweep (default: the model's own, 2%% for a timm model)"
+        threat.add_argument("--patch", type=parse_patch, help=patch_help)
+    else:
+        patch_help = "patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02) (default: the model's own, 2%% for a timm model)"
+        threat.add_argument("--patch", type=_patch_list_of_one, help=patch_help)
+    _grid_options(threat)
+    threat.add_argument("--precision", choices=PRECISIONS, help="numeric precision of the defended model (autocast; default: the model's own, float32 for a timm model)")
+
+    run = parser.add_argument_group("speed")
+    run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument(
+        "--views-per-pass",
+        type=_positive,
+        metavar="N",
+        help="masked views per forward pass of the model (default: the model's own): lower it when memory runs out, raise it on a GPU",
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads for torch (default: OMP_NUM_THREADS when set; else 1 when the machine is already busy, "
+        "i.e. its load average fills every core; else torch's default of one per core). Use --threads 1 when other "
+        "jobs share the machine or several robustwrap commands run at once (oversubscribed cores made a run 7x slower "
+        "on a loaded 2-core machine; small models gain little from threads anyway), and more threads for a large "
+        "model on an otherwise idle CPU",
+    )
 
 
-def _grid_options(parser: argparse.ArgumentParser) -> None:
+def _grid_options(parser) -> None:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--num-masks", type=_positive, help="masks per axis (default 6, or the model's own)")
     grid.add_argument("--stride", type=_positive, help="mask stride in pixels, instead of --num-masks")
@@ -124,6 +298,9 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_patch(text: str) -> list[int | float]:
     """Read `--patch`: pixels (`32`, `32px`), a percentage of the area (`2%`) or a fraction (`0.02`), comma-separated.
+
+    Args:
+        text: the option's value.
 
     Returns:
         One entry per patch: an int for pixels, a float in (0, 1) for a fraction of the area.
@@ -154,6 +331,42 @@ def parse_patch(text: str) -> list[int | float]:
     return values
 
 
+def parse_class_map(text: str) -> dict[str, int] | list[str]:
+    """Read `--class-map`: `name=id,name=id`, or a JSON file holding `{"name": id}` or a list of class names.
+
+    Args:
+        text: the option's value.
+
+    Returns:
+        A `{folder name: class id}` dict, or a list of class names (the name at index `i` is class `i`).
+
+    Raises:
+        FileNotFoundError: for a file name (ending in `.json`) that does not exist.
+        ValueError: for anything else, saying the two ways to write one.
+    """
+    expected = "expected name=id,name=id or a JSON file with {\"name\": id} or a list of class names"
+    if "=" not in text or text.strip().endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--class-map {text}: no such file ({expected})")
+        try:
+            value = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--class-map {text} is not valid JSON ({error})") from None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+            return {str(k): v for k, v in value.items()}
+        raise ValueError(f"--class-map {text}: {expected}, got a JSON {type(value).__name__}")
+    mapping: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, ident = item.rpartition("=")
+        if not sep or not name.strip() or not re.fullmatch(r"\s*\d+\s*", ident):
+            raise ValueError(f"--class-map: {expected}; got {item!r} in {text!r}")
+        mapping[name.strip()] = int(ident)
+    return mapping
+
+
 def _single_patch(text: str) -> int | float:
     values = parse_patch(text)
     if len(values) != 1:
@@ -161,9 +374,21 @@ def _single_patch(text: str) -> int | float:
     return values[0]
 
 
+def _patch_list_of_one(text: str) -> list[int | float]:
+    return [_single_patch(text)]
+
+
 def _positive(text: str) -> int:
     if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _limit(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
     return int(text)
 
 
@@ -176,16 +401,25 @@ def _image_size(text: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------ commands
 def _certify(args: argparse.Namespace) -> None:
-    from .dataset import certify_dataset, view_grid
-    from .report import plot_mask_set, plot_sweep, plot_views, sweep_table
+    import dataclasses
 
+    from .dataset import certify_dataset
+    from .report import CertificationReport
+
+    images_per_step = _images_per_step(args)
+    if args.amp:
+        raise ValueError("--amp was removed: precision is a setting of the defended model; pass --precision bfloat16 (CPU) or --precision float16 (CUDA)")
     if args.resume and args.results is None:
         raise ValueError("--resume continues a --results file; pass --results FILE too")
-    model, model_name = _load_model(args.model, args.checkpoint, _device(args.device))
-    dataset, data_name = _load_data(args.data, model_name, model)
-    models = [_with_threat_model(model, patch, args.num_masks, args.stride) for patch in (args.patch or [None])]
+    model, model_name = _load_model(args)
+    dataset, data_name = _load_data(args.data, args.class_map, model_name, model)
+    limit: int | None = None if args.limit == "all" else args.limit
+    subset = args.limit is None and args.data is None and len(dataset) > DEFAULT_LIMIT
+    if subset:
+        limit = DEFAULT_LIMIT
+    models = [_with_settings(model, patch, args) for patch in (args.patch or [None])]
     sweep = len(models) > 1
-    tags = [_tag(defended.mask_set) if sweep else "" for defended in models]
+    tags = [_tag(defended) if sweep else "" for defended in models]
     for tag in tags if args.results is not None and not args.resume else []:
         if _results_exist(_suffixed(args.results, tag)):
             raise ValueError(f"--results {_suffixed(args.results, tag)} already exists: pass --resume to continue it, or remove it")
@@ -194,81 +428,162 @@ def _certify(args: argparse.Namespace) -> None:
     for defended, tag in zip(models, tags):
         results = _suffixed(args.results, tag) if args.results is not None else None
         if sweep:
-            print(f"== {defended.mask_set.describe()}", file=sys.stderr)
+            print(f"== {_describe(defended)}", file=sys.stderr)
         report = certify_dataset(
             defended,
             dataset,
-            **({"batch_size": args.batch_size} if args.batch_size else {}),
-            limit=args.limit,
+            batch_size=images_per_step,
+            limit=limit,
             results_path=results,
             resume=args.resume,
             progress=args.progress,
-            amp=args.amp,
         )
         report = dataclasses.replace(report, model=model_name, data=data_name)
         reports.append(report)
         print(report.summary())
         print()
         if args.plot is not None:
-            args.plot.mkdir(parents=True, exist_ok=True)
-            index = _interesting_image(report)
-            image, label = dataset[index]
-            report.plot(args.plot / f"report{tag}.png")
-            plot_mask_set(defended.mask_set, image, args.plot / f"masks{tag}.png")
-            one_mask, grid = view_grid(defended, image)
-            plot_views(one_mask, grid, int(label), defended.mask_set, image, args.plot / f"views{tag}.png", class_names=_class_names(defended))
+            _plot_one(args.plot, tag, report, defended, dataset)
     if sweep:
+        from .report import sweep_table
+
         print(sweep_table(reports))
         if args.plot is not None:
+            from .plots import plot_sweep
+
             plot_sweep(reports, args.plot / "sweep.png")
     if args.report is not None:
-        documents = [json.loads(r.to_json()) for r in reports]
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(documents if sweep else documents[0], indent=1) + "\n")
+        if sweep:
+            CertificationReport.save_many(args.report, reports)
+        else:
+            reports[0].save(args.report)
+    _closing_notes(args, dataset, limit, subset, sweep)
+
+
+def _images_per_step(args: argparse.Namespace) -> int | None:
+    if args.batch_size is None:
+        return args.images_per_step
+    if args.images_per_step is not None:
+        raise ValueError("--batch-size is the old name of --images-per-step: pass only --images-per-step")
+    print(
+        "robustwrap certify: warning: --batch-size is deprecated and means images per certify step: write "
+        "--images-per-step (views per forward pass are --views-per-pass)",
+        file=sys.stderr,
+    )
+    return args.batch_size
+
+
+def _plot_one(folder: Path, tag: str, report: CertificationReport, defended: RobustPatchClassifier, dataset) -> None:
+    from .plots import plot_mask_set, plot_views
+
+    folder.mkdir(parents=True, exist_ok=True)
+    report.plot(folder / f"report{tag}.png")
+    mask_set = getattr(defended, "mask_set", None)
+    if mask_set is None:  # a defense without masks has no mask-set or views picture
+        return
+    from .dataset import view_grid
+
+    index = _interesting_image(report)
+    image, label = dataset[index]
+    plot_mask_set(mask_set, image, folder / f"masks{tag}.png")
+    one_mask, grid = view_grid(defended, image)
+    plot_views(one_mask, grid, int(label), mask_set, image, folder / f"views{tag}.png", class_names=_label_names(defended))
+
+
+def _closing_notes(args: argparse.Namespace, dataset, limit: int | None, subset: bool, sweep: bool) -> None:
+    """Say what was certified and where the results are (or how to keep them)."""
+    notes = []
+    if subset:
+        notes.append(f"certified the first {limit} of {len(dataset)} images (the quick default); --limit all certifies all of them")
+    if args.report is not None:
+        notes.append(f"report: {args.report}" + (" (a list of reports, one per patch size)" if sweep else ""))
+    if args.results is not None:
+        notes.append(f"per-image results: {args.results}" + (" (one file per patch size, suffixed _<patch>px)" if sweep else ""))
     if args.plot is not None:
-        print(f"pictures in {args.plot}/: " + ", ".join(sorted(p.name for p in args.plot.glob("*.png"))))
+        notes.append(f"pictures in {args.plot}/: " + ", ".join(sorted(p.name for p in args.plot.glob("*.png"))))
+    if args.report is None and args.results is None:
+        notes.append("nothing was saved: --report FILE.json keeps the report, --results FILE.jsonl the per-image results (resumable with --resume)")
+    print("\n".join(notes))
 
 
 def _masks(args: argparse.Namespace) -> None:
-    from .report import plot_mask_set
+    from .geometry import MaskSet
 
     grid = {"stride": args.stride} if args.stride else {"num_masks": args.num_masks} if args.num_masks else {}
     mask_set = MaskSet.square(args.image_size, args.patch, **grid)
+    if args.plot is not None:
+        # The picture first: `robustwrap masks --plot x.png | head` closes stdout early.
+        from .plots import plot_mask_set
+
+        plot_mask_set(mask_set, path=args.plot)
     k = len(mask_set)
     tops = sorted({b[0] for b in mask_set.boxes})
     lefts = sorted({b[1] for b in mask_set.boxes})
-    print(mask_set.describe())
-    print(f"views per image: {k} one-mask + {k * (k - 1) // 2} two-mask = {k * (k + 1) // 2} (K(K+1)/2)")
-    print(f"row starts (top):   {' '.join(map(str, tops))}")
-    print(f"col starts (left):  {' '.join(map(str, lefts))}")
-    print()
+    lines = [
+        mask_set.describe(),
+        f"views per image: {k} one-mask + {k * (k - 1) // 2} two-mask = {k * (k + 1) // 2} (K(K+1)/2)",
+        f"row starts (top):   {' '.join(map(str, tops))}",
+        f"col starts (left):  {' '.join(map(str, lefts))}",
+        "",
+    ]
     rows = [("mask", "top", "left", "height", "width")] + [(str(i), *map(str, box)) for i, box in enumerate(mask_set.boxes)]
-    print(_columns(rows))
+    lines.append(_columns(rows))
     if args.plot is not None:
-        plot_mask_set(mask_set, path=args.plot)
-        print(f"\npicture: {args.plot}")
+        lines.append(f"\npicture: {args.plot}")
+    print("\n".join(lines))
 
 
 def _predict(args: argparse.Namespace) -> None:
-    model, _ = _load_model(args.model, args.checkpoint, _device(args.device))
-    models = [_with_threat_model(model, patch, args.num_masks, args.stride) for patch in (args.patch or [None])]
-    if len(models) > 1:
-        raise ValueError("predict takes one --patch, not a list")
-    model = models[0]
+    import torch
+
+    from .report import CASE_NAMES
+
+    paths = _image_paths(args.images)
+    model, _ = _load_model(args)
+    model = _with_settings(model, (args.patch or [None])[0], args)
     transform, mode = _preprocessing(model)
-    x = torch.stack([transform(_read_image(path, mode)) for path in args.images])
-    prediction = model.predict(x)
-    # Certifying against the prediction itself says whether any patch could change it.
-    result = model.certify(x, prediction)
-    names = _class_names(model)
-    k = len(model.mask_set)
+    names = _label_names(model)
+    records = []
+    step = 32
+    for start in range(0, len(paths), step):
+        chunk = paths[start : start + step]
+        x = torch.stack([transform(_read_image(path, mode)) for path in chunk])
+        prediction = model.predict(x)
+        # Certifying against the prediction itself says whether any patch could change it.
+        result = model.certify(x, prediction)
+        for i, (path, label) in enumerate(zip(chunk, prediction.tolist())):
+            record: dict[str, Any] = {"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None}
+            record["certified"] = bool(result.certified[i])
+            if hasattr(result, "case") and hasattr(result, "one_mask"):
+                record["case"] = CASE_NAMES[int(result.case[i])]
+                record["one_mask_agree"] = int((result.one_mask[i] == label).sum())
+                record["num_masks"] = int(result.one_mask.shape[1])
+            records.append(record)
+    if args.json:
+        print(json.dumps({"model": args.model, "threat_model": _describe(model), "images": records}, indent=1))
+        return
     rows = [("image", "prediction", "case", "one-mask views", "certified")]
-    for path, label, case, one_mask, certified in zip(args.images, prediction.tolist(), result.case.tolist(), result.one_mask, result.certified.tolist()):
-        agree = int((one_mask == label).sum())
-        shown = f"{label} ({names[label]})" if names and label < len(names) else str(label)
-        rows.append((str(path), shown, CASE_NAMES[case], "all agree" if agree == k else f"{agree}/{k} agree", "yes" if certified else "no"))
-    print(model.mask_set.describe())
+    for r in records:
+        shown = f"{r['prediction']} ({r['label_name']})" if r["label_name"] is not None else str(r["prediction"])
+        agree = "-" if "one_mask_agree" not in r else "all agree" if r["one_mask_agree"] == r["num_masks"] else f"{r['one_mask_agree']}/{r['num_masks']} agree"
+        rows.append((r["image"], shown, r.get("case", "-"), agree, "yes" if r["certified"] else "no"))
+    print(_describe(model))
     print(_columns(rows, align_left=True))
+
+
+def _image_paths(given: Sequence[Path]) -> list[Path]:
+    """The image files named on the command line, folders expanded (recursively, sorted)."""
+    paths: list[Path] = []
+    for path in given:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)  # a missing or unreadable file is reported when it is read
+    return paths
 
 
 def _patch(entry: dict) -> str:
@@ -280,12 +595,12 @@ def _patch(entry: dict) -> str:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from . import hub
-
+    zoo = _zoo()
     rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified")]
-    for name in hub.list_models():
-        entry = hub.zoo_entry(name)
-        marker = " *" if name == hub.DEFAULT_MODEL else ""
+    for name in zoo.list_models():
+        entry = zoo.zoo_entry(name)
+        marker = " *" if name == zoo.DEFAULT_MODEL else ""
+        metrics = entry.get("metrics") or {}
         rows.append(
             (
                 name + marker,
@@ -293,8 +608,8 @@ def _models(args: argparse.Namespace) -> None:
                 str(entry.get("dataset", "-")),
                 _patch(entry),
                 _value(entry.get("num_masks")),
-                _accuracy(entry.get("metrics", {}).get("clean_accuracy")),
-                _accuracy(entry.get("metrics", {}).get("certified_accuracy")),
+                _accuracy(metrics.get("clean_accuracy")),
+                _accuracy(metrics.get("certified_accuracy")),
             )
         )
     print(_columns(rows, align_left=True))
@@ -303,6 +618,8 @@ def _models(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------- models
 def _device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -314,106 +631,329 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _load_model(spec: str | None, checkpoint: Path | None, device: torch.device) -> tuple[RobustPatchClassifier, str]:
-    """The defended model named by `--model` (and `--checkpoint`), on `device`, in eval mode."""
-    if spec is not None and spec.startswith("timm:"):
-        model = wrap(_load_timm(spec.removeprefix("timm:"), checkpoint))
-    else:
-        if checkpoint is not None:
-            raise ValueError("--checkpoint goes with --model timm:<arch>; other models carry their own weights")
-        from . import hub
+def _load_model(args: argparse.Namespace) -> tuple[RobustPatchClassifier, str]:
+    """The defended model named by `--model` (and its timm options), on `--device`, in eval mode."""
+    from .defenses import wrap
 
-        spec = spec if spec is not None else hub.DEFAULT_MODEL
-        model = hub.from_pretrained(spec)
+    device = _device(args.device)
+    spec: str | None = args.model
+    timm_only = [f"--{n.replace('_', '-')}" for n in ("num_classes", "in_chans", "image_size") if getattr(args, n) is not None]
+    if spec is not None and spec.startswith("timm:"):
+        base = _load_timm(spec.removeprefix("timm:"), args)
+        model = wrap(base, image_size=args.image_size)
+    else:
+        weights = [o for o, given in (("--checkpoint", args.checkpoint is not None), ("--pretrained", args.pretrained)) if given]
+        if weights:
+            raise ValueError(f"{' and '.join(weights)} go with --model timm:<arch>; other models carry their own weights")
+        folder = _folder_of(spec) if spec is not None else None
+        if folder is not None and _is_plain_timm_folder(folder):
+            model = wrap(_load_timm_folder(folder, args), image_size=args.image_size)
+        else:
+            if timm_only:
+                raise ValueError(
+                    f"{', '.join(timm_only)} apply to timm models (timm:<arch> or a folder saved by timm); "
+                    f"{spec or 'the default model'} is a robustwrap model with its own input size, classes and channels"
+                )
+            zoo = _zoo()
+            spec = spec if spec is not None else zoo.DEFAULT_MODEL
+            model = _from_pretrained(spec)
     return model.to(device).eval(), spec
 
 
-def _load_timm(arch: str, checkpoint: Path | None):
-    """A timm `arch` with the weights of a safetensors `checkpoint`, loaded strictly."""
+def _from_pretrained(spec: str) -> RobustPatchClassifier:
+    """A zoo name, a robustwrap folder or a Hub repo (`robustwrap.zoo.from_pretrained`)."""
+    return _zoo().from_pretrained(spec)
+
+
+def _folder_of(spec: str) -> Path | None:
+    """The folder `--model` names (`local-dir:FOLDER` or an existing folder), else None."""
+    if spec.startswith("local-dir:"):
+        folder = Path(spec.removeprefix("local-dir:"))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {spec}: no such folder")
+        return folder
+    return Path(spec) if os.path.isdir(spec) else None
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json in the folder (expected a model saved by robustwrap or by timm)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, expected an object")  # noqa: TRY004 - a bad file, not a bad argument
+    return config
+
+
+def _is_plain_timm_folder(folder: Path) -> bool:
+    """A folder saved by timm (`save_pretrained`/`push_to_hub`): config.json without a robustwrap section."""
+    return "robustwrap" not in _read_config(folder)
+
+
+def _load_timm_folder(folder: Path, args: argparse.Namespace) -> nn.Module:
+    """The timm model of a folder saved by timm, with its safetensors weights loaded strictly."""
     import timm
 
     from .hub import load_state_strictly, read_safetensors
 
+    config = _read_config(folder)
+    if not isinstance(config.get("architecture"), str) or not timm.is_model(config["architecture"]):
+        raise ValueError(f"{folder / 'config.json'} names architecture {config.get('architecture')!r}, which is not a timm model (timm {timm.__version__})")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f" (found {', '.join(pickles)}: pickle checkpoints can run code and are refused)" if pickles else ""
+        raise FileNotFoundError(f"--model {folder}: no model.safetensors{found}")
+    state = read_safetensors(weights, str(weights))
+    model = _create_timm(f"local-dir:{folder}", args, _sizes_from_state(config["architecture"], state))
+    load_state_strictly(model, state, str(weights), f"the timm {config['architecture']} in {folder / 'config.json'}")
+    return model
+
+
+def _load_timm(arch: str, args: argparse.Namespace) -> nn.Module:
+    """A timm `arch` with the weights of `--checkpoint` (loaded strictly) or timm's `--pretrained` ones."""
+    import timm
+
+    from .hub import load_state_strictly, read_safetensors
+
+    checkpoint: Path | None = args.checkpoint
     if not arch:
         raise ValueError("--model timm:<arch> needs an architecture name, e.g. timm:resnet18")
+    if checkpoint is None and not args.pretrained:
+        raise ValueError(f"--model timm:{arch} needs --pretrained (timm's weights) or --checkpoint FILE.safetensors (your trained weights)")
+    if checkpoint is not None and args.pretrained:
+        raise ValueError("pass --pretrained or --checkpoint, not both")
+    if not timm.is_model(arch):
+        raise ValueError(f"--model timm:{arch}: unknown timm architecture (see timm.list_models())")
     if checkpoint is None:
-        raise ValueError(f"--model timm:{arch} needs --checkpoint FILE.safetensors with the trained weights")
+        return _timm_pretrained(arch, args)
     if checkpoint.suffix != ".safetensors":
         raise ValueError(f"--checkpoint must be a .safetensors file (pickle checkpoints can run code and are refused), got {checkpoint}")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-    if not timm.is_model(arch):
-        raise ValueError(f"--model timm:{arch}: unknown timm architecture (see timm.list_models())")
     state = read_safetensors(checkpoint, f"--checkpoint {checkpoint}")
-    model = timm.create_model(arch, pretrained=False)
-    # The head and stem sizes of a fine-tuned checkpoint are read from it, as timm's own
-    # pretrained loading adapts num_classes and in_chans.
-    cfg = model.pretrained_cfg
-    sizes = {}
-    head = state.get(f"{cfg.get('classifier')}.weight") if isinstance(cfg.get("classifier"), str) else None
-    stem = state.get(f"{cfg.get('first_conv')}.weight") if isinstance(cfg.get("first_conv"), str) else None
-    if head is not None and head.ndim >= 2 and head.shape[0] != model.num_classes:
-        sizes["num_classes"] = head.shape[0]
-    if stem is not None and stem.ndim == 4 and stem.shape[1] != 3:
-        sizes["in_chans"] = stem.shape[1]
-    if sizes:
-        model = timm.create_model(arch, pretrained=False, **sizes)
+    model = _create_timm(arch, args, _sizes_from_state(arch, state))
     load_state_strictly(model, state, f"--checkpoint {checkpoint}", f"timm:{arch}")
     return model
 
 
-def _with_threat_model(model: RobustPatchClassifier, patch, num_masks: int | None, stride: int | None) -> RobustPatchClassifier:
-    """`model`, or the same base model re-wrapped with another patch or mask grid."""
-    if patch is None and num_masks is None and stride is None:
-        return model
-    if patch is None:
-        if len(model.mask_set.patch_sizes) != 1:
-            raise ValueError("this model's mask set covers several patch shapes; pass --patch to choose one")
-        ph, pw = model.mask_set.patch_sizes[0]
-        patch = ph if ph == pw else (ph, pw)
-    grid = {"stride": stride} if stride else {"num_masks": num_masks} if num_masks else {}
-    if not grid and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
-        grid = {"num_masks": model.mask_set.grid}
-    defended = wrap(model.model, patch=patch, image_size=model.image_size, fill=model.fill, batch_size=model.batch_size, num_classes=model.num_classes, **grid)
-    return defended.eval()
+def _timm_pretrained(arch: str, args: argparse.Namespace) -> nn.Module:
+    """timm's pretrained `arch`: from the Hugging Face cache, or downloaded when the Hub can be reached."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    hf_id = getattr(cfg, "hf_hub_id", None)
+    source = f"hf-hub:{hf_id}" if hf_id else "timm's download URL"
+    advice = "run once with network access to cache them, or pass --checkpoint FILE.safetensors"
+    if hf_id and not _hf_cached(hf_id, getattr(cfg, "hf_hub_filename", None)):
+        from huggingface_hub import constants
+
+        from .hub import _unreachable
+
+        # Without a network, huggingface_hub retries for about 45 s before failing: say why at once.
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable()
+        if reason is not None:
+            raise OSError(f"timm:{arch} --pretrained: the weights ({source}) are not in the Hugging Face cache and {reason}: {advice}")
+    try:
+        return _create_timm(arch, args, {}, pretrained=True)
+    except OSError as error:  # huggingface_hub's LocalEntryNotFoundError and network errors are OSErrors
+        raise OSError(
+            f"timm:{arch} --pretrained: the weights ({source}) are not in the Hugging Face cache and could not be downloaded "
+            f"({type(error).__name__}); {advice} (HF_HUB_OFFLINE=1 fails at once instead of retrying)"
+        ) from error
 
 
-def _class_names(model: RobustPatchClassifier) -> list[str] | None:
-    cfg = getattr(model.model, "pretrained_cfg", None)
-    names = cfg.get("label_names") if isinstance(cfg, dict) else None
-    return list(names) if names else None
+def _hf_cached(repo_id: str, filename: str | None) -> bool:
+    """Whether the Hugging Face cache holds weights of `repo_id` (timm reads safetensors first, else a .bin)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, name, cache_dir=constants.HF_HUB_CACHE), str) for name in names)
+
+
+def _sizes_from_state(arch: str, state: dict) -> dict[str, int]:
+    """The head and stem sizes of a checkpoint, as timm's own pretrained loading adapts them."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    sizes = {}
+    head = state.get(f"{cfg.get('classifier')}.weight") if isinstance(cfg.get("classifier"), str) else None
+    stem = state.get(f"{cfg.get('first_conv')}.weight") if isinstance(cfg.get("first_conv"), str) else None
+    if head is not None and head.ndim >= 2:
+        sizes["num_classes"] = head.shape[0]
+    if stem is not None and stem.ndim == 4:
+        sizes["in_chans"] = stem.shape[1]
+    return sizes
+
+
+def _create_timm(name: str, args: argparse.Namespace, sizes: dict[str, int], pretrained: bool = False) -> nn.Module:
+    """`timm.create_model(name)` with `--num-classes`, `--in-chans` (else `sizes`) and `--image-size` where the model takes it."""
+    import timm
+
+    kwargs = dict(sizes)
+    for key in ("num_classes", "in_chans"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if args.image_size is not None:
+        # Models with a fixed input size (ViTs) take img_size; convolutional ones take any size.
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=args.image_size, **kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _with_settings(model: RobustPatchClassifier, patch, args: argparse.Namespace) -> RobustPatchClassifier:
+    """`model` with the CLI's threat model (`--patch`, `--num-masks`, `--stride`), precision and views per pass."""
+    from .defenses import wrap
+
+    num_masks, stride = args.num_masks, args.stride
+    if patch is not None or num_masks is not None or stride is not None:
+        if model.defense != "patchcleanser":
+            raise ValueError(f"--patch, --num-masks and --stride re-wrap a PatchCleanser model; this model's defense is {model.defense}")
+        if patch is None:
+            if len(model.mask_set.patch_sizes) != 1:
+                raise ValueError("this model's mask set covers several patch shapes; pass --patch to choose one")
+            ph, pw = model.mask_set.patch_sizes[0]
+            patch = ph if ph == pw else (ph, pw)
+        grid: dict[str, Any] = {"stride": stride} if stride else {"num_masks": num_masks} if num_masks else {}
+        if not grid and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
+            grid = {"num_masks": model.mask_set.grid}
+        model = wrap(
+            model.model,
+            patch,
+            **grid,
+            image_size=model.image_size,
+            fill=model.fill,
+            batch_size=model.batch_size,
+            precision=model.precision,
+            margin=model.margin,
+            num_classes=model.num_classes,
+        ).eval()
+    if args.precision is not None:
+        model.precision = args.precision
+    if args.views_per_pass is not None:
+        model.batch_size = args.views_per_pass
+    return model
+
+
+def _describe(model: RobustPatchClassifier) -> str:
+    mask_set = getattr(model, "mask_set", None)
+    return mask_set.describe() if mask_set is not None else model.defense
+
+
+def _label_names(model: RobustPatchClassifier) -> list[str] | None:
+    """The model's class names (timm's `pretrained_cfg["label_names"]`), if it has one per class."""
+    names = getattr(model, "label_names", None)
+    if not names:
+        cfg = getattr(model.model, "pretrained_cfg", None)
+        names = cfg.get("label_names") if isinstance(cfg, dict) else None
+    if not names or len(names) != model.num_classes:
+        return None
+    return [str(n) for n in names]
 
 
 # ---------------------------------------------------------------------------------------- data
-def _load_data(spec: str | None, model_name: str, model: RobustPatchClassifier):
+def _load_data(spec: str | None, class_map: str | None, model_name: str, model: RobustPatchClassifier):
     """`(dataset, name)` for `--data`: a built-in data set name or an ImageFolder directory."""
-    hub = _hub()
-    builtin = hub.BUILTIN_DATASETS if hub is not None else {}
+    zoo = _zoo()
+    builtin = zoo.BUILTIN_DATASETS
     if spec is None:
-        if hub is None or model_name not in hub.list_models():
+        if model_name not in zoo.list_models():
             raise ValueError(f"--data is required for --model {model_name} (only zoo models name their own data set)")
-        spec = hub.zoo_entry(model_name)["dataset"]
-        return hub.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        if class_map is not None:
+            raise ValueError("--class-map goes with an image folder given by --data")
+        spec = zoo.zoo_entry(model_name)["dataset"]
+        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
     path = Path(spec)
     if spec in builtin:
         if path.exists():
             raise ValueError(f"--data {spec!r} is both a built-in data set and a folder here; write ./{spec} for the folder")
-        return hub.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        if class_map is not None:
+            raise ValueError("--class-map goes with an image folder, not a built-in data set")
+        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
     if not path.exists():
         known = f" (built-in: {', '.join(builtin)})" if builtin else ""
         raise FileNotFoundError(f"--data {spec}: no such folder, and not a built-in data set{known}")
     if not path.is_dir():
         raise ValueError(f"--data {spec} is a file; expected a folder of class folders of images (torchvision ImageFolder)")
-    from torchvision.datasets import ImageFolder
-
+    folders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"--data {spec}: no class folders in it (expected class folders of images, as torchvision's ImageFolder)")
+    class_to_idx = _class_ids(folders, model, parse_class_map(class_map) if class_map is not None else None, spec)
     transform, mode = _preprocessing(model)
     try:
-        dataset = ImageFolder(str(path), transform=transform, loader=functools.partial(_read_image, mode=mode))
+        dataset = _image_folder(path, class_to_idx, transform, mode)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"--data {spec}: {error} (expected class folders of images, as torchvision's ImageFolder)") from None
-    if len(dataset.classes) > model.num_classes:
-        raise ValueError(f"--data {spec} has {len(dataset.classes)} class folders but the model has {model.num_classes} classes")
     return dataset, spec
+
+
+def _class_ids(folders: list[str], model: RobustPatchClassifier, class_map: dict[str, int] | list[str] | None, spec: str) -> dict[str, int]:
+    """The model's class id of each class folder of `--data` (see `--class-map`).
+
+    Raises:
+        ValueError: for folders that the class map or the model's label names do not name, ids
+            out of range, more folders than classes, and a subset of the classes whose ids
+            nothing determines.
+    """
+    n = model.num_classes
+    shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
+    if isinstance(class_map, list):
+        if len(class_map) != n:
+            raise ValueError(f"--class-map lists {len(class_map)} class names but the model has {n} classes")
+        class_map = {name: i for i, name in enumerate(class_map)}
+    if class_map is not None:
+        missing = [f for f in folders if f not in class_map]
+        if missing:
+            raise ValueError(f"--class-map does not name the class folders {', '.join(missing[:5])} of --data {spec}")
+        bad = {f: class_map[f] for f in folders if not 0 <= class_map[f] < n}
+        if bad:
+            raise ValueError(f"--class-map gives class ids {bad} outside the model's 0..{n - 1}")
+        return {f: class_map[f] for f in folders}
+    if len(folders) > n:
+        raise ValueError(f"--data {spec} has {len(folders)} class folders but the model has {n} classes")
+    names = _label_names(model)
+    if names is not None:
+        if len(set(names)) != len(names):
+            names = None  # duplicated names cannot identify a class
+        else:
+            known = [f for f in folders if f in names]
+            if len(known) == len(folders):
+                return {f: names.index(f) for f in folders}
+            if known:
+                unknown = [f for f in folders if f not in names]
+                raise ValueError(
+                    f"--data {spec}: the class folders {', '.join(known[:3])} are label names of the model but "
+                    f"{', '.join(unknown[:3])} are not; pass --class-map name=id,... to say which class each folder is"
+                )
+    if all(re.fullmatch(r"\d+", f) and int(f) < n for f in folders):
+        return {f: int(f) for f in folders}  # folders named by class id (0, 1, ..., 10, 11: not sorted as strings)
+    if len(folders) == n:
+        return {f: i for i, f in enumerate(folders)}  # torchvision's ImageFolder numbering: sorted names
+    raise ValueError(
+        f"--data {spec} has {len(folders)} class folders ({shown}) for a model of {n} classes, and "
+        f"{'none of them is a label name of the model' if names else 'the model has no label names to match them'}: "
+        "which classes they are is ambiguous; pass --class-map name=id,... (or a JSON file)"
+    )
+
+
+def _image_folder(path: Path, class_to_idx: dict[str, int], transform, mode: str):
+    """torchvision's ImageFolder over `path` with the given class ids instead of `0..n-1`."""
+    import functools
+
+    from torchvision.datasets import ImageFolder
+
+    class _Folder(ImageFolder):
+        def find_classes(self, directory):
+            return sorted(class_to_idx), dict(class_to_idx)
+
+    return _Folder(str(path), transform=transform, loader=functools.partial(_read_image, mode=mode))
 
 
 def _preprocessing(model: RobustPatchClassifier):
@@ -424,6 +964,9 @@ def _preprocessing(model: RobustPatchClassifier):
     h, w = model.image_size
     config = resolve_data_config({"input_size": (channels, h, w)}, model=model.model)
     for key in ("mean", "std"):
+        if channels == 1 and len(config[key]) == 3:
+            # an RGB model rebuilt for grey images (--in-chans 1), as timm sums its first conv's RGB weights
+            config[key] = (sum(config[key]) / 3,)
         if len(config[key]) != channels:
             raise ValueError(f"the model's data config has {len(config[key])} {key} values but the model takes {channels} channels")
     return create_transform(**config), "L" if channels == 1 else "RGB"
@@ -441,13 +984,11 @@ def _read_image(path: str | Path, mode: str):
         raise OSError(f"cannot read image {path}: {_one_line(error)}") from None
 
 
-def _hub():
-    """`robustwrap.hub`, or None in an install without the model zoo."""
-    try:
-        from . import hub
-    except ImportError:
-        return None
-    return hub
+def _zoo():
+    """`robustwrap.zoo`: the model zoo and its built-in data sets."""
+    from . import zoo
+
+    return zoo
 
 
 def _results_exist(path: Path) -> bool:
@@ -458,8 +999,8 @@ def _suffixed(path: Path, tag: str) -> Path:
     return path.with_name(f"{path.stem}{tag}{path.suffix}") if tag else path
 
 
-def _tag(mask_set: MaskSet) -> str:
-    ph, pw = mask_set.patch_sizes[0]
+def _tag(model: RobustPatchClassifier) -> str:
+    ph, pw = model.patch
     return f"_{ph}px" if ph == pw else f"_{ph}x{pw}px"
 
 

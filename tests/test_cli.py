@@ -1,12 +1,19 @@
-"""The `robustwrap` command: certify, masks, predict, models, and one-line errors."""
+"""The `robustwrap` command: certify, masks, predict, models, one-line errors and the timm paths.
+
+Everything runs in-process through `robustwrap.cli.main` on timm's tiny test networks, except one
+subprocess test of the real process (exit codes, one-line errors, `--help` without torch). The full
+re-certification of the zoo's 1,000 held-out digits is `benchmarks/reproduce_zoo.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -18,22 +25,12 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
 import robustwrap
-from robustwrap.cli import main, parse_patch
+from robustwrap import cli
+from robustwrap.cli import main, parse_class_map, parse_patch
 from robustwrap.dataset import certify_dataset
 from robustwrap.report import CertificationReport
 
 ARCH = "test_convnext"  # timm's tiny test network: 160x160 inputs, ~0.3M parameters
-
-
-def _hub_ready() -> bool:
-    try:
-        from robustwrap import hub
-    except ImportError:
-        return False
-    return isinstance(getattr(hub, "DEFAULT_MODEL", None), str) and hub.DEFAULT_MODEL in hub.list_models()
-
-
-needs_hub = pytest.mark.skipif(not _hub_ready(), reason="needs robustwrap.hub with the embedded default model")
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +58,30 @@ def timm_args(files, *more):
     return ["--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", "--num-masks", "2", *more]
 
 
-def python_model(files, patch=0.1):
-    """What the CLI should build, written out independently."""
+def base_model(files):
     from safetensors.torch import load_file
 
     base = timm.create_model(ARCH, num_classes=3)
     base.load_state_dict(load_file(files / "model.safetensors"))
+    return base
+
+
+def python_model(files, patch=0.1):
+    """What the CLI should build, written out independently."""
+    base = base_model(files)
     model = robustwrap.wrap(base, patch=patch, num_masks=2).eval()
     transform = create_transform(**resolve_data_config(model=base))
     return model, transform
+
+
+def subset_folder(files, tmp_path, classes):
+    """An ImageFolder holding only `classes` (folder names) of the 3x3 images."""
+    folder = tmp_path / "subset"
+    for name, source in classes.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            Image.open(files / "data" / source / f"{i}.png").save(folder / name / f"{i}.png")
+    return folder
 
 
 # --------------------------------------------------------------------------------------- patch
@@ -86,6 +98,21 @@ def test_parse_patch(text, expected):
 def test_bad_patch_strings_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match=r"expected pixels \(32\), a percentage"):
         parse_patch(text)
+
+
+def test_parse_class_map(tmp_path):
+    assert parse_class_map("cat=3, dog = 0") == {"cat": 3, "dog": 0}
+    (tmp_path / "map.json").write_text('{"cat": 3, "dog": 0}')
+    assert parse_class_map(str(tmp_path / "map.json")) == {"cat": 3, "dog": 0}
+    (tmp_path / "names.json").write_text('["dog", "x", "y", "cat"]')
+    assert parse_class_map(str(tmp_path / "names.json")) == ["dog", "x", "y", "cat"]
+    with pytest.raises(ValueError, match="expected name=id"):
+        parse_class_map("cat=three")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        parse_class_map(str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text('{"cat": "3"}')
+    with pytest.raises(ValueError, match="got a JSON dict"):
+        parse_class_map(str(tmp_path / "bad.json"))
 
 
 # --------------------------------------------------------------------------------------- masks
@@ -107,11 +134,52 @@ def test_masks_with_stride_and_rectangular_image(capsys):
     assert code == 0 and "of 28x56" in out
 
 
+class _ClosedPipe(io.StringIO):
+    """A stdout whose reader went away, as `robustwrap masks --plot x.png | head` after head exits."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_masks_picture_is_written_when_stdout_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["masks", "--image-size", "64", "--patch", "8", "--plot", str(tmp_path / "m.png")]) == 0
+    with Image.open(tmp_path / "m.png") as image:
+        assert image.format == "PNG"
+
+
+# ---------------------------------------------------------------------------------- help, usage
 @pytest.mark.parametrize("command", [[], ["certify"], ["masks"], ["predict"], ["models"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0 and "usage: robustwrap" in capsys.readouterr().out
+
+
+def _help(command, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_documents_speed_options_and_predict_takes_one_patch(capsys):
+    certify = _help("certify", capsys)
+    assert f"the first {cli.DEFAULT_LIMIT} of its 1,000 shipped held-out digits" in certify and "--limit all" in certify
+    for option in ("--threads", "--views-per-pass", "--images-per-step", "--precision", "--class-map", "--pretrained", "--image-size", "--traceback"):
+        assert option in certify
+    assert "--batch-size" not in certify and "--amp" not in certify  # the old names are hidden
+    assert "comma list (1%,2%,3%) is a sweep" in certify
+    predict = _help("predict", capsys)
+    assert "sweep" not in predict and "comma list" not in predict and "--json" in predict
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "x.png", "--patch", "1%,2%"])
+    assert exit_.value.code == 2 and "expected one patch" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"robustwrap {robustwrap.__version__}"
 
 
 def test_bad_usage_exits_2_with_one_message(capsys):
@@ -123,6 +191,9 @@ def test_bad_usage_exits_2_with_one_message(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["masks", "--num-masks", "3", "--stride", "4"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["certify", "--limit", "some"])
+    assert exit_.value.code == 2 and "a positive integer or 'all'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- certify
@@ -131,24 +202,28 @@ def test_certify_timm_checkpoint_on_an_image_folder(files, tmp_path, capsys):
     assert code == 0, err
     assert "certified accuracy" in out and "patch 51x51 px (10.16% of 160x160); 4 masks (2x2)" in out
     assert "clean" in err and "certified" in err and "9/9" in err  # the progress bar
+    assert f"report: {tmp_path / 'r.json'}" in out and "nothing was saved" not in out
     report = CertificationReport.load(tmp_path / "r.json")
     assert report.model == f"timm:{ARCH}" and report.num_images == 9
     # Same numbers as the Python API with the model's own timm preprocessing.
     model, transform = python_model(files)
     expected = certify_dataset(model, ImageFolder(str(files / "data"), transform=transform), progress=False)
-    assert report.records == expected.records
+    assert [(r.index, r.label, r.prediction, r.certified, r.num_views) for r in report.records] == [
+        (r.index, r.label, r.prediction, r.certified, r.num_views) for r in expected.records
+    ]
     assert [r.label for r in report.records] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["masks.png", "report.png", "views.png"]
 
 
-def test_certify_patch_sweep(files, tmp_path, capsys):
+def test_certify_patch_sweep_report_loads_back(files, tmp_path, capsys):
     argv = ["certify", *timm_args(files), "--data", files / "data", "--patch", "10%,20%", "--limit", "3", "--no-progress"]
     code, out, err = run([*argv, "--report", tmp_path / "sweep.json", "--plot", tmp_path / "plots"], capsys)
     assert code == 0, err
-    reports = [CertificationReport.from_json(json.dumps(d)) for d in json.loads((tmp_path / "sweep.json").read_text())]
-    assert [r.mask_set.patch_sizes for r in reports] == [((51, 51),), ((72, 72),)]
+    reports = CertificationReport.load_many(tmp_path / "sweep.json")
+    assert [r.patch_sizes for r in reports] == [((51, 51),), ((72, 72),)]
     assert all(r.num_images == 3 for r in reports)
     assert "51x51 px     10.16%" in out and "72x72 px     20.25%" in out  # the sweep table
+    assert "a list of reports, one per patch size" in out
     assert (tmp_path / "plots" / "sweep.png").is_file() and (tmp_path / "plots" / "views_72px.png").is_file()
 
 
@@ -160,12 +235,66 @@ def test_certify_results_and_resume(files, tmp_path, capsys):
     lines = (tmp_path / "r.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "r.jsonl").write_text("".join(lines[:5]) + lines[5][:10])  # killed mid-line
     assert run([*argv, "--resume", "--report", tmp_path / "b.json"], capsys)[0] == 0
-    assert CertificationReport.load(tmp_path / "a.json") == CertificationReport.load(tmp_path / "b.json")
+    a, b = CertificationReport.load(tmp_path / "a.json"), CertificationReport.load(tmp_path / "b.json")
+    assert [(r.index, r.prediction, r.certified) for r in a.records] == [(r.index, r.prediction, r.certified) for r in b.records]
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1 + 9
     code, _, err = run(["certify", *timm_args(files), "--data", files / "data", "--resume"], capsys)
     assert code == 1 and "--resume continues a --results file" in err
 
 
+# --------------------------------------------------------------------------- folders -> classes
+@pytest.fixture
+def timm_folder(files, tmp_path):
+    """A folder saved by timm (config.json + model.safetensors, no robustwrap section), with label names."""
+    folder = tmp_path / "timm_model"
+    timm.models.save_for_hf(base_model(files), str(folder), model_config={"label_names": ["a", "b", "c"]}, safe_serialization=True)
+    return folder
+
+
+def test_plain_timm_folder_and_a_subset_mapped_through_label_names(files, timm_folder, tmp_path, capsys):
+    data = subset_folder(files, tmp_path, {"c": "c", "a": "a"})  # 2 of the 3 classes, named as the model's labels
+    code, out, err = run(["certify", "--model", f"local-dir:{timm_folder}", "--patch", "10%", "--num-masks", "2", "--data", data, "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert [r.label for r in report.records] == [0, 0, 0, 2, 2, 2]  # not 0..1: "c" is class 2
+    model, transform = python_model(files)
+    x = torch.stack([transform(Image.open(data / c / f"{i}.png").convert("RGB")) for c in "ac" for i in range(3)])
+    assert [r.prediction for r in report.records] == model.predict(x).tolist()
+    assert "patch 51x51 px (10.16% of 160x160); 4 masks (2x2)" in out
+
+
+def test_class_map_and_integer_folders(files, tmp_path, capsys):
+    data = subset_folder(files, tmp_path, {"b": "b", "x": "c"})
+    argv = ["certify", *timm_args(files, "--patch", "10%"), "--data", data, "--no-progress", "--report", tmp_path / "r.json"]
+    code, _, err = run([*argv, "--class-map", "x=0,b=2"], capsys)
+    assert code == 0, err
+    assert [r.label for r in CertificationReport.load(tmp_path / "r.json").records] == [2, 2, 2, 0, 0, 0]
+    (tmp_path / "names.json").write_text(json.dumps(["x", "nothing", "b"]))
+    assert run([*argv, "--class-map", tmp_path / "names.json"], capsys)[0] == 0
+    assert [r.label for r in CertificationReport.load(tmp_path / "r.json").records] == [2, 2, 2, 0, 0, 0]
+    code, _, err = run([*argv, "--class-map", "x=0,b=7"], capsys)
+    assert code == 1 and "outside the model's 0..2" in err
+    code, _, err = run([*argv, "--class-map", "x=0"], capsys)
+    assert code == 1 and "does not name the class folders b" in err
+    numbered = tmp_path / "numbered"
+    subset_folder(files, numbered, {"2": "a", "1": "b"})
+    code, _, err = run(["certify", *timm_args(files, "--patch", "10%"), "--data", numbered / "subset", "--no-progress", "--report", tmp_path / "n.json"], capsys)
+    assert code == 0, err
+    assert [r.label for r in CertificationReport.load(tmp_path / "n.json").records] == [1, 1, 1, 2, 2, 2]
+
+
+def test_an_ambiguous_subset_folder_is_refused(files, timm_folder, tmp_path, capsys):
+    data = subset_folder(files, tmp_path, {"cat": "a", "dog": "b"})
+    code, _, err = run(["certify", *timm_args(files), "--data", data, "--no-progress"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "2 class folders (cat, dog) for a model of 3 classes" in err and "ambiguous; pass --class-map" in err
+    half = tmp_path / "half"
+    subset_folder(files, half, {"a": "a", "dog": "b"})
+    code, _, err = run(["certify", "--model", timm_folder, "--data", half / "subset", "--no-progress"], capsys)
+    assert code == 1 and "class folders a are label names of the model but dog are not" in err
+
+
+# ------------------------------------------------------------------------------------ errors
 @pytest.fixture
 def bad_folder(files, tmp_path):
     folder = tmp_path / "bad"
@@ -180,14 +309,16 @@ def bad_folder(files, tmp_path):
     [
         (lambda f, t: timm_args(f, "--data", t / "missing"), "missing: no such folder, and not a built-in data set"),
         (lambda f, t: timm_args(f, "--data", f / "model.pth"), "is a file; expected a folder of class folders"),
-        (lambda f, t: timm_args(f, "--data", t / "bad"), "cannot read image"),
+        (lambda f, t: timm_args(f, "--data", t / "bad", "--class-map", "a=0"), "cannot read image"),
         (lambda f, t: ["--model", "timm:no_such_net", "--checkpoint", f / "model.safetensors", "--data", f / "data"], "unknown timm architecture"),
         (lambda f, t: ["--model", "timm:test_vit", "--checkpoint", f / "model.safetensors", "--data", f / "data"], "does not fit timm:test_vit"),
         (lambda f, t: ["--model", f"timm:{ARCH}", "--checkpoint", f / "model.pth", "--data", f / "data"], "pickle checkpoints can run code and are refused"),
-        (lambda f, t: ["--model", f"timm:{ARCH}", "--data", f / "data"], "needs --checkpoint"),
+        (lambda f, t: ["--model", f"timm:{ARCH}", "--data", f / "data"], "needs --pretrained (timm's weights) or --checkpoint"),
         (lambda f, t: ["--model", f"timm:{ARCH}", "--checkpoint", t / "none.safetensors", "--data", f / "data"], "no such file"),
+        (lambda f, t: ["--model", f"local-dir:{t / 'nowhere'}", "--data", f / "data"], "nowhere: no such folder"),
         (lambda f, t: timm_args(f, "--data", f / "data", "--device", "tpu:banana"), "--device must be"),
         (lambda f, t: timm_args(f, "--data", f / "data", "--patch", "200"), "larger than the 160x160 image"),
+        (lambda f, t: timm_args(f, "--data", f / "data", "--amp"), "--amp was removed"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(files, tmp_path, bad_folder, capsys, args, message):
@@ -197,6 +328,21 @@ def test_errors_are_one_line_and_exit_1(files, tmp_path, bad_folder, capsys, arg
     assert "Traceback" not in err
 
 
+def test_traceback_option_and_unexpected_errors(files, tmp_path, monkeypatch, capsys):
+    argv = ["certify", "--no-progress", *timm_args(files, "--data", tmp_path / "missing")]
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main([*map(str, argv), "--traceback"])
+    capsys.readouterr()
+
+    def bug(args):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "_masks", bug)
+    with pytest.raises(RuntimeError, match="an internal bug"):  # surfaces with its traceback, not as one line
+        main(["masks"])
+    assert "internal error (RuntimeError)" in capsys.readouterr().err
+
+
 def test_errors_through_a_real_process(files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "robustwrap.cli", "certify", *map(str, timm_args(files, "--data", tmp_path / "nowhere"))]
@@ -204,6 +350,74 @@ def test_errors_through_a_real_process(files, tmp_path):
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "no such folder" in done.stderr
     done = subprocess.run([sys.executable, "-m", "robustwrap.cli", "certify", "--patch", "2 percent"], check=False, capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "argument --patch" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_imports_nothing_beyond_the_package():
+    """`robustwrap --help` imports no subcommand's modules (matplotlib, reports, the zoo, the Hub loaders)."""
+    code = (
+        "import sys\nimport robustwrap\nbefore = set(sys.modules)\nfrom robustwrap.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in set(sys.modules) - before if not m.startswith(('argparse', 'gettext'))))\n"
+        "print('matplotlib' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    *_, new, matplotlib = done.stdout.strip().splitlines()
+    assert "usage: robustwrap" in done.stdout and new == "['robustwrap.cli']" and matplotlib == "False"
+
+
+# ------------------------------------------------------------------------------------- timm
+def test_timm_options_image_size_num_classes_in_chans(tmp_path, capsys):
+    torch.manual_seed(1)
+    vit = timm.create_model("test_vit", num_classes=5, in_chans=1, img_size=64)  # a fixed-size model built at 64x64
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 70), dtype=np.uint8)).save(tmp_path / "x.png")
+    argv = ["predict", tmp_path / "x.png", "--model", "timm:test_vit", "--checkpoint", tmp_path / "vit.safetensors", "--patch", "8", "--json"]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "does not fit timm:test_vit" in err  # built at its default size, the checkpoint does not load
+    code, out, err = run([*argv, "--image-size", "64", "--num-classes", "5", "--in-chans", "1"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["threat_model"].startswith("patch 8x8 px (1.56% of 64x64)")
+    model = robustwrap.wrap(vit, patch=8).eval()
+    config = resolve_data_config({"input_size": (1, 64, 64), "mean": (0.5,), "std": (0.5,)}, model=vit)  # test_vit's mean and std: 0.5
+    x = create_transform(**config)(Image.open(tmp_path / "x.png").convert("L"))[None]
+    assert document["images"][0]["prediction"] == model.predict(x).item()
+    code, _, err = run(["predict", tmp_path / "x.png", "--num-classes", "5"], capsys)
+    assert code == 1 and "--num-classes apply to timm models" in err
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in `tmp_path`, empty until a test puts weights in it."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    # Older huggingface_hub versions copy the constants into file_download at import.
+    for module in (huggingface_hub.constants, huggingface_hub.file_download):
+        for name, value in (("HF_HUB_OFFLINE", True), ("HF_HUB_CACHE", str(tmp_path / "hf"))):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, value)
+    return tmp_path / "hf"
+
+
+def test_timm_pretrained_from_the_cache_and_offline_error(files, hf_cache, capsys):
+    image = files / "data" / "a" / "0.png"
+    argv = ["predict", image, "--model", f"timm:{ARCH}", "--pretrained", "--patch", "10%", "--num-masks", "2", "--json"]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and err.count("\n") == 1 and "are not in the Hugging Face cache and HF_HUB_OFFLINE is set" in err and "--checkpoint" in err
+    # timm's pretrained weights, as a download would have cached them
+    torch.manual_seed(2)
+    pretrained = timm.create_model(ARCH)
+    repo = hf_cache / f"models--{pretrained.pretrained_cfg['hf_hub_id'].replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(pretrained.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    model = robustwrap.wrap(pretrained, patch=0.1, num_masks=2).eval()
+    x = create_transform(**resolve_data_config(model=pretrained))(Image.open(image).convert("RGB"))[None]
+    assert json.loads(out)["images"][0]["prediction"] == model.predict(x).item()
 
 
 # ------------------------------------------------------------------------------------- predict
@@ -223,47 +437,60 @@ def test_predict_images(files, capsys):
         assert cells[2] == {1: "I", 2: "II", 3: "III"}[case] and cells[-1] == ("yes" if certified else "no")
 
 
+def test_predict_a_folder_as_json(files, capsys):
+    code, out, err = run(["predict", files / "data", *timm_args(files, "--patch", "10%"), "--json"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    paths = sorted((files / "data").rglob("*.png"))
+    assert [r["image"] for r in document["images"]] == [str(p) for p in paths]
+    model, transform = python_model(files)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    prediction = model.predict(x)
+    result = model.certify(x, prediction)
+    assert [r["prediction"] for r in document["images"]] == prediction.tolist()
+    assert [r["certified"] for r in document["images"]] == result.certified.tolist()
+    assert [r["case"] for r in document["images"]] == [{1: "I", 2: "II", 3: "III"}[c] for c in result.case.tolist()]
+    assert document["threat_model"] == model.mask_set.describe()
+
+
 def test_predict_unreadable_image(files, bad_folder, capsys):
     code, _, err = run(["predict", bad_folder / "a" / "1.png", *timm_args(files)], capsys)
     assert code == 1 and "cannot read image" in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------- embedded default
-@needs_hub
-def test_certify_with_no_arguments_runs_the_embedded_default(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "robustwrap.cli", "certify"], check=False, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "certified accuracy" in done.stdout and "vanilla clean accuracy" in done.stdout
-    assert "certified" in done.stderr  # the progress bar with the running accuracy
-    # the command reproduces, on a fresh run, exactly the figures the zoo manifest records
-    from robustwrap import hub
+def test_certify_the_embedded_default_on_a_few_digits(tmp_path, capsys):
+    """The README's command, in-process on 3 digits (benchmarks/reproduce_zoo.py runs all 1,000)."""
+    from robustwrap import zoo
 
-    metrics = hub.zoo_entry(hub.DEFAULT_MODEL)["metrics"]
-    n = metrics["num_images"]
-    for label, key in (("vanilla clean accuracy", "vanilla_accuracy"), ("clean accuracy", "clean_accuracy"), ("certified accuracy", "certified_accuracy")):
-        line = next(row for row in done.stdout.splitlines() if row.strip().startswith(label))
-        assert f"({round(metrics[key] * n)}/{n})" in line, (line, metrics)
+    code, out, err = run(["certify", "--limit", "3", "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert "certified accuracy" in out and "vanilla clean accuracy" in out
+    report = CertificationReport.load(tmp_path / "r.json")
+    model = zoo.from_pretrained(zoo.DEFAULT_MODEL)
+    data = zoo.builtin_dataset(zoo.zoo_entry(zoo.DEFAULT_MODEL)["dataset"], transform=cli._preprocessing(model)[0])
+    expected = certify_dataset(model, data, limit=3, progress=False)
+    assert [(r.label, r.prediction, r.certified, r.vanilla_prediction) for r in report.records] == [
+        (r.label, r.prediction, r.certified, r.vanilla_prediction) for r in expected.records
+    ]
 
 
-@needs_hub
 def test_models_lists_the_zoo(capsys):
-    from robustwrap import hub
+    from robustwrap import zoo
 
     code, out, _ = run(["models"], capsys)
     assert code == 0
-    assert f"{hub.DEFAULT_MODEL} *" in out
-    assert all(name in out for name in hub.list_models())
-    entry = hub.zoo_entry(hub.DEFAULT_MODEL)
-    row = next(line for line in out.splitlines() if line.startswith(f"{hub.DEFAULT_MODEL} *"))
+    assert f"{zoo.DEFAULT_MODEL} *" in out
+    assert all(name in out for name in zoo.list_models())
+    entry = zoo.zoo_entry(zoo.DEFAULT_MODEL)
+    row = next(line for line in out.splitlines() if line.startswith(f"{zoo.DEFAULT_MODEL} *"))
     assert f"{100 * entry['metrics']['certified_accuracy']:.1f}%" in row and f"({entry['patch_percent']:.2f}%)" in row
 
 
-@needs_hub
 def test_predict_with_the_embedded_default(tmp_path, capsys):
-    from robustwrap import hub
+    from robustwrap import zoo
 
-    data = hub.builtin_dataset(hub.zoo_entry(hub.DEFAULT_MODEL)["dataset"])  # PIL images
+    data = zoo.builtin_dataset(zoo.zoo_entry(zoo.DEFAULT_MODEL)["dataset"])  # PIL images
     paths = []
     for index in range(3):
         image, _ = data[index]
@@ -271,25 +498,25 @@ def test_predict_with_the_embedded_default(tmp_path, capsys):
         paths.append(tmp_path / f"{index}.png")
     code, out, err = run(["predict", *paths], capsys)
     assert code == 0, err
-    model = hub.from_pretrained(hub.DEFAULT_MODEL).eval()
+    model = zoo.from_pretrained(zoo.DEFAULT_MODEL).eval()
     transform = create_transform(**resolve_data_config({"input_size": (model.in_chans or 3, *model.image_size)}, model=model.model))
     mode = "L" if model.in_chans == 1 else "RGB"
     expected = model.predict(torch.stack([transform(Image.open(p).convert(mode)) for p in paths])).tolist()
     assert [int(row.split()[1]) for row in out.splitlines()[3:]] == expected
 
 
-@needs_hub
 def test_unknown_zoo_model_is_one_line(capsys):
     code, _, err = run(["certify", "--model", "no-such-model-anywhere", "--limit", "1"], capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
 
 
 # --------------------------------------------------------------- the zoo path, with a stub zoo
-@pytest.fixture
-def stub_zoo(files, monkeypatch):
-    """`robustwrap.hub` answering for one zoo model, the tiny timm network, with its own data."""
-    hub = pytest.importorskip("robustwrap.hub")
-    entry = {
+class _StubZoo:
+    """`robustwrap.zoo` answering for one zoo model, the tiny timm network, with its own 9 images."""
+
+    DEFAULT_MODEL = "tiny"
+    BUILTIN_DATASETS: ClassVar[dict[str, str]] = {"tiny-data": "nine random images"}
+    entry: ClassVar[dict] = {
         "name": "tiny",
         "architecture": ARCH,
         "dataset": "tiny-data",
@@ -298,27 +525,122 @@ def stub_zoo(files, monkeypatch):
         "num_masks": 2,
         "metrics": {"clean_accuracy": 0.5, "certified_accuracy": 0.25},
     }
-    monkeypatch.setattr(hub, "DEFAULT_MODEL", "tiny")
-    monkeypatch.setattr(hub, "BUILTIN_DATASETS", {"tiny-data": "nine random images"})
-    monkeypatch.setattr(hub, "list_models", lambda pattern="*": ["tiny"])
-    monkeypatch.setattr(hub, "zoo_entry", lambda name: entry)
-    monkeypatch.setattr(hub, "from_pretrained", lambda spec: python_model(files)[0] if spec == "tiny" else (_ for _ in ()).throw(ValueError(f"unknown model {spec!r}")))
-    monkeypatch.setattr(hub, "builtin_dataset", lambda name, transform=None: ImageFolder(str(files / "data"), transform=transform))
-    return hub
+
+    def __init__(self, files):
+        self.files = files
+        self.models = []
+
+    def list_models(self, pattern="*"):
+        return ["tiny"]
+
+    def zoo_entry(self, name):
+        return self.entry
+
+    def from_pretrained(self, spec):
+        if spec != "tiny":
+            raise ValueError(f"unknown model {spec!r}")
+        self.models.append(python_model(self.files)[0])
+        return self.models[-1]
+
+    def builtin_dataset(self, name, transform=None):
+        return ImageFolder(str(self.files / "data"), transform=transform)
+
+
+@pytest.fixture
+def stub_zoo(files, monkeypatch):
+    zoo = _StubZoo(files)
+    monkeypatch.setattr(cli, "_zoo", lambda: zoo)
+    return zoo
 
 
 def test_certify_defaults_to_the_zoo_default_and_its_data(files, stub_zoo, tmp_path, capsys):
-    code, _, err = run(["certify", "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    code, _, err = run(["certify", "--no-progress", "--limit", "all", "--report", tmp_path / "r.json"], capsys)
     assert code == 0, err
     report = CertificationReport.load(tmp_path / "r.json")
     assert (report.model, report.data, report.num_images) == ("tiny", "tiny-data", 9)
     model, transform = python_model(files)
-    assert report.records == certify_dataset(model, ImageFolder(str(files / "data"), transform=transform), progress=False).records
+    expected = certify_dataset(model, ImageFolder(str(files / "data"), transform=transform), progress=False)
+    assert [(r.prediction, r.certified) for r in report.records] == [(r.prediction, r.certified) for r in expected.records]
     code, _, err = run(["certify", "--model", "unknown-thing", "--no-progress"], capsys)
     assert code == 1 and err == "robustwrap certify: error: unknown model 'unknown-thing'\n"
 
 
-def test_builtin_data_name_that_is_also_a_folder_is_ambiguous(files, stub_zoo, tmp_path, monkeypatch, capsys):
+def test_the_default_run_certifies_a_documented_subset(stub_zoo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "DEFAULT_LIMIT", 4)
+    code, out, err = run(["certify", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "data                    tiny-data (4 images" in out or "(4 images" in out
+    assert "certified the first 4 of 9 images (the quick default); --limit all certifies all of them" in out
+    assert "nothing was saved: --report FILE.json keeps the report, --results FILE.jsonl the per-image results" in out
+    code, out, err = run(["certify", "--no-progress", "--limit", "all", "--results", tmp_path / "r.jsonl"], capsys)
+    assert code == 0 and "(9 images" in out and "the quick default" not in out and f"per-image results: {tmp_path / 'r.jsonl'}" in out
+
+
+def test_threads_views_per_pass_and_images_per_step(stub_zoo, monkeypatch, capsys):
+    seen = {"threads": set(), "views": []}
+    calls = []
+    real = robustwrap.dataset.certify_dataset
+
+    def hook(module, inputs, output):
+        seen["threads"].add(torch.get_num_threads())
+        seen["views"].append(inputs[0].shape[0])
+
+    def spy(model, data, **kwargs):
+        calls.append((model.batch_size, kwargs["batch_size"]))
+        model.model.register_forward_hook(hook)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(robustwrap.dataset, "certify_dataset", spy)
+    before = torch.get_num_threads()
+    argv = ["certify", "--no-progress", "--limit", "4"]
+    code, _, err = run([*argv, "--threads", "2", "--views-per-pass", "5", "--images-per-step", "2"], capsys)
+    assert code == 0, err
+    assert seen["threads"] == {2} and torch.get_num_threads() == before
+    assert calls == [(5, 2)] and max(seen["views"]) == 5  # views per forward pass
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    seen["threads"].clear()
+    assert run(argv, capsys)[0] == 0
+    own = python_model(stub_zoo.files)[0].batch_size  # the model's own views per pass
+    assert own != 5 and seen["threads"] == {3} and calls[-1] == (own, None)  # and the library's images per step
+    code, _, err = run([*argv, "--batch-size", "3"], capsys)
+    assert code == 0 and calls[-1] == (own, 3) and "--batch-size is deprecated and means images per certify step" in err
+    code, _, err = run([*argv, "--batch-size", "3", "--images-per-step", "2"], capsys)
+    assert code == 1 and "pass only --images-per-step" in err
+
+
+def test_one_thread_by_default_on_a_busy_machine(stub_zoo, monkeypatch, capsys):
+    seen = set()
+    real = robustwrap.dataset.certify_dataset
+
+    def spy(model, data, **kwargs):
+        model.model.register_forward_hook(lambda module, inputs, output: seen.add(torch.get_num_threads()) and None)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(robustwrap.dataset, "certify_dataset", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "_busy_cores", lambda: (6.5, 2))
+    torch.set_num_threads(2)
+    try:
+        code, _, err = run(["certify", "--no-progress", "--limit", "2"], capsys)
+        assert code == 0 and seen == {1} and "the machine is busy (load 6.5 on 2 cores): running torch on 1 thread" in err
+        seen.clear()
+        code, _, err = run(["certify", "--no-progress", "--limit", "2", "--threads", "2"], capsys)
+        assert code == 0 and seen == {2} and "busy" not in err
+        monkeypatch.setattr(cli, "_busy_cores", lambda: None)
+        seen.clear()
+        code, _, err = run(["certify", "--no-progress", "--limit", "2"], capsys)
+        assert code == 0 and seen == {2} and "busy" not in err  # an idle machine keeps torch's default
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_precision_option_is_the_models_setting(stub_zoo, tmp_path, capsys):
+    code, _, err = run(["certify", "--no-progress", "--limit", "2", "--precision", "bfloat16", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert stub_zoo.models[-1].precision == "bfloat16" and CertificationReport.load(tmp_path / "r.json").precision == "bfloat16"
+
+
+def test_builtin_data_name_that_is_also_a_folder_is_ambiguous(stub_zoo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-data").mkdir()
     code, _, err = run(["certify", "--data", "tiny-data", "--no-progress"], capsys)

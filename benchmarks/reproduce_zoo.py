@@ -1,0 +1,92 @@
+"""Reproduce the zoo's figures: re-certify each zoo model's whole data set with the CLI and compare.
+
+For each model (default: every model embedded in the package, which needs no network), runs
+`robustwrap certify --model NAME --limit all --report REPORT` in a fresh process, exactly as a
+user would, reads the report back, and compares its vanilla, clean and certified counts with
+the ones the zoo manifest records (`metrics` of `robustwrap/zoo/manifest.json`). Prints one JSON
+document; exits 1 when any figure differs.
+
+    python benchmarks/reproduce_zoo.py [--model NAME ...] [--threads 1]
+
+The embedded MNIST model certifies 1,000 held-out digits: about 6 minutes of CPU on one thread of a
+2-core CPU. The unit suite runs the same command on a few digits only
+(`tests/test_cli.py::test_certify_the_embedded_default_on_a_few_digits`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from robustwrap import zoo
+from robustwrap.report import CertificationReport
+
+FIGURES = (("vanilla_accuracy", "vanilla_correct"), ("clean_accuracy", "clean_correct"), ("certified_accuracy", "certified"))
+
+
+def reproduce(name: str, threads: int | None) -> dict:
+    """Certify zoo model `name` on its whole data set in a fresh process; compare with the manifest."""
+    metrics = zoo.zoo_entry(name).get("metrics") or {}
+    with tempfile.TemporaryDirectory() as folder:
+        report_path = Path(folder) / "report.json"
+        command = [sys.executable, "-m", "robustwrap.cli", "certify", "--model", name, "--limit", "all", "--no-progress", "--report", str(report_path)]
+        command += ["--threads", str(threads)] if threads is not None else []
+        start = time.perf_counter()
+        done = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            return {"model": name, "ok": False, "command": " ".join(command[1:]), "error": done.stderr.strip().splitlines()[-1:], "seconds": round(seconds, 1)}
+        report = CertificationReport.load(report_path)
+    n = metrics.get("num_images")
+    figures = {}
+    ok = n == report.num_images
+    for key, count in FIGURES:
+        if key not in metrics:
+            continue
+        expected = round(metrics[key] * n) if n else None
+        measured = getattr(report, count)
+        figures[key] = {"manifest": expected, "measured": measured, "of": report.num_images}
+        ok = ok and expected == measured
+    return {
+        "model": name,
+        "ok": ok,
+        "num_images": {"manifest": n, "measured": report.num_images},
+        "figures": figures,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(report.num_images / seconds, 2),
+        "command": "robustwrap " + " ".join(command[3:]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="a zoo model (repeatable; default: every embedded model)")
+    parser.add_argument("--threads", type=int, help="torch threads of the certify process (default: OMP_NUM_THREADS, else torch's)")
+    args = parser.parse_args()
+    names = args.model or [name for name in zoo.list_models() if zoo.zoo_entry(name).get("embedded")]
+    results = [reproduce(name, args.threads) for name in names]
+    print(
+        json.dumps(
+            {
+                "benchmark": "reproduce_zoo",
+                "ok": all(r["ok"] for r in results),
+                "models": results,
+                "threads": args.threads or os.environ.get("OMP_NUM_THREADS"),
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            indent=1,
+        )
+    )
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
