@@ -3,15 +3,18 @@
     model = torch.hub.load("<this repo>", "<zoo name>", source="local")   # or "github"
     model = torch.hub.load("<this repo>", "robust_model", "hf-hub:<org>/<name>")
 
-Helpers are imported under `_` names so that `torch.hub.list` shows only models.
+Helpers are imported under `_` names so that `torch.hub.list` shows only models. A manifest entry
+that lacks a field (metrics not measured yet, say) still gets its entry point: its docstring says
+what is not recorded instead of failing, so one entry can never break `torch.hub.load` for all.
 """
 
 dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors"]
 
-from robustwrap import create_model as _create_model  # noqa: E402
-from robustwrap import from_pretrained as _from_pretrained  # noqa: E402
-from robustwrap.hub import list_models as _list_models  # noqa: E402
-from robustwrap.hub import zoo_entry as _zoo_entry  # noqa: E402
+from robustwrap.zoo import create_model as _create_model  # noqa: E402
+from robustwrap.zoo import describe_entry as _describe_entry  # noqa: E402
+from robustwrap.zoo import from_pretrained as _from_pretrained  # noqa: E402
+from robustwrap.zoo import list_models as _list_models  # noqa: E402
+from robustwrap.zoo import zoo_entry as _zoo_entry  # noqa: E402
 
 
 def robust_model(name_or_path, **kwargs):
@@ -28,13 +31,8 @@ def _entry(name):
     def entry(pretrained=True, **kwargs):
         return _create_model(name, pretrained=pretrained, **kwargs)
 
-    e = _zoo_entry(name)
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = (
-        f"{e['architecture']} on {e['dataset']}, {e['strategy']} fine-tuning; certified accuracy "
-        f"{100 * e['metrics']['certified_accuracy']:.1f}% against {e['threat_model']}.\n\n"
-        "Args:\n    pretrained: load the measured weights (sha256-checked).\n"
-    )
+    entry.__doc__ = f"{_describe_entry(_zoo_entry(name))}\n\nArgs:\n    pretrained: load the measured weights (sha256-checked).\n"
     return entry
 
 

@@ -1,88 +1,231 @@
-"""Robust models on the Hugging Face Hub, in local folders and in the zoo (DESIGN.md section 5).
+"""The Hub format: defended models in Hugging Face Hub repos and local folders (save, load, push).
 
-A robust model's files are a **timm** repo plus one section: timm's `config.json` with a
-top-level `"robustwrap"` object (the defense), `model.safetensors` with the base model's own
-keys, and a model card whose `model-index` carries the accuracies we measured. So
+A robust model's files are a **timm** repo plus one section (the Concepts page,
+docs/concepts.md#hub-format): timm's `config.json` (`architecture`, `num_classes`, `num_features`,
+`model_args`, `pretrained_cfg`) with a top-level `"robustwrap"` object, `model.safetensors` with the
+base model's own keys, and a model card whose metadata carries the measured accuracies. So
 `timm.create_model("hf-hub:<repo>", pretrained=True)` loads the base model and
 `robustwrap.from_pretrained("hf-hub:<repo>")` the defended one.
 
-Saving, pushing and the model card come from `huggingface_hub.PyTorchModelHubMixin`;
-`RobustPatchClassifier._save_pretrained` / `_from_pretrained` call `save_folder` / `load_folder`.
+The `"robustwrap"` section, format version 2::
+
+    {"format_version": 2, **model.settings(), "base": {"library": "timm", ...}, "info": {...}}
+
+that is the defense name (`"defense"`), every setting exactly as `model.settings()` returns it
+(precision and margin included), how to rebuild the base model, and the free-form
+`model.pretrained_info` nested under `"info"` so that it can never shadow a setting. Version 1 files
+(no `defense`; `mask_set`, `fill`, `batch_size` and info at the top of the section) load as
+PatchCleanser.
+
+The defended model's `save_pretrained`, `push_to_hub`, `from_pretrained` and `generate_model_card`
+delegate to `save_pretrained`, `push_to_hub`, `load` and `model_card` here. The model zoo and the
+shipped data are in `robustwrap.zoo`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from importlib import resources
+import re
+import shutil
+import socket
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import safetensors
 import safetensors.torch
-import timm
 import torch
-import torchvision
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
-from .defenses.patchcleanser import RobustPatchClassifier
-from .geometry import MaskSet
+if TYPE_CHECKING:
+    from .defenses.base import RobustPatchClassifier
 
 __all__ = [
-    "FORMAT_VERSION",
     "CONFIG_NAME",
+    "FORMAT_VERSION",
     "WEIGHTS_NAME",
-    "DEFAULT_MODEL",
-    "BUILTIN_DATASETS",
-    "from_pretrained",
-    "create_model",
-    "list_models",
-    "zoo_entry",
-    "builtin_dataset",
-    "save_folder",
+    "download",
+    "hub_config",
+    "load",
     "load_folder",
+    "load_state_strictly",
+    "model_card",
+    "push_to_hub",
+    "read_safetensors",
+    "save_folder",
+    "save_pretrained",
     "sha256_of",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Files that would be unpickled by torch.load: they can run arbitrary code, so we never open them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Keys of the "robustwrap" section that are not settings of the defended model.
+SECTION_KEYS = ("format_version", "base", "info")
+# Version 1 kept this free-form information at the top of the section.
+V1_INFO_KEYS = ("strategy", "dataset", "metrics")
+# pretrained_cfg fields that say where the *source* weights came from, not what this repo holds.
+_SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "label_offset")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-_ZOO = resources.files("robustwrap") / "zoo"
+
+# ------------------------------------------------------------------------------- defenses
+def _defense_classes() -> dict[str, type]:
+    """`defense name -> class` for every defense this robustwrap knows."""
+    from . import defenses
+
+    table = getattr(defenses, "DEFENSES", None)
+    if isinstance(table, dict) and table:
+        return dict(table)
+    from .defenses.patchcleanser import RobustPatchClassifier
+
+    found: dict[str, type] = {}
+    todo = [RobustPatchClassifier]
+    while todo:
+        cls = todo.pop()
+        name = cls.__dict__.get("defense")
+        if isinstance(name, str):
+            found.setdefault(name, cls)
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 # ---------------------------------------------------------------------------------- base models
-def _base_spec(base: nn.Module, num_classes: int) -> dict[str, Any]:
-    """How to rebuild the base model: `{"library": "timm" | "torchvision", "architecture": ...}`.
-
-    Raises:
-        TypeError: for a model that neither timm nor torchvision can rebuild, because a repo we
-            cannot rebuild would load as random weights or not at all.
-    """
+def _timm_architecture(base: nn.Module) -> str | None:
     cfg = getattr(base, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture") in timm.list_models():
-        return {"library": "timm", "architecture": cfg["architecture"]}
-    name = _torchvision_name(base, num_classes)
-    if name is not None:
-        return {"library": "torchvision", "architecture": name, "kwargs": {"num_classes": num_classes}}
-    raise TypeError(
-        f"cannot save a {type(base).__name__} base model: only timm models (created with timm.create_model) "
-        "and torchvision models (torchvision.models.get_model) can be rebuilt from a Hub repo"
-    )
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str):
+        return None
+    import timm
+
+    return cfg["architecture"] if timm.is_model(cfg["architecture"]) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """tuples -> lists, recursively (json writes both as lists; this makes comparisons exact)."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _stem_channels(base: nn.Module) -> int | None:
+    """Input channels of the stem that timm's `pretrained_cfg["first_conv"]` names (timm < 1.0.31
+    keeps the pretrained source's 3 channels in `input_size` for a model built with `in_chans=1`)."""
+    name = base.pretrained_cfg.get("first_conv")
+    if not isinstance(name, str):
+        return None
+    try:
+        stem = base.get_submodule(name)
+    except AttributeError:
+        return None
+    channels = getattr(stem, "in_channels", None)
+    return channels if isinstance(channels, int) else None
+
+
+def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, Any]:
+    """timm's `config.json` for the base model, from public attributes only (any timm >= 1.0.20).
+
+    `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling, and
+    `img_size` for models with a fixed input size); `save_folder` then proves that timm rebuilds
+    exactly these keys and shapes from the file before writing anything.
+    """
+    base = model.model
+    num_classes = int(model.num_classes)
+    in_chans = _stem_channels(base) or model.in_chans or int(base.pretrained_cfg.get("input_size", (3,))[0])
+    h, w = model.image_size
+    cfg = {k: v for k, v in base.pretrained_cfg.items() if k not in _SOURCE_KEYS and v is not None}
+    cfg.pop("architecture", None)
+    if cfg.get("num_classes") != num_classes:  # the labels of another head do not describe this one
+        cfg.pop("label_names", None)
+        cfg.pop("label_descriptions", None)
+    if tuple(cfg.get("input_size", ())[1:]) != (h, w):
+        cfg.pop("pool_size", None)
+        cfg.pop("test_input_size", None)
+        cfg.pop("test_pool_size", None)
+    cfg.update(input_size=[in_chans, h, w], num_classes=num_classes, custom_load=False)
+    model_args: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+    pool = getattr(base, "global_pool", None)
+    pool = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+    if isinstance(pool, str):
+        model_args["global_pool"] = pool
+    built = getattr(getattr(base, "patch_embed", None), "img_size", None)  # what a ViT-like model was built for
+    if cfg.get("fixed_input_size") or isinstance(built, (tuple, list)):
+        model_args["img_size"] = [int(v) for v in built] if isinstance(built, (tuple, list)) and len(built) == 2 else [h, w]
+    config: dict[str, Any] = {"architecture": architecture, "num_classes": num_classes}
+    if isinstance(getattr(base, "num_features", None), int):
+        config["num_features"] = base.num_features
+    if "global_pool" in model_args:
+        config["global_pool"] = model_args["global_pool"]
+    config["model_args"] = model_args
+    config["pretrained_cfg"] = _jsonable(cfg)
+    return config
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _difference(theirs: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]) -> str:
+    """How the base model's state dict (`ours`) differs from what timm rebuilds (`theirs`)."""
+    missing, extra = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+    shapes = sorted(k for k in set(theirs) & set(ours) if theirs[k] != ours[k])
+    parts = [
+        f"it lacks {len(missing)} keys timm builds {missing[:4]}" if missing else "",
+        f"it has {len(extra)} keys timm does not build {extra[:4]}" if extra else "",
+        f"{len(shapes)} keys differ in shape (key, timm's, its) {[(k, theirs[k], ours[k]) for k in shapes[:3]]}" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+def _rebuild_timm(folder: Path, device: str) -> nn.Module:
+    import timm
+
+    with torch.device(device):
+        return timm.create_model(f"local-dir:{folder}", pretrained=False)
+
+
+def _check_timm_rebuild(config: dict[str, Any], base: nn.Module) -> None:
+    """Refuse to save a timm base that `timm.create_model` cannot rebuild from `config`.
+
+    Loads exactly as a user would (`timm.create_model("local-dir:...")` on the written config), on
+    the meta device (no memory, no time), and compares keys and shapes with the base model's.
+    """
+    call = f"timm.create_model({config['architecture']!r}, {', '.join(f'{k}={v!r}' for k, v in config['model_args'].items())})"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / CONFIG_NAME).write_text(json.dumps(config))
+        try:
+            rebuilt = _rebuild_timm(Path(tmp), "meta")
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a builder that computes on tensors (.item()): build for real
+            try:
+                rebuilt = _rebuild_timm(Path(tmp), "cpu")
+            except Exception as e:  # noqa: BLE001 - any failure means the saved repo could not be loaded
+                raise ValueError(f"cannot save this {config['architecture']} base model: {call} fails ({type(e).__name__}: {e})") from e
+    theirs, ours = _shapes(rebuilt.state_dict()), _shapes(base.state_dict())
+    if theirs != ours:
+        raise ValueError(
+            f"cannot save this {config['architecture']} base model: {call} builds other weights than it has "
+            f"({_difference(theirs, ours)}), so the saved repo could not be loaded back. Change a timm model's head "
+            "with model.reset_classifier(num_classes), or save the base model with your own code"
+        )
 
 
 def _torchvision_name(base: nn.Module, num_classes: int) -> str | None:
     """The torchvision builder whose model has exactly `base`'s class, keys and shapes (built on meta)."""
     if not type(base).__module__.startswith("torchvision.models"):
         return None
-    want = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    import torchvision
+
+    want = _shapes(base.state_dict())
     for name in torchvision.models.list_models():
         builder = torchvision.models.get_model_builder(name)
         annotation = builder.__annotations__.get("return")
@@ -93,51 +236,174 @@ def _torchvision_name(base: nn.Module, num_classes: int) -> str | None:
                 candidate = builder(weights=None, num_classes=num_classes)
             except (TypeError, ValueError):
                 continue
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == want:
+        if _shapes(candidate.state_dict()) == want:
             return name
     return None
 
 
-def _build_base(config: dict[str, Any], folder: Path) -> nn.Module:
-    spec = config["robustwrap"]["base"]
-    if spec["library"] == "timm":
-        if spec["architecture"] not in timm.list_models():
-            raise ValueError(f"architecture {spec['architecture']!r} in {folder / CONFIG_NAME} is not a timm model (timm {timm.__version__})")
+def _base_config(model: RobustPatchClassifier) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(top-level config, "base" spec)` of the base model, after proving that loading rebuilds it.
+
+    Raises:
+        TypeError: for a model that neither timm nor torchvision can rebuild.
+        ValueError: for a timm model whose weights differ from what its config rebuilds (an
+            edited head, say).
+    """
+    base = model.model
+    architecture = _timm_architecture(base)
+    if architecture is not None:
+        config = _timm_config(model, architecture)
+        _check_timm_rebuild(config, base)
+        return config, {"library": "timm", "architecture": architecture}
+    num_classes = int(model.num_classes)
+    name = _torchvision_name(base, num_classes)
+    if name is not None:
+        return {"num_classes": num_classes}, {"library": "torchvision", "architecture": name, "kwargs": {"num_classes": num_classes}}
+    what = "torchvision" if type(base).__module__.startswith("torchvision.models") else "custom"
+    raise TypeError(
+        f"cannot save a {type(base).__name__} base model ({what}): only timm models (timm.create_model) and unedited "
+        "torchvision models (torchvision.models.get_model) can be rebuilt from a Hub repo, and a repo that cannot be "
+        "rebuilt would load as random weights or not at all"
+    )
+
+
+def _build_base(config: dict[str, Any], spec: dict[str, Any], folder: Path) -> nn.Module:
+    where = folder / CONFIG_NAME
+    library, architecture = spec.get("library"), spec.get("architecture")
+    if not isinstance(architecture, str):
+        raise ValueError(f"robustwrap.base.architecture in {where} must be a string, got {architecture!r}")
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(architecture):
+            raise ValueError(f"architecture {architecture!r} in {where} is not a timm model (timm {timm.__version__})")
+        if config.get("architecture") != architecture:
+            raise ValueError(f"{where}: the timm architecture {config.get('architecture')!r} differs from robustwrap.base {architecture!r}")
+        if not isinstance(config.get("model_args", {}), dict) or not all(isinstance(k, str) for k in config.get("model_args", {})):
+            raise ValueError(f"model_args in {where} must be an object of keyword arguments, got {config.get('model_args')!r}")
         return timm.create_model(f"local-dir:{folder}", pretrained=False)
-    if spec["library"] == "torchvision":
-        if spec["architecture"] not in torchvision.models.list_models():
-            raise ValueError(f"architecture {spec['architecture']!r} in {folder / CONFIG_NAME} is not a torchvision model")
-        return torchvision.models.get_model(spec["architecture"], weights=None, **spec.get("kwargs", {}))
-    raise ValueError(f"base library {spec['library']!r} in {folder / CONFIG_NAME}: expected 'timm' or 'torchvision'")
+    if library == "torchvision":
+        import torchvision
+
+        if architecture not in torchvision.models.list_models():
+            raise ValueError(f"architecture {architecture!r} in {where} is not a torchvision model")
+        kwargs = spec.get("kwargs", {})
+        if not isinstance(kwargs, dict) or set(kwargs) - {"num_classes"} or not _positive_int(kwargs.get("num_classes", 1)):
+            raise ValueError(f"robustwrap.base.kwargs in {where} must be {{'num_classes': <positive int>}}, got {kwargs!r}")
+        return torchvision.models.get_model(architecture, weights=None, **kwargs)
+    raise ValueError(f"base library {library!r} in {where}: expected 'timm' or 'torchvision'")
 
 
-# ------------------------------------------------------------------------------------- defense
-def _defense_config(model: RobustPatchClassifier) -> dict[str, Any]:
-    ms = model.mask_set
-    return {
-        "format_version": FORMAT_VERSION,
-        "image_size": list(ms.image_size),
-        "in_chans": model.in_chans,
-        "num_classes": model.num_classes,
-        "fill": model.fill if isinstance(model.fill, float) else list(model.fill),
-        "batch_size": model.batch_size,
-        "mask_set": {**ms.to_dict(), "description": ms.describe()},
-        "base": _base_spec(model.model, model.num_classes),
-        **model.pretrained_info,
+# ------------------------------------------------------------------------------- config checks
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _settings_from_v1(section: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`(settings, runtime, info)` of a version-1 section: a PatchCleanser in float32 with margin 0.
+
+    The values are checked by `PatchCleanser.from_settings` (and `MaskSet.from_dict`) like any
+    version-2 settings.
+    """
+    mask_set = section.get("mask_set")
+    if isinstance(mask_set, dict):
+        mask_set = {k: v for k, v in mask_set.items() if k != "description"}
+    settings = {
+        "defense": "patchcleanser",
+        "image_size": section.get("image_size", mask_set.get("image_size") if isinstance(mask_set, dict) else None),
+        "fill": section.get("fill", 0.0),
+        "precision": "float32",
+        "margin": 0.0,
+        "mask_set": mask_set,
     }
+    runtime = {"batch_size": section["batch_size"]} if "batch_size" in section else {}
+    if runtime and not _positive_int(runtime["batch_size"]):
+        raise ValueError(f"{where}: batch_size must be a positive int, got {runtime['batch_size']!r}")
+    return settings, runtime, {k: section[k] for k in V1_INFO_KEYS if k in section}
 
 
-_INFO_KEYS = ("strategy", "dataset", "metrics")
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a robustwrap model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
-# ----------------------------------------------------------------------------------- model card
-def _model_card(model: RobustPatchClassifier, config: dict[str, Any], repo_id: str | None) -> ModelCard:
-    section = config["robustwrap"]
-    info = model.pretrained_info
-    (ph, pw), (h, w) = model.mask_set.patch_sizes[0], model.mask_set.image_size
-    threat = f"{ph}x{pw} px patch ({100 * ph * pw / (h * w):.2f}% of {h}x{w}), {len(model.mask_set)} masks"
-    metrics = info.get("metrics", {})
+# ----------------------------------------------------------------------------------- saving
+def hub_config(model: RobustPatchClassifier) -> dict[str, Any]:
+    """The `config.json` of `model`: timm's layout plus the `"robustwrap"` section (version 2).
+
+    Args:
+        model: a defended model.
+
+    Returns:
+        The config as a JSON-able dict.
+
+    Raises:
+        TypeError: for a base model that neither timm nor torchvision can rebuild, or a
+            `pretrained_info` that is not a JSON object.
+        ValueError: for a timm base model that its config would not rebuild (e.g. an edited
+            head), or settings that collide with the section's own keys.
+    """
+    settings = model.settings()
+    clash = sorted(set(settings) & set(SECTION_KEYS))
+    if clash:
+        raise ValueError(f"settings {clash} of {type(model).__name__} collide with the Hub section's own keys {list(SECTION_KEYS)}")
+    info = getattr(model, "pretrained_info", None) or {}
+    if not isinstance(info, dict):
+        raise TypeError(f"pretrained_info must be a dict (saved under robustwrap.info), got {type(info).__name__}")
+    try:
+        json.dumps(info, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"pretrained_info must be JSON-serialisable (saved under robustwrap.info): {e}") from None
+    config, base = _base_config(model)
+    config["robustwrap"] = {"format_version": FORMAT_VERSION, **_jsonable(settings), "base": base, "info": _jsonable(info)}
+    return config
+
+
+def _threat(settings: dict[str, Any]) -> str:
+    h, w = settings["image_size"]
+    patch = settings.get("patch")
+    text = settings["defense"]
+    shapes = [patch] if isinstance(patch, list) and patch and isinstance(patch[0], int) else patch if isinstance(patch, list) else []
+    for ph, pw in shapes:
+        text += f", {ph}x{pw} px patch ({100 * ph * pw / (h * w):.2f}% of {h}x{w})"
+    if isinstance(settings.get("mask_set"), dict):
+        text += f", {len(settings['mask_set']['boxes'])} masks"
+    return text
+
+
+def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwargs: Any) -> ModelCard:
+    """The model card of `model` (what `model.generate_model_card()` returns).
+
+    Its metadata (`model-index`) carries the accuracies in `model.pretrained_info["metrics"]`
+    (`vanilla_accuracy`, `clean_accuracy`, `certified_accuracy`, `split`) for
+    `pretrained_info["dataset"]`, each named with the defense and the threat model.
+
+    Args:
+        model: a defended model.
+        repo_id: the Hub repo the card is for (`push_to_hub` passes the real one); without it the
+            card shows a placeholder in the loading code.
+        **kwargs: ignored (the mixin's template arguments).
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
+    settings = model.settings()
+    info = getattr(model, "pretrained_info", None) or {}
+    metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
     dataset = info.get("dataset")
+    threat = _threat(settings)
+    base_library = "timm" if _timm_architecture(model.model) else "torchvision"
+    architecture = getattr(model.model, "pretrained_cfg", {}).get("architecture") if base_library == "timm" else type(model.model).__name__
     results = [
         EvalResult(
             task_type="image-classification",
@@ -153,32 +419,34 @@ def _model_card(model: RobustPatchClassifier, config: dict[str, Any], repo_id: s
             ("clean_accuracy", "defended clean accuracy"),
             ("certified_accuracy", "certified accuracy"),
         )
-        if dataset and key in metrics
+        if dataset and isinstance(metrics.get(key), (int, float))
     ]
+    views = getattr(model, "full_views", None)
     data = ModelCardData(
-        library_name="timm" if section["base"]["library"] == "timm" else "robustwrap",
+        library_name="timm" if base_library == "timm" else "robustwrap",
         license="apache-2.0",
-        tags=["image-classification", "robustwrap", "certified-robustness", "adversarial-patch", "patchcleanser"],
+        tags=["image-classification", "robustwrap", "certified-robustness", "adversarial-patch", settings["defense"]],
         datasets=[dataset] if dataset else None,
-        model_name=repo_id or section["base"]["architecture"],
+        model_name=repo_id or architecture,
         eval_results=results or None,
-        robustwrap={"patch": threat, "strategy": info.get("strategy"), "format_version": FORMAT_VERSION},
+        robustwrap={"defense": settings["defense"], "threat_model": threat, "views_per_image": views, "format_version": FORMAT_VERSION},
     )
+    name = repo_id or "<org>/<name>"
     rows = "\n".join(f"| {r.metric_name} | {100 * r.metric_value:.2f}% |" for r in results) or "| (not measured) | |"
     load_base = (
-        f'timm.create_model("hf-hub:{repo_id or "<org>/<name>"}", pretrained=True)'
-        if section["base"]["library"] == "timm"
-        else "# torchvision base: not loadable with timm; use robustwrap.from_pretrained"
+        f'timm.create_model("hf-hub:{name}", pretrained=True)   # the base model alone'
+        if base_library == "timm"
+        else "# a torchvision base model: load it with robustwrap.from_pretrained(...).model"
     )
+    settings_json = json.dumps(_jsonable({k: v for k, v in settings.items() if k != "mask_set"}))
     body = f"""
-# {repo_id or section["base"]["architecture"]}: certifiably patch-robust {section["base"]["architecture"]}
+# {repo_id or architecture}: certifiably patch-robust {architecture}
 
-A **{section["base"]["library"]}** `{section["base"]["architecture"]}` defended with PatchCleanser double
-masking by [robustwrap](https://github.com/robustwrap/robustwrap). No adversarial patch of the threat model
-below can change a certified prediction.
+A **{base_library}** `{architecture}` defended with **{settings["defense"]}** by robustwrap. No adversarial
+patch of the threat model below can change a certified prediction.
 
-- Threat model: {section["mask_set"]["description"]}
-- Fill: `{section["fill"]}` in the model's input space (after normalisation)
+- Threat model: {threat}{f"; {views} views per image (full evaluation)" if views else ""}
+- Settings: `{settings_json}`
 - Fine-tuning: {info.get("strategy") or "not recorded"}
 - Measured: {metrics.get("command", "not recorded")}
 
@@ -188,42 +456,157 @@ below can change a certified prediction.
 
 ```python
 import robustwrap, timm
-model = robustwrap.from_pretrained("hf-hub:{repo_id or "<org>/<name>"}").eval()   # the defended model
-base = {load_base}   # the base model alone
+model = robustwrap.from_pretrained("hf-hub:{name}").eval()   # the defended model
+{load_base}
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-# -------------------------------------------------------------------------------- save and load
-def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str | None = None) -> None:
+def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str | None = None, card_kwargs: dict[str, Any] | None = None) -> None:
     """Write `config.json`, `model.safetensors` and `README.md` for `model` into `folder`.
 
-    Called by `RobustPatchClassifier.save_pretrained` / `push_to_hub` (through the mixin).
+    Everything is built and checked before anything is written; if writing fails, a folder that
+    this call created is removed again.
+
+    Args:
+        model: a defended model.
+        folder: where to write (created if missing).
+        repo_id: the Hub repo the model card names.
+        card_kwargs: more arguments for `model.generate_model_card`.
 
     Raises:
-        TypeError: for a base model that neither timm nor torchvision can rebuild.
+        TypeError, ValueError: see `hub_config`.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    section = _defense_config(model)
-    config_path = folder / CONFIG_NAME
-    if section["base"]["library"] == "timm":
-        from timm.models._hub import save_config_for_hf  # timm's own writer keeps its format exact
-
-        c = section["in_chans"] or model.model.pretrained_cfg["input_size"][0]
-        save_config_for_hf(model.model, str(config_path), data_config={"input_size": (c, *model.mask_set.image_size)})
-        config = json.loads(config_path.read_text())
-    else:
-        config = {"num_classes": model.num_classes}
-    config["robustwrap"] = section
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    config = hub_config(model)
+    card_kwargs = {**(card_kwargs or {}), "repo_id": repo_id}
+    card = model.generate_model_card(**card_kwargs) if hasattr(model, "generate_model_card") else model_card(model, **card_kwargs)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.model.state_dict().items()}
-    safetensors.torch.save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    os.chmod(folder / WEIGHTS_NAME, 0o644)  # safetensors writes 0600; a model folder is for sharing
-    _model_card(model, config, repo_id).save(folder / "README.md")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        safetensors.torch.save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(folder / WEIGHTS_NAME, 0o644)  # safetensors writes 0600; a model folder is for sharing
+        card.save(folder / "README.md")
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
+def save_pretrained(
+    model: RobustPatchClassifier,
+    save_directory: str | Path,
+    *,
+    config: Any = None,
+    repo_id: str | None = None,
+    push_to_hub: bool = False,
+    model_card_kwargs: dict[str, Any] | None = None,
+    **push_to_hub_kwargs: Any,
+) -> str | None:
+    """`model.save_pretrained`: the model's files into a folder, optionally pushed to the Hub.
+
+    Args:
+        model: a defended model.
+        save_directory: the folder.
+        config: not supported: `config.json` is written from `model.settings()` so that it can
+            never disagree with the model; free-form information goes into
+            `model.pretrained_info` (saved under `robustwrap.info`).
+        repo_id: the Hub repo (named in the model card; the push target with `push_to_hub`).
+        push_to_hub: also push the files to `repo_id`.
+        model_card_kwargs: passed to `model.generate_model_card`.
+        **push_to_hub_kwargs: passed to `push_to_hub`.
+
+    Returns:
+        The commit URL when pushing, else None.
+
+    Raises:
+        TypeError: for `config=...`, or a model that cannot be saved (see `hub_config`); nothing
+            is written then.
+    """
+    if config is not None:
+        raise TypeError(
+            "save_pretrained(config=...) is not supported: config.json is written from model.settings(), so it always "
+            "describes the model; put free-form information into model.pretrained_info (saved under robustwrap.info)"
+        )
+    if push_to_hub:
+        if repo_id is None:
+            repo_id = Path(save_directory).name
+        save_folder(model, save_directory, repo_id=repo_id, card_kwargs=model_card_kwargs)
+        return model.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+    card_kwargs = dict(model_card_kwargs or {})
+    save_folder(model, save_directory, repo_id=card_kwargs.pop("repo_id", repo_id), card_kwargs=card_kwargs)
+    return None
+
+
+def push_to_hub(
+    model: RobustPatchClassifier,
+    repo_id: str,
+    *,
+    config: Any = None,
+    commit_message: str = "Upload robustwrap model",
+    private: bool | None = None,
+    token: str | None = None,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+    delete_patterns: list[str] | str | None = None,
+    model_card_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """`model.push_to_hub`: create the repo if needed and upload the model's files in one commit.
+
+    The model card names the repo id that the Hub returns (`"name"` becomes `"<user>/name"`).
+
+    Args:
+        model: a defended model.
+        repo_id: `"<org>/<name>"` or `"<name>"` (your namespace).
+        config: not supported (see `save_pretrained`).
+        commit_message: the commit message.
+        private: create the repo private (None: the Hub's default).
+        token: a Hugging Face token (None: the saved login).
+        branch: the branch to push to (None: main).
+        create_pr: open a pull request instead of committing to the branch.
+        allow_patterns: push only files matching these patterns.
+        ignore_patterns: do not push files matching these patterns.
+        delete_patterns: delete remote files matching these patterns in the same commit.
+        model_card_kwargs: passed to `model.generate_model_card`.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        TypeError: for `config=...`, or a model that cannot be saved (checked before the repo is
+            created).
+    """
+    from huggingface_hub import HfApi
+
+    if config is not None:
+        raise TypeError("push_to_hub(config=...) is not supported: config.json is written from model.settings()")
+    hub_config(model)  # refuse an unsaveable model before creating a repo
+    api = HfApi(token=token)
+    kwargs = {} if private is None else {"private": private}
+    real_id = api.create_repo(repo_id=repo_id, exist_ok=True, **kwargs).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "repo"
+        card_kwargs = {k: v for k, v in (model_card_kwargs or {}).items() if k != "repo_id"}
+        save_folder(model, folder, repo_id=real_id, card_kwargs=card_kwargs)
+        return api.upload_folder(
+            repo_id=real_id,
+            repo_type="model",
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=branch,
+            create_pr=create_pr,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            delete_patterns=delete_patterns,
+        )
+
+
+# ----------------------------------------------------------------------------------- loading
 def sha256_of(path: str | Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -239,7 +622,8 @@ def load_folder(
     weights: bool = True,
     expected_sha256: str | None = None,
     device: str | torch.device = "cpu",
-    **overrides: Any,
+    expect: type | None = None,
+    **runtime: Any,
 ) -> RobustPatchClassifier:
     """Build the defended model described by `folder/config.json`, with strictly loaded weights.
 
@@ -248,44 +632,65 @@ def load_folder(
         weights: load `model.safetensors` (False: random weights, like `pretrained=False`).
         expected_sha256: refuse the weights unless the file has this sha256 (the zoo's record).
         device: where to put the model.
-        **overrides: `batch_size` or `fill` to use instead of the saved ones.
+        expect: a defense class the model must be an instance of (`PatchCleanser.from_pretrained`
+            refuses a smoothing repo).
+        **runtime: settings that do not change the defended function, e.g. `batch_size`.
 
     Returns:
-        The `RobustPatchClassifier`, in eval mode.
+        The defended model (the class its config's `defense` names), in eval mode.
 
     Raises:
-        FileNotFoundError: no `config.json`, or no `model.safetensors` (a pickle checkpoint is
-            refused by name: unpickling runs arbitrary code).
-        ValueError: a config without a `"robustwrap"` section or of an unknown format version, an
-            unknown architecture, a sha256 that differs from the zoo's, a corrupted safetensors
-            file, or a state dict with missing, extra or mis-shaped keys.
+        FileNotFoundError: the folder does not exist, or has no `config.json`, or no
+            `model.safetensors` (a pickle checkpoint is refused by name: unpickling runs
+            arbitrary code).
+        ValueError: a config that is not valid JSON (naming the file), without a `"robustwrap"`
+            section, of an unknown format version or defense, with settings of the wrong type or
+            out of range, an unknown architecture, a sha256 that differs from the zoo's, a
+            corrupted safetensors file, or a state dict with missing, extra or mis-shaped keys.
+        TypeError: the model is not an instance of `expect`.
     """
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a robustwrap model folder")
-    config = json.loads(config_path.read_text())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+    config = _read_config(folder)
+    where = str(folder / CONFIG_NAME)
     section = config.get("robustwrap")
     if not isinstance(section, dict):
-        raise ValueError(f"{config_path} has no 'robustwrap' section: it describes a plain timm model; wrap it with robustwrap.wrap")
-    if section.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where} has no 'robustwrap' section: it describes a plain timm model; wrap it with robustwrap.wrap")
+    version = section.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise ValueError(
-            f"{config_path} has robustwrap format_version {section.get('format_version')!r}; this robustwrap "
-            f"reads version {FORMAT_VERSION} (upgrade robustwrap for newer files)"
+            f"{where} has robustwrap format_version {version!r}; this robustwrap reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade robustwrap for newer files)"
         )
-    base = _build_base(config, folder)
+    if version == 1:
+        settings, saved_runtime, info = _settings_from_v1(section, where)
+    else:
+        settings = {k: v for k, v in section.items() if k not in SECTION_KEYS}
+        saved_runtime, info = {}, section.get("info", {})
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: robustwrap.info must be an object, got {type(info).__name__}")
+    if not isinstance(settings.get("defense"), str):
+        raise ValueError(f"{where}: 'defense' must be a string, got {settings.get('defense')!r}")
+    classes = _defense_classes()
+    cls = classes.get(settings["defense"])
+    if cls is None:
+        raise ValueError(f"{where}: unknown defense {settings['defense']!r}; this robustwrap knows {', '.join(sorted(classes))}")
+    if expect is not None and not issubclass(cls, expect):
+        raise TypeError(f"{where} holds a {cls.__name__} ({settings['defense']!r}), not a {expect.__name__}; load it with robustwrap.from_pretrained")
+    spec = section.get("base")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: robustwrap.base must be an object with library and architecture, got {spec!r}")
+    base = _build_base(config, spec, folder)
     if weights:
         _load_weights_strictly(base, folder, expected_sha256)
-    model = RobustPatchClassifier(
-        base,
-        MaskSet.from_dict(section["mask_set"]),
-        fill=overrides.pop("fill", section["fill"]),
-        batch_size=overrides.pop("batch_size", section["batch_size"]),
-        num_classes=section["num_classes"],
-    )
-    if overrides:
-        raise TypeError(f"unexpected arguments {sorted(overrides)}: only batch_size and fill can be overridden")
-    model.pretrained_info = {k: section[k] for k in _INFO_KEYS if k in section}
+    if _positive_int(config.get("num_classes")) and not isinstance(getattr(base, "num_classes", None), int):
+        saved_runtime["num_classes"] = config["num_classes"]  # saves a blank forward pass for a torchvision base
+    try:
+        model = cls.from_settings(base, settings, **{**saved_runtime, **runtime})
+    except ValueError as e:  # untrusted values: say which file
+        raise ValueError(f"{where}: {e}") from None
+    model.pretrained_info = info
     return model.to(device).eval()
 
 
@@ -333,152 +738,158 @@ def load_state_strictly(base: nn.Module, state: dict[str, torch.Tensor], source:
     base.load_state_dict(state, strict=True)
 
 
-def _download(repo_id: str, revision: str | None, **kwargs: Any) -> Path:
-    """The snapshot folder holding `config.json` and `model.safetensors` of a Hub repo."""
+# ------------------------------------------------------------------------- Hub repos and names
+def _unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub endpoint cannot be reached now (DNS or TCP, `timeout` s), or None if it can.
+
+    Behind a proxy (`HTTPS_PROXY`/`ALL_PROXY`) direct connections prove nothing: None.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(hf_constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
     try:
-        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **kwargs)
-    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, EntryNotFoundError) as e:
-        raise FileNotFoundError(f"cannot get {CONFIG_NAME} of hf-hub:{repo_id}@{revision or 'main'}: {type(e).__name__}: {e}") from e
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """The snapshot folder holding `config.json` and `model.safetensors` of a Hub repo.
+
+    Without network (or with `HF_HUB_OFFLINE=1` / `local_files_only`), the Hugging Face cache is
+    used at once instead of retrying for half a minute.
+
+    Args:
+        repo_id: `<org>/<name>`.
+        revision: branch, tag or commit (None: main).
+        cache_dir: the Hugging Face cache folder (None: `HF_HUB_CACHE`).
+        force_download: download again even if cached.
+        local_files_only: never use the network, only the cache.
+        token: a Hugging Face token for private repos.
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileNotFoundError: in one line, for a repo, revision or file that does not exist, or a
+            model that is not cached while the Hub cannot be reached (saying how to get it).
+    """
+    name = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+    cache = str(cache_dir) if cache_dir is not None else hf_constants.HF_HUB_CACHE
+    offline = bool(local_files_only or hf_constants.HF_HUB_OFFLINE)
+    reason = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else "local_files_only=True" if local_files_only else None
+    if not offline:
+        reason = _unreachable()
+        offline = reason is not None
+    kwargs = {"revision": revision, "cache_dir": cache, "force_download": force_download and not offline, "local_files_only": offline, "token": token}
+    get = f"download it once where the Hub can be reached (robustwrap.from_pretrained({name!r}) or `hf download {repo_id}`), or copy a Hugging Face cache that has it into {cache}"
     try:
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, **kwargs)
-    except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+        config = hf_hub_download(repo_id, CONFIG_NAME, **kwargs)
+    except LocalEntryNotFoundError:
+        fast = "" if hf_constants.HF_HUB_OFFLINE else "; set HF_HUB_OFFLINE=1 to skip the network and fail at once"
+        raise FileNotFoundError(f"{name} is not in the Hugging Face cache ({cache}) and {reason}: {get}{fast}") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"cannot get {CONFIG_NAME} of {name}: {type(e).__name__}: {first}") from None
+    try:
+        hf_hub_download(repo_id, WEIGHTS_NAME, **kwargs)
+    except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"hf-hub:{repo_id}@{revision or 'main'} has no {WEIGHTS_NAME}; robustwrap loads weights only from "
-            "safetensors (pickle checkpoints are refused, since unpickling can run arbitrary code)"
-        ) from e
+            f"{name}: {WEIGHTS_NAME} is not in the Hugging Face cache ({cache}) and {reason}: {get}; robustwrap loads "
+            "weights only from safetensors (pickle checkpoints are refused, since unpickling can run arbitrary code)"
+        ) from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(
+            f"{name} has no {WEIGHTS_NAME}; robustwrap loads weights only from safetensors "
+            "(pickle checkpoints are refused, since unpickling can run arbitrary code)"
+        ) from None
     return Path(config).parent
 
 
-def load_repo(model_id: str, *, revision: str | None = None, cache_dir=None, force_download=False, local_files_only=False, token=None, **kwargs):
-    """`RobustPatchClassifier._from_pretrained`: a local folder, or a Hub repo id through the HF cache."""
-    if os.path.isdir(model_id):
-        return load_folder(model_id, **kwargs)
-    folder = _download(model_id, revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token)
-    return load_folder(folder, **kwargs)
+def parse_name(name_or_path: str | Path) -> tuple[str, str, str | None]:
+    """`(kind, ident, revision)` of a model name: kind `"folder"` or `"hf-hub"`.
 
-
-# ----------------------------------------------------------------------------------------- zoo
-def _manifest() -> dict[str, Any]:
-    return json.loads((_ZOO / "manifest.json").read_text())
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of the pretrained robust models in the zoo, like `timm.list_models`."""
-    return sorted(m["name"] for m in _manifest()["models"] if fnmatch.fnmatch(m["name"], pattern))
-
-
-def zoo_entry(name: str) -> dict[str, Any]:
-    """The manifest record of a zoo model: repo, architecture, dataset, strategy, measured accuracy.
+    Accepted: `hf-hub:<org>/<name>[@revision]`, `<org>/<name>[@revision]` (a Hub repo unless a
+    folder of that name exists), `local-dir:<folder>`, and any existing folder.
 
     Raises:
-        ValueError: for a name not in the zoo, listing the names that are.
+        ValueError: for a name that is none of these.
     """
-    for entry in _manifest()["models"]:
-        if entry["name"] == name:
-            return entry
-    raise ValueError(f"unknown robustwrap model {name!r}; the zoo has: {', '.join(list_models()) or '(none)'}")
+    spec = str(name_or_path)
+    if spec.startswith("hf-hub:"):
+        repo_id, _, rev = spec[len("hf-hub:") :].partition("@")
+        if not _REPO_ID.fullmatch(repo_id):
+            raise ValueError(f"{spec!r}: a Hugging Face Hub repo is written hf-hub:<org>/<name>[@revision]")
+        return "hf-hub", repo_id, rev or None
+    if spec.startswith("local-dir:"):
+        return "folder", spec[len("local-dir:") :], None
+    if isinstance(name_or_path, Path) or os.path.isdir(spec):
+        return "folder", spec, None
+    repo_id, _, rev = spec.partition("@")
+    if _REPO_ID.fullmatch(repo_id):
+        return "hf-hub", repo_id, rev or None
+    raise ValueError(f"{spec!r} is not an existing folder, local-dir:<folder>, hf-hub:<org>/<name>[@revision] or <org>/<name>")
 
 
-DEFAULT_MODEL: str = _manifest()["default"]
-
-
-def create_model(name: str, pretrained: bool = True, **kwargs: Any) -> RobustPatchClassifier:
-    """A zoo model by name, like `timm.create_model`.
-
-    Args:
-        name: a name from `list_models()`.
-        pretrained: load the measured weights (their sha256 is checked against the manifest);
-            False builds the same architecture and defense with random weights.
-        **kwargs: `device`, `batch_size`, `fill`; `cache_dir`, `local_files_only`, `token` for
-            models published on the Hub.
-
-    Raises:
-        ValueError: unknown name, or weights whose sha256 differs from the manifest.
-    """
-    entry = zoo_entry(name)
-    hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "force_download") if k in kwargs}
-    if entry.get("embedded"):
-        folder = Path(str(_ZOO / entry["embedded"]))
-    else:
-        folder = _download(entry["repo_id"], entry["revision"], **hub_kwargs)
-    return load_folder(folder, weights=pretrained, expected_sha256=entry["sha256"] if pretrained else None, **kwargs)
-
-
-def from_pretrained(
+def load(
     name_or_path: str | Path,
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    force_download: bool = False,
     local_files_only: bool = False,
+    token: str | bool | None = None,
+    expect: type | None = None,
     **kwargs: Any,
 ) -> RobustPatchClassifier:
-    """Load a defended model from the zoo, a local folder or the Hugging Face Hub.
+    """Load a defended model from a folder or a Hub repo (`RobustPatchClassifier.from_pretrained`).
 
     Args:
-        name_or_path: a zoo name (`list_models()`), `local-dir:<folder>` or an existing folder,
-            or `hf-hub:<org>/<name>[@revision]`.
-        revision: Hub branch, tag or commit (also written `hf-hub:org/name@rev`).
-        cache_dir: Hugging Face cache folder.
-        local_files_only: never touch the network; use the HF cache only.
-        **kwargs: `device`, `batch_size`, `fill`, `token`.
-
-    Raises:
-        ValueError: for a name that is none of these; `org/name` without a prefix is ambiguous
-            between the Hub and a relative folder, so it is refused with both spellings.
-    """
-    spec = str(name_or_path)
-    source, sep, ident = spec.partition(":")
-    if sep and source == "hf-hub":
-        repo_id, _, rev = ident.partition("@")
-        if revision is not None and rev and rev != revision:
-            raise ValueError(f"two revisions given: {rev!r} in {spec!r} and revision={revision!r}")
-        return load_repo(repo_id, revision=rev or revision, cache_dir=cache_dir, local_files_only=local_files_only, **kwargs)
-    if sep and source == "local-dir":
-        return load_folder(ident, **kwargs)
-    if os.path.isdir(spec):
-        return load_folder(spec, **kwargs)
-    if spec in list_models():
-        return create_model(spec, cache_dir=cache_dir, local_files_only=local_files_only, **kwargs)
-    if "/" in spec or os.sep in spec:
-        raise ValueError(f"{spec!r} is not a folder; write 'hf-hub:{spec}' for a Hugging Face Hub repo or 'local-dir:{spec}' for a local folder")
-    raise ValueError(f"unknown model {spec!r}: not a zoo name ({', '.join(list_models())}), a folder, or hf-hub:<org>/<name>")
-
-
-# ------------------------------------------------------------------------------------ datasets
-BUILTIN_DATASETS: dict[str, str] = {
-    name: meta["description"] for name, meta in json.loads((_ZOO / "data" / "datasets.json").read_text()).items()
-}
-
-
-class _TensorImages(torch.utils.data.Dataset):
-    """uint8 images as PIL images (like torchvision's MNIST), optionally transformed."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None, name: str | None = None):
-        self.images, self.labels, self.transform, self.name = images, labels, transform, name
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        image = Image.fromarray(self.images[index].numpy(), mode="L" if self.images.ndim == 3 else "RGB")
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-def builtin_dataset(name: str, transform: Callable[[Any], Any] | None = None) -> torch.utils.data.Dataset:
-    """A small real dataset shipped inside the package, usable offline.
-
-    Args:
-        name: a key of `BUILTIN_DATASETS` (e.g. `"mnist-heldout"`: real MNIST digits that the zoo's
-            MNIST model never saw in training).
-        transform: applied to each PIL image, e.g. `timm.data.create_transform(**data_config)`.
+        name_or_path: `hf-hub:<org>/<name>[@revision]`, `<org>/<name>[@revision]`,
+            `local-dir:<folder>` or an existing folder (see `parse_name`).
+        revision: Hub branch, tag or commit (or `@revision` in the name, not both).
+        cache_dir: the Hugging Face cache folder (None: `HF_HUB_CACHE`).
+        force_download: download again even if cached.
+        local_files_only: never use the network, only the cache.
+        token: a Hugging Face token for private repos.
+        expect: the model must be an instance of this class.
+        **kwargs: `device`, `weights`, and runtime settings such as `batch_size`.
 
     Returns:
-        A dataset of `(image, label)`.
+        The defended model, in eval mode.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: see `parse_name`, `download` and `load_folder`.
     """
-    if name not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown built-in dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
-    meta = json.loads((_ZOO / "data" / "datasets.json").read_text())[name]
-    tensors = safetensors.torch.load_file(str(_ZOO / "data" / meta["file"]))
-    return _TensorImages(tensors["images"], tensors["labels"], transform, name=f"{name} (built-in)")
+    kind, ident, rev = parse_name(name_or_path)
+    if kind == "folder":
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} does not apply to the local folder {ident}")
+        return load_folder(ident, expect=expect, **kwargs)
+    if revision is not None and rev is not None and rev != revision:
+        raise ValueError(f"two revisions given: {rev!r} in {str(name_or_path)!r} and revision={revision!r}")
+    folder = download(
+        ident, rev or revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token
+    )
+    return load_folder(folder, expect=expect, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """Zoo names that used to live here (`robustwrap.hub.list_models`, ...): now in `robustwrap.zoo`."""
+    if name in ("DEFAULT_MODEL", "BUILTIN_DATASETS", "list_models", "zoo_entry", "create_model", "from_pretrained", "builtin_dataset", "_TensorImages", "_ZOO"):
+        from . import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

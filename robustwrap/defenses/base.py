@@ -29,7 +29,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
-from ..views import eval_mode, model_device_dtype
+from ..views import auto_batch_size, eval_mode, model_device_dtype
 
 __all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH"]
 
@@ -184,7 +184,8 @@ class RobustPatchClassifier(
         image_size: `(H, W)` of the inputs, in the model's input space.
         fill: value of masked / ablated pixels in the model's input space (after normalisation):
             a scalar or one value per channel. Train and certify with the same fill.
-        batch_size: views per forward pass (speed and memory only; results do not depend on it).
+        batch_size: views per forward pass (speed and memory only; results do not depend on it);
+            `None` picks one for the model, image size and device.
         precision: `"float32"`, `"bfloat16"` or `"float16"`: the autocast precision of every
             forward pass of the base model (prediction and certification alike).
         margin: certificate margin, a float >= 0 (0 is the papers' rule); stored with the model.
@@ -268,12 +269,18 @@ class RobustPatchClassifier(
 
     @property
     def batch_size(self) -> int:
-        """Views per forward pass (speed and memory only; not part of `settings()`)."""
+        """Views per forward pass (speed and memory only; not part of `settings()`).
+
+        The value given, else (`None`, the default) the one chosen for the model, image size
+        and device at every read (`robustwrap.views.auto_batch_size`). Assign `None` for auto.
+        """
+        if self._batch_size is None:
+            return auto_batch_size(self.model, self._image_size)
         return self._batch_size
 
     @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self._batch_size = positive_int(value, "batch_size")
+    def batch_size(self, value: int | None) -> None:
+        self._batch_size = None if value is None else positive_int(value, "batch_size")
 
     @property
     def precision(self) -> str:
