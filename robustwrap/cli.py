@@ -1,17 +1,23 @@
-"""The `robustwrap` command: certify a data set, show a mask set, predict images, list the zoo.
+"""The `robustwrap` command: certify a data set, attack it, show a defense's views, predict images, list the zoo.
 
 ```
 robustwrap certify                                  # the embedded default model on the first 100 shipped digits
 robustwrap certify --limit all                      # ... on all 1,000 of them
 robustwrap certify --model hf-hub:org/name --data val/ --patch 1%,2%,3% --plot out/ --report sweep.json
 robustwrap certify --model timm:resnet18 --pretrained --data val/ --patch 2%
+robustwrap certify --model timm:resnet18 --pretrained --data val/ --defense smoothing --ablation-size 19
+robustwrap attack --limit 10 --output findings/       # clean, certified and empirical robust accuracy
 robustwrap masks --image-size 224 --patch 2% --num-masks 6 --plot masks.png
 robustwrap predict digit.png digits/ --json
 robustwrap models
 ```
 
-Every failure the user can cause (a missing folder, an unreadable image, an unknown model, a bad
-patch string) ends with one line on stderr and exit code 1; an unexpected error (a bug) surfaces
+`--defense patchcleanser|smoothing|patchguard` picks the defense; each has its own option group
+(PatchCleanser: `--num-masks`, `--stride`; smoothing: `--ablation`, `--ablation-size`,
+`--ablation-stride`, `--vote-threshold`, `--encoding`; PatchGuard: `--receptive-field`,
+`--feature-stride`, `--feature-offset`, `--detection-threshold`, `--clip`), and an option of
+another defense is refused in one line. Every failure the user can cause (a missing folder, an
+unreadable image, an unknown model, a bad patch string) ends with one line on stderr and exit code 1; an unexpected error (a bug) surfaces
 with its traceback, and `--traceback` shows the traceback of the expected ones too. The threat
 model, the settings and what a certificate proves are explained on the Concepts page
 (docs/concepts.md).
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -42,6 +49,9 @@ __all__ = ["main", "parse_class_map", "parse_patch"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# `robustwrap attack`: a certified image whose prediction the attack changed (a bug in robustwrap).
+# 3, not 2: argparse already exits with 2 for bad usage.
+EXIT_BROKEN_CERTIFICATE = 3
 EXIT_INTERRUPTED = 130
 
 # Errors a user can cause: a wrong option, a missing or unreadable file, no network, a missing
@@ -57,6 +67,38 @@ DEFAULT_LIMIT = 100
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
+# The keys of robustwrap.DEFENSES, written out so that `robustwrap --help` does not import torch
+# (tests/test_cli.py checks that they agree).
+DEFENSE_NAMES = ("patchcleanser", "smoothing", "patchguard")
+
+# Each defense's own command-line options: argparse dest -> (defense, the option's name in
+# `robustwrap.wrap` / the defense's `from_patch`). Smoothing's and PatchGuard's `threshold=` are
+# different things (a softmax vote threshold in (0, 1]; a detection threshold in [0, 1)), and
+# smoothing's `stride=` is not PatchCleanser's mask stride, so on the command line each gets a
+# name of its own: an option of one defense is never silently read as another's.
+DEFENSE_OPTIONS: dict[str, tuple[str, str]] = {
+    "num_masks": ("patchcleanser", "num_masks"),
+    "stride": ("patchcleanser", "stride"),
+    "ablation": ("smoothing", "ablation"),
+    "ablation_size": ("smoothing", "size"),
+    "ablation_stride": ("smoothing", "stride"),
+    "vote_threshold": ("smoothing", "threshold"),
+    "encoding": ("smoothing", "encoding"),
+    "receptive_field": ("patchguard", "receptive_field"),
+    "feature_stride": ("patchguard", "feature_stride"),
+    "feature_offset": ("patchguard", "feature_offset"),
+    "detection_threshold": ("patchguard", "threshold"),
+    "clip": ("patchguard", "clip"),
+}
+
+# `robustwrap attack` with no --limit attacks this many images: the audit attacks every correctly
+# predicted image, certified ones included, and each may spend --budget surrogate views (forward
+# and backward through the base model). Measured on a loaded 2-core CPU (load average 6): the
+# embedded MNIST model took 224 s for 4 digits at 20,000 views per image, about a minute each.
+# robustwrap.audit's own budget (2,000,000: every patch position of a 32x32 digit) is for a GPU.
+DEFAULT_ATTACK_LIMIT = 10
+DEFAULT_ATTACK_BUDGET = 20_000
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `robustwrap` command.
@@ -66,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 1 for an error (printed as one line on stderr), 2 for bad
-        usage, 130 when interrupted.
+        usage, 3 when `robustwrap attack` changed the prediction of a certified image (a bug in
+        robustwrap; the reproduction's folder is printed), 130 when interrupted.
 
     Raises:
         Exception: an unexpected error (a bug, not a wrong input) is re-raised with its traceback,
@@ -76,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with _threads(getattr(args, "threads", None), args.command):
-            args.run(args)
+            code = args.run(args)
     except BrokenPipeError:
         # The reader of stdout went away (`robustwrap masks | head`): not an error of ours.
         _silence_stdout()
@@ -96,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         print(f"robustwrap {args.command}: internal error ({type(error).__name__}); the traceback follows, please report it", file=sys.stderr)
         raise
-    return 0
+    return code or 0
 
 
 def _silence_stdout() -> None:
@@ -137,7 +180,7 @@ class _threads:
             env = os.environ.get("OMP_NUM_THREADS", "").strip()
             if env:
                 n = int(env) if env.isdigit() and int(env) > 0 else None
-            elif command in ("certify", "predict") and (busy := _busy_cores()) is not None:
+            elif command in ("certify", "predict", "attack") and (busy := _busy_cores()) is not None:
                 n = 1
                 self.note = (
                     f"robustwrap {command}: the machine is busy (load {busy[0]:.1f} on {busy[1]} cores): running torch on 1 thread "
@@ -224,11 +267,68 @@ def _parser() -> argparse.ArgumentParser:
     certify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     certify.set_defaults(run=_certify)
 
-    masks = commands.add_parser("masks", parents=[common], help="show a mask set's geometry as a table and a picture")
+    attack = commands.add_parser(
+        "attack",
+        parents=[common],
+        help="attack the defended model: clean, certified and empirical robust accuracy, and a certificate audit",
+        description=(
+            "Certify a data set, then attack every correctly predicted image with an adaptive patch attack on the "
+            "defended prediction (robustwrap.audit). Prints clean, certified and empirical robust accuracy side by "
+            f"side. With no arguments: the embedded default model on the first {DEFAULT_ATTACK_LIMIT} of its shipped "
+            "held-out digits."
+        ),
+        epilog=(
+            f"Exit codes: 0 when every certificate held, {EXIT_BROKEN_CERTIFICATE} when the attack changed the "
+            "prediction of a certified image (a bug in robustwrap: the image, patch and location are saved under "
+            "--output as a reproduction; please report it), 1 for an error, 2 for bad usage. --patch changes the "
+            "threat model that is certified and attacked (the model is re-wrapped), as in certify."
+        ),
+    )
+    _model_options(attack, sweep=False)
+    data = attack.add_argument_group("data")
+    data.add_argument("--data", help="an image folder laid out like torchvision's ImageFolder, or a built-in data set name (default: the zoo model's own)")
+    data.add_argument("--class-map", metavar="MAP", help="class ids of the --data folders, as for certify")
+    data.add_argument(
+        "--limit",
+        type=_limit,
+        metavar="N|all",
+        help=f"attack only the first N images, or 'all' (default {DEFAULT_ATTACK_LIMIT}: each correctly predicted image "
+        "may cost up to --budget views through the base model)",
+    )
+    data.add_argument("--images-per-step", type=_positive, metavar="N", help="images per certify and attack batch (default 32)")
+    search = attack.add_argument_group("attack")
+    search.add_argument("--steps", type=_positive, default=150, metavar="N", help="sign-gradient steps per start (default 150)")
+    search.add_argument("--step-size", type=_positive_float, default=0.05, metavar="F", help="step as a fraction of the input range (default 0.05)")
+    search.add_argument("--restarts", type=_positive, default=1, metavar="N", help="random starts per patch position (default 1)")
+    search.add_argument(
+        "--budget",
+        type=_positive,
+        default=DEFAULT_ATTACK_BUDGET,
+        metavar="N",
+        help=f"surrogate views per image the attack may spend (default {DEFAULT_ATTACK_BUDGET:,}; robustwrap.audit's own "
+        "default of 2,000,000 is the exhaustive setting for a GPU): every patch position when they fit, else the "
+        "positions the defense's evidence ranks highest",
+    )
+    search.add_argument("--bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), help="valid input range in the model's input space (default: from the model's mean and std)")
+    search.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    output = attack.add_argument_group("output")
+    output.add_argument("--output", type=Path, default=Path("attack-findings"), metavar="DIR", help="folder for reproductions of broken certificates (default attack-findings; written only when there is one)")
+    output.add_argument("--report", type=Path, metavar="FILE.json", help="write the audit report (accuracies, settings, every image) as JSON")
+    output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    attack.set_defaults(run=_attack)
+
+    masks = commands.add_parser(
+        "masks",
+        parents=[common],
+        help="show a defense's views for a patch: a mask set, ablated bands or blocks, or a PatchGuard window",
+        description="The geometry of a defense at a threat model, without a model: PatchCleanser's mask set (a table "
+        "and a picture), smoothing's ablated views and the number a patch meets, or PatchGuard's feature window.",
+    )
     masks.add_argument("--image-size", type=_image_size, default=(224, 224), help="H or HxW (default 224)")
     masks.add_argument("--patch", type=_single_patch, default=0.02, help="pixels (32), a percentage of the image area (2%%) or a fraction (0.02); default 2%%")
-    _grid_options(masks)
-    masks.add_argument("--plot", type=Path, metavar="FILE", help="draw the mask set to FILE (e.g. masks.png)")
+    masks.add_argument("--defense", choices=DEFENSE_NAMES, default="patchcleanser", help="the defense whose views to show (default patchcleanser)")
+    _defense_groups(masks)
+    masks.add_argument("--plot", type=Path, metavar="FILE", help="draw the mask set to FILE (e.g. masks.png; PatchCleanser)")
     masks.set_defaults(run=_masks)
 
     predict = commands.add_parser(
@@ -261,14 +361,27 @@ def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     model.add_argument("--in-chans", type=_positive, metavar="N", help="input channels of a timm model (default: the checkpoint's or 3)")
 
     threat = parser.add_argument_group("threat model and defense")
+    threat.add_argument(
+        "--defense",
+        choices=DEFENSE_NAMES,
+        help="the defense (default: the model's own; patchcleanser for a timm model). A defended model keeps its "
+        "defense and settings unless --defense, --patch or an option of a defense group below asks to re-wrap its base model",
+    )
     if sweep:
         patch_help = "patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02); a comma list (1%%,2%%,3%%) is a sweep (default: the model's own, 2%% for a timm model)"
         threat.add_argument("--patch", type=parse_patch, help=patch_help)
     else:
         patch_help = "patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02) (default: the model's own, 2%% for a timm model)"
         threat.add_argument("--patch", type=_patch_list_of_one, help=patch_help)
-    _grid_options(threat)
     threat.add_argument("--precision", choices=PRECISIONS, help="numeric precision of the defended model (autocast; default: the model's own, float32 for a timm model)")
+    threat.add_argument(
+        "--margin",
+        type=_non_negative_float,
+        metavar="M",
+        help="certificate margin: a view or logit counts for a certificate only if it holds when the logits move by up "
+        "to M (default: the model's own, 0 for a timm model: the papers' rule); see the Concepts page",
+    )
+    _defense_groups(parser)
 
     run = parser.add_argument_group("speed")
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -290,10 +403,36 @@ def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     )
 
 
-def _grid_options(parser) -> None:
-    grid = parser.add_mutually_exclusive_group()
+def _defense_groups(parser: argparse.ArgumentParser) -> None:
+    """One option group per defense, mirroring the options of its `from_patch` (see `DEFENSE_OPTIONS`)."""
+    cleanser = parser.add_argument_group("PatchCleanser (--defense patchcleanser)")
+    grid = cleanser.add_mutually_exclusive_group()
     grid.add_argument("--num-masks", type=_positive, help="masks per axis (default 6, or the model's own)")
     grid.add_argument("--stride", type=_positive, help="mask stride in pixels, instead of --num-masks")
+
+    smoothing = parser.add_argument_group("(De)Randomized Smoothing (--defense smoothing)")
+    smoothing.add_argument("--ablation", choices=("column", "row", "block"), help="views keep one column band, row band or block (default column, or the model's own)")
+    smoothing.add_argument("--ablation-size", type=_positive, metavar="N", help="band width / block side in pixels (required for a new smoothing model)")
+    smoothing.add_argument("--ablation-stride", type=_positive, metavar="N", help="pixels between neighbouring views (default 1, or the model's own)")
+    smoothing.add_argument(
+        "--vote-threshold",
+        type=float,
+        metavar="THETA",
+        help="each view votes for every class whose softmax is >= THETA, in (0, 1] (default: one argmax vote per view)",
+    )
+    smoothing.add_argument("--encoding", choices=("fill", "levine2020"), help="ablated pixels are the fill value, or levine2020's 2C-channel (x, 1-x) input (default fill)")
+
+    guard = parser.add_argument_group("PatchGuard (--defense patchguard)")
+    guard.add_argument("--receptive-field", type=_int_pair(1), metavar="R", help="receptive field of a local logit, R or RHxRW px (default: the model's own attribute, as BagNets carry)")
+    guard.add_argument("--feature-stride", type=_int_pair(1), metavar="S", help="pixels between neighbouring local logits, S or SHxSW (default: the model's own)")
+    guard.add_argument("--feature-offset", type=_int_pair(0), metavar="O", help="padding offset of the first local logit, O or OHxOW (default: the model's own; 0 unpadded)")
+    guard.add_argument(
+        "--detection-threshold",
+        type=float,
+        metavar="T",
+        help="robust masking removes a class's window only when it holds more than T of that class's evidence, in [0, 1) (default 0: always)",
+    )
+    guard.add_argument("--clip", type=_positive_float, metavar="C", help="ceiling of the clipped local logits (default: none, clip to [0, inf))")
 
 
 def parse_patch(text: str) -> list[int | float]:
@@ -378,6 +517,39 @@ def _patch_list_of_one(text: str) -> list[int | float]:
     return [_single_patch(text)]
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _int_pair(minimum: int):
+    """An argparse type reading `N` or `HxW` (integers >= `minimum`) as an int or an `(h, w)` pair."""
+
+    def parse(text: str) -> int | tuple[int, int]:
+        match = re.fullmatch(r"(\d+)(?:[x,](\d+))?", text.strip().lower())
+        if not match or min(int(v) for v in match.groups() if v is not None) < minimum:
+            raise argparse.ArgumentTypeError(f"expected N or HxW, integers >= {minimum}, got {text!r}")
+        return int(match[1]) if match[2] is None else (int(match[1]), int(match[2]))
+
+    parse.__name__ = "pixels"
+    return parse
+
+
 def _positive(text: str) -> int:
     if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -412,12 +584,12 @@ def _certify(args: argparse.Namespace) -> None:
     if args.resume and args.results is None:
         raise ValueError("--resume continues a --results file; pass --results FILE too")
     model, model_name = _load_model(args)
-    dataset, data_name = _load_data(args.data, args.class_map, model_name, model)
+    models = [_with_settings(model, patch, args) for patch in (args.patch or [None])]
+    dataset, data_name = _load_data(args.data, args.class_map, model_name, models[0])
     limit: int | None = None if args.limit == "all" else args.limit
     subset = args.limit is None and args.data is None and len(dataset) > DEFAULT_LIMIT
     if subset:
         limit = DEFAULT_LIMIT
-    models = [_with_settings(model, patch, args) for patch in (args.patch or [None])]
     sweep = len(models) > 1
     tags = [_tag(defended) if sweep else "" for defended in models]
     for tag in tags if args.results is not None and not args.resume else []:
@@ -507,9 +679,56 @@ def _closing_notes(args: argparse.Namespace, dataset, limit: int | None, subset:
     print("\n".join(notes))
 
 
+def _attack(args: argparse.Namespace) -> int:
+    """`robustwrap attack`: certify, attack every correct image, print the three accuracies; 3 on a broken certificate."""
+    from .attack import audit
+
+    model, model_name = _load_model(args)
+    defended = _with_settings(model, (args.patch or [None])[0], args)
+    dataset, data_name = _load_data(args.data, args.class_map, model_name, defended)
+    limit = None if args.limit == "all" else args.limit if args.limit is not None else DEFAULT_ATTACK_LIMIT
+    options: dict[str, Any] = {"batch_size": args.images_per_step} if args.images_per_step is not None else {}
+    report = audit(
+        defended,
+        dataset,
+        steps=args.steps,
+        step_size=args.step_size,
+        restarts=args.restarts,
+        budget=args.budget,
+        limit=limit,
+        bounds=tuple(args.bounds) if args.bounds is not None else None,
+        seed=args.seed,
+        output=args.output,
+        progress=args.progress,
+        **options,
+    )
+    shown = min(limit, len(dataset)) if limit is not None else len(dataset)
+    print(f"model {model_name}, data {data_name} ({shown} of {len(dataset)} images); {_describe(defended)}")
+    print(report.summary())
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        report.save(args.report)
+        print(f"report: {args.report}")
+    if not report.ok:
+        indices = ", ".join(str(f.index) for f in report.findings)
+        print(
+            f"robustwrap attack: the attack changed the prediction of {len(report.findings)} certified image(s) ({indices}): "
+            f"a bug in robustwrap; reproductions (image, patch, location, settings) saved in {args.output}/, please report them",
+            file=sys.stderr,
+        )
+        return EXIT_BROKEN_CERTIFICATE
+    return 0
+
+
 def _masks(args: argparse.Namespace) -> None:
     from .geometry import MaskSet
 
+    _check_defense_options(args, args.defense, None)
+    if args.defense != "patchcleanser":
+        if args.plot is not None:
+            raise ValueError(f"--plot draws a PatchCleanser mask set; --defense {args.defense} has no picture")
+        print(_smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args))
+        return
     grid = {"stride": args.stride} if args.stride else {"num_masks": args.num_masks} if args.num_masks else {}
     mask_set = MaskSet.square(args.image_size, args.patch, **grid)
     if args.plot is not None:
@@ -532,6 +751,51 @@ def _masks(args: argparse.Namespace) -> None:
     if args.plot is not None:
         lines.append(f"\npicture: {args.plot}")
     print("\n".join(lines))
+
+
+def _smoothing_views(args: argparse.Namespace) -> str:
+    """`robustwrap masks --defense smoothing`: the ablated views, Δ and the vote margin a certificate needs."""
+    from .defenses.smoothing import _check_certifiable
+    from .geometry import AblationSet, patch_side
+
+    if args.ablation_size is None:
+        raise ValueError("--defense smoothing needs --ablation-size N (the band width / block side in pixels)")
+    views = AblationSet(args.image_size, args.ablation or "column", args.ablation_size, args.ablation_stride or 1)
+    h, w = views.image_size
+    side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
+    delta = views.delta(side)
+    _check_certifiable(views, (side, side))
+    rows = [("view", "top", "left")] + [(str(i), str(r), str(c)) for i, (r, c) in enumerate(views.positions())]
+    lines = [
+        f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); {views.describe()}",
+        f"a patch meets at most Δ={delta} of the V={len(views)} views: a certificate needs a vote margin above 2Δ={2 * delta}",
+        "",
+        _columns(rows),
+    ]
+    return "\n".join(lines)
+
+
+def _patchguard_window(args: argparse.Namespace) -> str:
+    """`robustwrap masks --defense patchguard`: the feature window one patch can touch."""
+    from .geometry import feature_window, patch_side
+
+    missing = [f"--{d.replace('_', '-')}" for d in ("receptive_field", "feature_stride") if getattr(args, d) is None]
+    if missing:
+        raise ValueError(f"--defense patchguard needs {' and '.join(missing)} (and --feature-offset when the model pads)")
+    h, w = args.image_size
+    r, s, o = (v if isinstance(v, tuple) else (v, v) for v in (args.receptive_field, args.feature_stride, args.feature_offset or 0))
+    # A map that covers the image as a convolution padded by o on each side does.
+    size = tuple((n + 2 * oo - rr) // ss + 1 for n, rr, ss, oo in zip((h, w), r, s, o))
+    if min(size) < 1:
+        raise ValueError(f"a receptive field of {r[0]}x{r[1]} px does not fit in the {h}x{w} image")
+    side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
+    window = feature_window((h, w), side, r, s, o, size)
+    geometry = f"receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}; (H + 2o - r) // s + 1 per axis"
+    return (
+        f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); local logits {size[0]}x{size[1]} ({geometry})\n"
+        f"a patch touches at most a {window[0]}x{window[1]} window of local logits: robust masking removes each class's "
+        f"largest {window[0]}x{window[1]} window of evidence"
+    )
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -631,23 +895,24 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _load_model(args: argparse.Namespace) -> tuple[RobustPatchClassifier, str]:
-    """The defended model named by `--model` (and its timm options), on `--device`, in eval mode."""
-    from .defenses import wrap
+def _load_model(args: argparse.Namespace) -> tuple[RobustPatchClassifier | nn.Module, str]:
+    """The model named by `--model` (and its timm options), on `--device`, in eval mode.
 
+    A zoo, folder or Hub model comes defended; a timm model comes as its plain base model, which
+    `_with_settings` wraps with the chosen defense.
+    """
     device = _device(args.device)
     spec: str | None = args.model
     timm_only = [f"--{n.replace('_', '-')}" for n in ("num_classes", "in_chans", "image_size") if getattr(args, n) is not None]
     if spec is not None and spec.startswith("timm:"):
-        base = _load_timm(spec.removeprefix("timm:"), args)
-        model = wrap(base, image_size=args.image_size)
+        model = _load_timm(spec.removeprefix("timm:"), args)
     else:
         weights = [o for o, given in (("--checkpoint", args.checkpoint is not None), ("--pretrained", args.pretrained)) if given]
         if weights:
             raise ValueError(f"{' and '.join(weights)} go with --model timm:<arch>; other models carry their own weights")
         folder = _folder_of(spec) if spec is not None else None
         if folder is not None and _is_plain_timm_folder(folder):
-            model = wrap(_load_timm_folder(folder, args), image_size=args.image_size)
+            model = _load_timm_folder(folder, args)
         else:
             if timm_only:
                 raise ValueError(
@@ -808,43 +1073,92 @@ def _create_timm(name: str, args: argparse.Namespace, sizes: dict[str, int], pre
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _with_settings(model: RobustPatchClassifier, patch, args: argparse.Namespace) -> RobustPatchClassifier:
-    """`model` with the CLI's threat model (`--patch`, `--num-masks`, `--stride`), precision and views per pass."""
-    from .defenses import wrap
+def _defense_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The defense-group options given on the command line, `{argparse dest: value}`."""
+    return {dest: getattr(args, dest) for dest in DEFENSE_OPTIONS if getattr(args, dest, None) is not None}
 
-    num_masks, stride = args.num_masks, args.stride
-    if patch is not None or num_masks is not None or stride is not None:
-        if model.defense != "patchcleanser":
-            raise ValueError(f"--patch, --num-masks and --stride re-wrap a PatchCleanser model; this model's defense is {model.defense}")
-        if patch is None:
-            if len(model.mask_set.patch_sizes) != 1:
-                raise ValueError("this model's mask set covers several patch shapes; pass --patch to choose one")
-            ph, pw = model.mask_set.patch_sizes[0]
-            patch = ph if ph == pw else (ph, pw)
-        grid: dict[str, Any] = {"stride": stride} if stride else {"num_masks": num_masks} if num_masks else {}
-        if not grid and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
-            grid = {"num_masks": model.mask_set.grid}
-        model = wrap(
-            model.model,
-            patch,
-            **grid,
-            image_size=model.image_size,
-            fill=model.fill,
-            batch_size=model.batch_size,
-            precision=model.precision,
-            margin=model.margin,
-            num_classes=model.num_classes,
-        ).eval()
+
+def _check_defense_options(args: argparse.Namespace, defense: str, own: str | None) -> dict[str, Any]:
+    """`{wrap option: value}` of the given defense-group options, all of which must belong to `defense`.
+
+    Raises:
+        ValueError: for an option of another defense, in the words of `robustwrap.wrap`'s error
+            ("num_masks= is an option of defense 'patchcleanser', not of 'smoothing'"), naming the flag.
+    """
+    options = {}
+    for dest, value in _defense_options(args).items():
+        owner, name = DEFENSE_OPTIONS[dest]
+        if owner != defense:
+            how = f"; this model's defense is {own!r}: pass --defense {owner} to re-wrap it" if own == defense and args.defense is None else ""
+            raise ValueError(f"--{dest.replace('_', '-')} is an option of defense {owner!r}, not of {defense!r}{how}")
+        options[name] = value
+    return options
+
+
+def _own_options(model: RobustPatchClassifier, given: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`(patch, options)` that rebuild `model`'s own defense as it is, for `wrap`, under the `given` options."""
+    if model.defense == "patchcleanser":
+        if len(model.mask_set.patch_sizes) != 1:
+            raise ValueError("this model's mask set covers several patch shapes; pass --patch to choose one")
+        ph, pw = model.mask_set.patch_sizes[0]
+        own = {}
+        if "num_masks" not in given and "stride" not in given and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
+            own = {"num_masks": model.mask_set.grid}
+        return (ph if ph == pw else (ph, pw)), own
+    names = {"smoothing": ("ablation", "size", "stride", "threshold", "encoding"), "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip")}
+    ph, pw = model.patch
+    return (ph if ph == pw else (ph, pw)), {name: getattr(model, name) for name in names.get(model.defense, ())}
+
+
+def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argparse.Namespace) -> RobustPatchClassifier:
+    """The defended model the command line asks for, in eval mode.
+
+    A plain (timm) base model is wrapped with `--defense` (default PatchCleanser) and its group's
+    options. A defended model keeps its defense and settings, unless `--defense`, `--patch` or an
+    option of a defense group asks to re-wrap: then its base model (`.model`) is wrapped again, with
+    the model's own settings for whatever the command line leaves out when the defense stays, and
+    the defense's defaults when it changes. `--precision`, `--margin` and `--views-per-pass` are
+    set on the result.
+    """
+    from .defenses import RobustPatchClassifier, wrap
+
+    own = model.defense if isinstance(model, RobustPatchClassifier) else None
+    defense = args.defense or own or "patchcleanser"
+    options = _check_defense_options(args, defense, own)
+    if own is None:
+        model = wrap(model, patch, defense=defense, image_size=args.image_size, **options).eval()
+    elif patch is not None or options or defense != own:
+        common: dict[str, Any] = {"image_size": model.image_size, "fill": model.fill, "precision": model.precision, "margin": model.margin}
+        if defense == own:
+            own_patch, own_options = _own_options(model, options)
+            patch = own_patch if patch is None else patch
+            options = {**own_options, **options}
+            common.update(batch_size=model.batch_size, num_classes=model.num_classes)
+        model = wrap(model.model, patch, defense=defense, **common, **options).eval()
     if args.precision is not None:
         model.precision = args.precision
+    if args.margin is not None:
+        model.margin = args.margin
     if args.views_per_pass is not None:
         model.batch_size = args.views_per_pass
     return model
 
 
 def _describe(model: RobustPatchClassifier) -> str:
+    """One line: the threat model and the defense's own settings."""
     mask_set = getattr(model, "mask_set", None)
-    return mask_set.describe() if mask_set is not None else model.defense
+    if model.defense == "patchcleanser" and mask_set is not None:
+        return mask_set.describe()
+    (ph, pw), (h, w) = model.patch, model.image_size
+    patch = f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w})"
+    if model.defense == "smoothing":
+        votes = "argmax votes" if model.threshold is None else f"votes softmax >= {model.threshold}"
+        return f"{patch}; smoothing: {model.ablation_set.describe()}, Δ={model.delta}, {votes}, encoding {model.encoding}"
+    if model.defense == "patchguard":
+        (wh, ww), (r, s, o) = model.window, (model.receptive_field, model.feature_stride, model.feature_offset)
+        geometry = f"receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}"
+        return f"{patch}; patchguard: {geometry}, window {wh}x{ww}, detection threshold {model.threshold}, clip {model.clip}"
+    return f"{patch}; {model.defense}"
 
 
 def _label_names(model: RobustPatchClassifier) -> list[str] | None:

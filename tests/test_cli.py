@@ -149,7 +149,7 @@ def test_masks_picture_is_written_when_stdout_is_closed(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- help, usage
-@pytest.mark.parametrize("command", [[], ["certify"], ["masks"], ["predict"], ["models"]])
+@pytest.mark.parametrize("command", [[], ["certify"], ["masks"], ["predict"], ["models"], ["attack"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -652,3 +652,191 @@ def test_models_table_from_the_zoo(stub_zoo, capsys):
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("tiny *"))
     assert row.split()[2:] == [ARCH, "tiny-data", "3x3", "px", "(10.00%)", "2", "50.0%", "25.0%"]
+
+
+# ------------------------------------------------------------------------------------ defenses
+SMOOTHING = ["--defense", "smoothing", "--ablation-size", "40", "--ablation-stride", "20", "--patch", "8"]
+
+
+def test_defense_names_and_options_match_the_library():
+    from robustwrap.defenses import DEFENSES, _options
+
+    assert cli.DEFENSE_NAMES == tuple(DEFENSES)
+    for dest, (defense, option) in cli.DEFENSE_OPTIONS.items():
+        assert option in _options(DEFENSES[defense]), (dest, defense, option)
+
+
+def test_certify_with_smoothing_records_the_defense(files, tmp_path, capsys):
+    argv = ["certify", "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", *SMOOTHING, "--vote-threshold", "0.3"]
+    code, _, err = run([*argv, "--data", files / "data", "--limit", "3", "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert report.defense == "smoothing" and report.num_images == 3
+    assert (report.settings["ablation"], report.settings["size"], report.settings["stride"], report.settings["threshold"]) == ("column", 40, 20, 0.3)
+    assert report.settings["patch"] == [8, 8]
+    model = robustwrap.wrap(base_model(files), 8, defense="smoothing", size=40, stride=20, threshold=0.3).eval()
+    assert report.settings == json.loads(json.dumps(model.settings()))
+    transform = create_transform(**resolve_data_config(model=model.model))
+    expected = certify_dataset(model, ImageFolder(str(files / "data"), transform=transform), limit=3, progress=False)
+    assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [(r.prediction, r.certified, r.num_views) for r in expected.records]
+    assert [r.delta for r in report.records] == [model.delta] * 3  # the defense's own record field
+
+
+@pytest.fixture(scope="module")
+def bagnet_checkpoint(tmp_path_factory):
+    """Random weights of the tiny BagNet that `import robustwrap` registers with timm (1x32x32, 10 classes)."""
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("bagnet") / "bagnet.safetensors"
+    save_file(timm.create_model("bagnet_tiny").state_dict(), path)
+    return path
+
+
+def test_certify_and_predict_with_patchguard_on_digits(bagnet_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model_args = ["--model", "timm:bagnet_tiny", "--checkpoint", bagnet_checkpoint, "--defense", "patchguard"]
+    guard = ["--detection-threshold", "0.2", "--clip", "5"]
+    code, out, err = run(["certify", *model_args, *guard, "--data", "mnist-heldout", "--limit", "2", "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert report.defense == "patchguard" and report.num_images == 2 and report.data == "mnist-heldout"
+    base = timm.create_model("bagnet_tiny")
+    base.load_state_dict(load_file(bagnet_checkpoint))
+    model = robustwrap.wrap(base, defense="patchguard", threshold=0.2, clip=5.0).eval()
+    assert report.settings == json.loads(json.dumps(model.settings()))
+    assert (report.settings["threshold"], report.settings["clip"], report.settings["receptive_field"]) == (0.2, 5.0, [5, 5])
+    from robustwrap import zoo
+
+    data = zoo.builtin_dataset("mnist-heldout", transform=cli._preprocessing(model)[0])
+    expected = certify_dataset(model, data, limit=2, progress=False)
+    assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [(r.prediction, r.certified, 1) for r in expected.records]
+    image, _ = zoo.builtin_dataset("mnist-heldout")[0]
+    image.save(tmp_path / "digit.png")
+    code, out, err = run(["predict", tmp_path / "digit.png", *model_args, *guard, "--json"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    assert "patchguard: receptive field 5x5 px, stride 2x2, offset 0x0, window 5x5, detection threshold 0.2, clip 5.0" in document["threat_model"]
+    x = cli._preprocessing(model)[0](Image.open(tmp_path / "digit.png").convert("L"))[None]
+    assert document["images"][0]["prediction"] == model.predict(x).item()
+    assert document["images"][0]["certified"] == bool(model.certify(x, model.predict(x)).certified.item())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--defense", "smoothing", "--ablation-size", "40", "--num-masks", "2"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
+        (["--defense", "patchguard", "--vote-threshold", "0.5"], "--vote-threshold is an option of defense 'smoothing', not of 'patchguard'"),
+        (["--detection-threshold", "0.1"], "--detection-threshold is an option of defense 'patchguard', not of 'patchcleanser'"),
+        (["--defense", "smoothing", "--ablation-stride", "20"], "size is required"),  # the library's own error
+        (["--defense", "smoothing", "--ablation-size", "40", "--vote-threshold", "1.5"], "threshold must be in (0, 1]"),
+    ],
+)
+def test_an_option_of_another_defense_is_refused_in_one_line(files, monkeypatch, capsys, argv, message):
+    forwards = []
+    real = timm.create_model
+
+    def counted(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", counted)
+    base = ["certify", "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", "--data", files / "data", "--no-progress"]
+    code, _, err = run([*base, *argv], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert forwards == []  # refused before any forward pass
+
+
+def test_masks_refuses_an_option_of_another_defense(capsys):
+    code, _, err = run(["masks", "--defense", "smoothing", "--ablation-size", "4", "--num-masks", "3"], capsys)
+    assert code == 1 and err == "robustwrap masks: error: --num-masks is an option of defense 'patchcleanser', not of 'smoothing'\n"
+
+
+def test_masks_shows_smoothing_views_and_the_patchguard_window(capsys):
+    code, out, err = run(["masks", "--image-size", "32", "--patch", "5", "--defense", "smoothing", "--ablation-size", "4"], capsys)
+    assert code == 0, err
+    assert "4 px columns on 32x32, stride 1; 32 views" in out and "Δ=8 of the V=32 views" in out and "2Δ=16" in out
+    assert out.splitlines()[-1].split() == ["31", "0", "31"]  # the last view keeps columns 31, 0, 1, 2
+    code, out, err = run(["masks", "--patch", "32", "--defense", "patchguard", "--receptive-field", "17", "--feature-stride", "8"], capsys)
+    assert code == 0, err
+    assert "local logits 26x26" in out and "a 6x6 window" in out  # BagNet-17 at 224 with a 32 px patch (issue 12)
+    code, out, _ = run(["masks", "--patch", "32", "--defense", "patchguard", "--receptive-field", "33", "--feature-stride", "8"], capsys)
+    assert "local logits 24x24" in out and "a 8x8 window" in out  # BagNet-33
+    code, _, err = run(["masks", "--defense", "patchguard", "--receptive-field", "17"], capsys)
+    assert code == 1 and "needs --feature-stride" in err
+
+
+def test_a_defended_model_keeps_its_defense_unless_asked(files, stub_zoo, tmp_path, capsys):
+    argv = ["certify", "--no-progress", "--limit", "2", "--report", tmp_path / "r.json"]
+    code, _, err = run([*argv, "--defense", "patchcleanser"], capsys)
+    assert code == 0, err
+    own = stub_zoo.models[-1]
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert report.defense == "patchcleanser" and report.settings == json.loads(json.dumps(own.settings()))
+    code, _, err = run([*argv, "--ablation-size", "40"], capsys)  # smoothing's option on a PatchCleanser model
+    assert code == 1 and "not of 'patchcleanser'; this model's defense is 'patchcleanser': pass --defense smoothing to re-wrap it" in err
+    code, _, err = run([*argv, *SMOOTHING], capsys)
+    assert code == 0, err
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert report.defense == "smoothing" and (report.settings["size"], report.settings["stride"]) == (40, 20)
+    rewrapped = robustwrap.wrap(stub_zoo.models[-1].model, 8, defense="smoothing", size=40, stride=20).eval()  # its base weights
+    data = ImageFolder(str(files / "data"), transform=cli._preprocessing(rewrapped)[0])
+    expected = certify_dataset(rewrapped, data, limit=2, progress=False)
+    assert [(r.prediction, r.certified) for r in report.records] == [(r.prediction, r.certified) for r in expected.records]
+
+
+def test_rewrapping_keeps_the_models_own_settings(files):
+    smoothing = robustwrap.wrap(base_model(files), 8, defense="smoothing", size=40, stride=20, threshold=0.4, margin=0.5)
+    args = cli._parser().parse_args(["predict", "x.png", "--patch", "6"])
+    again = cli._with_settings(smoothing, 6, args)
+    assert again.model is smoothing.model and again.patch == (6, 6)
+    assert (again.size, again.stride, again.threshold, again.margin, again.batch_size) == (40, 20, 0.4, 0.5, smoothing.batch_size)
+    args = cli._parser().parse_args(["predict", "x.png", "--vote-threshold", "0.6", "--margin", "0.25", "--views-per-pass", "7"])
+    again = cli._with_settings(smoothing, None, args)
+    assert (again.patch, again.size, again.threshold, again.margin, again.batch_size) == ((8, 8), 40, 0.6, 0.25, 7)
+    args = cli._parser().parse_args(["predict", "x.png"])
+    assert cli._with_settings(smoothing, None, args) is smoothing  # nothing asked: the model as it is
+    args = cli._parser().parse_args(["predict", "x.png", "--defense", "patchcleanser", "--num-masks", "2"])
+    moved = cli._with_settings(smoothing, None, args)
+    assert moved.defense == "patchcleanser" and moved.model is smoothing.model and moved.mask_set.grid == (2, 2)
+
+
+# -------------------------------------------------------------------------------------- attack
+def test_attack_prints_the_three_accuracies(tmp_path, capsys):
+    argv = ["attack", "--limit", "2", "--steps", "2", "--budget", "500", "--no-progress", "--output", tmp_path / "findings"]
+    code, out, err = run([*argv, "--report", tmp_path / "audit.json"], capsys)
+    assert code == 0, err
+    for line in ("clean accuracy", "certified accuracy", "empirical robust accuracy", "OK: none of"):
+        assert line in out
+    assert "(2 of 1000 images)" in out and f"report: {tmp_path / 'audit.json'}" in out
+    document = json.loads((tmp_path / "audit.json").read_text())
+    assert document["ok"] is True and document["num_images"] == 2 and document["defense"] == "patchcleanser"
+    assert document["attack"]["steps"] == 2 and document["attack"]["budget"] == 500
+    assert document["empirical_accuracy"] >= document["certified_accuracy"]
+    assert not (tmp_path / "findings").exists()  # written only for a broken certificate
+
+
+def test_attack_exits_3_and_saves_a_reproduction_on_a_broken_certificate(monkeypatch, tmp_path, capsys):
+    from robustwrap import zoo
+
+    model = zoo.from_pretrained(zoo.DEFAULT_MODEL)
+    clean: set[bytes] = set()
+    certify, predict = model.certify, model.predict
+
+    def broken_certify(x, y, early_exit=True):  # every correct image "certified"
+        clean.update(image.cpu().numpy().tobytes() for image in x)
+        result = certify(x, y, early_exit)
+        return type(result)(**{**result.__dict__, "certified": result.prediction == y})
+
+    def fragile_predict(x):  # any patch changes the prediction
+        labels = predict(x)
+        pasted = torch.tensor([image.cpu().numpy().tobytes() not in clean for image in x])
+        return torch.where(pasted, (labels + 1) % model.num_classes, labels)
+
+    model.certify, model.predict = broken_certify, fragile_predict
+    monkeypatch.setattr(cli, "_from_pretrained", lambda spec: model)
+    code, out, err = run(["attack", "--limit", "2", "--steps", "1", "--budget", "100", "--no-progress", "--output", tmp_path / "findings"], capsys)
+    assert code == cli.EXIT_BROKEN_CERTIFICATE == 3
+    assert "FAILED" in out and "a bug in robustwrap" in err and f"saved in {tmp_path / 'findings'}/" in err
+    assert sorted(p.name for p in (tmp_path / "findings").iterdir()) == ["finding-0.json", "finding-0.safetensors", "finding-1.json", "finding-1.safetensors"]
+    assert json.loads((tmp_path / "findings" / "finding-0.json").read_text())["settings"] == model.settings()
