@@ -12,6 +12,7 @@ labels mean, come from the caller (a defense's rule and scheduling in `robustwra
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,36 @@ from torch import nn
 
 from .geometry import MaskSet
 
-__all__ = ["ViewRunner", "PairOutcome", "model_device_dtype", "forward_views", "mask_images", "fill_like", "eval_mode", "triangle_pairs", "row_pairs"]
+__all__ = [
+    "ViewRunner",
+    "PairOutcome",
+    "model_device_dtype",
+    "forward_views",
+    "mask_images",
+    "fill_like",
+    "eval_mode",
+    "triangle_pairs",
+    "row_pairs",
+    "auto_batch_size",
+    "auto_channels_last",
+    "auto_sync_every",
+    "top2_gap",
+]
+
+# Views per forward pass when the user does not say (`batch_size=None`): a pixel budget per pass,
+# rounded down to a power of two and clamped. Measured on the project's 2-core CPU (see
+# benchmarks/speed.md): timm's test_resnet at 32x32 is fastest at 64 views per pass (128: 0.87x,
+# 256: about the same), and resnet18 at 224x224 runs 1.2-1.3x faster at 8 views per pass than
+# at 64 (issue 14), so the CPU budget is 2**18 pixels (64 views of 64x64, 8 of 181x181). GPU speed is
+# unmeasured (no GPU was available): the CUDA budget is a conservative 2**22 pixels (64 views of
+# 224x224, at most 256), large passes being what keeps a GPU busy.
+CPU_PIXELS_PER_PASS = 1 << 18
+CUDA_PIXELS_PER_PASS = 1 << 22
+MIN_AUTO_BATCH, MAX_AUTO_BATCH = 8, 256
+MIN_CPU_BATCH_CAP = 64
+# Forward passes between two device-to-host synchronisations of the scheduler on an accelerator
+# (on the CPU there is nothing to wait for, so it decides after every pass and skips the most).
+ACCELERATOR_SYNC_EVERY = 4
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -29,6 +59,73 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
+
+
+def auto_batch_size(model: nn.Module, image_size: Sequence[int], device: torch.device | None = None) -> int:
+    """Views per forward pass when the user gives none: a pixel budget per pass for the device.
+
+    A power of two in `[8, 64]` on the CPU (`2**18` pixels per pass: 64 views up to 64x64, 8 at
+    224x224) and in `[8, 256]` on an accelerator (`2**22` pixels: 256 at 32x32, 64 at 224x224;
+    unmeasured there, see benchmarks/speed.md). Results never depend on it.
+
+    Args:
+        model: the base classifier (its device is used when `device` is None).
+        image_size: `(H, W)` of the views.
+        device: the device the views run on.
+    """
+    device = model_device_dtype(model)[0] if device is None else torch.device(device)
+    h, w = image_size
+    cpu = device.type == "cpu"
+    budget = CPU_PIXELS_PER_PASS if cpu else CUDA_PIXELS_PER_PASS
+    views = max(1, budget // max(1, h * w))
+    views = 1 << (views.bit_length() - 1)  # round down to a power of two
+    return max(MIN_AUTO_BATCH, min(MIN_CPU_BATCH_CAP if cpu else MAX_AUTO_BATCH, views))
+
+
+def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> bool:
+    """Whether views run in `channels_last` memory format: convolutional networks on the CPU.
+
+    Measured on the project's 2-core CPU (benchmarks/speed.md): resnet18 at 224 runs about 1.2x
+    more views per second with `channels_last` views, timm's test_resnet at 32x32 is no slower
+    (2.35x faster on a quiet machine, issue 14), and a ViT has a single patch-embedding
+    convolution. So: `channels_last` when the model has at least two `Conv2d` layers and runs
+    on the CPU. On CUDA the default stays contiguous (GPU
+    speed is unmeasured here). Only the views change layout, never the model's parameters; the
+    layout can move logits in their last bits, which is what the certificate margin is for,
+    and `predict` and `certify` always use the same layout.
+
+    Args:
+        model: the base classifier.
+        device: the device the views run on (default: the model's).
+    """
+    device = model_device_dtype(model)[0] if device is None else torch.device(device)
+    if device.type != "cpu":
+        return False
+    convs = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            convs += 1
+            if convs >= 2:
+                return True
+    return False
+
+
+def auto_sync_every(device: torch.device) -> int:
+    """Forward passes between the scheduler's host synchronisations: 1 on the CPU, 4 on an accelerator."""
+    return 1 if torch.device(device).type == "cpu" else ACCELERATOR_SYNC_EVERY
+
+
+def top2_gap(logits: torch.Tensor) -> torch.Tensor:
+    """`(N,)` float32 (or wider): the top logit minus the runner-up (`inf` for a single class).
+
+    For a view whose label is `y` this is `logit_y - max_other`, the quantity the margin guard
+    compares with `margin` (docs/concepts.md#margin).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logits.shape[1] < 2:
+        return torch.full(logits.shape[:1], math.inf, dtype=logits.dtype, device=logits.device)
+    top2 = logits.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
 
 
 def mask_images(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -101,10 +198,13 @@ class PairOutcome:
 
     Attributes:
         labels: `(N,)` label of each view, `-1` for a view that was skipped.
-        failed: `(G,)` some evaluated view of the group disagreed with its expected label.
+        failed: `(G,)` some evaluated view of the group disagreed with its expected label (or,
+            for a guarded group, showed it by no more than the margin).
         done: `(G,)` every view of the group was evaluated and agreed.
         logit_sum: `(G, C)` float32 sum of the logits of the group's evaluated views, if asked.
         num_views: views actually run through the model.
+        sure: `(N,)` bool, the view's top logit beats the runner-up by more than the margin
+            (True for skipped views); `None` when the margin is 0.
     """
 
     labels: torch.Tensor
@@ -112,6 +212,7 @@ class PairOutcome:
     done: torch.Tensor
     logit_sum: torch.Tensor | None
     num_views: int
+    sure: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -124,29 +225,50 @@ class ViewRunner:
             them from; view `(i, j)` hides masks `i` and `j` (`i == j`: one mask). They are
             moved to the images' device when they are elsewhere.
         fill: masked pixel value in the model's input space: a scalar or one value per channel.
-        batch_size: views per forward pass.
+        batch_size: views per forward pass; `None` picks `auto_batch_size` for the model,
+            image size and device.
         num_classes: the class count the logits must have, or `None` to accept any.
+        channels_last: run the views in `channels_last` memory format; `None` picks
+            `auto_channels_last` (convolutional networks on the CPU). Speed only, but it can
+            move logits in their last bits: every call of a defended model resolves it the
+            same way, so `predict` and `certify` run the same computation.
+        sync_every: forward passes between two host synchronisations of the scheduler; `None`
+            picks `auto_sync_every` (1 on the CPU, 4 on an accelerator). Results never depend
+            on it; with more than 1 a few views of already-decided groups may run.
     """
 
     model: nn.Module
     keep: torch.Tensor
     fill: float | Sequence[float]
-    batch_size: int
+    batch_size: int | None = None
     num_classes: int | None = field(default=None)
+    channels_last: bool | None = None
+    sync_every: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, MaskSet):
             object.__setattr__(self, "keep", self.keep.keep_masks())
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", auto_batch_size(self.model, tuple(self.keep.shape[-2:])))
+        if self.channels_last is None:
+            object.__setattr__(self, "channels_last", auto_channels_last(self.model))
+        if self.sync_every is None:
+            object.__setattr__(self, "sync_every", auto_sync_every(model_device_dtype(self.model)[0]))
 
     def __len__(self) -> int:
         """The number of masks `K`."""
         return self.keep.shape[0]
 
     # -------------------------------------------------------------------------------- plumbing
-    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Logits `(n, C)` of the views `(image, i, j)`, in one forward pass (n <= batch_size)."""
+    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `(n, C)` of the views `(image, i, j)`, in one forward pass (n <= batch_size).
+
+        `fill` is `fill_like(self.fill, x)`, made once per call by the caller (or here).
+        """
         keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
-        views = mask_images(x[image], keep[i] & keep[j], fill_like(self.fill, x))
+        views = mask_images(x[image], keep[i] & keep[j], fill_like(self.fill, x) if fill is None else fill)
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
         return forward_views(self.model, views, self.num_classes)
 
     # --------------------------------------------------------------------------------- views
@@ -162,7 +284,9 @@ class ViewRunner:
         b, k = x.shape[0], len(self)
         flat = torch.arange(b * k, device=x.device)
         image, mask = flat // k, flat % k
-        chunks = [self.run(x, image[s : s + self.batch_size], mask[s : s + self.batch_size], mask[s : s + self.batch_size]) for s in range(0, b * k, self.batch_size)]
+        fill = fill_like(self.fill, x)
+        bs = self.batch_size
+        chunks = [self.run(x, image[s : s + bs], mask[s : s + bs], mask[s : s + bs], fill) for s in range(0, b * k, bs)]
         logits = torch.cat(chunks)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(b, k, -1)
         return logits.argmax(-1), logits
@@ -177,12 +301,18 @@ class ViewRunner:
         early_exit: bool = True,
         on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         need_logits: bool = False,
+        priority: torch.Tensor | None = None,
+        guard: torch.Tensor | None = None,
+        margin: float = 0.0,
     ) -> PairOutcome:
         """Evaluate two-mask views, grouped, skipping the views of groups that no longer matter.
 
         Each view belongs to one or two groups (a pair `(i, j)` sits in row `i` and row `j`); a
         group is a set of views that must all show `expect[g]`. Views are taken round-robin over
-        groups, `batch_size` per forward pass, so that a group that fails early stops costing.
+        groups, `batch_size` per forward pass, so that a group that fails early stops costing;
+        within a group they are taken in ascending `priority` (the views most likely to
+        disagree first: fail fast). Bookkeeping stays on the device: the host looks at it once
+        every `sync_every` forward passes, to drop the views of finished groups.
 
         Args:
             x: `(B, C, H, W)` images on the model's device and dtype.
@@ -190,58 +320,80 @@ class ViewRunner:
             owners: `(N, 2)` long group ids of each view, `-1` in the second column if only one.
             expect: `(G,)` long, the label every view of group `g` must show.
             early_exit: skip the views whose groups have all failed or been cancelled.
-            on_step: `(done, failed) -> cancel` called after each forward pass with early exit;
-                groups it returns True for are skipped from then on.
+            on_step: `(done, failed) -> cancel` called after each step of forward passes with
+                early exit; groups it returns True for are skipped from then on.
             need_logits: also return the per-group sum of logits.
+            priority: `(N,)` order of the views within their (first) group, smallest first;
+                `None` keeps the given order. Only `num_views` depends on it.
+            guard: `(G,)` bool, the groups the margin guard applies to (certificates): a view
+                fails such a group unless it shows `expect[g]` by more than `margin`. `None`: none.
+            margin: the certificate margin (`0` is the plain rule: label equality only).
 
         Returns:
             The `PairOutcome`.
         """
         device = x.device
         n, g = pairs.shape[0], expect.shape[0]
+        fill = fill_like(self.fill, x)
         labels = torch.full((n,), -1, dtype=torch.long, device=device)
-        failed = torch.zeros(g, dtype=torch.bool, device=device)
+        fail_count = torch.zeros(g, dtype=torch.long, device=device)
         cancelled = torch.zeros(g, dtype=torch.bool, device=device)
         has_second = owners[:, 1] >= 0
         second = owners[:, 1].clamp(min=0)
-        remaining = torch.bincount(owners[:, 0], minlength=g) + torch.bincount(second[has_second], minlength=g)
+        per_group = torch.bincount(owners[:, 0], minlength=g)
+        remaining = per_group + torch.bincount(second[has_second], minlength=g)
+        guarded = margin > 0 and guard is not None
+        sure = torch.ones(n, dtype=torch.bool, device=device) if margin > 0 else None
         logit_sum = None
         num_views = 0
 
-        # Round-robin order: the r-th view of every group before the (r+1)-th view of any.
-        by_group = torch.sort(owners[:, 0], stable=True).indices
-        starts = torch.cumsum(torch.bincount(owners[:, 0], minlength=g), 0) - torch.bincount(owners[:, 0], minlength=g)
+        # Round-robin order: the r-th view of every group before the (r+1)-th view of any; the
+        # views of a group ranked by priority.
+        order = torch.arange(n, device=device) if priority is None else torch.sort(priority, stable=True).indices
+        by_group = order[torch.sort(owners[order, 0], stable=True).indices]
+        starts = torch.cumsum(per_group, 0) - per_group
         rank = torch.empty_like(by_group)
         rank[by_group] = torch.arange(n, device=device) - starts[owners[by_group, 0]]
         pending = torch.sort(rank * (g + 1) + owners[:, 0], stable=True).indices
 
+        step = self.batch_size * self.sync_every
         while pending.numel():
             if early_exit:
-                live = ~(failed | cancelled)
+                live = ~((fail_count > 0) | cancelled)
                 pending = pending[live[owners[pending, 0]] | (has_second[pending] & live[second[pending]])]
                 if not pending.numel():
                     break
-            take, pending = pending[: self.batch_size], pending[self.batch_size :]
-            logits = self.run(x, pairs[take, 0], pairs[take, 1], pairs[take, 2])
-            num_views += take.numel()
-            got = logits.argmax(1)
-            labels[take] = got
-            if logit_sum is None and need_logits:
-                logit_sum = torch.zeros(g, logits.shape[1], dtype=torch.promote_types(logits.dtype, torch.float32), device=device)
-            for column in (0, 1):
-                group = owners[take, column]
-                valid = group >= 0
-                group, view_label = group[valid], got[valid]
-                failed[group[view_label != expect[group]]] = True
-                remaining.index_add_(0, group, torch.full_like(group, -1))
-                if need_logits:
-                    logit_sum.index_add_(0, group, logits[valid].to(logit_sum.dtype))
+            batch, pending = pending[:step], pending[step:]
+            for s in range(0, batch.numel(), self.batch_size):
+                take = batch[s : s + self.batch_size]
+                logits = self.run(x, pairs[take, 0], pairs[take, 1], pairs[take, 2], fill)
+                num_views += take.numel()
+                got = logits.argmax(1)
+                labels[take] = got
+                if sure is not None:
+                    view_sure = top2_gap(logits) > margin
+                    sure[take] = view_sure
+                if logit_sum is None and need_logits:
+                    logit_sum = torch.zeros(g, logits.shape[1], dtype=torch.promote_types(logits.dtype, torch.float32), device=device)
+                for column in (0, 1):
+                    group = owners[take, column]
+                    valid = group >= 0
+                    group = group.clamp(min=0)
+                    bad = got != expect[group]
+                    if guarded:
+                        bad |= guard[group] & ~view_sure
+                    fail_count.index_add_(0, group, (bad & valid).long())
+                    remaining.index_add_(0, group, -valid.long())
+                    if need_logits:
+                        logit_sum.index_add_(0, group, torch.where(valid[:, None], logits.to(logit_sum.dtype), 0.0))
             if early_exit and on_step is not None:
+                failed = fail_count > 0
                 cancelled |= on_step((remaining == 0) & ~failed, failed)
 
         if logit_sum is None and need_logits:
             logit_sum = torch.zeros(g, self.num_classes or 0, device=device)
-        return PairOutcome(labels=labels, failed=failed, done=(remaining == 0) & ~failed, logit_sum=logit_sum, num_views=num_views)
+        failed = fail_count > 0
+        return PairOutcome(labels=labels, failed=failed, done=(remaining == 0) & ~failed, logit_sum=logit_sum, num_views=num_views, sure=sure)
 
 
 def triangle_pairs(images: torch.Tensor, k: int, *, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

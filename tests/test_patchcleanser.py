@@ -392,3 +392,105 @@ def test_rows_to_cancel_matches_brute_force():
         done, failed = state == 1, state == 2
         got = rule.rows_to_cancel(row_image, row_mask, done, failed).tolist()
         assert got == brute_force_cancel(row_image.tolist(), row_mask.tolist(), done.tolist(), failed.tolist())
+
+
+# ------------------------------------------------------------------- margin guard, fail fast (issue 14)
+def brute_force_gaps(net, x, boxes, fill=0.0):
+    """Every view's `(label, top1 - top2)`, views built by slicing: two `(B, K, K)` tensors."""
+    k = len(boxes)
+    views = torch.stack([masked_copy(x[b], [boxes[i], boxes[j]], fill) for b in range(x.shape[0]) for i in range(k) for j in range(k)])
+    with torch.no_grad():
+        logits = net.eval()(views)
+    top2 = logits.topk(2, dim=1).values
+    return logits.argmax(1).reshape(x.shape[0], k, k), (top2[:, 0] - top2[:, 1]).reshape(x.shape[0], k, k)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_margin_guard_matches_brute_force_and_keeps_predictions(seed):
+    model, net = make(seed)
+    x = images(seed=seed)
+    y = model.predict(x)
+    labels, gaps = brute_force_gaps(net, x, model.mask_set.boxes)
+    k = len(model.mask_set)
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool))
+    plain = model.certify(x, y).certified
+    # a margin that removes some certificates but not all: the median smallest gap of the certified images
+    smallest = torch.where(upper, gaps, torch.inf).flatten(1).amin(1)
+    margin = float(smallest[plain].median())
+    model.margin = margin
+    expected = [bool(((labels[b] == y[b]) & (gaps[b] > margin) | ~upper).all()) for b in range(x.shape[0])]
+    for early_exit in (True, False):
+        result = model.certify(x, y, early_exit=early_exit)
+        assert result.certified.tolist() == expected, early_exit
+        assert torch.equal(result.prediction, y)
+    assert torch.equal(model.predict(x), y)
+    assert 0 < sum(expected) < int(plain.sum())
+    # margin 0 is the plain rule: label equality only
+    model.margin = 0.0
+    assert model.certify(x, y).certified.tolist() == [bool(((labels[b] == y[b]) | ~upper).all()) for b in range(x.shape[0])]
+
+
+def test_a_certified_image_stays_certified_in_another_layout_and_batch_size():
+    """The margin guard's purpose: recompute every view of a certified image with another memory
+    format and views per pass; each still shows the label (by more than the margin, even)."""
+    from robustwrap.views import ViewRunner, triangle_pairs
+
+    net = timm.create_model("test_resnet", num_classes=5)
+    model = robustwrap.wrap(net, image_size=32, patch=5, num_masks=4, margin=1e-3, batch_size=7).eval()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = model.predict(x)
+    result = model.certify(x, y)
+    assert result.certified.any()
+    k = len(model.mask_set)
+    for channels_last, batch_size in ((True, 64), (False, 5)):
+        runner = ViewRunner(net, model.mask_set, 0.0, batch_size, channels_last=channels_last)
+        images = result.certified.nonzero()[:, 0]
+        pairs, owners = triangle_pairs(torch.arange(images.numel()), k, diagonal=True)
+        with torch.no_grad():
+            outcome = runner.evaluate_pairs(x[images], pairs, owners, y[images], early_exit=False, guard=torch.ones(images.numel(), dtype=torch.bool), margin=1e-3)
+        assert (outcome.labels == y[images][pairs[:, 0]]).all() and outcome.sure.all() and not outcome.failed.any()
+
+
+def test_fail_fast_order_tries_the_least_sure_pairs_first():
+    """With early exit, a certificate candidate's first two-mask view is the pair whose one-mask
+    views show the label by the smallest sum of margins."""
+    model, net = make(1, batch_size=1)
+    x = images(seed=1)
+    y = model.predict(x)
+    one = model.certify(x, y, early_exit=False).one_mask
+    b = int((one == y[:, None]).all(1).nonzero()[0, 0])  # a candidate: every one-mask label is y
+    x, y = x[b : b + 1], y[b : b + 1]
+    boxes = model.mask_set.boxes
+    k = len(boxes)
+    with torch.no_grad():
+        logits = torch.stack([net(masked_copy(x[0], [box], 0.0)[None])[0] for box in boxes])
+    margins = rule.label_margins(logits, y.expand(k))
+    assert (margins >= 0).all()
+    first = min(((i, j) for i in range(k) for j in range(i + 1, k)), key=lambda p: float(margins[p[0]] + margins[p[1]]))
+    seen = []
+    handle = net.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    model.certify(x, y)
+    handle.remove()
+    assert len(seen) > k  # one view per pass: K one-mask passes, then the pairs
+    assert torch.equal(seen[k][0], masked_copy(x[0], [boxes[first[0]], boxes[first[1]]], 0.0))
+
+
+def test_fail_fast_results_identical_to_row_major_order():
+    """Priority only reorders: the same failed/done groups, and the same labels where both ran."""
+    from robustwrap.views import ViewRunner, triangle_pairs
+
+    model, net = make(0)
+    x = images()
+    y = model.predict(x)
+    runner = ViewRunner(net, model.mask_set, 0.0, 5)
+    pairs, owners = triangle_pairs(torch.arange(x.shape[0]), len(model.mask_set))
+    priority = torch.rand(pairs.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = runner.evaluate_pairs(x, pairs, owners, y)
+        ordered = runner.evaluate_pairs(x, pairs, owners, y, priority=priority)
+        full = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False)
+    assert torch.equal(plain.failed, ordered.failed) and torch.equal(plain.failed, full.failed)
+    assert torch.equal(plain.done, ordered.done)
+    both = (plain.labels >= 0) & (ordered.labels >= 0)
+    assert torch.equal(plain.labels[both], ordered.labels[both])
+    assert torch.equal(ordered.labels[ordered.labels >= 0], full.labels[ordered.labels >= 0])

@@ -511,3 +511,37 @@ def test_hub_folder_round_trip(tmp_path, encoding):
     y = torch.tensor([0, 1, 2])
     a, b = model.certify(x, y), loaded.certify(x, y)
     assert torch.equal(a.counts, b.counts) and torch.equal(a.certified, b.certified)
+
+
+# ------------------------------------------------------------------------ speed (issue 14)
+@pytest.mark.parametrize("margin", [0.0, 0.05])
+def test_stepped_scheduling_and_layout_change_no_result(monkeypatch, margin):
+    """Planning several passes per host synchronisation (accelerators) and channels_last views
+    give the same predictions, certificates and (full) vote counts as one pass per step."""
+    import timm
+
+    from robustwrap.defenses import smoothing
+
+    net = timm.create_model("test_resnet", num_classes=4).eval()
+    model = robustwrap.wrap(net, patch=3, defense="smoothing", image_size=32, size=6, stride=3, margin=margin, batch_size=5).eval()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = model.predict(x)
+    y[::2] = (y[::2] + 1) % 4
+    base = [model.certify(x, y), model.certify(x, y, early_exit=False)]
+    monkeypatch.setattr(smoothing, "auto_sync_every", lambda device: 3)
+    for flag in (False, True):
+        monkeypatch.setattr(smoothing, "auto_channels_last", lambda model, device=None, flag=flag: flag)
+        stepped = [model.certify(x, y), model.certify(x, y, early_exit=False)]
+        for a, b in zip(base, stepped):
+            assert torch.equal(a.prediction, b.prediction) and torch.equal(a.certified, b.certified)
+        assert torch.equal(base[1].counts, stepped[1].counts)
+        assert (stepped[1].num_views == model.full_views).all()
+
+
+def test_batch_size_defaults_to_auto():
+    from robustwrap.views import auto_batch_size
+
+    net = PeakNet(3, 4)
+    model = robustwrap.wrap(net, patch=2, defense="smoothing", image_size=12, size=3)
+    assert model.batch_size == auto_batch_size(net, (12, 12))
+    assert robustwrap.wrap(net, patch=2, defense="smoothing", image_size=12, size=3, batch_size=3).batch_size == 3

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._args import as_image_size
 from ..geometry import MaskSet
-from ..views import ViewRunner, eval_mode, model_device_dtype, row_pairs, triangle_pairs
+from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
@@ -100,7 +100,9 @@ def certified(grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((grid == target[:, None, None]) | ~upper).all(dim=2).all(dim=1)
 
 
-def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+def rows_to_cancel(
+    row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.Tensor, failed: torch.Tensor, num_images: int | None = None
+) -> torch.Tensor:
     """Which pending two-mask rows can no longer change a Case II decision.
 
     In Case II the first (smallest `i`) agreeing disagreer row wins. Once every row of an image
@@ -111,6 +113,8 @@ def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.
         row_mask: `(G,)` the mask index `i` of each row.
         done: `(G,)` the row was fully evaluated and agreed.
         failed: `(G,)` some view of the row disagreed.
+        num_images: more than the largest image index (e.g. the batch size); given, the call
+            does not synchronise with the device.
 
     Returns:
         `(G,)` bool: rows to stop evaluating.
@@ -118,7 +122,8 @@ def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.
     if row_image.numel() == 0:
         return torch.zeros_like(done)
     big = torch.iinfo(torch.long).max
-    first_open = torch.full((int(row_image.max()) + 1,), big, dtype=torch.long, device=row_image.device)
+    size = int(row_image.max()) + 1 if num_images is None else num_images
+    first_open = torch.full((size,), big, dtype=torch.long, device=row_image.device)
     first_open.scatter_reduce_(0, row_image, torch.where(failed, big, row_mask), reduce="amin")
     # The first row that has not failed is the only candidate winner; if it is done, it won.
     first = first_open[row_image]
@@ -126,6 +131,25 @@ def rows_to_cancel(row_image: torch.Tensor, row_mask: torch.Tensor, done: torch.
     winner_done.scatter_reduce_(0, row_image, done & (row_mask == first), reduce="amax")
     return winner_done[row_image] & (row_mask > first)
 
+
+
+def label_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`logit_y - max_{c != y} logit_c` for each view and label: `(..., C)` logits, `(...)` labels.
+
+    Positive: the view shows `y`, by that much; the margin guard compares it with `margin`
+    (docs/concepts.md#margin). Also the fail-fast score: the smaller, the likelier a view
+    with that mask disagrees.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mine = logits.gather(-1, labels[..., None])
+    others = logits.scatter(-1, labels[..., None], -math.inf)
+    return (mine - others.amax(-1, keepdim=True))[..., 0]
+
+
+def pair_priority(one_margin: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Fail-fast order of two-mask views `(image, i, j)`: the sum of the one-mask margins of `i`
+    and `j` (`one_margin (B, K)`, see `label_margins`); the smallest first."""
+    return one_margin[pairs[:, 0], pairs[:, 1]] + one_margin[pairs[:, 0], pairs[:, 2]]
 
 
 def _grid(one_mask: torch.Tensor, pairs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -198,7 +222,8 @@ class PatchCleanser(RobustPatchClassifier):
         mask_set: the R-covering mask set (its `image_size` is the input size).
         fill: value of masked pixels in the model's input space (after normalisation): a scalar
             or one value per channel. Train and certify with the same fill.
-        batch_size: masked views per forward pass.
+        batch_size: masked views per forward pass; `None` (default) picks one for the model,
+            image size and device (`robustwrap.views.auto_batch_size`).
         precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of every forward pass.
         margin: certificate margin, a float >= 0 (0 is the papers' rule).
         num_classes: classes of the base model; read from `model.num_classes` when it has one,
@@ -219,7 +244,7 @@ class PatchCleanser(RobustPatchClassifier):
         mask_set: MaskSet,
         *,
         fill: float | Sequence[float] = 0.0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         precision: str = "float32",
         margin: float = 0.0,
         num_classes: int | None = None,
@@ -284,7 +309,7 @@ class PatchCleanser(RobustPatchClassifier):
         mask_set: MaskSet | None = None,
         image_size: int | Sequence[int] | None = None,
         fill: float | Sequence[float] = 0.0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         precision: str = "float32",
         margin: float = 0.0,
         num_classes: int | None = None,
@@ -300,7 +325,8 @@ class PatchCleanser(RobustPatchClassifier):
             mask_set: a ready `MaskSet`, instead of `patch`/`num_masks`/`stride`.
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
             fill: masked pixel value in the model's input space.
-            batch_size: masked views per forward pass (default 64).
+            batch_size: masked views per forward pass (default `None`: chosen for the model,
+                image size and device, `robustwrap.views.auto_batch_size`).
             precision: autocast precision of every forward pass (default `"float32"`).
             margin: certificate margin, a float >= 0 (default 0).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
@@ -339,7 +365,7 @@ class PatchCleanser(RobustPatchClassifier):
         """The view runner for one call, from the current settings (nothing is kept between calls)."""
         attr = getattr(self.model, "num_classes", None)
         known = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
-        return ViewRunner(self.model, self._keep, self.fill, self.batch_size, num_classes=known)
+        return ViewRunner(self.model, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self.model))
 
     def _one_mask(self, runner: ViewRunner, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor, torch.Tensor]:
         one_mask, one_logits = runner.one_mask(x)
@@ -372,7 +398,7 @@ class PatchCleanser(RobustPatchClassifier):
                 pairs,
                 owners,
                 one_mask[row_image, row_mask],
-                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed),
+                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed, x.shape[0]),
                 need_logits=need_logits,
             )
             decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
@@ -384,9 +410,11 @@ class PatchCleanser(RobustPatchClassifier):
         """Certify a batch against every patch of the threat model.
 
         An image is certified iff all `K(K+1)/2` views `P_ij`, `i <= j`, show its label `y`
-        (`docs/concepts.md#certification`). With `early_exit`
-        an image stops being evaluated at its first disagreeing view; the result is identical,
-        only `num_views` is smaller.
+        (`docs/concepts.md#certification`), each by more than the model's `margin`
+        (`logit_y - max_other > margin`; with `margin=0` label equality, the papers' rule;
+        `docs/concepts.md#margin`). With `early_exit` an image stops being evaluated at its first
+        failing view, and its views are tried likeliest-to-fail first (smallest sum of the two
+        masks' one-mask margins); the result is identical, only `num_views` is smaller.
 
         Args:
             x: `(B, C, H, W)` images, floating, as the model expects them.
@@ -403,13 +431,18 @@ class PatchCleanser(RobustPatchClassifier):
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
         runner = self._runner()
+        margin = self.margin
         b, k = x.shape[0], len(runner)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
-            runner, one_mask, _ = self._one_mask(runner, x)
+            runner, one_mask, one_logits = self._one_mask(runner, x)
+            one_margin = label_margins(one_logits, y[:, None].expand(b, k))  # (B, K): how surely mask i shows y
+            # The margin guard (docs/concepts.md#margin): a view counts for y only if it shows y by more than `margin`.
+            one_sure = one_margin > margin if margin > 0 else one_mask == y[:, None]
             if early_exit:
-                # Only images whose every one-mask label is y can be certified: check their
-                # off-diagonal views. Others need the rows of their disagreeing masks to predict.
-                candidate = (one_mask == y[:, None]).all(1)
+                # Only images whose every one-mask view (surely) shows y can be certified: check
+                # their off-diagonal views, those likeliest to disagree first (fail fast). Others
+                # need the rows of their disagreeing masks to predict.
+                candidate = one_sure.all(1)
                 cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
                 row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
                 rpairs, rowners = row_pairs(row_image, row_mask, k)
@@ -417,23 +450,31 @@ class PatchCleanser(RobustPatchClassifier):
                 pairs = torch.cat([cert_pairs, rpairs])
                 owners = torch.cat([cert_owners, torch.where(rowners >= 0, rowners + n_cert, -1)])
                 expect = torch.cat([y[candidate], one_mask[row_image, row_mask]])
+                guard = torch.arange(expect.shape[0], device=x.device) < n_cert
+                # rows keep their order (priority 0 after the certificate views' sums of margins)
+                priority = torch.cat([pair_priority(one_margin, cert_pairs), torch.zeros(rpairs.shape[0], device=x.device)])
 
                 def on_step(done, failed):
                     cancel = torch.zeros_like(done)
-                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:])
+                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:], b)
                     return cancel
 
-                outcome = runner.evaluate_pairs(x, pairs, owners, expect, on_step=on_step)
+                outcome = runner.evaluate_pairs(x, pairs, owners, expect, on_step=on_step, priority=priority, guard=guard, margin=margin)
             else:
                 pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
-                outcome = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False)
+                guard = torch.ones(b, dtype=torch.bool, device=x.device)
+                outcome = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False, guard=guard, margin=margin)
         grid = _grid(one_mask, pairs, outcome.labels)
         decision = decide(one_mask, grid)
+        is_certified = certified(grid, y)
+        if margin > 0:
+            unsure = torch.bincount(pairs[~outcome.sure, 0], minlength=b) > 0
+            is_certified &= one_sure.all(1) & ~unsure
         evaluated = pairs[outcome.labels >= 0, 0]
         num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
         return PatchCleanserResult(
             prediction=decision.label,
-            certified=certified(grid, y),
+            certified=is_certified,
             num_views=num_views,
             case=decision.case,
             one_mask=one_mask,

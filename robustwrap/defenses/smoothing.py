@@ -20,7 +20,7 @@ from torch import nn
 
 from .._args import as_fill, as_image_size, as_pair, positive_int
 from ..geometry import ABLATIONS, AblationSet, patch_side
-from ..views import eval_mode, fill_like, forward_views, mask_images
+from ..views import auto_channels_last, auto_sync_every, eval_mode, fill_like, forward_views, mask_images
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
@@ -337,7 +337,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         encoding: `"fill"` (default): ablated pixels are `fill`; `"levine2020"`: the base model
             takes `2C` channels `(x, 1 - x)`, `0` in both where ablated (Levine & Feizi's networks).
         fill: ablated pixel value in the model's input space (`"fill"` encoding only).
-        batch_size: views per forward pass (default 64); views of several images share a pass.
+        batch_size: views per forward pass (default `None`: chosen for the model, image size and
+            device, `robustwrap.views.auto_batch_size`); views of several images share a pass.
         precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of every forward pass.
         margin: certificate margin, a float >= 0 (0 is the papers' rule): for a certificate a
             view's vote counts for `y` only if it holds when the logits move by up to `margin`,
@@ -367,7 +368,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         threshold: float | None = None,
         encoding: str = "fill",
         fill: float | Sequence[float] = 0.0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         precision: str = "float32",
         margin: float = 0.0,
         num_classes: int | None = None,
@@ -543,7 +544,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         encoding: str = "fill",
         image_size: int | Sequence[int] | None = None,
         fill: float | Sequence[float] = 0.0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         precision: str = "float32",
         margin: float = 0.0,
         num_classes: int | None = None,
@@ -560,7 +561,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             encoding: `"fill"` (default) or `"levine2020"`.
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
             fill: ablated pixel value in the model's input space.
-            batch_size: views per forward pass (default 64).
+            batch_size: views per forward pass (default `None`: chosen for the model, image
+                size and device).
             precision: autocast precision of every forward pass (default `"float32"`).
             margin: certificate margin, a float >= 0 (default 0).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
@@ -694,6 +696,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         axis_keep = ablation_set.axis_keep(device)
         attr = getattr(self.model, "num_classes", None)
         num_classes = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
+        # Speed only, identical for predict and certify: views in channels_last for convolutional
+        # networks on the CPU, one host synchronisation per step of passes (robustwrap.views).
+        channels_last, sync_every = auto_channels_last(self.model, device), auto_sync_every(device)
         counts = sure = possible = None
         seen = torch.zeros(b, dtype=torch.long, device=device)
         open_ = torch.ones(b, dtype=torch.bool, device=device)
@@ -707,22 +712,30 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                     break
                 # Offset-major over the open images: each takes its next views in order, and a
                 # pass is filled with up to batch_size views of as many images as needed.
-                per_image = -(-batch_size // active.numel())
+                # A step is `sync_every` passes planned at once (the host synchronises once per
+                # step, to find the open images; 1 pass on the CPU, several on an accelerator).
+                step = batch_size * sync_every
+                per_image = -(-step // active.numel())
                 image = active.repeat(per_image)
                 view = seen[image] + torch.arange(per_image, device=device).repeat_interleave(active.numel())
                 valid = view < num_views
-                image, view = image[valid][:batch_size], view[valid][:batch_size]
-                logits = forward_views(self.model, ablate(x, image, view, axis_keep, encoding, fill), num_classes).float()
-                if counts is None:
-                    # learnt from the views when the model does not say, so no blank probe is needed
-                    num_classes = self._num_classes = logits.shape[1]
-                    counts = torch.zeros(b, num_classes, dtype=torch.long, device=device)
-                    sure, possible = (counts, counts) if margin == 0 else (torch.zeros_like(counts), torch.zeros_like(counts))
-                plain = plain_votes(logits, threshold)
-                counts.index_add_(0, image, plain.long())
-                if margin != 0:
-                    guard_sure, guard_possible = guarded_votes(logits, threshold, margin)
-                    sure.index_add_(0, image, guard_sure.long())
-                    possible.index_add_(0, image, guard_possible.long())
-                seen += torch.bincount(image, minlength=b)
+                image, view = image[valid][:step], view[valid][:step]
+                for start in range(0, image.numel(), batch_size):
+                    part, part_view = image[start : start + batch_size], view[start : start + batch_size]
+                    views = ablate(x, part, part_view, axis_keep, encoding, fill)
+                    if channels_last:
+                        views = views.contiguous(memory_format=torch.channels_last)
+                    logits = forward_views(self.model, views, num_classes).float()
+                    if counts is None:
+                        # learnt from the views when the model does not say, so no blank probe is needed
+                        num_classes = self._num_classes = logits.shape[1]
+                        counts = torch.zeros(b, num_classes, dtype=torch.long, device=device)
+                        sure, possible = (counts, counts) if margin == 0 else (torch.zeros_like(counts), torch.zeros_like(counts))
+                    plain = plain_votes(logits, threshold)
+                    counts.index_add_(0, part, plain.long())
+                    if margin != 0:
+                        guard_sure, guard_possible = guarded_votes(logits, threshold, margin)
+                        sure.index_add_(0, part, guard_sure.long())
+                        possible.index_add_(0, part, guard_possible.long())
+                    seen += torch.bincount(part, minlength=b)
         return counts, sure, possible, seen

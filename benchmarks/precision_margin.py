@@ -1,0 +1,105 @@
+"""Fail-fast view counts, logit changes between layouts / batch sizes, and accuracy per precision.
+
+On the embedded default (`mnist_test_resnet_msgc`) and a subset of its shipped digits
+(`mnist-heldout`, preprocessed with the model's timm data config). Prints JSON:
+- `fail_fast`: mean views per uncertified image with early exit, row-major order vs the
+  fail-fast order (least sure mask pairs first); certificates identical;
+- `logit_change`: the largest change of any logit difference `logit_y - logit_c` of the same
+  views run contiguous vs channels_last and at different views per pass, per precision
+  (what the margin guard must absorb);
+- `accuracy`: clean and certified accuracy at float32 and bfloat16 autocast, with seconds.
+
+    python benchmarks/precision_margin.py [--images 100] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_vs_main import digits  # noqa: E402
+
+import robustwrap  # noqa: E402
+from robustwrap.defenses import patchcleanser  # noqa: E402
+from robustwrap.views import ViewRunner  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--logit-images", type=int, default=20, help="images whose one-mask views are compared across layouts")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(args.threads)
+    path = Path("/tmp/robustwrap_digits.pt")
+    if not path.exists():
+        digits(path)
+    data = torch.load(path)
+    x, y = data["x"][: args.images], data["y"][: args.images]
+    model = robustwrap.create_model("mnist_test_resnet_msgc").eval()
+    out: dict = {"model": "mnist_test_resnet_msgc", "images": args.images, "threads": args.threads}
+
+    # fail fast: row-major vs least-sure-first
+    ordered = model.certify(x, y)
+    original = patchcleanser.pair_priority
+    patchcleanser.pair_priority = lambda margins, pairs: torch.zeros(pairs.shape[0])
+    try:
+        row_major = model.certify(x, y)
+    finally:
+        patchcleanser.pair_priority = original
+    assert torch.equal(ordered.certified, row_major.certified) and torch.equal(ordered.prediction, row_major.prediction)
+    unc = ~ordered.certified
+    k = len(model.mask_set)
+    out["fail_fast"] = {
+        "uncertified_images": int(unc.sum()),
+        "full_views_per_image": k * (k + 1) // 2,
+        "mean_views_per_uncertified_row_major": round(float(row_major.num_views[unc].float().mean()), 1),
+        "mean_views_per_uncertified_fail_fast": round(float(ordered.num_views[unc].float().mean()), 1),
+        "total_views_row_major": int(row_major.num_views.sum()),
+        "total_views_fail_fast": int(ordered.num_views.sum()),
+    }
+
+    # logit changes between layouts and batch sizes, per precision
+    changes = {}
+    xs = x[: args.logit_images]
+    for precision in ("float32", "bfloat16"):
+        model.precision = precision
+        diffs = []
+        with torch.no_grad(), model.autocast():
+            for channels_last, batch_size in ((False, 64), (True, 64), (False, 7), (True, 256)):
+                _, logits = ViewRunner(model.model, model._keep, model.fill, batch_size, channels_last=channels_last).one_mask(xs)
+                diffs.append(logits[..., :, None] - logits[..., None, :])  # every logit difference
+        changes[precision] = max(float((d - diffs[0]).abs().max()) for d in diffs[1:])
+        top2 = logits.topk(2, -1).values
+        changes[precision + "_median_top2_gap"] = round(float((top2[..., 0] - top2[..., 1]).median()), 3)
+    model.precision = "float32"
+    out["logit_change"] = changes
+
+    if not args.skip_accuracy:
+        acc = {}
+        for precision in ("float32", "bfloat16"):
+            model.precision = precision
+            start = time.perf_counter()
+            result = model.certify(x, y)
+            acc[precision] = {
+                "clean_accuracy": round(float((result.prediction == y).float().mean()), 4),
+                "certified_accuracy": round(float(result.certified.float().mean()), 4),
+                "seconds": round(time.perf_counter() - start, 1),
+                "views": int(result.num_views.sum()),
+            }
+        model.precision = "float32"
+        out["accuracy"] = acc
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
