@@ -12,8 +12,9 @@ A page asks for generated content with a marker comment on a line of its own:
 An unknown marker fails the build, so a typo can never silently drop content.
 
 Pictures under `images/` are drawn at build time with robustwrap's own plotting functions
-(`robustwrap.plots.plot_mask_set`, `plot_views`) and matplotlib, on the embedded zoo model and
-its held-out digits, and added to the site as generated files: no binary is kept in `docs/`.
+(`robustwrap.plots.plot_mask_set`, `plot_views`), its attack (`robustwrap.attack`) and matplotlib,
+on the embedded zoo model and its held-out digits, and added to the site as generated files: no
+binary is kept in `docs/`.
 """
 
 from __future__ import annotations
@@ -323,7 +324,88 @@ def figure_cutouts() -> bytes:
     return _png(fig)
 
 
-FIGURES = ("images/mask-set-224.png", "images/views-certified.png", "images/views-case3.png", "images/views-case2.png", "images/cutouts.png")
+# The attack guide's picture: a few seconds of attack, seeded, so every build draws the same one.
+ATTACK_DIGITS = 8  # the guide's eight held-out digits
+ATTACK_BASE = {"steps": 20, "locations": ("random", 8)}  # per digit, on the undefended base model
+ATTACK_DEFENDED = {"steps": 10, "locations": ("guided", 1)}  # the guide's budget on the defended model
+
+
+def figure_attack() -> bytes:
+    """A patch that fools the undefended base model, and the defended model on the same digit.
+
+    Of the attack guide's eight held-out digits (embedded model), the first one, in the order of
+    the base model's clean margin (the easiest first), that the defended model certifies and on
+    which a small seeded attack on the base model succeeds. Three panels: the clean digit; the
+    base model's successful patch (red box), with what the base and the defended model predict on
+    that image; and the defended model's own adaptive attack on the digit (orange box), which
+    must fail, as the digit is certified.
+    """
+    import torch
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    import robustwrap
+    from robustwrap import zoo
+    from robustwrap.attack import input_bounds
+
+    model = zoo.create_model(zoo.DEFAULT_MODEL).eval()
+    x, y = _digits(model, ATTACK_DIGITS)
+    with torch.inference_mode():
+        logits = model.model(x).float()
+    own = logits.gather(1, y[:, None])[:, 0]
+    margin = own - logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    for i in margin.argsort().tolist():
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        if margin[i] <= 0:
+            continue  # the base model is already wrong: no patch needed
+        base = robustwrap.attack(
+            model.model, xi, yi, patch=model.patch, generator=torch.Generator().manual_seed(0), progress=False, **ATTACK_BASE
+        )
+        if not bool(base.success[0]) or not bool(model.certify(xi, yi).certified[0]):
+            continue
+        defended = robustwrap.attack(model, xi, yi, generator=torch.Generator().manual_seed(0), progress=False, **ATTACK_DEFENDED)
+        if bool(defended.success[0]):
+            raise RuntimeError(f"held-out digit {i} is certified, yet the attack flipped it: a bug in robustwrap")
+        break
+    else:
+        raise RuntimeError(f"no digit of the first {ATTACK_DIGITS} held-out digits to draw images/attack.png: base attack {ATTACK_BASE}")
+
+    label = int(yi[0])
+
+    def say(image):
+        with torch.inference_mode():
+            b, d = int(model.model(image).argmax(1)[0]), int(model.predict(image)[0])
+        return f"base model: {b} ({'right' if b == label else 'WRONG'})\ndefended: {d} ({'right' if d == label else 'WRONG'})"
+
+    low, high = (float(v[0]) for v in input_bounds(model, channels=1))
+    ph, pw = model.patch
+    h, w = model.image_size
+    panels = [
+        (xi, None, None, f"clean, label {label}\n{say(xi)} (certified)"),
+        (base.x_adv, base.location[0], "#e53935", f"patch optimised on the base model\n{say(base.x_adv)}"),
+        (defended.x_adv, defended.location[0], "#fb8c00", f"patch optimised on the defended model\n{say(defended.x_adv)}"),
+    ]
+    fig = Figure(figsize=(9.6, 3.9), dpi=110, layout="constrained")
+    for ax, (image, location, colour, title) in zip(fig.subplots(1, len(panels)), panels):
+        ax.imshow(image[0, 0].numpy(), cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+        if location is not None:
+            top, left = location.tolist()
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), pw, ph, fill=False, edgecolor=colour, linewidth=2.5))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"a {ph}x{pw} px patch ({100 * ph * pw / (h * w):.2f}% of {h}x{w}) on the attack guide's digit x[{i}]", fontsize=10)
+    return _png(fig)
+
+
+FIGURES = (
+    "images/mask-set-224.png",
+    "images/views-certified.png",
+    "images/views-case3.png",
+    "images/views-case2.png",
+    "images/cutouts.png",
+    "images/attack.png",
+)
 
 
 def figures() -> dict[str, bytes]:
@@ -342,6 +424,7 @@ def figures() -> dict[str, bytes]:
             return pictures
         pictures |= figure_views()
         pictures["images/cutouts.png"] = figure_cutouts()
+        pictures["images/attack.png"] = figure_attack()
     finally:
         torch.set_num_threads(threads)
     assert set(pictures) == set(FIGURES), sorted(pictures)
