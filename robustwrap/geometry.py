@@ -17,7 +17,7 @@ import torch
 
 from ._args import as_image_size, as_pair, positive_int
 
-__all__ = ["MaskSet", "Box", "patch_side", "DEFAULT_NUM_MASKS"]
+__all__ = ["MaskSet", "Box", "patch_side", "patch_pixels", "DEFAULT_NUM_MASKS"]
 
 Box = tuple[int, int, int, int]  # (top, left, height, width)
 
@@ -43,6 +43,25 @@ def patch_side(fraction: float, image_size: int | Sequence[int]) -> int:
     if (side - 1) ** 2 >= area * (1 - 1e-12):
         side -= 1
     return side
+
+
+def patch_pixels(patch: int | float | Sequence[int], image_size: int | Sequence[int]) -> tuple[int, int]:
+    """`(ph, pw)` in pixels of a patch given as a side (int), an area fraction (float) or `(ph, pw)`.
+
+    The one reading of a threat model's patch that mask sets, ablation sets, feature windows, the
+    defenses and the attack share.
+
+    Raises:
+        ValueError: for a side that is not a positive int, a fraction outside (0, 1), or a patch
+            larger than the image (no position would exist to certify against).
+    """
+    h, w = as_image_size(image_size)
+    if isinstance(patch, float):
+        patch = patch_side(patch, (h, w))
+    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
+    if ph > h or pw > w:
+        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
+    return ph, pw
 
 
 def _axis_starts(n: int, p: int, k: int | None, stride: int | None) -> tuple[int, int, tuple[int, ...]]:
@@ -236,11 +255,7 @@ class MaskSet:
             patch: side in pixels, area fraction in (0, 1), or `(ph, pw)`.
         """
         h, w = self.image_size
-        if isinstance(patch, float):
-            patch = patch_side(patch, self.image_size)
-        ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-        if ph > h or pw > w:
-            raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
+        ph, pw = patch_pixels(patch, self.image_size)
         # covered[t, l]: the patch with top-left corner (t, l) fits inside some mask. A box covers
         # exactly the rectangle of corners t in [top, top + bh - ph], l in [left, left + bw - pw].
         covered = np.zeros((h - ph + 1, w - pw + 1), dtype=bool)
@@ -480,11 +495,7 @@ class AblationSet:
             ValueError: for a patch that is not positive or does not fit in the image.
         """
         h, w = self.image_size
-        if isinstance(patch, float):
-            patch = patch_side(patch, self.image_size)
-        ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-        if ph > h or pw > w:
-            raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
+        ph, pw = patch_pixels(patch, self.image_size)
         return _axis_delta(self._row_keep(), ph) * _axis_delta(self._col_keep(), pw)
 
     def axis_keep(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -588,11 +599,7 @@ def feature_window(
             all evidence, and no image could ever be certified.
     """
     h, w = as_image_size(image_size)
-    if isinstance(patch, float):
-        patch = patch_side(patch, (h, w))
-    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-    if ph > h or pw > w:
-        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
+    ph, pw = patch_pixels(patch, (h, w))
     rs = [positive_int(v, "receptive_field") for v in as_pair(receptive_field, "receptive_field")]
     ss = [positive_int(v, "feature_stride") for v in as_pair(feature_stride, "feature_stride")]
     os_ = as_pair(feature_offset, "feature_offset")

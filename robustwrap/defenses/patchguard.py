@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._args import as_image_size, as_pair, positive_int
-from ..geometry import feature_window, patch_side
+from ..geometry import feature_window, patch_pixels
 from ..views import eval_mode
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
@@ -290,16 +290,6 @@ def _as_clip(value) -> float | None:
     return float(value)
 
 
-def _as_patch(patch, image_size: tuple[int, int]) -> tuple[int, int]:
-    if isinstance(patch, float):
-        patch = patch_side(patch, image_size)
-    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-    h, w = image_size
-    if ph > h or pw > w:
-        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
-    return ph, pw
-
-
 @functools.lru_cache(maxsize=64)
 def _window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size) -> tuple[int, int]:
     """`feature_window`, after checking that the declared geometry fits the map the model returned."""
@@ -401,7 +391,7 @@ class PatchGuard(RobustPatchClassifier):
 
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
-        self._patch = _as_patch(value, self.image_size)
+        self._patch = patch_pixels(value, self.image_size)
 
     @property
     def threshold(self) -> float:

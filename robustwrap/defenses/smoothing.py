@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._args import as_fill, as_image_size, as_pair, positive_int
-from ..geometry import ABLATIONS, AblationSet, patch_side
+from .._args import as_fill, as_image_size, positive_int
+from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
 from ..views import auto_channels_last, auto_sync_every, eval_mode, fill_like, forward_views, mask_images
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
 
@@ -284,11 +284,7 @@ def _as_patch(patch, image_size: tuple[int, int]) -> tuple[int, int]:
         raise ValueError(f"patch must be a side in pixels, an area fraction in (0, 1) or (ph, pw) in pixels, got {patch!r}")
     if not isinstance(patch, (int, tuple, list)) or isinstance(patch, bool):
         raise TypeError(f"patch must be an int (pixels), a float in (0, 1) (area fraction) or (ph, pw), got {patch!r}")
-    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-    h, w = image_size
-    if ph > h or pw > w:
-        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} image")
-    return ph, pw
+    return patch_pixels(patch, image_size)
 
 
 def _check_levine_fill(fill) -> None:
