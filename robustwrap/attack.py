@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import as_labels, as_pair, positive_int
+from ._args import as_labels, positive_int
+from .geometry import patch_pixels
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
 __all__ = ["AttackResult", "AuditFinding", "AuditRecord", "AuditReport", "Locations", "attack", "audit", "input_bounds"]
@@ -558,16 +559,7 @@ def _threat_patch(model: nn.Module, patch, image_size: tuple[int, int]) -> tuple
         if own is None:
             raise ValueError("patch is required for a model without a defense (pass patch=side or (ph, pw) in pixels)")
         patch = own
-    if isinstance(patch, float) and not isinstance(patch, bool):
-        from .geometry import patch_side
-
-        side = patch_side(patch, image_size)
-        patch = (side, side)
-    ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
-    h, w = image_size
-    if ph > h or pw > w:
-        raise ValueError(f"patch {ph}x{pw} is larger than the {h}x{w} images")
-    return ph, pw
+    return patch_pixels(patch, image_size)
 
 
 def attack(
