@@ -4,9 +4,10 @@ On the embedded default (`mnist_test_resnet_msgc`) and a subset of its shipped d
 (`mnist-heldout`, preprocessed with the model's timm data config). Prints JSON:
 - `fail_fast`: mean views per uncertified image with early exit, row-major order vs the
   fail-fast order (least sure mask pairs first); certificates identical;
-- `logit_change`: the largest change of any logit difference `logit_y - logit_c` of the same
-  views run contiguous vs channels_last and at different views per pass, per precision
-  (what the margin guard must absorb);
+- `logit_change`: for each zoo model, the largest change of any logit difference
+  `logit_y - logit_c` of the same views run by the model with contiguous / channels_last views,
+  at 7, 64 and 256 views per pass, and by its inference copy (`robustwrap.views`), per
+  precision (what the margin guard must absorb);
 - `accuracy`: clean and certified accuracy at float32 and bfloat16 autocast, with seconds.
 
     python benchmarks/precision_margin.py [--images 100] [--threads 1]
@@ -28,7 +29,15 @@ from speed_vs_main import digits  # noqa: E402
 
 import robustwrap  # noqa: E402
 from robustwrap.defenses import patchcleanser  # noqa: E402
-from robustwrap.views import ViewRunner  # noqa: E402
+from robustwrap.views import build_inference_copy  # noqa: E402
+
+ZOO = ("mnist_test_resnet_msgc", "mnist_test_resnet_drs", "mnist_bagnet_tiny_pg")
+
+
+def masked_views(model, x: torch.Tensor) -> torch.Tensor:
+    """Every one-mask view of `x` under `model`'s mask set, `(B * K, C, H, W)`."""
+    keep = model._keep
+    return torch.where(keep[None, :, None], x[:, None], torch.tensor(model.fill)).reshape(-1, *x.shape[1:])
 
 
 def main() -> None:
@@ -68,20 +77,31 @@ def main() -> None:
         "total_views_fail_fast": int(ordered.num_views.sum()),
     }
 
-    # logit changes between layouts and batch sizes, per precision
+    # logit changes between layouts, batch sizes and the inference copy, per zoo model and precision
     changes = {}
     xs = x[: args.logit_images]
-    for precision in ("float32", "bfloat16"):
-        model.precision = precision
-        diffs = []
-        with torch.no_grad(), model.autocast():
-            for channels_last, batch_size in ((False, 64), (True, 64), (False, 7), (True, 256)):
-                _, logits = ViewRunner(model.model, model._keep, model.fill, batch_size, channels_last=channels_last).one_mask(xs)
-                diffs.append(logits[..., :, None] - logits[..., None, :])  # every logit difference
-        changes[precision] = max(float((d - diffs[0]).abs().max()) for d in diffs[1:])
-        top2 = logits.topk(2, -1).values
-        changes[precision + "_median_top2_gap"] = round(float((top2[..., 0] - top2[..., 1]).median()), 3)
-    model.precision = "float32"
+    for name in ZOO:
+        defended = robustwrap.create_model(name).eval()
+        base = defended.model
+        fast = build_inference_copy(base)
+        views = masked_views(model, xs)  # the embedded default's one-mask views: digits with a square hidden
+        per_model = {}
+        for precision in ("float32", "bfloat16"):
+            defended.precision = precision
+            outs = []
+            with torch.no_grad(), defended.autocast():
+                for module, channels_last, batch_size in ((base, False, 64), (base, True, 64), (base, False, 7), (base, True, 256), (fast, True, 256), (fast, True, 7)):
+                    if module is None:
+                        continue
+                    v = views.contiguous(memory_format=torch.channels_last) if channels_last else views
+                    logits = torch.cat([module(v[s : s + batch_size]) for s in range(0, v.shape[0], batch_size)]).float()
+                    logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])  # PatchGuard: one row per location
+                    outs.append(logits[:, :, None] - logits[:, None, :])  # every logit difference
+            per_model[precision] = max(float((d - outs[0]).abs().max()) for d in outs[1:])
+            top2 = logits.topk(2, -1).values
+            per_model[precision + "_median_top2_gap"] = round(float((top2[:, 0] - top2[:, 1]).median()), 3)
+        per_model["inference_copy"] = type(fast).__name__ if fast is not None else None
+        changes[name] = per_model
     out["logit_change"] = changes
 
     if not args.skip_accuracy:

@@ -379,7 +379,7 @@ def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
         type=_non_negative_float,
         metavar="M",
         help="certificate margin: a view or logit counts for a certificate only if it holds when the logits move by up "
-        "to M (default: the model's own, 0 for a timm model: the papers' rule); see the Concepts page",
+        "to M (default: the model's own; for a timm model 1e-3, 0.1 for PatchGuard's evidence; 0 is the papers' rule); see the Concepts page",
     )
     _defense_groups(parser)
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 from ._args import positive_int
 from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
-from .views import eval_mode, model_device_dtype
+from .views import eval_mode, model_device_dtype, observe_forward
 
 __all__ = ["certify_dataset", "image_hash", "model_fingerprint", "view_grid"]
 
@@ -161,7 +161,7 @@ def certify_dataset(
     new: list[ImageRecord] = []
     bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values(), full_views=_full_views(model))
     writer = store.writer(rank, world) if store is not None else contextlib.nullcontext()
-    with writer as out, eval_mode(model.model), bar.counting_views(model.model), contextlib.closing(bar):
+    with writer as out, eval_mode(model.model), bar.counting_views(), contextlib.closing(bar):
         start = time.perf_counter()
         for step, (x, y) in zip(mine, loader):
             bar.start_step(len(step), sum(i not in done for i in step))
@@ -458,7 +458,8 @@ def _barrier(world: int) -> None:
 class _Progress:
     """A tqdm bar over this process's images with the running clean and certified accuracy.
 
-    It moves after every forward pass of the base model (a forward hook counts the views): within
+    It moves after every forward pass of the base model (`robustwrap.views.observe_forward` counts
+    the views, so the model keeps running through its inference copy): within
     a step, an image counts as done in proportion to the views run so far over the views a step
     needs on average (the mean views per image of the records seen, resumed ones included, else
     the defense's full evaluation), capped below the step's end so the bar never runs ahead; the
@@ -489,21 +490,18 @@ class _Progress:
         return f"clean {100 * self.correct / self.seen:.1f}% certified {100 * self.certified / self.seen:.1f}%"
 
     @contextlib.contextmanager
-    def counting_views(self, module: torch.nn.Module) -> Iterator[None]:
-        """Count the views of every forward pass of `module` while certifying (only with a bar)."""
+    def counting_views(self) -> Iterator[None]:
+        """Count the views of every forward pass of the base model while certifying (only with a bar)."""
         if self.bar is None:
             yield
             return
-        handle = module.register_forward_hook(self._hook)
-        try:
+        with observe_forward(self._on_forward):
             yield
-        finally:
-            handle.remove()
 
-    def _hook(self, module, inputs, output) -> None:
-        if not self.counting or not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].ndim == 0:
+    def _on_forward(self, views: int) -> None:
+        if not self.counting:
             return
-        self.step_views += int(inputs[0].shape[0])
+        self.step_views += views
         per_image = self.views / self.seen if self.seen else self.full_views
         step = 0.0
         if per_image:

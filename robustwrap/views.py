@@ -12,7 +12,10 @@ labels mean, come from the caller (a defense's rule and scheduling in `robustwra
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -35,19 +38,23 @@ __all__ = [
     "auto_channels_last",
     "auto_sync_every",
     "top2_gap",
+    "InferenceCopy",
+    "build_inference_copy",
+    "observe_forward",
+    "call_model",
 ]
 
 # Views per forward pass when the user does not say (`batch_size=None`): a pixel budget per pass,
-# rounded down to a power of two and clamped. Measured on the project's 2-core CPU (see
-# benchmarks/speed.md): timm's test_resnet at 32x32 is fastest at 64 views per pass (128: 0.87x,
-# 256: about the same), and resnet18 at 224x224 runs 1.2-1.3x faster at 8 views per pass than
-# at 64 (issue 14), so the CPU budget is 2**18 pixels (64 views of 64x64, 8 of 181x181). GPU speed is
-# unmeasured (no GPU was available): the CUDA budget is a conservative 2**22 pixels (64 views of
-# 224x224, at most 256), large passes being what keeps a GPU busy.
+# rounded down to a power of two and clamped to [8, 256]. Measured on the project's 2-core CPU
+# (benchmarks/speed.md): certifying with timm's test_resnet at 32x32 through its inference copy
+# runs 1.1-1.4x more views per second at 256 views per pass than at 64, and resnet18 at 224x224
+# runs 1.2-1.3x faster at 8 views per pass than at 64 (issue 14), so the CPU budget is 2**18
+# pixels (256 views of 32x32, 64 of 64x64, 8 of 181x181). GPU speed is unmeasured (no GPU was
+# available): the CUDA budget is a conservative 2**22 pixels (64 views of 224x224), large passes
+# being what keeps a GPU busy.
 CPU_PIXELS_PER_PASS = 1 << 18
 CUDA_PIXELS_PER_PASS = 1 << 22
 MIN_AUTO_BATCH, MAX_AUTO_BATCH = 8, 256
-MIN_CPU_BATCH_CAP = 64
 # Forward passes between two device-to-host synchronisations of the scheduler on an accelerator
 # (on the CPU there is nothing to wait for, so it decides after every pass and skips the most).
 ACCELERATOR_SYNC_EVERY = 4
@@ -64,9 +71,9 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def auto_batch_size(model: nn.Module, image_size: Sequence[int], device: torch.device | None = None) -> int:
     """Views per forward pass when the user gives none: a pixel budget per pass for the device.
 
-    A power of two in `[8, 64]` on the CPU (`2**18` pixels per pass: 64 views up to 64x64, 8 at
-    224x224) and in `[8, 256]` on an accelerator (`2**22` pixels: 256 at 32x32, 64 at 224x224;
-    unmeasured there, see benchmarks/speed.md). Results never depend on it.
+    A power of two in `[8, 256]`: `2**18` pixels per pass on the CPU (256 views at 32x32, 64 at
+    64x64, 8 at 224x224) and `2**22` on an accelerator (256 at 32x32, 64 at 224x224; unmeasured
+    there, see benchmarks/speed.md). Results never depend on it.
 
     Args:
         model: the base classifier (its device is used when `device` is None).
@@ -79,7 +86,7 @@ def auto_batch_size(model: nn.Module, image_size: Sequence[int], device: torch.d
     budget = CPU_PIXELS_PER_PASS if cpu else CUDA_PIXELS_PER_PASS
     views = max(1, budget // max(1, h * w))
     views = 1 << (views.bit_length() - 1)  # round down to a power of two
-    return max(MIN_AUTO_BATCH, min(MIN_CPU_BATCH_CAP if cpu else MAX_AUTO_BATCH, views))
+    return max(MIN_AUTO_BATCH, min(MAX_AUTO_BATCH, views))
 
 
 def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> bool:
@@ -90,9 +97,9 @@ def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> 
     (2.35x faster on a quiet machine, issue 14), and a ViT has a single patch-embedding
     convolution. So: `channels_last` when the model has at least two `Conv2d` layers and runs
     on the CPU. On CUDA the default stays contiguous (GPU
-    speed is unmeasured here). Only the views change layout, never the model's parameters; the
-    layout can move logits in their last bits, which is what the certificate margin is for,
-    and `predict` and `certify` always use the same layout.
+    speed is unmeasured here). Only the views (and the inference copy, `build_inference_copy`)
+    change layout, never the user's model; the layout can move logits in their last bits, which
+    is what the certificate margin is for, and `predict` and `certify` always use the same layout.
 
     Args:
         model: the base classifier.
@@ -108,6 +115,154 @@ def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> 
             if convs >= 2:
                 return True
     return False
+
+
+# ------------------------------------------------------------------------- the inference copy
+def build_inference_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` (in eval mode) that computes the same function faster on the CPU, or `None`.
+
+    For a convolutional network (at least two `Conv2d`): each `BatchNorm2d` that only follows a
+    `Conv2d` is folded into it (`torch.fx.experimental.optimization.fuse`, exact types only, so
+    timm's `BatchNormAct2d` and other subclasses are left alone) and the weights are stored in
+    `channels_last`, the layout the views run in. A model `torch.fx` cannot trace is copied and
+    converted without folding. `None` for anything else (a ViT, a single-convolution model):
+    the model itself is as fast. The user's model is never changed.
+
+    Measured on the project's 2-core CPU, one thread (benchmarks/speed.md): timm's test_resnet at
+    32x32 runs about 2x more views per second than the model itself with channels_last views.
+    """
+    if sum(isinstance(m, nn.Conv2d) for m in model.modules()) < 2:
+        return None
+    fast = None
+    if any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            fast = fuse(model, inplace=False)
+        except Exception:  # noqa: BLE001 (untraceable control flow, unsupported ops: fall back to the plain copy)
+            fast = None
+    if fast is None:
+        try:
+            fast = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001
+            return None
+    fast.eval().requires_grad_(False)
+    return fast.to(memory_format=torch.channels_last)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What, besides tensor values, makes a model compute what it computes: its modules (names,
+    types, modes, instance-level `forward`s) and their hyperparameters (`repr`)."""
+    modules = tuple((name, type(m), m.training, m.__dict__.get("forward")) for name, m in model.named_modules(remove_duplicate=False))
+    return modules, repr(model)
+
+
+def _same_values(snapshot: list[tuple[str, torch.Tensor]], tensors: list[tuple[str, torch.Tensor]]) -> bool:
+    if len(snapshot) != len(tensors):
+        return False
+    for (name_a, a), (name_b, b) in zip(snapshot, tensors):
+        if name_a != name_b or a.dtype != b.dtype or a.device != b.device or a.shape != b.shape or not torch.equal(a, b):
+            return False
+    return True
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _agrees(model: nn.Module, fast: nn.Module, example: torch.Tensor) -> bool:
+    """The copy gives the model's output on `example` (float32, up to rounding)."""
+    with torch.autocast(example.device.type, enabled=False):
+        try:
+            want, got = model(example), fast(example)
+        except Exception:  # noqa: BLE001
+            return False
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
+        return False
+    want, got = want.double(), got.double()
+    return bool(((want - got).abs().max() <= 1e-3 * (1 + want.abs().max())).item()) if want.numel() else True
+
+
+@dataclass
+class _CopyState:
+    model: weakref.ref
+    structure: tuple
+    snapshot: list[tuple[str, torch.Tensor]] | None
+    module: nn.Module | None
+
+
+class InferenceCopy:
+    """The module the views run through: a faster copy of the base model, rebuilt whenever it changes.
+
+    `module(model, example)` returns `build_inference_copy(model)` when inference runs on the CPU
+    without gradients and the model has no forward hooks (hooks must see every view, so a
+    hooked model runs itself), else `model`. The copy is kept between calls and checked at
+    every call against the model, exactly: the same modules, modes and hyperparameters, and
+    every parameter and buffer equal to the values it was built from (so any change, including
+    one through `.data`, rebuilds it). A copy whose output on `example` differs from the model's
+    is discarded. It is a cache, not state: it is not saved, copied or pickled.
+    """
+
+    def __init__(self) -> None:
+        self._state: _CopyState | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_state": None}
+
+    def __deepcopy__(self, memo: dict) -> InferenceCopy:
+        return InferenceCopy()
+
+    def module(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        """The module to run `model`'s views through now.
+
+        Args:
+            model: the base classifier, in eval mode.
+            example: one input `(1, C, H, W)` to check a new copy on.
+        """
+        if torch.is_grad_enabled() or model.training or example.device.type != "cpu" or not example.numel() or _has_hooks(model):
+            return model
+        structure, state = _structure(model), self._state
+        if state is not None and state.model() is model and state.structure == structure:
+            if state.module is None:
+                return model
+            if _same_values(state.snapshot, _tensors(model)):
+                return state.module
+        fast = build_inference_copy(model)
+        if fast is not None and not _agrees(model, fast, example[:1]):
+            fast = None
+        snapshot = [(name, t.detach().clone()) for name, t in _tensors(model)] if fast is not None else None
+        self._state = _CopyState(weakref.ref(model), structure, snapshot, fast)
+        return model if fast is None else fast
+
+
+# ------------------------------------------------------------------------- forward observers
+_OBSERVERS: contextvars.ContextVar[tuple[Callable[[int], None], ...]] = contextvars.ContextVar("robustwrap_forward_observers", default=())
+
+
+@contextlib.contextmanager
+def observe_forward(callback: Callable[[int], None]) -> Iterator[None]:
+    """Call `callback(n)` after every forward pass of a base model on `n` images or views, in this context.
+
+    How progress bars follow certification: it sees the passes of the base model and of its
+    inference copy alike (a forward hook on the model would make it run itself).
+    """
+    token = _OBSERVERS.set((*_OBSERVERS.get(), callback))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
+def call_model(model: nn.Module, x: torch.Tensor):
+    """`model(x)`, then every observer of `observe_forward` is told about the `len(x)` inputs."""
+    out = model(x)
+    for callback in _OBSERVERS.get():
+        callback(int(x.shape[0]))
+    return out
 
 
 def auto_sync_every(device: torch.device) -> int:
@@ -181,7 +336,7 @@ def forward_views(model: nn.Module, views: torch.Tensor, num_classes: int | None
         ValueError: if the model does not return `(N, C)` logits (or not `num_classes` of them),
             which would otherwise surface as a confusing indexing error in a defense's rule.
     """
-    logits = model(views)
+    logits = call_model(model, views)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != views.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(

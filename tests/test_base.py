@@ -141,7 +141,7 @@ def test_bad_or_fixed_assignments_raise_and_change_nothing(name, value, error, m
     before = model.settings()
     with pytest.raises(error, match=message):
         setattr(model, name, value)
-    assert model.settings() == before and model.batch_size == 64
+    assert model.settings() == before and model.batch_size == 256  # auto: 2**18 pixels per pass, at most 256
 
 
 def test_wrapping_a_defended_model_as_base_is_refused():
@@ -162,7 +162,7 @@ def test_shallow_copy_does_not_share_settings():
     clone.batch_size = 3
     clone.precision = "bfloat16"
     clone.model = PeakNet(seed=9)
-    assert model.settings() == before and model.batch_size == 64 and model.model is net
+    assert model.settings() == before and model.batch_size == 256 and model.model is net
     assert torch.equal(model._keep, model.mask_set.keep_masks()) and model._keep.shape[0] == 16
     assert model.predict(x).tolist() == expected
     assert clone.settings()["fill"] == 1.0 and clone._keep.shape[0] == 9

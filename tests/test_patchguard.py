@@ -17,6 +17,7 @@ from torch import nn
 import robustwrap
 from robustwrap import models  # noqa: F401  (registers the BagNets with timm)
 from robustwrap.defenses.patchguard import (
+    DEFAULT_EVIDENCE_MARGIN,
     PatchGuard,
     PatchGuardResult,
     evidence_bounds,
@@ -314,7 +315,8 @@ def test_certified_images_survive_every_patch_and_a_smaller_window_does_not():
     x, y = _images()
     model = LocalMeans().eval()
     p = 3
-    guard = PatchGuard(model, p, image_size=20, receptive_field=3, feature_stride=2, feature_offset=0).eval()
+    # margin 0, the paper's rule: the certificate must hold even without the margin guard
+    guard = PatchGuard(model, p, image_size=20, receptive_field=3, feature_stride=2, feature_offset=0, margin=0.0).eval()
     assert guard.window == (3, 3) == (feature_window(20, p, 3, 2, 0, 9))
     result = guard.certify(x, y)
     assert isinstance(result, PatchGuardResult)
@@ -370,7 +372,7 @@ def test_wrap_builds_patchguard_from_the_model_geometry():
         "image_size": [32, 32],
         "fill": 0.0,
         "precision": "float32",
-        "margin": 0.0,
+        "margin": DEFAULT_EVIDENCE_MARGIN,
         "patch": [5, 5],
         "receptive_field": [5, 5],
         "feature_stride": [2, 2],

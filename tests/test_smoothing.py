@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import robustwrap
+from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.smoothing import (
     DerandomizedSmoothing,
     RandomAblation,
@@ -422,7 +423,7 @@ def test_wrap_builds_smoothing_and_settings_round_trip():
         "image_size": [32, 32],
         "fill": 0.0,
         "precision": "float32",
-        "margin": 0.0,
+        "margin": DEFAULT_MARGIN,
         "ablation": "column",
         "size": 4,
         "stride": 2,

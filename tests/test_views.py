@@ -82,8 +82,9 @@ def test_auto_batch_size_rules():
     from robustwrap.views import auto_batch_size
 
     net = PeakNet()
-    assert auto_batch_size(net, (16, 16)) == 64  # CPU: 2**18 pixels per pass, at most 64 views
-    assert auto_batch_size(net, (32, 32)) == 64
+    assert auto_batch_size(net, (16, 16)) == 256  # CPU: 2**18 pixels per pass, at most 256 views
+    assert auto_batch_size(net, (32, 32)) == 256
+    assert auto_batch_size(net, (64, 64)) == 64
     assert auto_batch_size(net, (224, 224)) == 8  # clamped to at least 8
     assert auto_batch_size(net, (32, 32), torch.device("cuda")) == 256
     assert auto_batch_size(net, (224, 224), torch.device("cuda")) == 64

@@ -12,6 +12,7 @@ from timm.data import create_transform, resolve_data_config
 
 import robustwrap
 from robustwrap import hub, zoo
+from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.patchcleanser import PatchCleanser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,18 +49,28 @@ def test_embedded_default_matches_its_entry(default_model):
     assert len(zoo.builtin_dataset(entry["dataset"])) == entry["metrics"]["num_images"]
 
 
-def test_shipped_version_1_config_loads_as_patchcleanser(default_model):
-    """Issue 11: the embedded model's config is format version 1; it loads as a float32 PatchCleanser."""
+def test_shipped_version_1_config_loads_as_patchcleanser(default_model, tmp_path):
+    """Issue 11: the embedded model's first config (format version 1, kept in tests/data) still
+    loads, as a float32 PatchCleanser with margin 0, the rule it was certified with."""
+    import shutil
+
     folder = Path(str(zoo._ZOO / zoo.zoo_entry(zoo.DEFAULT_MODEL)["embedded"]))
-    section = json.loads((folder / "config.json").read_text())["robustwrap"]
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    shutil.copy(ROOT / "tests" / "data" / "mnist_test_resnet_msgc_v1_config.json", tmp_path / "config.json")
+    section = json.loads((tmp_path / "config.json").read_text())["robustwrap"]
     assert section["format_version"] == 1 and "defense" not in section
-    assert type(default_model) is PatchCleanser and default_model.defense == "patchcleanser"
-    assert default_model.precision == "float32" and default_model.margin == 0.0 and default_model.fill == 0.0
-    assert default_model.batch_size == section["batch_size"]
-    assert default_model.settings()["mask_set"] == {k: v for k, v in section["mask_set"].items() if k != "description"} | {
-        "num_masks": default_model.settings()["mask_set"].get("num_masks")
+    old = robustwrap.from_pretrained(str(tmp_path))
+    assert type(old) is PatchCleanser and old.defense == "patchcleanser"
+    assert old.precision == "float32" and old.margin == 0.0 and old.fill == 0.0
+    assert old.batch_size == section["batch_size"]
+    assert old.settings()["mask_set"] == {k: v for k, v in section["mask_set"].items() if k != "description"} | {
+        "num_masks": old.settings()["mask_set"].get("num_masks")
     }
-    assert default_model.pretrained_info == {k: section[k] for k in ("strategy", "dataset", "metrics")}
+    assert old.pretrained_info == {k: section[k] for k in ("strategy", "dataset", "metrics")}
+    # today's shipped config: the same model and threat model, format 2, the default margin
+    shipped = json.loads((folder / "config.json").read_text())["robustwrap"]
+    assert shipped["format_version"] == 2 and default_model.margin == DEFAULT_MARGIN == shipped["margin"]
+    assert default_model.settings() | {"margin": 0.0} == old.settings()
 
 
 def test_embedded_default_certifies_real_digits(default_model):

@@ -58,9 +58,10 @@ def wrap(
             (`PatchCleanser.from_patch`: `num_masks`, `stride`, `mask_set`), and the options every
             defense takes: `image_size` (`H` or `(H, W)`; defaults to the size a timm model was
             built for), `fill` (masked pixel value in the model's input space, default 0.0),
-            `batch_size` (views per forward pass, default 64), `precision` (`"float32"`,
-            `"bfloat16"` or `"float16"` autocast, default `"float32"`), `margin` (certificate
-            margin, default 0.0) and `num_classes`.
+            `batch_size` (views per forward pass; default `None`: chosen for the model, image size
+            and device), `precision` (`"float32"`, `"bfloat16"` or `"float16"` autocast, default
+            `"float32"`), `margin` (certificate margin, default 1e-3, 0.1 for PatchGuard's
+            evidence; 0 is the papers' rule) and `num_classes`.
 
     Returns:
         The defended model (a `DEFENSES[defense]` instance), in the same train/eval mode as `model`.

@@ -29,12 +29,18 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
-from ..views import auto_batch_size, eval_mode, model_device_dtype
+from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
 
-__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH"]
+__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN"]
 
 DEFAULT_BATCH_SIZE = 64  # views per forward pass
 DEFAULT_PATCH = 0.02  # of the image area, when `wrap` is not told the patch
+# The certificate margin of a view's logits (PatchCleanser, smoothing): the largest change of a
+# logit difference measured between layouts, views per pass and the inference copy on the zoo
+# models in float32 is 3.4e-5 (benchmarks/speed.md), so 1e-3 leaves a factor of about 30 and costs
+# no certificate there (median top-2 gap of a view: 6.7). PatchGuard's evidence sums many local
+# logits and has its own default (robustwrap.defenses.patchguard.DEFAULT_EVIDENCE_MARGIN).
+DEFAULT_MARGIN = 1e-3
 
 # The settings every defense has; `settings()` adds the defense's own.
 _COMMON_KEYS = ("defense", "image_size", "fill", "precision", "margin")
@@ -188,7 +194,8 @@ class RobustPatchClassifier(
             `None` picks one for the model, image size and device.
         precision: `"float32"`, `"bfloat16"` or `"float16"`: the autocast precision of every
             forward pass of the base model (prediction and certification alike).
-        margin: certificate margin, a float >= 0 (0 is the papers' rule); stored with the model.
+        margin: certificate margin, a float >= 0 (0 is the papers' rule; the default absorbs the
+            rounding changes of other layouts and kernels, docs/concepts.md#margin); stored with the model.
         num_classes: classes of the base model; read from `model.num_classes` when it has one,
             else found with one forward pass of a blank image the first time it is needed.
 
@@ -208,7 +215,7 @@ class RobustPatchClassifier(
         fill: float | Sequence[float] = 0.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         precision: str = "float32",
-        margin: float = 0.0,
+        margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
     ):
         super().__init__()
@@ -439,6 +446,23 @@ class RobustPatchClassifier(
                 clone.__dict__[name] = copy.copy(clone.__dict__[name])
         return clone
 
+    def _inference_model(self, example: torch.Tensor) -> nn.Module:
+        """The module inference runs the base model through now (call in eval mode, without gradients).
+
+        In float32 on the CPU, the base model's inference copy (`robustwrap.views.InferenceCopy`:
+        BatchNorm folded into the convolutions, `channels_last` weights; rebuilt whenever the
+        model changes), else the model itself. At a lower precision the model runs itself: its
+        folded weights round differently, moving logits by far more than the margin absorbs
+        (0.34 on the embedded default in bfloat16; benchmarks/precision_margin.py).
+        `example`: the call's images, to check a new copy on.
+        """
+        if self.precision != "float32":
+            return self.model
+        cache = self.__dict__.get("_inference_copy")
+        if cache is None:
+            cache = self.__dict__["_inference_copy"] = InferenceCopy()
+        return cache.module(self.model, example)
+
     # ------------------------------------------------------------------------------ precision
     def autocast(self) -> contextlib.AbstractContextManager:
         """A context manager running the base model in `precision` on its device (no-op for float32)."""
@@ -626,5 +650,5 @@ class RobustPatchClassifier(
         """
         x = self._check_images(x)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
-            return self.model(x).argmax(1)
+            return call_model(self._inference_model(x), x).argmax(1)
 

@@ -19,7 +19,7 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -246,7 +246,7 @@ class PatchCleanser(RobustPatchClassifier):
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
-        margin: float = 0.0,
+        margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
     ):
         if not isinstance(mask_set, MaskSet):
@@ -311,7 +311,7 @@ class PatchCleanser(RobustPatchClassifier):
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
-        margin: float = 0.0,
+        margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
     ) -> PatchCleanser:
         """PatchCleanser for a threat model: the mask set for `patch`, or a ready `mask_set`.
@@ -328,7 +328,7 @@ class PatchCleanser(RobustPatchClassifier):
             batch_size: masked views per forward pass (default `None`: chosen for the model,
                 image size and device, `robustwrap.views.auto_batch_size`).
             precision: autocast precision of every forward pass (default `"float32"`).
-            margin: certificate margin, a float >= 0 (default 0).
+            margin: certificate margin, a float >= 0 (default `DEFAULT_MARGIN`, 1e-3; 0 is the papers' rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
 
         Returns:
@@ -361,11 +361,16 @@ class PatchCleanser(RobustPatchClassifier):
         return f"mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     # ----------------------------------------------------------------------------- inference
-    def _runner(self) -> ViewRunner:
-        """The view runner for one call, from the current settings (nothing is kept between calls)."""
+    def _runner(self, x: torch.Tensor) -> ViewRunner:
+        """The view runner for one call on `x`, from the current settings (in eval mode, without gradients).
+
+        Its views run through the model's inference copy (`robustwrap.views.InferenceCopy`) when
+        there is one, in `channels_last` for convolutional networks on the CPU.
+        """
         attr = getattr(self.model, "num_classes", None)
         known = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
-        return ViewRunner(self.model, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self.model))
+        module = self._inference_model(x)
+        return ViewRunner(module, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self.model))
 
     def _one_mask(self, runner: ViewRunner, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor, torch.Tensor]:
         one_mask, one_logits = runner.one_mask(x)
@@ -387,9 +392,9 @@ class PatchCleanser(RobustPatchClassifier):
 
     def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
         x = self._check_images(x)
-        runner = self._runner()
-        k = len(runner)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
+            runner = self._runner(x)
+            k = len(runner)
             runner, one_mask, one_logits = self._one_mask(runner, x)
             row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
             pairs, owners = row_pairs(row_image, row_mask, k)
@@ -430,10 +435,10 @@ class PatchCleanser(RobustPatchClassifier):
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
-        runner = self._runner()
         margin = self.margin
-        b, k = x.shape[0], len(runner)
+        b, k = x.shape[0], len(self._keep)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
+            runner = self._runner(x)
             runner, one_mask, one_logits = self._one_mask(runner, x)
             one_margin = label_margins(one_logits, y[:, None].expand(b, k))  # (B, K): how surely mask i shows y
             # The margin guard (docs/concepts.md#margin): a view counts for y only if it shows y by more than `margin`.

@@ -20,8 +20,8 @@ from torch import nn
 
 from .._args import as_fill, as_image_size, positive_int
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
-from ..views import auto_channels_last, auto_sync_every, eval_mode, fill_like, forward_views, mask_images
-from .base import DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
 
@@ -366,7 +366,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
-        margin: float = 0.0,
+        margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -542,7 +542,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
-        margin: float = 0.0,
+        margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
     ) -> DerandomizedSmoothing:
         """Smoothing for a threat model: what `robustwrap.wrap(model, patch, defense="smoothing", ...)` calls.
@@ -560,7 +560,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             batch_size: views per forward pass (default `None`: chosen for the model, image
                 size and device).
             precision: autocast precision of every forward pass (default `"float32"`).
-            margin: certificate margin, a float >= 0 (default 0).
+            margin: certificate margin, a float >= 0 (default `DEFAULT_MARGIN`, 1e-3; 0 is the papers' rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
 
         Returns:
@@ -614,7 +614,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         """The base model's logits on `x` with nothing ablated (encoded as the base model takes it)."""
         x = self._check_images(x)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
-            return self.model(encode_full(x, self._encoding)).float()
+            encoded = encode_full(x, self._encoding)
+            return call_model(self._inference_model(encoded), encoded).float()
 
     def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
         """The undefended base model's labels `(B,)` for `x` (encoded as the base model takes it)."""
@@ -699,6 +700,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         seen = torch.zeros(b, dtype=torch.long, device=device)
         open_ = torch.ones(b, dtype=torch.bool, device=device)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
+            module = self._inference_model(encode_full(x[:1], encoding))
             while True:
                 if early_exit and counts is not None:
                     open_ &= ~decided(counts, sure, possible, num_views - seen, labels, delta)
@@ -721,7 +723,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                     views = ablate(x, part, part_view, axis_keep, encoding, fill)
                     if channels_last:
                         views = views.contiguous(memory_format=torch.channels_last)
-                    logits = forward_views(self.model, views, num_classes).float()
+                    logits = forward_views(module, views, num_classes).float()
                     if counts is None:
                         # learnt from the views when the model does not say, so no blank probe is needed
                         num_classes = self._num_classes = logits.shape[1]
