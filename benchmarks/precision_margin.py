@@ -8,7 +8,8 @@ On the embedded default (`mnist_test_resnet_msgc`) and a subset of its shipped d
   `logit_y - logit_c` of the same views run by the model with contiguous / channels_last views,
   at 7, 64 and 256 views per pass, and by its inference copy (`robustwrap.views`), per
   precision (what the margin guard must absorb);
-- `accuracy`: clean and certified accuracy at float32 and bfloat16 autocast, with seconds.
+- `accuracy`: for each zoo model, clean and certified accuracy at float32 and bfloat16
+  autocast, with seconds (`--skip-accuracy` skips it; bfloat16 is slow on CPUs without it).
 
     python benchmarks/precision_margin.py [--images 100] [--threads 1]
 """
@@ -106,17 +107,19 @@ def main() -> None:
 
     if not args.skip_accuracy:
         acc = {}
-        for precision in ("float32", "bfloat16"):
-            model.precision = precision
-            start = time.perf_counter()
-            result = model.certify(x, y)
-            acc[precision] = {
-                "clean_accuracy": round(float((result.prediction == y).float().mean()), 4),
-                "certified_accuracy": round(float(result.certified.float().mean()), 4),
-                "seconds": round(time.perf_counter() - start, 1),
-                "views": int(result.num_views.sum()),
-            }
-        model.precision = "float32"
+        for name in ZOO:
+            defended = robustwrap.create_model(name).eval()
+            acc[name] = {}
+            for precision in ("float32", "bfloat16"):
+                defended.precision = precision
+                start = time.perf_counter()
+                result = defended.certify(x, y)
+                acc[name][precision] = {
+                    "clean_accuracy": round(float((result.prediction == y).float().mean()), 4),
+                    "certified_accuracy": round(float(result.certified.float().mean()), 4),
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "views": int(result.num_views.sum()),
+                }
         out["accuracy"] = acc
     print(json.dumps(out, indent=2))
 
