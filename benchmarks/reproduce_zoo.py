@@ -8,7 +8,7 @@ document; exits 1 when any figure differs.
 
     python benchmarks/reproduce_zoo.py [--model NAME ...] [--threads 1]
 
-The embedded MNIST model certifies 1,000 held-out digits: about 6 minutes of CPU on one thread of a
+The embedded MNIST model certifies 1,000 held-out digits: about 2 minutes of CPU on one thread of a
 2-core CPU. The unit suite runs the same command on a few digits only
 (`tests/test_cli.py::test_certify_the_embedded_default_on_a_few_digits`).
 """

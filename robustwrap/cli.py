@@ -59,9 +59,9 @@ EXIT_INTERRUPTED = 130
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
 
 # `robustwrap certify` with no --data and no --limit certifies this many of the zoo model's own
-# images. Measured on a 2-core CPU: the embedded MNIST model needs about 0.4 s of CPU per digit on
-# one thread (a certified digit takes all 666 views), so 100 digits and the start take under a
-# minute of CPU; all 1,000 take about 6 minutes.
+# images. Measured on a 2-core CPU (benchmarks/speed.md): the embedded MNIST model needs about
+# 0.12 s of CPU per digit on one thread (a certified digit takes all 666 views), so 100 digits and
+# the start take about 20 s; all 1,000 take under 2 minutes.
 DEFAULT_LIMIT = 100
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -230,8 +230,8 @@ def _parser() -> argparse.ArgumentParser:
         help="certify a data set: clean, certified and vanilla accuracy",
         description=(
             "Certify a model on a data set. With no arguments: the embedded default model on the first "
-            f"{DEFAULT_LIMIT} of its 1,000 shipped held-out digits (about a minute on a 2-core CPU; "
-            "--limit all certifies all of them in about 6 minutes and reproduces the zoo's figures)."
+            f"{DEFAULT_LIMIT} of its 1,000 shipped held-out digits (about 20 seconds on a 2-core CPU; "
+            "--limit all certifies all of them in under 2 minutes and reproduces the zoo's figures)."
         ),
         epilog=(
             "Two batch sizes: --images-per-step is how many images one certify call takes (a results file "
@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_limit,
         metavar="N|all",
         help=f"certify only the first N images, or 'all' (default: all; without --data, the first {DEFAULT_LIMIT} "
-        "images of the zoo model's own data set, so that the default run takes about a minute on a 2-core CPU)",
+        "images of the zoo model's own data set, so that the default run takes about 20 seconds on a 2-core CPU)",
     )
     certify.add_argument("--images-per-step", type=_positive, metavar="N", help="images per certify step (default 32); see below")
     certify.add_argument("--batch-size", type=_positive, metavar="N", help=argparse.SUPPRESS)  # deprecated: --images-per-step
