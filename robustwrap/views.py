@@ -221,7 +221,7 @@ class InferenceCopy:
 
         Args:
             model: the base classifier, in eval mode.
-            example: one input `(1, C, H, W)` to check a new copy on.
+            example: the call's inputs `(B, C, H, W)`; a new copy is checked on the first one.
         """
         if torch.is_grad_enabled() or model.training or example.device.type != "cpu" or not example.numel() or _has_hooks(model):
             return model
