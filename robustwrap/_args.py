@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["as_pair", "as_image_size", "positive_int", "as_fill", "as_labels", "check_label_range", "as_precision", "as_margin", "PRECISIONS"]
+__all__ = ["as_pair", "as_image_size", "positive_int", "as_fill", "as_labels", "check_label_range", "as_precision", "as_margin", "PRECISIONS", "refuses_amp"]
 
 
 def as_pair(value, name: str) -> tuple:
@@ -86,3 +87,20 @@ def as_margin(margin) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"margin must be a finite float >= 0, got {margin!r}")
     return value
+
+
+def refuses_amp(explanation: str) -> Callable[[Callable], Callable]:
+    """Decorator: a stale `amp=` keyword raises a TypeError saying where precision lives now
+    (`"<name>() no longer takes amp=<value>: <explanation>"`), instead of Python's bare
+    "unexpected keyword"."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if "amp" in kwargs:
+                raise TypeError(f"{function.__name__}() no longer takes amp={kwargs['amp']!r}: {explanation}")
+            return function(*args, **kwargs)
+
+        return call
+
+    return decorate

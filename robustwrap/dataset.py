@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
-from ._args import positive_int
+from ._args import positive_int, refuses_amp
 from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
 from .views import eval_mode, model_device_dtype, observe_forward
@@ -46,24 +46,11 @@ HASH_SCHEME = "sha256/float32-le/shape"
 _COMMON_RESULT_FIELDS = ("prediction", "certified", "num_views")
 
 
-def _no_amp(function):
-    """Turn the removed `amp=` keyword into a TypeError that says what replaced it."""
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        if "amp" in kwargs:
-            raise TypeError(
-                f"{function.__name__}() no longer takes amp=: precision is a setting of the defended model, used by "
-                "forward, predict, certify and certify_dataset alike (a certificate computed in bfloat16 says nothing "
-                "about a float32 prediction); build the model with robustwrap.wrap(..., precision='bfloat16') "
-                "(or 'float16') instead"
-            )
-        return function(*args, **kwargs)
-
-    return wrapper
-
-
-@_no_amp
+@refuses_amp(
+    "precision is a setting of the defended model, used by forward, predict, certify and certify_dataset alike "
+    "(a certificate computed in bfloat16 says nothing about a float32 prediction); build the model with "
+    "robustwrap.wrap(..., precision='bfloat16') (or 'float16') instead"
+)
 def certify_dataset(
     model: RobustPatchClassifier,
     data: Dataset | DataLoader,

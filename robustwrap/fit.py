@@ -11,7 +11,6 @@ docs/concepts.md#training.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import re
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._args import as_fill, as_labels, check_label_range, positive_int
+from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
@@ -106,23 +105,10 @@ class FitHistory:
         return self.epochs[-1]
 
 
-def _refuse_amp(function: Callable) -> Callable:
-    """Answer a stale `amp=` with where precision lives now, instead of Python's bare "unexpected keyword"."""
-
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        if "amp" in kwargs:
-            raise TypeError(
-                f"fit_masking() no longer takes amp={kwargs['amp']!r}: precision is a setting of the defended model, "
-                "used alike for training, prediction and certification. Wrap with it, e.g. "
-                "robustwrap.wrap(model, patch=..., precision='bfloat16'), and pass the wrapped model"
-            )
-        return function(*args, **kwargs)
-
-    return call
-
-
-@_refuse_amp
+@refuses_amp(
+    "precision is a setting of the defended model, used alike for training, prediction and certification. "
+    "Wrap with it, e.g. robustwrap.wrap(model, patch=..., precision='bfloat16'), and pass the wrapped model"
+)
 def fit_masking(
     model: nn.Module,
     train_loader: Iterable,
