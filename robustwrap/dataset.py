@@ -5,9 +5,10 @@ that do not depend on what was already done or on how many processes share the w
 is one `certify` call of the defended model, so an image's record (its views count included)
 comes out the same in a straight run, a resumed run and a many-process run:
 
-- resume: every kept record is checked against its image (a content hash, see `image_hash`);
-  a step with any image missing from the results file is certified again and only the missing
-  records are written; finished steps are not certified again;
+- resume: every kept record is checked against its image (a content hash, see `image_hash`)
+  and its label; a last line cut off by the interruption is dropped (with a warning); a step
+  with any image missing from the results file is certified again and only the missing records
+  are written; finished steps are not certified again;
 - `torch.distributed`: rank `r` takes the unfinished steps `r, r + W, r + 2W, ...`, writes its own
   results file (`<results>.rank<r>`), and the records of all ranks are gathered into one report.
 
@@ -23,7 +24,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
 from .views import eval_mode, model_device_dtype, observe_forward
 
-__all__ = ["certify_dataset", "image_hash", "model_fingerprint", "view_grid"]
+__all__ = ["ResultsFileError", "certify_dataset", "image_hash", "model_fingerprint", "view_grid"]
 
 DEFAULT_BATCH_SIZE = 32
 RESULTS_FORMAT = "robustwrap.results"
@@ -84,14 +87,16 @@ def certify_dataset(
         limit: certify only the first `limit` images.
         results_path: a JSON-lines file that gets one record per image, flushed as it is
             written, after a header line that fingerprints the model and its settings.
-        resume: continue the results file: finished images are skipped, a torn last line is
-            dropped, and the report equals an uninterrupted run's (with the same `batch_size`:
+        resume: continue the results file: finished images are skipped, a last line cut off
+            mid-write by the interruption is dropped with a warning (its image is certified
+            again), and the report equals an uninterrupted run's (with the same `batch_size`:
             how many views an image needs can depend on the images that share its step).
-            Every kept record is verified first: its image is read again from `data` and its
-            content hash compared (all of them, not a sample: reading images costs a small
-            fraction of certifying them, which took many forward passes each, and a sample
-            would miss a data set in which only a few images were replaced or re-transformed).
-            With `resume=False` an existing results file is overwritten.
+            Every kept record is verified first: its image and label are read again from
+            `data`, and the image's content hash and the label compared (all of them, not a
+            sample: reading images costs a small fraction of certifying them, which took many
+            forward passes each, and a sample would miss a data set in which only a few images
+            were replaced or re-transformed). With `resume=False` an existing results file is
+            overwritten.
         progress: show a tqdm bar with the running clean and certified accuracy, updated after
             every forward pass of the model (its ETA counts an image as done in proportion to
             the views it needed so far, by the mean views per image measured in this run).
@@ -108,11 +113,15 @@ def certify_dataset(
         TypeError: for a `model` that is not a robustwrap defended model, `data` that is not a
             Dataset or DataLoader or gives PIL images (with a hint about the transform), or the
             removed `amp=` keyword (use `robustwrap.wrap(..., precision=...)`).
-        ValueError: for an empty data set, a bad `batch_size` or `limit`, a DataLoader that
+        ValueError: for an empty data set, a bad `batch_size` or `limit`, or a DataLoader that
             shuffles or has no fixed batch size (an image's index must be stable for resume and
-            sharding), a results file written for another model, settings or data set size
-            (mixing it in would report numbers that belong to neither), or a kept record whose
-            image is not the one in `data` now (the error names the index and both hashes).
+            sharding).
+        ResultsFileError: (a ValueError) for a results file that cannot be continued: written
+            for another model, settings or data set size (the error names the settings that
+            differ), damaged before its last line, or with a kept record whose image or label
+            is not the one in `data` now (the error names the index and both hashes or both
+            labels). Mixing it in would report numbers that belong to neither run; it is raised
+            before any forward pass.
     """
     if not isinstance(model, RobustPatchClassifier):
         raise TypeError(f"model must be a robustwrap defended model (a RobustPatchClassifier, see robustwrap.wrap), got {type(model).__name__}")
@@ -134,7 +143,10 @@ def certify_dataset(
         if not resume and rank == 0:
             store.clear()
         _barrier(world)
-        done = {i: r for i, r in store.read().items() if i < n}
+        kept, torn = store.read()
+        done = {i: r for i, r in kept.items() if i < n}
+        for cut in torn if rank == 0 else ():
+            warnings.warn(cut, stacklevel=3)  # the caller of certify_dataset, through refuses_amp
         # Every rank must read the files before any rank appends to them, or ranks would
         # disagree about which steps are left and certify some twice.
         _barrier(world)
@@ -142,7 +154,7 @@ def certify_dataset(
     steps = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     mine = [step for step in steps if any(i not in done for i in step)][rank::world]
     _check_items(dataset, loader_options, mine[0][0] if mine else 0)
-    _verify_kept(dataset, loader_options, done, batch_size, rank, world, progress and rank == 0)
+    _verify_kept(store.path if store is not None else None, dataset, loader_options, done, batch_size, rank, world, progress and rank == 0)
     loader = DataLoader(dataset, batch_sampler=mine, **loader_options)
 
     new: list[ImageRecord] = []
@@ -372,8 +384,8 @@ def _check_items(dataset: Dataset, loader_options: dict, index: int) -> None:
         )
 
 
-def _verify_kept(dataset: Dataset, loader_options: dict, done: dict[int, ImageRecord], batch_size: int, rank: int, world: int, progress: bool) -> None:
-    """Read every kept record's image again and compare content hashes; raise on the first mismatch.
+def _verify_kept(path: Path | None, dataset: Dataset, loader_options: dict, done: dict[int, ImageRecord], batch_size: int, rank: int, world: int, progress: bool) -> None:
+    """Read every kept record's image and label again and compare them; raise on the first mismatch.
 
     Under `torch.distributed` each rank checks its share and all ranks raise the same error.
     """
@@ -388,14 +400,11 @@ def _verify_kept(dataset: Dataset, loader_options: dict, done: dict[int, ImageRe
 
             bar = tqdm(total=len(kept), desc="verify kept results", unit="img", dynamic_ncols=True, leave=False)
         try:
-            for chunk, (x, _) in zip(chunks, loader):
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"data must give (image tensor, integer label) pairs; a batch collated to {type(x).__name__}")
-                for index, image in zip(chunk, x):
-                    stored, now = done[index].image_hash, image_hash(image)
-                    if stored != now:
-                        mismatch = (index, stored, now)
-                        break
+            for chunk, (x, y) in zip(chunks, loader):
+                if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                    raise TypeError(f"data must give (image tensor, integer label) pairs; a batch collated to ({type(x).__name__}, {type(y).__name__})")
+                for index, image, label in zip(chunk, x, y.tolist()):
+                    mismatch = mismatch or _kept_mismatch(done[index], image, label)
                 if bar is not None:
                     bar.update(len(chunk))
                 if mismatch is not None:
@@ -408,12 +417,24 @@ def _verify_kept(dataset: Dataset, loader_options: dict, done: dict[int, ImageRe
         torch.distributed.all_gather_object(found, mismatch)
         mismatch = min((m for m in found if m is not None), default=None)
     if mismatch is not None:
-        index, stored, now = mismatch
-        raise ValueError(
-            f"results_path holds a record for image {index} of other content: hash {stored} in the results file, "
-            f"{now} for image {index} of data now; the data set (its files, order or transform) changed since those results "
-            "were written, and resuming would mix two data sets into one report. Use another results file, or resume=False to overwrite it"
+        index, problem = mismatch
+        raise ResultsFileError(path, problem, index=index)
+
+
+def _kept_mismatch(record: ImageRecord, image: torch.Tensor, label) -> tuple[int, str] | None:
+    """`(index, what differs)` when `record` was not certified on this image and label, else None."""
+    index, now = record.index, image_hash(image)
+    if record.image_hash != now:
+        return index, (
+            f"holds a record for image {index} of other content: hash {record.image_hash} in the results file, {now} for "
+            f"image {index} of data now; the data set (its files, order or transform) changed since those results were written"
         )
+    if record.label != label:
+        return index, (
+            f"holds a record for image {index} with label {record.label}, and data now labels image {index} {label}; the "
+            "labels (a target_transform, the class order of an image folder) changed since those results were written"
+        )
+    return None
 
 
 def _describe_model(model: RobustPatchClassifier) -> str:
@@ -555,6 +576,37 @@ def _paused(bar: _Progress | None) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ results
+class ResultsFileError(ValueError):
+    """A results file that this run cannot continue; resuming from it would mix two runs into one report.
+
+    The message speaks Python (`results_path`, `resume=False`); a front end such as the
+    `robustwrap` command builds its own from the fields with `message`.
+
+    Attributes:
+        path: the results file.
+        problem: what is wrong with it, as a clause that follows the file's name and names no
+            argument ("holds results of another model or threat model (patch 3x3 there, 2x2 now)").
+        index: the image a kept record disagrees about (other image content or label), else None.
+        line: the damaged line's number (the header is line 1), else None.
+    """
+
+    def __init__(self, path: Path | None, problem: str, *, index: int | None = None, line: int | None = None) -> None:
+        self.path, self.problem, self.index, self.line = path, problem, index, line
+        super().__init__(self.message("results_path", "use another results file, or resume=False to overwrite it"))
+
+    def message(self, name: str, remedy: str) -> str:
+        """The error in a caller's words: `"<name> <path> <problem>; <remedy>"`.
+
+        Args:
+            name: what the caller calls the results file (`results_path`, `--results`).
+            remedy: what the caller can do about it.
+
+        Returns:
+            One line.
+        """
+        return f"{name} {self.path} {self.problem}; {remedy}"
+
+
 class _ResultsStore:
     """The JSON-lines results of one run: a header line, then one record per line.
 
@@ -581,56 +633,58 @@ class _ResultsStore:
         for file in self.files():
             file.unlink()
 
-    def read(self) -> dict[int, ImageRecord]:
+    def read(self) -> tuple[dict[int, ImageRecord], list[str]]:
+        """`(records by index, one sentence per file whose last line was cut off mid-write)`."""
         records: dict[int, ImageRecord] = {}
+        torn = []
         for file in self.files():
-            for record in self._read_file(file)[0]:
+            kept, end, cut = self._read_file(file)
+            for record in kept:
                 records.setdefault(record.index, record)
-        return records
+            if cut:
+                torn.append(_torn_line(file, cut, number=len(kept) + 2 if end else 1))
+        return records, torn
 
-    def _read_file(self, file: Path) -> tuple[list[ImageRecord], int]:
-        """The records of `file` and the byte length of its complete lines (a torn tail excluded)."""
+    def _read_file(self, file: Path) -> tuple[list[ImageRecord], int, bytes]:
+        """`(records, byte length of the complete lines, the cut-off last line)` of `file`.
+
+        Each line is written with its newline in one flushed write, so a kill mid-write leaves
+        a last line without its newline; that line is dropped (its image is certified again).
+        Any other line that does not read back is damage of another kind, and refused.
+        """
         data = file.read_bytes()
-        end = data.rfind(b"\n") + 1  # a last line without its newline was torn by a kill: drop it
-        lines = data[:end].splitlines()
+        end = data.rfind(b"\n") + 1
+        lines, cut = data[:end].splitlines(), data[end:]
         if not lines:
-            return [], 0
-        header = self._parse(file, 1, lines[0])
+            start = json.dumps({"format": RESULTS_FORMAT})[:-1].encode()  # how every header line starts
+            if cut and not (cut.startswith(start) or start.startswith(cut)):
+                raise ResultsFileError(file, "is not a robustwrap results file (it is one line that is not a robustwrap results header)")
+            return [], 0, cut
+        try:
+            header = json.loads(lines[0])
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            header = None
         if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
-            raise ValueError(f"results_path {file} is not a robustwrap results file (its first line is not a robustwrap results header)")
+            raise ResultsFileError(file, "is not a robustwrap results file (its first line is not a robustwrap results header)")
         if header.get("version") != RESULTS_VERSION or header.get("image_hash") != HASH_SCHEME:
-            raise ValueError(
-                f"results_path {file} was written by another robustwrap version (results format {header.get('version')!r}, "
-                f"this one reads {RESULTS_VERSION}, with image hashes); use another results file, or resume=False to overwrite it"
+            raise ResultsFileError(
+                file, f"was written by another robustwrap version (results format {header.get('version')!r}; this one reads {RESULTS_VERSION}, with image hashes)"
             )
         if header.get("fingerprint") != self.header["fingerprint"]:
-            raise ValueError(
-                f"results_path {file} holds results of another model or threat model "
-                f"({_settings_difference(header.get('settings'), self.header['settings'])}; fingerprint {header.get('fingerprint')}, "
-                f"this run {self.header['fingerprint']}); use another results file, or resume=False to overwrite it"
-            )
+            raise ResultsFileError(file, f"holds results of another model or threat model ({_difference(header, self.header)})")
         if header.get("dataset_size") != self.header["dataset_size"]:
-            raise ValueError(
-                f"results_path {file} was written for a data set of {header.get('dataset_size')} images, this one has "
-                f"{self.header['dataset_size']}; use another results file, or resume=False to overwrite it"
+            raise ResultsFileError(
+                file, f"was written for a data set of {header.get('dataset_size')} images; this one has {self.header['dataset_size']}"
             )
         records = []
         for number, line in enumerate(lines[1:], start=2):
             try:
-                record = ImageRecord.from_dict(self._parse(file, number, line))
-                if not record.image_hash:
-                    raise ValueError("the record has no image_hash")
+                records.append(_record(line))
             except ValueError as error:
-                raise ValueError(f"results_path {file} line {number} is damaged: {error}") from None
-            records.append(record)
-        return records, end
-
-    @staticmethod
-    def _parse(file: Path, number: int, line: bytes):
-        try:
-            return json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"results_path {file} line {number} is not valid JSON; the file is damaged") from None
+                raise ResultsFileError(
+                    file, f"has a damaged line {number} ({error}); an interruption cuts off only the last line, so something else changed the file", line=number
+                ) from None
+        return records, end, cut
 
     @contextlib.contextmanager
     def writer(self, rank: int, world: int) -> Iterator[_Writer]:
@@ -646,12 +700,84 @@ class _ResultsStore:
             yield writer
 
 
-def _settings_difference(written, now: dict) -> str:
-    """Which settings differ between a results file and this run, in words."""
-    if not isinstance(written, dict):
+def _torn_line(file: Path, cut: bytes, number: int) -> str:
+    """The warning for a last line cut off mid-write: which file, line and (when it got that far) image."""
+    if number == 1:
+        return f"results file {file}: its header line was cut off mid-write by an interruption; it is written again"
+    index = re.match(rb'\{"index": (\d+),', cut)
+    image = f"image {int(index[1])}" if index else "its image"
+    where = f"line {number}, the record of image {int(index[1])}" if index else f"line {number}"
+    return f"results file {file}: its last line ({where}) was cut off mid-write by an interruption; it is dropped and {image} is certified again"
+
+
+def _record(line: bytes) -> ImageRecord:
+    try:
+        value = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError("not valid JSON") from None
+    record = ImageRecord.from_dict(value)
+    if not record.image_hash:
+        raise ValueError("the record has no image_hash")
+    return record
+
+
+_ABSENT = object()
+_SHOWN = 3  # differing settings shown with their values; the others are named
+
+
+def _difference(written: dict, now: dict) -> str:
+    """Why two results headers' fingerprints differ, briefly: one clause per differing setting.
+
+    `"patch 3x3 there, 2x2 now; mask_set (mask_size 7x7 there, 6x6 now; also boxes)"`: a nested
+    setting (a mask set) gets one clause that shows a few of its differing keys and names the rest.
+    """
+    there, here = written.get("settings"), now["settings"]
+    if not isinstance(there, dict):
         return "its settings are not recorded"
-    differ = [f"{k}: {written.get(k)!r:.80} there, {now.get(k)!r:.80} now" for k in sorted(set(written) | set(now)) if written.get(k) != now.get(k)]
-    return "; ".join(differ) if differ else "same settings, other base model weights"
+    keys = [k for k in dict.fromkeys([*here, *there]) if there.get(k, _ABSENT) != here.get(k, _ABSENT)]
+    keys.sort(key=lambda k: isinstance(here.get(k), dict))  # "patch" before the mask set it implies
+    clauses = [
+        f"{k} ({_nested_difference(there[k], here[k])})" if isinstance(there.get(k), dict) and isinstance(here.get(k), dict) else _change(k, there, here)
+        for k in keys
+    ]
+    if not clauses:
+        return f"same settings, other base model weights or class: fingerprint {written.get('fingerprint')} there, {now['fingerprint']} now"
+    return "; ".join(clauses[:_SHOWN] + ([f"also {', '.join(keys[_SHOWN:])}"] if keys[_SHOWN:] else []))
+
+
+def _nested_difference(there: dict, here: dict) -> str:
+    keys = [k for k in dict.fromkeys([*here, *there]) if there.get(k, _ABSENT) != here.get(k, _ABSENT)]
+    # Values that read as a change ("7x7 there, 6x6 now"), not lists only counted ("9 entries").
+    shown = [k for k in keys if _readable(there.get(k, _ABSENT), here.get(k, _ABSENT))][:_SHOWN] or keys[:1]
+    named = [k for k in keys if k not in shown]
+    return "; ".join([_change(k, there, here) for k in shown] + ([f"also {', '.join(named)}"] if named else []))
+
+
+def _change(key: str, there: dict, here: dict) -> str:
+    return f"{key} {_brief(there.get(key, _ABSENT))} there, {_brief(here.get(key, _ABSENT))} now"
+
+
+def _readable(there, here) -> bool:
+    a, b = _brief(there), _brief(here)
+    return a != b and not (a.endswith(" entries") or b.endswith(" entries"))
+
+
+def _brief(value) -> str:
+    """A setting's value in a few characters: `5x5` for a pair, `[3x3, 5x5]`, a count for long lists."""
+    if value is _ABSENT:
+        return "not set"
+    if _is_pair(value):
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, list) and len(value) <= 3 and all(_is_pair(v) for v in value):
+        return "[" + ", ".join(_brief(v) for v in value) + "]"
+    if isinstance(value, list):
+        return f"{len(value)} entries"
+    text = str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 class _Writer:

@@ -1,14 +1,17 @@
-"""certify_dataset: exact counts, precision, progress, resume after a kill, refusal of foreign results or images, two processes."""
+"""certify_dataset: exact counts, precision, progress, resume after a kill, refusal of foreign results, images or labels, two processes."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from conftest import PeakNet, ViewCounter, brute_force_grid
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustwrap
-from robustwrap.dataset import _record_fields, certify_dataset, image_hash, model_fingerprint, view_grid
+from robustwrap.dataset import ResultsFileError, _record_fields, certify_dataset, image_hash, model_fingerprint, view_grid
 from robustwrap.report import CertificationReport
 
 TESTS = Path(__file__).resolve().parent
@@ -127,7 +130,7 @@ def test_certification_runs_at_the_models_precision_which_is_in_the_fingerprint(
         assert [r.vanilla_prediction for r in report.records] == model.model(x).argmax(1).tolist()
     assert report.precision == "bfloat16" and report.settings == json.loads(json.dumps(model.settings()))
     assert report.fingerprint == model_fingerprint(model) != model_fingerprint(make_model())
-    with pytest.raises(ValueError, match="another model or threat model.*precision: 'bfloat16' there, 'float32' now"):
+    with pytest.raises(ValueError, match=r"another model or threat model \(precision bfloat16 there, float32 now\); use another"):
         certify_dataset(make_model(), data, batch_size=4, progress=False, results_path=tmp_path / "r.jsonl")
 
 
@@ -155,7 +158,9 @@ def test_results_file_has_a_header_and_one_line_per_image(tmp_path):
     header = json.loads(path.read_text().splitlines()[0])
     assert header["format"] == "robustwrap.results" and header["fingerprint"] == report.fingerprint
     assert [r["index"] for r in record_lines(path)] == list(range(N))
-    again = certify_dataset(make_model(), make_data(), batch_size=4, results_path=path, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete file is resumed without a word
+        again = certify_dataset(make_model(), make_data(), batch_size=4, results_path=path, progress=False)
     assert again == report and len(record_lines(path)) == N  # nothing recomputed, nothing appended
 
 
@@ -168,7 +173,10 @@ def test_resume_after_torn_line_and_half_finished_step(tmp_path):
     model = make_model()
     assert model.num_classes == 4  # found by a blank forward pass, before counting
     counter = ViewCounter(model.model)
-    resumed = certify_dataset(model, make_data(), batch_size=4, results_path=path, progress=False)
+    cut = rf"results file {re.escape(str(path))}: its last line \(line 8, the record of image 6\) was cut off mid-write by an interruption; it is dropped and image 6 is certified again$"
+    with pytest.warns(UserWarning, match=cut) as caught:
+        resumed = certify_dataset(model, make_data(), batch_size=4, results_path=path, progress=False)
+    assert len(caught) == 1 and caught[0].filename == __file__  # said once, at the caller's line
     assert resumed == straight()
     indices = [r["index"] for r in record_lines(path)]
     assert sorted(indices) == list(range(N)) and len(indices) == N  # nothing lost, nothing twice
@@ -212,20 +220,24 @@ def test_resume_false_overwrites(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("other", "match"),
+    ("other", "differ"),
     [
-        (lambda: make_model(seed=1), "another model or threat model"),
-        (lambda: make_model(patch=2), "another model or threat model"),
-        (lambda: make_model(fill=0.5), "another model or threat model"),
-        (lambda: make_model(num_masks=4), "another model or threat model"),
+        (lambda: make_model(seed=1), r"same settings, other base model weights or class: fingerprint [0-9a-f]{32} there, [0-9a-f]{32} now"),
+        (lambda: make_model(fill=0.5), r"fill 0.0 there, 0.5 now"),
+        # a mask set is one clause: the keys that read as a change, then the others named
+        (lambda: make_model(patch=2), r"patch 3x3 there, 2x2 now; mask_set \(patch_sizes \[3x3\] there, \[2x2\] now; mask_size 7x7 there, 6x6 now; also boxes\)"),
+        (lambda: make_model(num_masks=4), r"mask_set \(mask_size 7x7 there, 6x6 now; stride 5x5 there, 4x4 now; grid 3x3 there, 4x4 now; also boxes, num_masks\)"),
+        (lambda: make_model(patch=2, fill=1.0, margin=0.5, precision="bfloat16"), r"fill 0.0 there, 1.0 now; precision float32 there, bfloat16 now; margin 0.001 there, 0.5 now; also patch, mask_set"),
     ],
 )
-def test_results_of_another_model_or_threat_model_are_refused(tmp_path, other, match):
+def test_results_of_another_model_or_threat_model_are_refused_naming_what_differs(tmp_path, other, differ):
     path = tmp_path / "results.jsonl"
     certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ResultsFileError) as error:
         certify_dataset(other(), make_data(8), batch_size=4, results_path=path, progress=False)
+    assert re.fullmatch(rf"holds results of another model or threat model \({differ}\)", error.value.problem)
+    assert str(error.value) == f"results_path {path} {error.value.problem}; use another results file, or resume=False to overwrite it"
     assert path.read_bytes() == before
 
 
@@ -235,13 +247,41 @@ def test_results_of_another_data_set_size_or_damaged_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match="data set of 8 images"):
         certify_dataset(make_model(), make_data(9), batch_size=4, results_path=path, progress=False)
     lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[:3]) + "{not json\n" + "".join(lines[3:]))
-    with pytest.raises(ValueError, match="line 4"):
+    damaged = "".join(lines[:3]) + "{not json\n" + "".join(lines[3:])
+    path.write_text(damaged)
+    with pytest.raises(ResultsFileError) as error:  # said once, not wrapped in its own prefix again
+        certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
+    assert str(error.value) == (
+        f"results_path {path} has a damaged line 4 (not valid JSON); an interruption cuts off only the last line, so something "
+        "else changed the file; use another results file, or resume=False to overwrite it"
+    )
+    assert error.value.line == 4 and error.value.path == path and path.read_text() == damaged
+    # A last line that kept its newline was not cut off by a kill: damage as well.
+    path.write_text("".join(lines[:-1]) + lines[-1][:20] + "\n")
+    with pytest.raises(ResultsFileError, match="has a damaged line 9 \\(not valid JSON\\)"):
         certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
     other = tmp_path / "other.jsonl"
     other.write_text('{"hello": 1}\n')
     with pytest.raises(ValueError, match="not a robustwrap results file"):
         certify_dataset(make_model(), make_data(8), batch_size=4, results_path=other, progress=False)
+    # One line without a newline is not taken for a header cut off mid-write: the file is left alone.
+    other.write_text("my notes")
+    with pytest.raises(ValueError, match="not a robustwrap results file"):
+        certify_dataset(make_model(), make_data(8), batch_size=4, results_path=other, progress=False)
+    assert other.read_text() == "my notes"
+
+
+def test_a_line_cut_before_its_index_or_a_cut_header_is_dropped_and_redone(tmp_path):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:6]) + lines[6][:5])
+    with pytest.warns(UserWarning, match=r"its last line \(line 7\) was cut off mid-write by an interruption; it is dropped and its image is"):
+        assert certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False) == straight(n=8)
+    path.write_text(lines[0][:40])  # killed while writing the header: nothing was certified yet
+    with pytest.warns(UserWarning, match=r"its header line was cut off mid-write by an interruption; it is written again"):
+        assert certify_dataset(make_model(), make_data(8), batch_size=4, results_path=path, progress=False) == straight(n=8)
+    assert path.read_text().splitlines(keepends=True)[0] == lines[0] and [r["index"] for r in record_lines(path)] == list(range(8))
 
 
 def test_seconds_are_not_compared_but_kept():
@@ -298,6 +338,88 @@ def test_resume_with_reordered_images_is_refused(tmp_path):
     x, y = make_data(8).tensors
     with pytest.raises(ValueError, match="image 0 of other content"):
         certify_dataset(make_model(), TensorDataset(x.flip(0), y.flip(0)), batch_size=4, results_path=path, progress=False)
+
+
+class Relabelled(torch.utils.data.Dataset):
+    """`data` with a `target_transform` applied to its labels, as torchvision data sets take one."""
+
+    def __init__(self, data, target_transform):
+        self.data, self.target_transform = data, target_transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image, label = self.data[index]
+        return image, self.target_transform(label)
+
+
+def relabelled_one(data: TensorDataset, index: int) -> TensorDataset:
+    """The same images with label `index` moved to the next class."""
+    x, y = data.tensors
+    y = y.clone()
+    y[index] = (y[index] + 1) % 4
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize(
+    ("relabel", "index"),
+    [(lambda data: Relabelled(data, lambda y: (y + 1) % 4), 0), (lambda data: relabelled_one(data, 13), 13)],
+)
+def test_resume_with_other_labels_is_refused_naming_the_index_and_both_labels(tmp_path, relabel, index):
+    path = tmp_path / "results.jsonl"
+    certify_dataset(make_model(), make_data(), batch_size=4, results_path=path, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:21]))  # interrupted after 20 images: the rest is left to do
+    before = path.read_bytes()
+    other = relabel(make_data())
+    stored, now = int(make_data()[index][1]), int(other[index][1])
+    assert stored != now
+    model = make_model()
+    counter = ViewCounter(model.model)
+    with pytest.raises(ResultsFileError) as error:
+        certify_dataset(model, other, batch_size=4, results_path=path, progress=False)
+    assert str(error.value) == (
+        f"results_path {path} holds a record for image {index} with label {stored}, and data now labels image {index} {now}; the "
+        "labels (a target_transform, the class order of an image folder) changed since those results were written; use another "
+        "results file, or resume=False to overwrite it"
+    )
+    assert error.value.index == index and error.value.path == path
+    assert counter.calls == 0 and path.read_bytes() == before  # refused before any forward pass or write
+    # The same labels resume; a label after the interruption is not a kept record's: it is certified as it is now.
+    same = certify_dataset(make_model(), Relabelled(make_data(), lambda y: y), batch_size=4, results_path=path, progress=False)
+    assert same.records == straight().records
+    path.write_text("".join(lines[:21]))
+    resumed = certify_dataset(make_model(), relabelled_one(make_data(), 25), batch_size=4, results_path=path, progress=False)
+    assert resumed.records[25].label == int(relabelled_one(make_data(), 25)[25][1]) != straight().records[25].label
+
+
+def test_resume_with_another_class_order_of_an_image_folder_is_refused(tmp_path):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import ToTensor
+
+    for i, image in enumerate(make_data(8).tensors[0]):
+        folder = tmp_path / "images" / "abcd"[i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image.sigmoid() * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+    class Reversed(ImageFolder):
+        def find_classes(self, directory):
+            classes, _ = super().find_classes(directory)
+            return classes, {name: len(classes) - 1 - i for i, name in enumerate(classes)}
+
+    images, path = tmp_path / "images", tmp_path / "results.jsonl"
+    report = certify_dataset(make_model(), ImageFolder(images, transform=ToTensor()), batch_size=4, results_path=path, progress=False)
+    assert certify_dataset(make_model(), ImageFolder(images, transform=ToTensor()), batch_size=4, results_path=path, progress=False) == report
+    reversed_folder = Reversed(images, transform=ToTensor())
+    assert [s for s, _ in reversed_folder.samples] == [s for s, _ in ImageFolder(images).samples]  # same images, same order
+    model = make_model()
+    counter = ViewCounter(model.model)
+    with pytest.raises(ResultsFileError, match=r"holds a record for image 0 with label 0, and data now labels image 0 3; the labels"):
+        certify_dataset(model, reversed_folder, batch_size=4, results_path=path, progress=False)
+    assert counter.calls == 0
 
 
 def test_results_of_an_older_format_are_refused(tmp_path):
