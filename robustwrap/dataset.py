@@ -548,7 +548,11 @@ _BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_f
 
 @functools.cache
 def _bar_class():
-    """tqdm (the notebook one in notebooks) that shows a fractional count with one decimal and a whole one as is."""
+    """tqdm (the notebook one in notebooks) whose count is of whole images, with one decimal on a terminal.
+
+    On a terminal the bar is redrawn in place and `3.4/100` shows a step under way; written to a
+    log or a pipe every redraw is kept, and a count is a number of finished images.
+    """
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
@@ -556,10 +560,17 @@ def _bar_class():
         def format_dict(self):
             d = super().format_dict
             n = d["n"]
-            d["n_fmt"] = str(int(n)) if float(n).is_integer() else f"{n:.1f}"
+            d["n_fmt"] = f"{n:.1f}" if _is_terminal(self.fp) and not float(n).is_integer() else str(int(n))
             return d
 
     return Bar
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        return False
 
 
 @contextlib.contextmanager

@@ -482,6 +482,31 @@ def test_progress_moves_after_every_forward_pass(monkeypatch):
     assert not model.model._forward_hooks or list(model.model._forward_hooks.values()) == [counter._hook]
 
 
+def test_progress_counts_whole_images_unless_on_a_terminal(monkeypatch, capsys):
+    import robustwrap.dataset as module
+
+    class EveryRedraw(module._bar_class()):  # redraw at every update, as a slow model would
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, miniters=0, **kwargs)
+
+    monkeypatch.setattr(module, "_bar_class", lambda: EveryRedraw)
+    certify_dataset(make_model(), make_data(8), batch_size=4, progress=True)
+    err = capsys.readouterr().err  # a pipe, as in a log file
+    counts = re.findall(r"\| *([0-9.]+)/8 ", err)
+    assert err.count("this step") >= 4  # redrawn within steps, while the bar moves by fractions of images
+    assert counts and all(c.isdigit() for c in counts) and {"0", "4", "8"} <= set(counts)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), "0.4"), (io.StringIO(), "0")):
+        bar = module._bar_class()(total=8, file=stream)
+        bar.update(0.4)
+        assert bar.format_dict["n_fmt"] == shown
+        bar.close()
+
+
 def test_no_progress_prints_nothing(capsys, tmp_path):
     path = tmp_path / "results.jsonl"
     certify_dataset(make_model(), make_data(8), batch_size=4, progress=False, results_path=path)
