@@ -574,8 +574,9 @@ def _image_size(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ commands
 def _certify(args: argparse.Namespace) -> None:
     import dataclasses
+    import warnings
 
-    from .dataset import certify_dataset
+    from .dataset import ResultsFileError, certify_dataset
     from .report import CertificationReport
 
     images_per_step = _images_per_step(args)
@@ -601,15 +602,14 @@ def _certify(args: argparse.Namespace) -> None:
         results = _suffixed(args.results, tag) if args.results is not None else None
         if sweep:
             print(f"== {_describe(defended)}", file=sys.stderr)
-        report = certify_dataset(
-            defended,
-            dataset,
-            batch_size=images_per_step,
-            limit=limit,
-            results_path=results,
-            resume=args.resume,
-            progress=args.progress,
-        )
+        try:
+            with warnings.catch_warnings():  # a torn last line of --results is a warning in the CLI's words, not Python's
+                warnings.showwarning = lambda message, *_, **__: print(f"robustwrap certify: warning: {message}", file=sys.stderr)
+                report = certify_dataset(
+                    defended, dataset, batch_size=images_per_step, limit=limit, results_path=results, resume=args.resume, progress=args.progress
+                )
+        except ResultsFileError as error:
+            raise ValueError(error.message("--results", "remove the file or choose another --results")) from error
         report = dataclasses.replace(report, model=model_name, data=data_name)
         reports.append(report)
         print(report.summary())

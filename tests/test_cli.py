@@ -848,3 +848,68 @@ def test_attack_exits_3_and_saves_a_reproduction_on_a_broken_certificate(monkeyp
     assert "FAILED" in out and "a bug in robustwrap" in err and f"saved in {tmp_path / 'findings'}/" in err
     assert sorted(p.name for p in (tmp_path / "findings").iterdir()) == ["finding-0.json", "finding-0.safetensors", "finding-1.json", "finding-1.safetensors"]
     assert json.loads((tmp_path / "findings" / "finding-0.json").read_text())["settings"] == model.settings()
+
+
+# ----------------------------------------------------------- --results: cut-off lines and refusals
+REMEDY = "; remove the file or choose another --results"
+
+
+def certify_argv(files, path, *more):
+    return ["certify", *timm_args(files), "--data", files / "data", "--no-progress", "--results", path, *more]
+
+
+def one_error_line(err: str) -> str:
+    """The error line of a command that failed; it must be its only line on stderr."""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "results_path" not in err and "resume=" not in err  # Python's words, not the command line's
+    return lines[0]
+
+
+def test_a_line_cut_off_mid_write_is_dropped_with_a_warning_and_redone(files, tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    assert run([*certify_argv(files, path, "--patch", "10%"), "--report", tmp_path / "a.json"], capsys)[0] == 0
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:14])  # header, images 0-3, and the start of image 4's line
+    code, _, err = run([*certify_argv(files, path, "--patch", "10%"), "--resume", "--report", tmp_path / "b.json"], capsys)
+    assert code == 0, err
+    assert err == (
+        f"robustwrap certify: warning: results file {path}: its last line (line 6, the record of image 4) was cut off mid-write "
+        "by an interruption; it is dropped and image 4 is certified again\n"
+    )
+    a, b = CertificationReport.load(tmp_path / "a.json"), CertificationReport.load(tmp_path / "b.json")
+    assert a.records == b.records
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]] == list(range(9))
+
+
+def test_refusals_speak_the_command_line(files, tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    assert run(certify_argv(files, path, "--patch", "10%"), capsys)[0] == 0
+    lines = path.read_text().splitlines(keepends=True)
+
+    code, _, err = run([*certify_argv(files, path, "--patch", "20%"), "--resume"], capsys)
+    assert code == 1
+    (m, _), (n, _) = (python_model(files, patch)[0].mask_set.mask_size for patch in (0.1, 0.2))
+    (s, _), (t, _) = (python_model(files, patch)[0].mask_set.stride for patch in (0.1, 0.2))
+    assert one_error_line(err) == (
+        f"robustwrap certify: error: --results {path} holds results of another model or threat model (patch 51x51 there, 72x72 now; "
+        f"mask_set (patch_sizes [51x51] there, [72x72] now; mask_size {m}x{m} there, {n}x{n} now; stride {s}x{s} there, {t}x{t} now; "
+        "also boxes))" + REMEDY
+    )
+
+    # Other class ids for the same images: refused at the first image whose label moved.
+    path.write_text("".join(lines[:6]))
+    code, _, err = run([*certify_argv(files, path, "--patch", "10%", "--class-map", "a=2,b=0,c=1"), "--resume"], capsys)
+    assert code == 1
+    assert one_error_line(err) == (
+        f"robustwrap certify: error: --results {path} holds a record for image 0 with label 0, and data now labels image 0 2; the "
+        "labels (a target_transform, the class order of an image folder) changed since those results were written" + REMEDY
+    )
+
+    path.write_text("".join(lines[:3]) + "{not json\n" + "".join(lines[3:6]))
+    code, _, err = run([*certify_argv(files, path, "--patch", "10%"), "--resume"], capsys)
+    assert code == 1
+    assert one_error_line(err) == (
+        f"robustwrap certify: error: --results {path} has a damaged line 4 (not valid JSON); an interruption cuts off only the last "
+        "line, so something else changed the file" + REMEDY
+    )
