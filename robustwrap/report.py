@@ -140,29 +140,37 @@ class ImageRecord:
             if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
                 raise TypeError(f"seconds must be a number, got {seconds!r}")
             return cls(
-                index=_int(record["index"]),
-                label=_int(record["label"]),
-                prediction=_int(record["prediction"]),
-                certified=_bool(record["certified"]),
-                vanilla_prediction=_int(record["vanilla_prediction"]),
-                num_views=_int(record["num_views"]),
+                index=_int(record["index"], "index"),
+                label=_int(record["label"], "label"),
+                prediction=_int(record["prediction"], "prediction"),
+                certified=_bool(record["certified"], "certified"),
+                vanilla_prediction=_int(record["vanilla_prediction"], "vanilla_prediction"),
+                num_views=_int(record["num_views"], "num_views"),
                 image_hash=image_hash,
                 extras={k: v for k, v in record.items() if k not in _COMMON},
                 seconds=float(seconds),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"not an image record ({type(error).__name__}: {error}): {record!r:.200}") from None
+        except KeyError as error:
+            raise ValueError(f"not an image record{_which(record)}: it has no {error.args[0]!r} field") from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"not an image record{_which(record)}: {error}") from None
 
 
-def _int(value) -> int:
+def _which(record) -> str:
+    """`" (index 3)"` for a record that got as far as its index, so that the damaged one can be found."""
+    index = record.get("index") if isinstance(record, dict) else None
+    return f" (index {index})" if isinstance(index, int) and not isinstance(index, bool) else ""
+
+
+def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an int, got {value!r}")
+        raise TypeError(f"{name} must be an int, got {value!r:.80}")
     return value
 
 
-def _bool(value) -> bool:
+def _bool(value, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {value!r}")
+        raise TypeError(f"{name} must be true or false, got {value!r:.80}")
     return value
 
 
@@ -449,13 +457,13 @@ class CertificationReport:
         try:
             full_views = document.get("full_views")
             if full_views is not None:
-                full_views = _int(full_views)
+                full_views = _int(full_views, "full_views")
             return cls(
                 model=_str(document["model"], "model"),
                 data=_str(document["data"], "data"),
                 defense=_str(document["defense"], "defense"),
                 settings=_dict(document["settings"], "settings"),
-                num_classes=_int(document["num_classes"]),
+                num_classes=_int(document["num_classes"], "num_classes"),
                 records=tuple(ImageRecord.from_dict(r) for r in _list(document["records"], "records")),
                 fingerprint=_str(document.get("fingerprint", ""), "fingerprint"),
                 full_views=full_views,

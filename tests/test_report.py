@@ -115,7 +115,10 @@ def test_from_json_refuses_other_documents(text, match):
 def test_damaged_record_is_named():
     document = json.loads(make_report().to_json())
     document["records"][1]["certified"] = "yes"
-    with pytest.raises(ValueError, match="not an image record"):
+    with pytest.raises(ValueError, match=r"^not an image record \(index 1\): certified must be true or false, got 'yes'$"):
+        CertificationReport.from_json(json.dumps(document))
+    del document["records"][1]["certified"]
+    with pytest.raises(ValueError, match=r"^not an image record \(index 1\): it has no 'certified' field$"):
         CertificationReport.from_json(json.dumps(document))
 
 
