@@ -154,7 +154,8 @@ def certify_dataset(
     steps = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     mine = [step for step in steps if any(i not in done for i in step)][rank::world]
     _check_items(dataset, loader_options, mine[0][0] if mine else 0)
-    _verify_kept(store.path if store is not None else None, dataset, loader_options, done, batch_size, rank, world, progress and rank == 0)
+    if store is not None:
+        _verify_kept(store.path, dataset, loader_options, done, batch_size, rank, world, progress and rank == 0)
     loader = DataLoader(dataset, batch_sampler=mine, **loader_options)
 
     new: list[ImageRecord] = []
@@ -384,7 +385,7 @@ def _check_items(dataset: Dataset, loader_options: dict, index: int) -> None:
         )
 
 
-def _verify_kept(path: Path | None, dataset: Dataset, loader_options: dict, done: dict[int, ImageRecord], batch_size: int, rank: int, world: int, progress: bool) -> None:
+def _verify_kept(path: Path, dataset: Dataset, loader_options: dict, done: dict[int, ImageRecord], batch_size: int, rank: int, world: int, progress: bool) -> None:
     """Read every kept record's image and label again and compare them; raise on the first mismatch.
 
     Under `torch.distributed` each rank checks its share and all ranks raise the same error.
@@ -431,7 +432,7 @@ def _kept_mismatch(record: ImageRecord, image: torch.Tensor, label) -> tuple[int
         )
     if record.label != label:
         return index, (
-            f"holds a record for image {index} with label {record.label}, and data now labels image {index} {label}; the "
+            f"holds a record for image {index} with label {record.label}, and data now gives image {index} label {label}; the "
             "labels (a target_transform, the class order of an image folder) changed since those results were written"
         )
     return None
@@ -601,9 +602,12 @@ class ResultsFileError(ValueError):
         line: the damaged line's number (the header is line 1), else None.
     """
 
-    def __init__(self, path: Path | None, problem: str, *, index: int | None = None, line: int | None = None) -> None:
+    def __init__(self, path: Path, problem: str, *, index: int | None = None, line: int | None = None) -> None:
         self.path, self.problem, self.index, self.line = path, problem, index, line
         super().__init__(self.message("results_path", "use another results file, or resume=False to overwrite it"))
+
+    def __reduce__(self):  # pickled with its fields (across processes), not rebuilt from the message
+        return type(self), (self.path, self.problem), {"index": self.index, "line": self.line}
 
     def message(self, name: str, remedy: str) -> str:
         """The error in a caller's words: `"<name> <path> <problem>; <remedy>"`.

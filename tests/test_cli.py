@@ -902,7 +902,7 @@ def test_refusals_speak_the_command_line(files, tmp_path, capsys):
     code, _, err = run([*certify_argv(files, path, "--patch", "10%", "--class-map", "a=2,b=0,c=1"), "--resume"], capsys)
     assert code == 1
     assert one_error_line(err) == (
-        f"robustwrap certify: error: --results {path} holds a record for image 0 with label 0, and data now labels image 0 2; the "
+        f"robustwrap certify: error: --results {path} holds a record for image 0 with label 0, and data now gives image 0 label 2; the "
         "labels (a target_transform, the class order of an image folder) changed since those results were written" + REMEDY
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pickle
 import re
 import signal
 import socket
@@ -380,11 +381,13 @@ def test_resume_with_other_labels_is_refused_naming_the_index_and_both_labels(tm
     with pytest.raises(ResultsFileError) as error:
         certify_dataset(model, other, batch_size=4, results_path=path, progress=False)
     assert str(error.value) == (
-        f"results_path {path} holds a record for image {index} with label {stored}, and data now labels image {index} {now}; the "
+        f"results_path {path} holds a record for image {index} with label {stored}, and data now gives image {index} label {now}; the "
         "labels (a target_transform, the class order of an image folder) changed since those results were written; use another "
         "results file, or resume=False to overwrite it"
     )
     assert error.value.index == index and error.value.path == path
+    copy = pickle.loads(pickle.dumps(error.value))  # as it crosses processes: the same fields and message
+    assert (str(copy), copy.path, copy.problem, copy.index, copy.line) == (str(error.value), path, error.value.problem, index, None)
     assert counter.calls == 0 and path.read_bytes() == before  # refused before any forward pass or write
     # The same labels resume; a label after the interruption is not a kept record's: it is certified as it is now.
     same = certify_dataset(make_model(), Relabelled(make_data(), lambda y: y), batch_size=4, results_path=path, progress=False)
@@ -417,7 +420,7 @@ def test_resume_with_another_class_order_of_an_image_folder_is_refused(tmp_path)
     assert [s for s, _ in reversed_folder.samples] == [s for s, _ in ImageFolder(images).samples]  # same images, same order
     model = make_model()
     counter = ViewCounter(model.model)
-    with pytest.raises(ResultsFileError, match=r"holds a record for image 0 with label 0, and data now labels image 0 3; the labels"):
+    with pytest.raises(ResultsFileError, match=r"holds a record for image 0 with label 0, and data now gives image 0 label 3; the labels"):
         certify_dataset(model, reversed_folder, batch_size=4, results_path=path, progress=False)
     assert counter.calls == 0
 
