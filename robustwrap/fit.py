@@ -158,14 +158,30 @@ def fit_masking(
     strategies search in eval mode, and every submodule gets its own mode back at the end.
     See the Concepts page, docs/concepts.md#training.
 
+    Under `torch.distributed` (a script started by `torchrun` that called
+    `torch.distributed.init_process_group`), the processes train one model: it is wrapped in
+    `DistributedDataParallel` (unless you wrapped it yourself), each process searches the masks of
+    its own images on its own copy of the model, the gradients of all processes are averaged in
+    every update, rank 0 alone writes checkpoints and shows progress, and validation is shared out
+    between the processes. With a deterministic strategy (`"greedy"`, `"multisize_greedy"`,
+    `"grid"`) and a model without BatchNorm, `N` processes with batches of `B` images end with
+    the weights of one process with batches of `N * B` (to float rounding). See the guide,
+    docs/guides/fine-tune.md#training-on-several-gpus.
+
     Args:
         model: a defended model (its mask set or views, fill and precision are used), or a bare
             classifier `(B, C, H, W) -> (B, num_classes)` together with `mask_set` (trained in
             float32; wrap it with `robustwrap.wrap(..., precision=...)` for another precision).
+            A base model you wrapped in `DistributedDataParallel` is trained through your wrapper;
+            searches, validation and checkpoints use its inner module.
         train_loader: an iterable of `(images, labels)` batches (extra items are ignored), such
             as a `DataLoader`; images normalised as the model expects, labels integer class ids.
             For `resume` to give the same result as an uninterrupted run, its order must come
             from a seeded torch generator or torch's global one (the default of a `DataLoader`).
+            Under `torch.distributed` it must give each process its own images through a
+            `DistributedSampler` (whose `set_epoch` is called before every epoch), or be a
+            `DataLoader` over an `IterableDataset` that shards itself; all processes must yield
+            the same number of batches.
         strategy: `None` (default) for the defense's own strategy: Multi-size Greedy Cutout
             (`"multisize_greedy"`) for PatchCleanser and a bare model, `"random_ablation"` (one
             random ablated view per image, see `robustwrap.defenses.smoothing.RandomAblation`) for
@@ -187,6 +203,10 @@ def fit_masking(
             the papers' step decay with the default optimizer, a constant rate with your own.
         clean_ratio: probability that a training image is left unmasked (0.0: every image masked).
         val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
+            Under `torch.distributed` the processes share the work and report the same numbers:
+            a loader with a `DistributedSampler` is each process's share (the duplicates the
+            sampler pads with are not counted); any other loader is taken to be the same in
+            every process, which evaluates every `world_size`-th batch of it.
         certify_every: with `val_loader`, also certify it every this many epochs and after the
             last one (certification runs up to `K(K + 1) / 2` views per image).
         device: move the model to this device and train there (default: where the model is).
@@ -196,12 +216,16 @@ def fit_masking(
             (the base model's weights) and `epoch_NNNN/training_state.pt` (optimizer, scheduler,
             loss scaler, epoch, history and random-number-generator states). Each is written to a
             temporary directory that is renamed into place, so a crash never leaves a partial
-            checkpoint; the previous epoch's directory is removed after.
+            checkpoint; the previous epoch's directory is removed after. Under `torch.distributed`
+            rank 0 writes it (with every process's random state) and the others wait; all
+            processes must read the same directory (on several machines, a shared file system).
         resume: continue from the latest checkpoint in `checkpoint_dir`, giving the same weights
             as an uninterrupted run; with no checkpoint there yet, start from scratch (so one
             command line both starts and restarts a job). The optimizer and scheduler continue
             from their saved state, so a larger `epochs` extends a finished run on its schedule.
-        progress: show a tqdm progress bar with the running loss and accuracy.
+            Under `torch.distributed` every process loads the checkpoint and continues with its
+            own random state, so the number of processes must be the one that wrote it.
+        progress: show a tqdm progress bar with the running loss and accuracy (on rank 0 only).
 
     Returns:
         The `FitHistory` of every epoch.
@@ -216,7 +240,10 @@ def fit_masking(
             `checkpoint_dir`, a `checkpoint_dir` that already holds a run but `resume=False` (so
             a run is never overwritten by mistake), a checkpoint made with other settings (strategy,
             clean ratio, mask set, fill or precision), an empty loader, or batches without labels
-            or with labels outside `[0, num_classes)`.
+            or with labels outside `[0, num_classes)`. Under `torch.distributed`: a `train_loader`
+            without a `DistributedSampler` (every process would train on all images), a checkpoint
+            written by another number of processes, processes that see different checkpoints, or
+            `device` for a model already wrapped in `DistributedDataParallel` elsewhere.
     """
     target = _resolve_defense(model, mask_set, fill)
     classifier, base, mask_set, fill, precision = target.classifier, target.base, target.mask_set, target.fill, target.precision
@@ -306,7 +333,7 @@ def fit_masking(
     if world > 1 and target.ddp is None:
         loop.trained = DistributedDataParallel(base, device_ids=[device] if device.type == "cuda" else None)
     modes = [(module, module.training) for module in loop.trained.modules()]
-    if not any(training for _, training in modes):
+    if not any(module.training for module in base.modules()):
         loop.trained.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
     loop.modes = [(module, module.training) for module in loop.trained.modules()]
     sampler = _distributed_sampler(train_loader)

@@ -120,8 +120,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         # that each rank must get its own random state and its sampler's epoch back.
         options = dict(mask_set=SET9, strategy="random_mask", epochs=3, lr=LR, progress=False)
         shuffled = lambda cls=DataLoader: cls(TRAIN, batch_size=B, sampler=DistributedSampler(TRAIN, seed=5))
-        torch.manual_seed(100 + rank)
         straight = TinyNet()
+        torch.manual_seed(100 + rank)  # after TinyNet, which seeds the global generator
         expected = fit_masking(straight, shuffled(), **options)
         out["straight"] = (weights(straight), strip(expected))
 
@@ -129,17 +129,26 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         writes = []
         save = robustwrap.fit._save_checkpoint
         robustwrap.fit._save_checkpoint = lambda *args, **kwargs: (writes.append(rank), save(*args, **kwargs))[1]
+        first = TinyNet()
         torch.manual_seed(100 + rank)
         bar = io.StringIO()
         with contextlib.redirect_stderr(bar), contextlib.suppress(Interrupted):
-            fit_masking(TinyNet(), shuffled(InterruptingLoader), checkpoint_dir=checkpoints, **{**options, "progress": True})
+            fit_masking(first, shuffled(InterruptingLoader), checkpoint_dir=checkpoints, **{**options, "progress": True})
         out["interrupted"] = {"writes": list(writes), "bar": bar.getvalue(), "files": sorted(p.name for p in checkpoints.iterdir())}
         dist.barrier()  # rank 1 lists the directory before rank 0's resumed run writes epoch 2
-        torch.manual_seed(999 + rank)  # a new job: other random state, other initial weights
-        resumed = TinyNet(seed=7)
+        resumed = TinyNet(seed=7)  # a new job: other initial weights, other random state
+        torch.manual_seed(999 + rank)
         history = fit_masking(resumed, shuffled(), checkpoint_dir=checkpoints, resume=True, **options)
         robustwrap.fit._save_checkpoint = save
         out["resumed"] = (weights(resumed), strip(history), list(writes))
+
+        # The images each epoch trains on, in order.
+        # The images each epoch trains on, in order, and the mode of a model loaded in eval mode.
+        orders, modes = [], []
+        net = TinyNet().eval()
+        record = lambda x, y: orders.append(x[:, 0, 0, 0].clone()) or modes.append(net.training) or x
+        fit_masking(net, shuffled(), mask_set=SET9, strategy=record, epochs=2, lr=LR, progress=False)
+        out["orders"], out["modes"] = orders, (modes, net.training)
 
         # A loader that is the same on every rank.
         try:
@@ -256,6 +265,20 @@ def test_resume_under_two_processes_continues_to_the_same_weights(ranks):
         assert all(torch.equal(resumed[k], straight[k]) for k in straight)
         assert history == expected
     assert all(torch.equal(seen[0]["straight"][0][k], seen[1]["straight"][0][k]) for k in seen[0]["straight"][0])
+
+
+def test_the_samplers_epoch_is_set_before_every_epoch_and_modes_come_back(ranks):
+    _, seen = ranks
+    for rank in (0, 1):
+        sampler = DistributedSampler(TRAIN, num_replicas=2, rank=rank, seed=5)
+        expected = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            expected.append(TRAIN.tensors[0][list(sampler), 0, 0, 0])
+        assert not torch.equal(*expected)  # the two epochs' orders differ, so the check below can fail
+        assert torch.equal(torch.cat(seen[rank]["orders"]), torch.cat(expected))
+        # A model entirely in eval mode trained in train mode (through the DDP wrapper) and is given it back.
+        assert seen[rank]["modes"] == ([True] * 4, False)
 
 
 def test_a_checkpoint_of_two_processes_resumes_only_with_two(ranks, tmp_path):
