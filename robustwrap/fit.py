@@ -248,8 +248,6 @@ def fit_masking(
     target = _resolve_defense(model, mask_set, fill)
     classifier, base, mask_set, fill, precision = target.classifier, target.base, target.mask_set, target.fill, target.precision
     rank, world = rank_and_world()
-    if world > 1:
-        _check_distributed_sampler(train_loader, world)
     epochs = positive_int(epochs, "epochs")
     if isinstance(clean_ratio, bool) or not isinstance(clean_ratio, (int, float)) or not 0.0 <= clean_ratio <= 1.0:
         raise ValueError(f"clean_ratio must be a number in [0, 1], got {clean_ratio!r}")
@@ -263,6 +261,8 @@ def fit_masking(
         search_batch_size = classifier.batch_size if classifier is not None else 64
     search_batch_size = positive_int(search_batch_size, "search_batch_size")
     _check_not_empty(train_loader, "train_loader")
+    if world > 1:
+        _check_distributed_sampler(train_loader, world)
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
 
@@ -329,7 +329,7 @@ def fit_masking(
             certifier.model = base
     # One model for all processes: DistributedDataParallel averages the gradients of every
     # process's batch (and starts every process from rank 0's weights).
-    loop.trained = target.ddp or base
+    loop.trained = target.ddp if target.ddp is not None else base
     if world > 1 and target.ddp is None:
         loop.trained = DistributedDataParallel(base, device_ids=[device] if device.type == "cuda" else None)
     modes = [(module, module.training) for module in loop.trained.modules()]
@@ -341,7 +341,9 @@ def fit_masking(
         for epoch in range(len(history), epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)  # DistributedSampler shuffles by seed + epoch: a new order each epoch, the same on resume
-            with tqdm(total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not loop.progress, dynamic_ncols=True) as bar:
+            with tqdm(
+                total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not loop.progress, dynamic_ncols=True
+            ) as bar:
                 stats = _train_epoch(loop, train_loader, epoch, sum(e.steps for e in history.epochs), bar)
                 if val_loader is not None:
                     certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
@@ -429,7 +431,9 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
     if steps == 0:
         raise ValueError("train_loader yielded no batches; there is nothing to train on")
     # Every rank reports the whole epoch: its loss and accuracy over all processes' images.
-    totals = sum_across(torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=loop.device)]), loop.world)
+    totals = sum_across(
+        torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=loop.device)]), loop.world
+    )
     total_loss, correct, seen = totals[0], int(totals[1]), int(totals[2])
     if hasattr(scheduler, "step_update"):
         scheduler.step(epoch + 1)  # timm's schedulers take the number of the next epoch

@@ -7,6 +7,7 @@ what each rank saw; the tests compare that with single-process runs made here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import io
 import shutil
@@ -31,7 +32,7 @@ from robustwrap.fit import fit_masking
 SET9 = MaskSet.square(12, 3, num_masks=3)
 B = 4  # images per process and step
 LR = 0.1  # large enough for two processes training their own copies to drift far apart
-EXACT = dict(mask_set=SET9, strategy="greedy", epochs=2, lr=LR, certify_every=1, progress=False)
+EXACT = {"mask_set": SET9, "strategy": "greedy", "epochs": 2, "lr": LR, "certify_every": 1, "progress": False}
 
 
 class TinyNet(nn.Module):
@@ -101,13 +102,17 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
         # The exactness run: B images per process, validation certified on the batches of each rank.
         net = TinyNet()
-        history = fit_masking(net, DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), val_loader=DataLoader(VAL, batch_size=2), **EXACT)
+        history = fit_masking(
+            net, DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), val_loader=DataLoader(VAL, batch_size=2), **EXACT
+        )
         out["exact"] = (weights(net), strip(history))
 
         # The user wrapped the model in DDP: bare, and inside a defended model whose validation
         # loader has its own DistributedSampler (which pads rank 1 with a duplicate of image 0).
         net = TinyNet()
-        fit_masking(DistributedDataParallel(net), DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), **{**EXACT, "certify_every": None})
+        fit_masking(
+            DistributedDataParallel(net), DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), **{**EXACT, "certify_every": None}
+        )
         out["user_ddp"] = weights(net)
         net = TinyNet()
         defended = robustwrap.wrap(DistributedDataParallel(net), mask_set=SET9, num_classes=4)
@@ -118,7 +123,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
         # Resume: shuffled sampler, a random strategy and a different random state per rank, so
         # that each rank must get its own random state and its sampler's epoch back.
-        options = dict(mask_set=SET9, strategy="random_mask", epochs=3, lr=LR, progress=False)
+        options = {"mask_set": SET9, "strategy": "random_mask", "epochs": 3, "lr": LR, "progress": False}
         shuffled = lambda cls=DataLoader: cls(TRAIN, batch_size=B, sampler=DistributedSampler(TRAIN, seed=5))
         straight = TinyNet()
         torch.manual_seed(100 + rank)  # after TinyNet, which seeds the global generator
@@ -142,7 +147,6 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         robustwrap.fit._save_checkpoint = save
         out["resumed"] = (weights(resumed), strip(history), list(writes))
 
-        # The images each epoch trains on, in order.
         # The images each epoch trains on, in order, and the mode of a model loaded in eval mode.
         orders, modes = [], []
         net = TinyNet().eval()
@@ -155,6 +159,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             fit_masking(TinyNet(), DataLoader(TRAIN, batch_size=B, shuffle=True), **options)
         except ValueError as error:
             out["no_sampler"] = str(error)
+        else:
+            out["no_sampler"] = "no error"
 
         out["augment"] = _augment_in_a_users_ddp_loop(rank)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
@@ -185,18 +191,12 @@ def _augment_in_a_users_ddp_loop(rank: int) -> dict:
         "modes": [m.training for m in ddp.modules()],
         "buffers_kept": all(torch.equal(before[k], v) for k, v in net.state_dict().items()),
         "chosen": chosen,
-        "expected": GreedyCutout(SET9, _eval_copy(net), batch_size=8)(x, y, return_indices=True)[1],
+        "expected": GreedyCutout(SET9, copy.deepcopy(net), batch_size=8)(x, y, return_indices=True)[1],  # no DDP around it
     }
     F.cross_entropy(ddp(masked), y).backward()
     seen["step_calls"], seen["step_reductions"] = list(calls), list(reductions)
     seen["grad"] = net.head.weight.grad.clone()
     return seen
-
-
-def _eval_copy(net: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(net).eval()
 
 
 def _free_port() -> int:
