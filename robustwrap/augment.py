@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_fill, as_labels, as_pair, check_label_range, positive_int
+from ._dist import inner_module
 from .defenses import RobustPatchClassifier
 from .geometry import MaskSet
 from .views import ViewRunner, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
@@ -226,7 +227,9 @@ class _MaskSearch(_MaskSetAugmentation):
             model = model.model
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        # Each process searches its own images: through a DistributedDataParallel wrapper every
+        # forward would sync BatchNorm buffers with the other processes, which search other images.
+        self.model = inner_module(model)
         self.batch_size = positive_int(batch_size, "batch_size")
         self._keep: dict[torch.device, torch.Tensor] = {}
 
@@ -245,7 +248,10 @@ class _MaskSearch(_MaskSetAugmentation):
 
         The search runs under `torch.no_grad()` with the model in eval mode (every submodule's
         mode is restored afterwards), on the model's device, `batch_size` views per forward pass
-        with the views of all images of a round sharing passes.
+        with the views of all images of a round sharing passes. It never updates BatchNorm
+        statistics, and for a model wrapped in `DistributedDataParallel` it runs the inner
+        module, so inside a DDP training loop each process searches its own images without
+        talking to the others (no buffer or gradient synchronisation).
 
         Args:
             x: `(B, C, H, W)` images at the mask set's image size.
@@ -293,7 +299,8 @@ class GreedyCutout(_MaskSearch):
 
     Args:
         mask_set: the mask set the model will be certified with.
-        model: the classifier being trained (the base model of a `RobustPatchClassifier` is used).
+        model: the classifier being trained (the base model of a `RobustPatchClassifier`, and the
+            inner module of a `DistributedDataParallel`, are searched with).
         fill: value of masked pixels in the model's input space: a scalar or one value per channel.
         batch_size: views per forward pass of the search.
     """
@@ -331,7 +338,8 @@ class MultiSizeGreedyCutout(_MaskSearch):
 
     Args:
         mask_set: the grid mask set the model will be certified with.
-        model: the classifier being trained (the base model of a `RobustPatchClassifier` is used).
+        model: the classifier being trained (the base model of a `RobustPatchClassifier`, and the
+            inner module of a `DistributedDataParallel`, are searched with).
         fill: value of masked pixels in the model's input space: a scalar or one value per channel.
         batch_size: views per forward pass of the search.
 
@@ -395,7 +403,8 @@ class GridCutout(_MaskSearch):
 
     Args:
         mask_set: the mask set the model will be certified with.
-        model: the classifier being trained (the base model of a `RobustPatchClassifier` is used).
+        model: the classifier being trained (the base model of a `RobustPatchClassifier`, and the
+            inner module of a `DistributedDataParallel`, are searched with).
         fill: value of masked pixels in the model's input space: a scalar or one value per channel.
         batch_size: views per forward pass of the search.
     """

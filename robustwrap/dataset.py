@@ -35,6 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
 from ._args import positive_int, refuses_amp
+from ._dist import barrier as _barrier
+from ._dist import rank_and_world as _distributed
 from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
 from .views import eval_mode, model_device_dtype, observe_forward
@@ -449,18 +451,6 @@ def _describe_data(dataset: Dataset) -> str:
     """A data set's name (built-in data sets carry one), folder, or class name."""
     name = getattr(dataset, "name", None) or getattr(dataset, "root", None)
     return str(name) if name else type(dataset).__name__
-
-
-# --------------------------------------------------------------------------------- processes
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------- progress

@@ -11,6 +11,7 @@ docs/concepts.md#training.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import re
@@ -26,9 +27,12 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
+from ._dist import barrier, gather_objects, inner_module, rank_and_world, sum_across
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
@@ -154,14 +158,30 @@ def fit_masking(
     strategies search in eval mode, and every submodule gets its own mode back at the end.
     See the Concepts page, docs/concepts.md#training.
 
+    Under `torch.distributed` (a script started by `torchrun` that called
+    `torch.distributed.init_process_group`), the processes train one model: it is wrapped in
+    `DistributedDataParallel` (unless you wrapped it yourself), each process searches the masks of
+    its own images on its own copy of the model, the gradients of all processes are averaged in
+    every update, rank 0 alone writes checkpoints and shows progress, and validation is shared out
+    between the processes. With a deterministic strategy (`"greedy"`, `"multisize_greedy"`,
+    `"grid"`) and a model without BatchNorm, `N` processes with batches of `B` images end with
+    the weights of one process with batches of `N * B` (to float rounding). See the guide,
+    docs/guides/fine-tune.md#training-on-several-gpus.
+
     Args:
         model: a defended model (its mask set or views, fill and precision are used), or a bare
             classifier `(B, C, H, W) -> (B, num_classes)` together with `mask_set` (trained in
             float32; wrap it with `robustwrap.wrap(..., precision=...)` for another precision).
+            A base model you wrapped in `DistributedDataParallel` is trained through your wrapper;
+            searches, validation and checkpoints use its inner module.
         train_loader: an iterable of `(images, labels)` batches (extra items are ignored), such
             as a `DataLoader`; images normalised as the model expects, labels integer class ids.
             For `resume` to give the same result as an uninterrupted run, its order must come
             from a seeded torch generator or torch's global one (the default of a `DataLoader`).
+            Under `torch.distributed` it must give each process its own images through a
+            `DistributedSampler` (whose `set_epoch` is called before every epoch), or be a
+            `DataLoader` over an `IterableDataset` that shards itself; all processes must yield
+            the same number of batches.
         strategy: `None` (default) for the defense's own strategy: Multi-size Greedy Cutout
             (`"multisize_greedy"`) for PatchCleanser and a bare model, `"random_ablation"` (one
             random ablated view per image, see `robustwrap.defenses.smoothing.RandomAblation`) for
@@ -183,6 +203,10 @@ def fit_masking(
             the papers' step decay with the default optimizer, a constant rate with your own.
         clean_ratio: probability that a training image is left unmasked (0.0: every image masked).
         val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
+            Under `torch.distributed` the processes share the work and report the same numbers:
+            a loader with a `DistributedSampler` is each process's share (the duplicates the
+            sampler pads with are not counted); any other loader is taken to be the same in
+            every process, which evaluates every `world_size`-th batch of it.
         certify_every: with `val_loader`, also certify it every this many epochs and after the
             last one (certification runs up to `K(K + 1) / 2` views per image).
         device: move the model to this device and train there (default: where the model is).
@@ -192,12 +216,16 @@ def fit_masking(
             (the base model's weights) and `epoch_NNNN/training_state.pt` (optimizer, scheduler,
             loss scaler, epoch, history and random-number-generator states). Each is written to a
             temporary directory that is renamed into place, so a crash never leaves a partial
-            checkpoint; the previous epoch's directory is removed after.
+            checkpoint; the previous epoch's directory is removed after. Under `torch.distributed`
+            rank 0 writes it (with every process's random state) and the others wait; all
+            processes must read the same directory (on several machines, a shared file system).
         resume: continue from the latest checkpoint in `checkpoint_dir`, giving the same weights
             as an uninterrupted run; with no checkpoint there yet, start from scratch (so one
             command line both starts and restarts a job). The optimizer and scheduler continue
             from their saved state, so a larger `epochs` extends a finished run on its schedule.
-        progress: show a tqdm progress bar with the running loss and accuracy.
+            Under `torch.distributed` every process loads the checkpoint and continues with its
+            own random state, so the number of processes must be the one that wrote it.
+        progress: show a tqdm progress bar with the running loss and accuracy (on rank 0 only).
 
     Returns:
         The `FitHistory` of every epoch.
@@ -212,10 +240,14 @@ def fit_masking(
             `checkpoint_dir`, a `checkpoint_dir` that already holds a run but `resume=False` (so
             a run is never overwritten by mistake), a checkpoint made with other settings (strategy,
             clean ratio, mask set, fill or precision), an empty loader, or batches without labels
-            or with labels outside `[0, num_classes)`.
+            or with labels outside `[0, num_classes)`. Under `torch.distributed`: a `train_loader`
+            without a `DistributedSampler` (every process would train on all images), a checkpoint
+            written by another number of processes, processes that see different checkpoints, or
+            `device` for a model already wrapped in `DistributedDataParallel` elsewhere.
     """
     target = _resolve_defense(model, mask_set, fill)
     classifier, base, mask_set, fill, precision = target.classifier, target.base, target.mask_set, target.fill, target.precision
+    rank, world = rank_and_world()
     epochs = positive_int(epochs, "epochs")
     if isinstance(clean_ratio, bool) or not isinstance(clean_ratio, (int, float)) or not 0.0 <= clean_ratio <= 1.0:
         raise ValueError(f"clean_ratio must be a number in [0, 1], got {clean_ratio!r}")
@@ -229,6 +261,8 @@ def fit_masking(
         search_batch_size = classifier.batch_size if classifier is not None else 64
     search_batch_size = positive_int(search_batch_size, "search_batch_size")
     _check_not_empty(train_loader, "train_loader")
+    if world > 1:
+        _check_distributed_sampler(train_loader, world)
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
 
@@ -240,6 +274,11 @@ def fit_masking(
     loss_fn, scores = target.training_loss(strategy_name)
 
     if device is not None:
+        if target.ddp is not None and torch.device(device) != model_device_dtype(base)[0]:
+            raise ValueError(
+                f"device={str(device)!r}, but the model is already wrapped in DistributedDataParallel on "
+                f"{model_device_dtype(base)[0]}; move it before wrapping it, and leave device=None"
+            )
         base.to(device)
     device, dtype = model_device_dtype(base)
     if optimizer is None:
@@ -262,7 +301,9 @@ def fit_masking(
         dtype=dtype,
         autocast=classifier.autocast if classifier is not None else contextlib.nullcontext,
         num_classes=_known_num_classes(classifier, base),
-        progress=progress,
+        progress=progress and rank == 0,
+        rank=rank,
+        world=world,
     )
 
     history = FitHistory(strategy=strategy_name, lr=float(optimizer.param_groups[0]["lr"]))
@@ -271,6 +312,7 @@ def fit_masking(
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         latest = _latest_checkpoint(checkpoint_dir)
+        _check_same_checkpoint(latest, checkpoint_dir, world, device)
         if latest is not None and not resume:
             raise ValueError(
                 f"checkpoint_dir {str(checkpoint_dir)!r} already holds a run (up to {latest.name}); "
@@ -282,13 +324,26 @@ def fit_masking(
     certifier = None
     if certify_every is not None:
         certifier = classifier or wrap(base, mask_set=mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes)
-    modes = [(module, module.training) for module in base.modules()]
-    if not any(training for _, training in modes):
-        base.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
-    loop.modes = [(module, module.training) for module in base.modules()]
+        if certifier.model is not base:  # the user's DistributedDataParallel: certify this rank's shard on the inner module
+            certifier = copy.copy(certifier)
+            certifier.model = base
+    # One model for all processes: DistributedDataParallel averages the gradients of every
+    # process's batch (and starts every process from rank 0's weights).
+    loop.trained = target.ddp if target.ddp is not None else base
+    if world > 1 and target.ddp is None:
+        loop.trained = DistributedDataParallel(base, device_ids=[device] if device.type == "cuda" else None)
+    modes = [(module, module.training) for module in loop.trained.modules()]
+    if not any(module.training for module in base.modules()):
+        loop.trained.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
+    loop.modes = [(module, module.training) for module in loop.trained.modules()]
+    sampler = _distributed_sampler(train_loader)
     try:
         for epoch in range(len(history), epochs):
-            with tqdm(total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True) as bar:
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # DistributedSampler shuffles by seed + epoch: a new order each epoch, the same on resume
+            with tqdm(
+                total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not loop.progress, dynamic_ncols=True
+            ) as bar:
                 stats = _train_epoch(loop, train_loader, epoch, sum(e.steps for e in history.epochs), bar)
                 if val_loader is not None:
                     certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
@@ -296,7 +351,10 @@ def fit_masking(
                 bar.set_postfix(_postfix(stats))
             history.epochs.append(stats)
             if checkpoint_dir is not None:
-                _save_checkpoint(checkpoint_dir, loop, generators, history, config)
+                rngs = gather_objects(_rng_state(generators), world, device)  # every rank's own random state
+                if rank == 0:
+                    _save_checkpoint(checkpoint_dir, loop, rngs, history, config)
+                barrier(world)  # no rank goes on (or returns) before the checkpoint is in place
     finally:
         for module, training in modes:
             module.training = training
@@ -320,7 +378,10 @@ class _Loop:
     dtype: torch.dtype
     autocast: Callable[[], contextlib.AbstractContextManager]  # the defended model's precision
     num_classes: int | None  # found from the first batch when the model does not say
-    progress: bool
+    progress: bool  # on rank 0 only
+    rank: int
+    world: int  # processes of torch.distributed (1 without)
+    trained: nn.Module | None = None  # what training calls: `base`, or its DistributedDataParallel
     modes: list[tuple[nn.Module, bool]] = field(default_factory=list)  # each submodule's mode for training
 
     def train_mode(self) -> None:
@@ -340,7 +401,7 @@ class _Loop:
 
 def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: tqdm) -> EpochStats:
     """One epoch over `loader`; `updates` is the number of optimizer steps before it."""
-    base, optimizer, scheduler, scaler = loop.base, loop.optimizer, loop.scheduler, loop.scaler
+    optimizer, scheduler, scaler = loop.optimizer, loop.scheduler, loop.scaler
     loop.train_mode()
     lr = float(optimizer.param_groups[0]["lr"])
     total_loss = torch.zeros((), dtype=torch.float64, device=loop.device)
@@ -351,7 +412,7 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
         with loop.autocast():
             x, y = loop.batch(batch, "train_loader")
             x = _mask_batch(loop.augment, loop.encode, x, y, loop.clean_ratio)
-            logits = base(x)
+            logits = loop.trained(x)
             loss = loop.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -369,18 +430,28 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
     seconds = time.perf_counter() - start
     if steps == 0:
         raise ValueError("train_loader yielded no batches; there is nothing to train on")
+    # Every rank reports the whole epoch: its loss and accuracy over all processes' images.
+    totals = sum_across(
+        torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=loop.device)]), loop.world
+    )
+    total_loss, correct, seen = totals[0], int(totals[1]), int(totals[2])
     if hasattr(scheduler, "step_update"):
         scheduler.step(epoch + 1)  # timm's schedulers take the number of the next epoch
     elif scheduler is not None:
         scheduler.step()
-    return EpochStats(epoch + 1, lr, total_loss.item() / seen, correct.item() / seen, seconds, steps)
+    return EpochStats(epoch + 1, lr, total_loss.item() / seen, correct / seen, seconds, steps)
 
 
 def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: RobustPatchClassifier | None) -> None:
-    """Fill `stats` with the clean (and, with a certifier, robust and certified) accuracy on `loader`."""
+    """Fill `stats` with the clean (and, with a certifier, robust and certified) accuracy on `loader`.
+
+    Under torch.distributed each rank evaluates its shard on the inner module (no collectives
+    per batch, so shards may differ in size) and the counts are added up, so every rank reports
+    the numbers of one process evaluating all of `loader`.
+    """
     seen = clean = robust = certified = 0
     with torch.no_grad(), eval_mode(loop.base), loop.autocast():
-        for batch in loader:
+        for batch in _shard(loader, loop.rank, loop.world):
             x, y = loop.batch(batch, "val_loader")
             clean += int((loop.scores(loop.base(loop.encode(x))).argmax(1) == y).sum())
             seen += y.shape[0]
@@ -388,6 +459,8 @@ def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: Robus
                 result = certifier.certify(x, y)
                 robust += int((result.prediction == y).sum())
                 certified += int(result.certified.sum())
+    counts = sum_across(torch.tensor([seen, clean, robust, certified], dtype=torch.long, device=loop.device), loop.world)
+    seen, clean, robust, certified = counts.tolist()
     if seen == 0:
         raise ValueError("val_loader yielded no batches; there is nothing to evaluate on")
     stats.val_accuracy = clean / seen
@@ -414,6 +487,11 @@ class _Target:
     geometry: dict  # what decides the training views, recorded in checkpoints
     mask_set: MaskSet | None = None
     encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    ddp: DistributedDataParallel | None = None  # the user's own wrapper around `base`, trained through
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, DistributedDataParallel):
+            self.ddp, self.base = self.base, inner_module(self.base)
 
     def training_loss(self, strategy: str) -> tuple[Callable, Callable]:
         """`(loss(output, labels), scores(output) -> (B, num_classes))` for the base model's output."""
@@ -573,6 +651,67 @@ def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size) 
     return out
 
 
+# ---------------------------------------------------------------------------------- processes
+def _distributed_sampler(loader) -> DistributedSampler | None:
+    """The `DistributedSampler` that picks this rank's images of a DataLoader, if any."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        sampler = getattr(owner, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
+def _check_distributed_sampler(loader, world: int) -> None:
+    """Under torch.distributed each process must train on its own images (an IterableDataset shards itself)."""
+    if _distributed_sampler(loader) is not None:
+        return
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
+        return
+    got = f"a DataLoader with a {type(loader.sampler).__name__}" if isinstance(loader, DataLoader) else f"a {type(loader).__name__}"
+    raise ValueError(
+        f"train_loader must give each of the {world} processes of torch.distributed its own share of the images, "
+        f"but it is {got}, so every process would train on all of them; build it as "
+        "DataLoader(dataset, batch_size=<per process>, sampler=torch.utils.data.DistributedSampler(dataset)) "
+        "(without shuffle=True: the sampler shuffles, and fit_masking calls its set_epoch every epoch)"
+    )
+
+
+def _shard(loader, rank: int, world: int) -> Iterable:
+    """This rank's validation batches, so that the ranks together see every image exactly once.
+
+    A loader with a `DistributedSampler` already yields this rank's images; the duplicates the
+    sampler pads the last ranks with are cut off. Any other loader is the same on every rank,
+    which takes the batches `rank, rank + world, ...`, as `certify_dataset` shards its steps.
+    """
+    if world == 1:
+        yield from loader
+        return
+    sampler = _distributed_sampler(loader)
+    if sampler is None:
+        for i, batch in enumerate(loader):
+            if i % world == rank:
+                yield batch
+        return
+    left = min(sampler.num_samples, len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas)))
+    for batch in loader:
+        if left <= 0:
+            return
+        x, y = _unpack(batch, "val_loader")
+        yield (x[:left], y[:left])
+        left -= y.shape[0]
+
+
+def _check_same_checkpoint(latest: Path | None, directory: Path, world: int, device: torch.device) -> None:
+    """Every rank must resume from the same checkpoint, so checkpoint_dir must be shared by all of them."""
+    seen = gather_objects(None if latest is None else latest.name, world, device)
+    if len(set(seen)) > 1:
+        found = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
+        raise ValueError(
+            f"the processes see different checkpoints in checkpoint_dir {str(directory)!r} ({found}); "
+            "on several machines, put checkpoint_dir on a file system that every process reads"
+        )
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def _loader_generators(loader) -> list[torch.Generator]:
     """The torch generators that decide a DataLoader's order and worker seeds (each once)."""
@@ -621,8 +760,11 @@ def _latest_checkpoint(directory: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def _save_checkpoint(directory: Path, loop: _Loop, generators: list[torch.Generator], history: FitHistory, config: dict) -> None:
-    """Write `epoch_NNNN/` atomically: fill a temporary directory, then rename it into place."""
+def _save_checkpoint(directory: Path, loop: _Loop, rngs: list[dict], history: FitHistory, config: dict) -> None:
+    """Write `epoch_NNNN/` atomically: fill a temporary directory, then rename it into place.
+
+    `rngs`: the random-number-generator states of every process, in rank order.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     epoch = len(history)
     final = directory / f"epoch_{epoch:04d}"
@@ -634,7 +776,7 @@ def _save_checkpoint(directory: Path, loop: _Loop, generators: list[torch.Genera
             "optimizer": loop.optimizer.state_dict(),
             "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
             "scaler": loop.scaler.state_dict(),
-            "rng": _rng_state(generators),
+            "rng": rngs,
             "history": {"strategy": history.strategy, "lr": history.lr, "epochs": [asdict(e) for e in history.epochs]},
             "config": config,
         }
@@ -651,7 +793,7 @@ def _save_checkpoint(directory: Path, loop: _Loop, generators: list[torch.Genera
 
 
 def _load_checkpoint(path: Path, loop: _Loop, generators: list[torch.Generator], config: dict) -> FitHistory:
-    """Restore everything `_save_checkpoint` wrote; returns the history so far."""
+    """Restore everything `_save_checkpoint` wrote (this rank's random state); returns the history so far."""
     # weights_only: the training state holds tensors and plain containers; nothing is unpickled as code.
     state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
     for key, value in config.items():
@@ -676,7 +818,13 @@ def _load_checkpoint(path: Path, loop: _Loop, generators: list[torch.Generator],
     if loop.scheduler is not None:
         loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"], generators)
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one process's dict, before torchrun
+    if len(rngs) != loop.world:
+        raise ValueError(
+            f"the checkpoint in {str(path)!r} was written by {len(rngs)} process(es) and this run has {loop.world}; "
+            "resume with the same number (torchrun --nproc_per_node and --nnodes) so that every process continues its own data order"
+        )
+    _set_rng_state(rngs[loop.rank], generators)
     saved = state["history"]
     return FitHistory(saved["strategy"], saved["lr"], [EpochStats(**e) for e in saved["epochs"]])
 
