@@ -861,7 +861,7 @@ def _patch(entry: dict) -> str:
 
 def _models(args: argparse.Namespace) -> None:
     zoo = _zoo()
-    rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified")]
+    rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified", "weights")]
     for name in zoo.list_models():
         entry = zoo.zoo_entry(name)
         marker = " *" if name == zoo.DEFAULT_MODEL else ""
@@ -875,10 +875,12 @@ def _models(args: argparse.Namespace) -> None:
                 _value(entry.get("num_masks")),
                 _accuracy(metrics.get("clean_accuracy")),
                 _accuracy(metrics.get("certified_accuracy")),
+                "embedded" if entry.get("embedded") else f"{entry.get('weights') or 'hf-hub:' + str(entry.get('repo_id'))} (network once)",
             )
         )
     print(_columns(rows, align_left=True))
     print("\n* the default model (robustwrap certify with no --model)")
+    print("embedded: shipped in the package, loads offline; hf-hub:...: downloaded once into the Hugging Face cache, then HF_HUB_OFFLINE=1 works")
 
 
 # -------------------------------------------------------------------------------------- import
@@ -1230,6 +1232,8 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
         if class_map is not None:
             raise ValueError("--class-map goes with an image folder given by --data")
         spec = zoo.zoo_entry(model_name)["dataset"]
+        if spec not in builtin:
+            raise ValueError(f"--data is required for --model {model_name}: its data set ({spec}) is not shipped with robustwrap; pass --data FOLDER (your copy, in class folders)")
         return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
     path = Path(spec)
     if spec in builtin:
