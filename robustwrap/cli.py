@@ -859,6 +859,14 @@ def _patch(entry: dict) -> str:
     return f"{patch[0]}x{patch[1]} px ({entry['patch_percent']:.2f}%)" if "patch_percent" in entry else f"{patch[0]}x{patch[1]} px"
 
 
+def _weights(entry: dict) -> str:
+    """Where a manifest entry's weights are: in the package, or on the Hub (the network is needed once)."""
+    if entry.get("embedded"):
+        return "embedded"
+    source = entry.get("weights") or (f"hf-hub:{entry['repo_id']}" if entry.get("repo_id") else None)
+    return f"{source} (network once)" if source else "-"
+
+
 def _models(args: argparse.Namespace) -> None:
     zoo = _zoo()
     rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified", "weights")]
@@ -875,7 +883,7 @@ def _models(args: argparse.Namespace) -> None:
                 _value(entry.get("num_masks")),
                 _accuracy(metrics.get("clean_accuracy")),
                 _accuracy(metrics.get("certified_accuracy")),
-                "embedded" if entry.get("embedded") else f"{entry.get('weights') or 'hf-hub:' + str(entry.get('repo_id'))} (network once)",
+                _weights(entry),
             )
         )
     print(_columns(rows, align_left=True))

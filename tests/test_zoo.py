@@ -267,3 +267,24 @@ def test_cli_uncached_hub_backed_entry_is_one_line(hf_cache, tiny_paper_entry, t
     assert main(["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs the network once" in err and "huggingface-cli download timm/test_vit.r160_in1k" in err
+
+
+def test_models_command_marks_embedded_and_network_entries(capsys):
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    for name in zoo.list_models():
+        entry = zoo.zoo_entry(name)
+        expected = "embedded" if entry.get("embedded") else f"{entry['weights']} (network once)"
+        assert rows[name].endswith(expected), rows[name]
+
+
+def test_torch_hub_entry_points_of_hub_backed_models(hf_cache, tiny_paper_entry):
+    hubconf = torch.hub._import_module("hubconf_papers", str(ROOT / "hubconf.py"))
+    assert "timm's weights from hf-hub:timm/vit_base_patch16_224.augreg_in21k_ft_in1k" in getattr(hubconf, VIT).__doc__
+    torch.manual_seed(0)
+    published = timm.create_model("test_vit.r160_in1k").eval()
+    hf_cache("timm/test_vit.r160_in1k", published)
+    model = torch.hub.load(str(ROOT), "tiny_paper_model", source="local")
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(model.model(x), published(x))
