@@ -232,11 +232,25 @@ def test_smoothed_vit_robustness_library_checkpoint(tmp_path):
     )
     path = tmp_path / "checkpoint.pt.best"
     torch.save({"model": torch.nn.DataParallel(attacker_model).state_dict(), "optimizer": {}, "schedule": None, "epoch": 30}, path)
-    model = import_checkpoint(path, "smoothed-vit", size=4, patch=5)
+    model = import_checkpoint(path, "smoothed-vit")
     assert model.model.pretrained_cfg["architecture"] == "deit_tiny_patch16_224" and model.num_classes == 10
-    assert model.size == 4 and model.patch == (5, 5)
+    # their 4 px bands of 32 px CIFAR images, upsampled x7 to 224: 28 px bands at stride 7; the 5 px patch is 35 px
+    assert (model.size, model.stride, model.patch, model.image_size) == (28, 7, (35, 35), (224, 224))
+    assert model.model.pretrained_cfg["interpolation"] == "nearest" and model.model.pretrained_cfg["crop_pct"] == 1.0
+    assert model.pretrained_info["dataset"] == "cifar10"
     # their black (0) pixels before normalising are -mean/std after it
     assert model.fill == pytest.approx(tuple(-m / s for m, s in zip(mean, std)))
+    # the same views: smoothed-vit's StripeAblator on 32 px, then nearest x7, is each robustwrap view
+    theirs_keep = []
+    for pos in range(32):
+        x = torch.ones(1, 1, 32, 32)
+        if pos + 4 > 32:
+            x[..., pos + 4 - 32 : pos] = 0
+        else:
+            x[..., :pos] = 0
+            x[..., pos + 4 :] = 0
+        theirs_keep.append(nn.functional.interpolate(x, scale_factor=7, mode="nearest")[0, 0].bool())
+    assert torch.equal(model.ablation_set.keep_masks(), torch.stack(theirs_keep))
     pixels = torch.rand(1, 3, 224, 224)
     normalised = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     with torch.no_grad():
@@ -256,6 +270,12 @@ def test_pickle_needing_file_is_refused_and_nothing_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs pickle code" in err and "weights_only=True" in err
     assert not out.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_said_so(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
+        import_checkpoint(tmp_path / "notes.pth", "drs")
 
 
 def test_cli_import_writes_a_folder_that_certify_loads(tmp_path, capsys):
