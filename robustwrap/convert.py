@@ -23,6 +23,7 @@ beyond tensors and plain containers) is refused, since unpickling can run arbitr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
 import re
@@ -89,7 +90,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "since unpickling can run arbitrary code; nothing was written"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
 
 
 def _state_dict(checkpoint: Any, keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
@@ -124,7 +127,9 @@ def _patchcleanser(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.
     if found:
         model, holes, size, dataset = found.groups()
         plan.arch, plan.num_classes, plan.dataset = _PC_MODELS[model], _PC_DATASETS[dataset], dataset
-        plan.strategy = f"Cutout, {holes} holes of {size} px (the authors' training)" if holes else "plain fine-tuning (the authors' training)"
+        plan.strategy = (
+            f"Cutout, {holes} holes of {size} px (the authors' training)" if holes else "plain fine-tuning (the authors' training)"
+        )
         if dataset in ("cifar", "cifar100", "svhn"):
             # utils/setup.py: low-resolution images resized to 224x224 without cropping; the paper's 2.4% patch
             plan.data_config, plan.patch = {"crop_pct": 1.0}, 35
@@ -149,11 +154,23 @@ def _patchguard(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Ten
         if dataset == "cifar":
             # mask_bn_cifar.py: Resize(192, bicubic), no crop, CIFAR's mean and std; a 30 px patch
             side = int(size or 192)
-            plan.data_config = {"input_size": (3, side, side), "crop_pct": 1.0, "interpolation": "bicubic", "mean": _CIFAR_MEAN, "std": _CIFAR_STD}
+            plan.data_config = {
+                "input_size": (3, side, side),
+                "crop_pct": 1.0,
+                "interpolation": "bicubic",
+                "mean": _CIFAR_MEAN,
+                "std": _CIFAR_STD,
+            }
             plan.patch = 30
         else:
             # mask_bn_imagenet.py: Resize(256), CenterCrop(224), ImageNet's mean and std; a 32 px (2%) patch
-            plan.data_config = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD}
+            plan.data_config = {
+                "input_size": (3, 224, 224),
+                "crop_pct": 0.875,
+                "interpolation": "bilinear",
+                "mean": _IMAGENET_MEAN,
+                "std": _IMAGENET_STD,
+            }
             plan.patch = 32
     state = _state_dict(checkpoint, ("model_state_dict", "net", "state_dict"), path)
     return plan, checkpoint_filter_fn(state, None)  # the linear head becomes robustwrap's 1x1 conv head
@@ -179,7 +196,13 @@ def _drs(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
         plan.arch, plan.num_classes, plan.dataset = arch, 1000, "imagenet"
         plan.options.update(size=int(band), threshold=0.2)
         plan.patch = 42
-        plan.data_config = {"input_size": (3, 299, 299), "crop_pct": 1.0, "interpolation": "bilinear", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD}
+        plan.data_config = {
+            "input_size": (3, 299, 299),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": _IMAGENET_MEAN,
+            "std": _IMAGENET_STD,
+        }
     plan.model_args = {"in_chans": 6}
     return plan, _state_dict(checkpoint, ("net", "state_dict", "model_state_dict"), path)
 
@@ -202,7 +225,11 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{path}: no network weights under '{prefix}' (expected the robustness library's AttackerModel keys)")
-    norm = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if not k.startswith(("model.", "attacker.")) and k.endswith(("new_mean", "new_std"))}
+    norm = {
+        k.rsplit(".", 1)[-1]: v
+        for k, v in state.items()
+        if not k.startswith(("model.", "attacker.")) and k.endswith(("new_mean", "new_std"))
+    }
     plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={"ablation": "column", "size": 19})
     proj = weights.get("patch_embed.proj.weight")
     if proj is not None:
@@ -250,10 +277,9 @@ def _build(plan: _Plan, state: dict[str, torch.Tensor], image_size: tuple[int, i
         # Weights saved by an older timm (PatchCleanser used 0.4.12): timm's own converter.
         filter_fn = getattr(sys.modules[type(base).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
-            try:
+            # A converter that does not apply leaves the keys as they were; the strict load below names them.
+            with contextlib.suppress(KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError):
                 state = filter_fn(state, base)
-            except Exception:  # noqa: BLE001 - a converter that does not apply leaves the keys as they were
-                pass
     load_state_strictly(base, state, source, f"timm's {plan.arch} with {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
     cfg = dict(base.pretrained_cfg)
     cfg.update(plan.data_config)
@@ -270,7 +296,7 @@ def import_checkpoint(
     model: str | None = None,
     num_classes: int | None = None,
     image_size: int | tuple[int, int] | None = None,
-    patch: int | float | tuple[int, int] | None = None,
+    patch: float | tuple[int, int] | None = None,
     dataset: str | None = None,
     **options: Any,
 ) -> RobustPatchClassifier:
@@ -314,7 +340,9 @@ def import_checkpoint(
     if model is not None:
         plan.arch = model
     if not plan.arch:
-        raise ValueError(f"{path.name} does not name its model the way the {format} code names its files: pass model= (--model), e.g. a timm architecture")
+        raise ValueError(
+            f"{path.name} does not name its model the way the {format} code names its files: pass model= (--model), e.g. a timm architecture"
+        )
     import timm
 
     if not timm.is_model(plan.arch):

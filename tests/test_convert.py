@@ -44,7 +44,12 @@ def _patchcleanser_file(tmp_path, name: str, arch: str, num_classes: int):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.1)
     path = tmp_path / name
     torch.save(
-        {"epoch": 9, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict()},
+        {
+            "epoch": 9,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+        },
         path,
     )
     return model.module.eval(), path
@@ -129,7 +134,9 @@ class _TheirBagNet(nn.Module):
     def _make_layer(self, planes, blocks, stride, kernel3):
         downsample = None
         if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * 4, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
         layers = [_TheirBottleneck(self.inplanes, planes, stride, downsample, kernel_size=1 if kernel3 == 0 else 3)]
         self.inplanes = planes * 4
         layers += [_TheirBottleneck(self.inplanes, planes, kernel_size=1 if kernel3 <= i else 3) for i in range(1, blocks)]
@@ -228,7 +235,9 @@ def test_smoothed_vit_robustness_library_checkpoint(tmp_path):
     mean, std = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
     dummy = _Wrapper(model=vit)
     attacker_model = _Wrapper(
-        normalizer=_Wrapper(normalizer=_InputNormalize(mean, std)), model=dummy, attacker=_Wrapper(model=dummy, normalizer=_InputNormalize(mean, std))
+        normalizer=_Wrapper(normalizer=_InputNormalize(mean, std)),
+        model=dummy,
+        attacker=_Wrapper(model=dummy, normalizer=_InputNormalize(mean, std)),
     )
     path = tmp_path / "checkpoint.pt.best"
     torch.save({"model": torch.nn.DataParallel(attacker_model).state_dict(), "optimizer": {}, "schedule": None, "epoch": 30}, path)
@@ -281,7 +290,9 @@ def test_a_file_that_is_no_checkpoint_is_said_so(tmp_path):
 def test_cli_import_writes_a_folder_that_certify_loads(tmp_path, capsys):
     theirs, path = _patchcleanser_file(tmp_path, "vit_base_patch16_224_imagenette.pth", "test_vit", 10)
     out = tmp_path / "pc"
-    code = main(["import", str(path), "--format", "patchcleanser", "--out", str(out), "--model", "test_vit", "--num-masks", "3", "--patch", "2%"])
+    code = main(
+        ["import", str(path), "--format", "patchcleanser", "--out", str(out), "--model", "test_vit", "--num-masks", "3", "--patch", "2%"]
+    )
     assert code == 0, capsys.readouterr().err
     loaded = robustwrap.from_pretrained(out)
     side = math.ceil(math.sqrt(0.02 * 160 * 160))

@@ -17,10 +17,10 @@ from timm.data import create_transform, resolve_data_config
 import robustwrap
 from robustwrap import hub, zoo
 from robustwrap.cli import main
-from robustwrap.geometry import MaskSet
-from robustwrap.report import CertificationReport
 from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.patchcleanser import PatchCleanser
+from robustwrap.geometry import MaskSet
+from robustwrap.report import CertificationReport
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -121,9 +121,11 @@ def _papers_table(entries: list[dict]) -> str:
     rows = [
         "### The papers' models (weights from timm's Hub repos)",
         "",
-        "Each is timm's own Hub repo of the tag the paper's code loaded, wrapped with the paper's settings. The first "
-        "load needs the network (then `HF_HUB_OFFLINE=1` reads the Hugging Face cache). Nothing here was measured by us: "
-        "the figures are **the paper's claims**, and each card gives the command that measures them on your copy of the data.",
+        (
+            "Each is timm's own Hub repo of the tag the paper's code loaded, wrapped with the paper's settings. The first "
+            "load needs the network (then `HF_HUB_OFFLINE=1` reads the Hugging Face cache). Nothing here was measured by us: "
+            "the figures are **the paper's claims**, and each card gives the command that measures them on your copy of the data."
+        ),
         "",
         "| model | weights | threat model | reported by the paper (clean / certified) |",
         "|---|---|---|---|",
