@@ -3,6 +3,10 @@
     model = torch.hub.load("<this repo>", "<zoo name>", source="local")   # or "github"
     model = torch.hub.load("<this repo>", "robust_model", "hf-hub:<org>/<name>")
 
+The papers' Hub-backed models are entry points too, under their timm `arch.tag` names
+(`torch.hub.load(".", "vit_base_patch16_224.augreg_in21k_ft_in1k", source="local")`): their base
+weights come from timm's Hub repo, so the first load needs the network.
+
 Helpers are imported under `_` names so that `torch.hub.list` shows only models. A manifest entry
 that lacks a field (metrics not measured yet, say) still gets its entry point: its docstring says
 what is not recorded instead of failing, so one entry can never break `torch.hub.load` for all.
@@ -32,7 +36,9 @@ def _entry(name):
         return _create_model(name, pretrained=pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{_describe_entry(_zoo_entry(name))}\n\nArgs:\n    pretrained: load the measured weights (sha256-checked).\n"
+    record = _zoo_entry(name)
+    weights = f"timm's weights from {record['weights']} (the network is needed once)" if "base" in record else "the measured weights (sha256-checked)"
+    entry.__doc__ = f"{_describe_entry(record)}\n\nArgs:\n    pretrained: load {weights}.\n"
     return entry
 
 

@@ -344,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", parents=[common], help="the model zoo")
     models.set_defaults(run=_models)
+    _import_parser(commands, common)
     return parser
 
 
@@ -858,9 +859,17 @@ def _patch(entry: dict) -> str:
     return f"{patch[0]}x{patch[1]} px ({entry['patch_percent']:.2f}%)" if "patch_percent" in entry else f"{patch[0]}x{patch[1]} px"
 
 
+def _weights(entry: dict) -> str:
+    """Where a manifest entry's weights are: in the package, or on the Hub (the network is needed once)."""
+    if entry.get("embedded"):
+        return "embedded"
+    source = entry.get("weights") or (f"hf-hub:{entry['repo_id']}" if entry.get("repo_id") else None)
+    return f"{source} (network once)" if source else "-"
+
+
 def _models(args: argparse.Namespace) -> None:
     zoo = _zoo()
-    rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified")]
+    rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified", "weights")]
     for name in zoo.list_models():
         entry = zoo.zoo_entry(name)
         marker = " *" if name == zoo.DEFAULT_MODEL else ""
@@ -874,10 +883,58 @@ def _models(args: argparse.Namespace) -> None:
                 _value(entry.get("num_masks")),
                 _accuracy(metrics.get("clean_accuracy")),
                 _accuracy(metrics.get("certified_accuracy")),
+                _weights(entry),
             )
         )
     print(_columns(rows, align_left=True))
     print("\n* the default model (robustwrap certify with no --model)")
+    print("embedded: shipped in the package, loads offline; hf-hub:...: downloaded once into the Hugging Face cache, then HF_HUB_OFFLINE=1 works")
+
+
+# -------------------------------------------------------------------------------------- import
+# `robustwrap import`: the format names the authors' code; each saves for one defense.
+IMPORT_FORMATS = {"patchcleanser": "patchcleanser", "patchguard": "patchguard", "smoothed-vit": "smoothing", "drs": "smoothing"}
+
+
+def _import_parser(commands, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "import",
+        parents=[common],
+        help="turn a checkpoint the authors of a defense published into a robustwrap folder",
+        description="Read a published checkpoint (torch.load(weights_only=True) only: a file that needs pickle code is "
+        "refused and nothing is written) and write a robustwrap folder (config.json, model.safetensors, README.md) that "
+        "robustwrap.from_pretrained and robustwrap certify --model DIR load. Settings come from the authors' file names "
+        "where they carry them; the options below override them.",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="the checkpoint (.pth / .pt)")
+    parser.add_argument("--format", required=True, choices=tuple(IMPORT_FORMATS), help="whose code saved it")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--model", help="timm architecture of the network (default: from the file name)")
+    parser.add_argument("--num-classes", type=_positive, metavar="N", help="classes of the head (default: from the file name's data set)")
+    parser.add_argument("--image-size", type=_image_size, help="H or HxW input size (default: the authors')")
+    parser.add_argument("--patch", type=_single_patch, help="pixels (32), a percentage of the image area (2%%) or a fraction (0.02) (default: the authors')")
+    parser.add_argument("--dataset", help="data set name recorded in the folder (default: from the file name)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="numeric precision of the defended model (default float32)")
+    parser.add_argument("--margin", type=_non_negative_float, metavar="M", help="certificate margin (default: robustwrap's; 0 is the papers' rule)")
+    _defense_groups(parser)
+    parser.set_defaults(run=_import, defense=None)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from .convert import import_checkpoint
+    from .hub import save_folder
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ValueError(f"--out {args.out} already exists and is not an empty folder")
+    defense = IMPORT_FORMATS[args.format]
+    options = _check_defense_options(args, defense, defense)
+    options.update({k: getattr(args, k) for k in ("precision", "margin") if getattr(args, k) is not None})
+    model = import_checkpoint(
+        args.file, args.format, model=args.model, num_classes=args.num_classes, image_size=args.image_size, patch=args.patch, dataset=args.dataset, **options
+    )
+    save_folder(model, args.out)
+    print(f"{args.file.name} -> {args.out}: {model.model.pretrained_cfg.get('architecture')}, {model.num_classes} classes; {_describe(model)}")
+    print(f"certify it: robustwrap certify --model {args.out} --data FOLDER --limit all")
 
 
 # -------------------------------------------------------------------------------------- models
@@ -1183,6 +1240,8 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
         if class_map is not None:
             raise ValueError("--class-map goes with an image folder given by --data")
         spec = zoo.zoo_entry(model_name)["dataset"]
+        if spec not in builtin:
+            raise ValueError(f"--data is required for --model {model_name}: its data set ({spec}) is not shipped with robustwrap; pass --data FOLDER (your copy, in class folders)")
         return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
     path = Path(spec)
     if spec in builtin:

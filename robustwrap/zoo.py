@@ -1,9 +1,16 @@
 """The model zoo and the data shipped with the package: manifest, lookup by name, built-in data sets.
 
-The zoo's manifest (`robustwrap/zoo/manifest.json`) lists every pretrained robust model with the
-accuracy we measured and the command that measured it; a model is either embedded in the package
-(loads offline) or published on the Hugging Face Hub. The files themselves are in the Hub format of
-`robustwrap.hub` (the Concepts page, docs/concepts.md#hub-format).
+The zoo's manifest (`robustwrap/zoo/manifest.json`) lists two kinds of models:
+
+- **embedded** ones, shipped in the package in the Hub format of `robustwrap.hub` (the Concepts page,
+  docs/concepts.md#hub-format), with the accuracy we measured and the command that measured it;
+  they load offline;
+- **Hub-backed** papers' models, named in timm's `arch.tag` grammar
+  (`vit_base_patch16_224.augreg_in21k_ft_in1k`): the base weights are timm's own Hub repo of that
+  tag (the weights the paper used), wrapped with the paper's settings (`"settings"` in the entry).
+  Their cards (`robustwrap/zoo/cards/`) state the paper's figures as the paper's claim, with the
+  command that measures them on your copy of the data. They need the network once, to fill the
+  Hugging Face cache; after that `HF_HUB_OFFLINE=1` loads them from the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ __all__ = [
     "describe_entry",
     "from_pretrained",
     "list_models",
+    "model_card",
     "zoo_entry",
 ]
 
@@ -85,6 +93,9 @@ def describe_entry(entry: dict[str, Any]) -> str:
     metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
     certified = metrics.get("certified_accuracy")
     measured = f"certified accuracy {100 * certified:.1f}%" if isinstance(certified, (int, float)) else "certified accuracy not measured"
+    base = entry.get("base") if isinstance(entry.get("base"), dict) else None
+    if base is not None:
+        measured += f" here; weights from hf-hub:{base.get('hf_hub_id')} (needs the network once)"
     return (
         f"{entry.get('architecture', 'unknown architecture')} on {entry.get('dataset', 'an unrecorded dataset')}, "
         f"{entry.get('strategy', 'unrecorded')} fine-tuning; {measured} against {entry.get('threat_model', 'an unrecorded threat model')}."
@@ -99,8 +110,9 @@ def create_model(name: str, pretrained: bool = True, **kwargs: Any) -> RobustPat
 
     Args:
         name: a name from `list_models()`.
-        pretrained: load the measured weights (their sha256 is checked against the manifest);
-            False builds the same architecture and defense with random weights.
+        pretrained: load the weights (an embedded model's sha256 is checked against the
+            manifest; a Hub-backed one's come from timm's Hub repo, or the Hugging Face cache);
+            False builds the same architecture and defense with random weights, offline.
         **kwargs: `device`, `batch_size`; `cache_dir`, `local_files_only`, `token`,
             `force_download` for models published on the Hub.
 
@@ -109,17 +121,94 @@ def create_model(name: str, pretrained: bool = True, **kwargs: Any) -> RobustPat
 
     Raises:
         ValueError: unknown name, or weights whose sha256 differs from the manifest.
+        FileNotFoundError: a Hub-backed model whose weights are neither cached nor downloadable
+            (one line saying how to get them).
     """
     entry = zoo_entry(name)
     if kwargs.get("revision") is not None:
         raise TypeError(f"revision={kwargs['revision']!r} does not apply to the zoo model {name!r}: its manifest entry pins the revision")
     kwargs.pop("revision", None)
     hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    if isinstance(entry.get("base"), dict):
+        return _from_timm_hub(entry, pretrained, hub_kwargs, **kwargs)
     if entry.get("embedded"):
         folder = Path(str(_ZOO / entry["embedded"]))
     else:
         folder = hub.download(entry["repo_id"], entry.get("revision"), **hub_kwargs)
     return hub.load_folder(folder, weights=pretrained, expected_sha256=entry["sha256"] if pretrained else None, **kwargs)
+
+
+def _from_timm_hub(entry: dict[str, Any], pretrained: bool, hub_kwargs: dict[str, Any], device: str | torch.device = "cpu", **runtime: Any) -> RobustPatchClassifier:
+    """A Hub-backed entry: timm's model of the tag, its weights from timm's Hub repo, wrapped with the paper's settings."""
+    import timm
+
+    from .defenses import wrap
+
+    spec = entry["base"]
+    base = timm.create_model(spec["model"], pretrained=False)
+    if pretrained:
+        path = _timm_weights(entry, **hub_kwargs)
+        if entry.get("sha256") and hub.sha256_of(path) != entry["sha256"]:
+            raise ValueError(f"{path} has sha256 {hub.sha256_of(path)}, but the zoo manifest records {entry['sha256']}: refusing to load it")
+        hub.load_state_strictly(base, hub.read_safetensors(path, str(path)), str(path), f"timm's {spec['model']}")
+    settings = dict(entry["settings"])
+    model = wrap(base, settings.pop("patch"), defense=entry["defense"], **settings, **runtime)
+    model.pretrained_info = {"dataset": entry.get("dataset"), "strategy": entry.get("strategy"), "paper": entry.get("paper")}
+    return model.to(device).eval()
+
+
+def _timm_weights(
+    entry: dict[str, Any],
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> Path:
+    """`model.safetensors` of the entry's timm Hub repo: from the Hugging Face cache, else downloaded.
+
+    Raises:
+        FileNotFoundError: in one line, when the file is not cached and the Hub cannot be used
+            (offline, `local_files_only`, or unreachable), saying how to fill the cache.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = entry["base"]["hf_hub_id"], entry["base"].get("revision")
+    cache = str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True" if local_files_only else hub._unreachable()
+    try:
+        return Path(
+            hf_hub_download(
+                repo, hub.WEIGHTS_NAME, revision=revision, cache_dir=cache, local_files_only=reason is not None, token=token, force_download=force_download and reason is None
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"zoo model {entry['name']!r} needs the network once: its weights are timm's Hub repo {repo} ({hub.WEIGHTS_NAME}), "
+            f"which is not in the Hugging Face cache ({cache}) and {reason}; where the Hub can be reached run "
+            f"`huggingface-cli download {repo} {hub.WEIGHTS_NAME}` (then HF_HUB_OFFLINE=1 loads it from the cache), "
+            f"or copy a Hugging Face cache that has it into {cache}"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"zoo model {entry['name']!r}: cannot get {hub.WEIGHTS_NAME} of hf-hub:{repo}: {type(e).__name__}: {first}") from None
+
+
+def model_card(name: str) -> str:
+    """The card of a zoo model: what it is, the paper's figures as the paper's claim, the command that measures them.
+
+    Args:
+        name: a name from `list_models()`.
+
+    Returns:
+        The card as Markdown (an embedded model's `README.md`, a Hub-backed entry's card file).
+
+    Raises:
+        ValueError: for a name not in the zoo.
+    """
+    entry = zoo_entry(name)
+    card = _ZOO / entry["card"] if entry.get("card") else _ZOO / entry["embedded"] / "README.md" if entry.get("embedded") else None
+    return card.read_text() if card is not None else describe_entry(entry)
 
 
 def from_pretrained(name_or_path: str | Path, **kwargs: Any) -> RobustPatchClassifier:

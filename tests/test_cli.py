@@ -659,7 +659,7 @@ def test_models_table_from_the_zoo(stub_zoo, capsys):
     code, out, _ = run(["models"], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("tiny *"))
-    assert row.split()[2:] == [ARCH, "tiny-data", "3x3", "px", "(10.00%)", "2", "50.0%", "25.0%"]
+    assert row.split()[2:] == [ARCH, "tiny-data", "3x3", "px", "(10.00%)", "2", "50.0%", "25.0%", "-"]
 
 
 # ------------------------------------------------------------------------------------ defenses

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import robustwrap
 from robustwrap import hub, zoo
+from robustwrap.cli import main
 from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.patchcleanser import PatchCleanser
+from robustwrap.geometry import MaskSet
+from robustwrap.report import CertificationReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +41,9 @@ def test_manifest_lists_only_measured_weights():
     assert manifest == json.loads((ROOT / "robustwrap" / "zoo" / "manifest.json").read_text())
     assert manifest["default"] in zoo.list_models()
     for entry in manifest["models"]:
+        if "base" in entry:  # Hub-backed: the paper's claims, no measurement of ours (test_hub_backed_entries_*)
+            assert not entry.get("embedded") and not entry.get("metrics")
+            continue
         folder = ROOT / "robustwrap" / "zoo" / entry["embedded"] if entry.get("embedded") else None
         assert folder is not None and hub.sha256_of(folder / "model.safetensors") == entry["sha256"]
         assert {"vanilla_accuracy", "clean_accuracy", "certified_accuracy", "num_images", "command"} <= set(entry["metrics"])
@@ -148,3 +158,133 @@ def test_hubconf_survives_an_entry_without_metrics(monkeypatch):
     assert "certified accuracy 66.0%" in getattr(hubconf, zoo.DEFAULT_MODEL).__doc__
     unmeasured = torch.hub.load(str(ROOT), "unmeasured", source="local")  # through torch.hub itself
     assert unmeasured.settings() == robustwrap.create_model(zoo.DEFAULT_MODEL).settings()
+
+
+# ------------------------------------------------------------------------ Hub-backed papers' models
+HUB_BACKED = [name for name in zoo.list_models() if "base" in zoo.zoo_entry(name)]
+VIT = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+
+
+def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
+    """PatchCleanser's ImageNet models: timm 0.4.12's defaults, today's tags, the paper's 2% patch and 6x6 masks."""
+    assert sorted(HUB_BACKED) == sorted([VIT, "resnetv2_50x1_bit.goog_distilled_in1k", "resmlp_24_224.fb_distilled_in1k"])
+    for name in HUB_BACKED:
+        entry = zoo.zoo_entry(name)
+        arch, _, tag = name.partition(".")  # timm's arch.tag grammar
+        assert entry["base"]["model"] == name and entry["architecture"] == arch and tag and name in timm.list_pretrained(f"{arch}.*")
+        cfg = timm.get_pretrained_cfg(name)  # in the package: offline
+        assert entry["base"]["hf_hub_id"] == cfg.hf_hub_id == f"timm/{name}" and entry["weights"] == f"hf-hub:{cfg.hf_hub_id}"
+        assert entry["settings"] == {"patch": 32, "num_masks": 6} and list(cfg.input_size[1:]) == entry["image_size"] == [224, 224]
+        assert math.ceil(math.sqrt(0.02 * 224 * 224)) == entry["settings"]["patch"]  # 2% of the area
+        masks = MaskSet.square(entry["image_size"], entry["settings"]["patch"], num_masks=entry["settings"]["num_masks"])
+        assert masks.describe() == entry["threat_model"] and len(masks) == entry["num_masks"] and entry["patch"] == [32, 32]
+        card = zoo.model_card(name)
+        assert entry["measure_with"] in card and f"huggingface-cli download {cfg.hf_hub_id}" in card and "HF_HUB_OFFLINE=1" in card
+        for claim in entry["paper"]["claims"]:
+            assert "**Reported by the paper**" in card and f"**{100 * claim['certified_accuracy']:.1f}% certified**" in card
+    claims = zoo.zoo_entry(VIT)["paper"]["claims"]
+    assert [(c["clean_accuracy"], c["certified_accuracy"]) for c in claims] == [(0.839, 0.621)]
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A hand-built, offline Hugging Face cache, laid out as `huggingface-cli download` leaves it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, model: torch.nn.Module) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps({"architecture": model.pretrained_cfg["architecture"]}))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "model.safetensors"))
+        return snapshot / "model.safetensors"
+
+    return add
+
+
+@pytest.fixture
+def tiny_paper_entry(monkeypatch):
+    """The ViT entry with its base swapped for timm's tiny test ViT (a real timm Hub repo: timm/test_vit.r160_in1k)."""
+    manifest = zoo._manifest()
+    entry = copy.deepcopy(zoo.zoo_entry(VIT))
+    entry.update(name="tiny_paper_model", base={**entry["base"], "model": "test_vit.r160_in1k", "hf_hub_id": "timm/test_vit.r160_in1k"})
+    monkeypatch.setattr(zoo, "_manifest", lambda: {**manifest, "models": [*manifest["models"], entry]})
+    return entry
+
+
+def test_hub_backed_entry_loads_from_the_hf_cache(hf_cache, tiny_paper_entry):
+    torch.manual_seed(0)
+    published = timm.create_model("test_vit.r160_in1k").eval()
+    hf_cache("timm/test_vit.r160_in1k", published)
+    model = robustwrap.create_model("tiny_paper_model")
+    assert model.defense == "patchcleanser" and model.mask_set == MaskSet.square(160, 32, num_masks=6)
+    assert model.model.pretrained_cfg["hf_hub_id"] == "timm/test_vit.r160_in1k"  # timm's data config travels with the model
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(model.model(x), published(x))
+    assert model.pretrained_info["paper"]["claims"] == tiny_paper_entry["paper"]["claims"]
+    assert robustwrap.from_pretrained("tiny_paper_model").settings() == model.settings()
+    random_init = robustwrap.create_model("tiny_paper_model", pretrained=False)
+    assert random_init.settings() == model.settings()
+    with torch.no_grad():
+        assert not torch.equal(random_init.model(x), published(x))
+
+
+def test_uncached_hub_backed_entry_fails_in_one_line(hf_cache, tiny_paper_entry):
+    with pytest.raises(FileNotFoundError) as error:
+        robustwrap.create_model("tiny_paper_model")
+    message = str(error.value)
+    assert "\n" not in message and "needs the network once" in message and "HF_HUB_OFFLINE is set" in message
+    assert "huggingface-cli download timm/test_vit.r160_in1k model.safetensors" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_cli_certifies_a_hub_backed_entry(hf_cache, tiny_paper_entry, tmp_path, capsys):
+    torch.manual_seed(0)
+    hf_cache("timm/test_vit.r160_in1k", timm.create_model("test_vit.r160_in1k"))
+    for label in ("0", "1"):
+        (tmp_path / "val" / label).mkdir(parents=True)
+        Image.fromarray(torch.randint(0, 256, (170, 180, 3), dtype=torch.uint8).numpy()).save(tmp_path / "val" / label / "a.png")
+    args = ["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val"), "--no-progress", "--report", str(tmp_path / "r.json")]
+    assert main(args) == 0, capsys.readouterr().err
+    report = CertificationReport.load(tmp_path / "r.json")
+    model = robustwrap.create_model("tiny_paper_model")
+    transform = create_transform(**resolve_data_config(model=model.model))
+    images = torch.stack([transform(Image.open(tmp_path / "val" / label / "a.png").convert("RGB")) for label in ("0", "1")])
+    assert [r.prediction for r in report.records] == model.predict(images).tolist()
+    assert main(["certify", "--model", "tiny_paper_model"]) == 1  # its data set is not shipped
+    assert "--data is required for --model tiny_paper_model: its data set (imagenet-1k) is not shipped" in capsys.readouterr().err
+
+
+def test_cli_uncached_hub_backed_entry_is_one_line(hf_cache, tiny_paper_entry, tmp_path, capsys):
+    (tmp_path / "val" / "0").mkdir(parents=True)
+    assert main(["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the network once" in err and "huggingface-cli download timm/test_vit.r160_in1k" in err
+
+
+def test_models_command_marks_embedded_and_network_entries(capsys):
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    for name in zoo.list_models():
+        entry = zoo.zoo_entry(name)
+        expected = "embedded" if entry.get("embedded") else f"{entry['weights']} (network once)"
+        assert rows[name].endswith(expected), rows[name]
+
+
+def test_torch_hub_entry_points_of_hub_backed_models(hf_cache, tiny_paper_entry):
+    hubconf = torch.hub._import_module("hubconf_papers", str(ROOT / "hubconf.py"))
+    assert "timm's weights from hf-hub:timm/vit_base_patch16_224.augreg_in21k_ft_in1k" in getattr(hubconf, VIT).__doc__
+    torch.manual_seed(0)
+    published = timm.create_model("test_vit.r160_in1k").eval()
+    hf_cache("timm/test_vit.r160_in1k", published)
+    model = torch.hub.load(str(ROOT), "tiny_paper_model", source="local")
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(model.model(x), published(x))

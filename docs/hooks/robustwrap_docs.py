@@ -70,6 +70,8 @@ def zoo_table(manifest: dict) -> str:
     if not models:
         return '!!! warning "The zoo is empty"\n    `hub/manifest.json` lists no model yet.\n'
     default = manifest.get("default")
+    papers = [e for e in models if isinstance(e.get("base"), dict)]
+    models = [e for e in models if e not in papers]
     rows = [
         "| model | base | data | fine-tuning | threat model | vanilla clean | defended clean | certified |",
         "|---|---|---|---|---|---:|---:|---:|",
@@ -109,7 +111,32 @@ def zoo_table(manifest: dict) -> str:
             "",
         ]
         parts += details
+    if papers:
+        parts += ["", _papers_table(papers)]
     return "\n".join(parts)
+
+
+def _papers_table(entries: list[dict]) -> str:
+    """The Hub-backed papers' models: timm's weights, the paper's settings, the paper's figures as claims."""
+    rows = [
+        "### The papers' models (weights from timm's Hub repos)",
+        "",
+        (
+            "Each is timm's own Hub repo of the tag the paper's code loaded, wrapped with the paper's settings. The first "
+            "load needs the network (then `HF_HUB_OFFLINE=1` reads the Hugging Face cache). Nothing here was measured by us: "
+            "the figures are **the paper's claims**, and each card gives the command that measures them on your copy of the data."
+        ),
+        "",
+        "| model | weights | threat model | reported by the paper (clean / certified) |",
+        "|---|---|---|---|",
+    ]
+    for e in entries:
+        claims = (e.get("paper") or {}).get("claims") or []
+        claimed = "<br>".join(f"{_pct(c.get('clean_accuracy'))} / {_pct(c.get('certified_accuracy'))} ({c.get('model')})" for c in claims) or "not restated (see the card)"
+        rows.append(f"| `{e['name']}` | [`{e.get('weights')}`](https://huggingface.co/{e['base'].get('hf_hub_id')}) | {e.get('threat_model', _threat(e))} | {claimed} |")
+    for e in entries:
+        rows += ["", f"#### `{e['name']}` {{ #{e['name'].replace('.', '-')} }}", "", f"- **Measure:** `{e.get('measure_with', '-')}`", ""]
+    return "\n".join(rows)
 
 
 def zoo_default(manifest: dict) -> str:

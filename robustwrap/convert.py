@@ -1,0 +1,366 @@
+"""Import the checkpoints the defenses' authors published into robustwrap's Hub format.
+
+```python
+model = robustwrap.convert.import_checkpoint("vit_base_patch16_224_cutout2_128_imagenette.pth", "patchcleanser")
+model.save_pretrained("pc-vit-imagenette")          # or: robustwrap import FILE --format patchcleanser --out DIR
+```
+
+Each project saves its weights its own way; this module knows four of them (read from the
+authors' public code):
+
+| format | files | what they hold |
+| --- | --- | --- |
+| `patchcleanser` | `{model}_{dataset}.pth`, `{model}_cutout2_128_{dataset}.pth` | `{"model_state_dict": ...}` saved through `DataParallel` (`module.` keys); ImageNet cutout files `{"state_dict": ...}` |
+| `patchguard` | `bagnet17_nette.pth`, `bagnet17_192_cifar.pth`, `bagnet17_net.pth` | `{"model_state_dict": ...}` or `{"net": ...}`, `module.` keys, the head a linear layer |
+| `drs` | `imagenet_one_band_..._model_resnet50_..._band_25_epoch_N.pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
+| `smoothed-vit` | `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys, the input normaliser's mean and std as buffers |
+
+The file name carries the settings where the authors' scripts put them there (model, data set and
+so classes, input size and preprocessing, cutout training, band size); every one can be overridden.
+Files are read with `torch.load(weights_only=True)` only: a file that needs pickle code (any class
+beyond tensors and plain containers) is refused, since unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .defenses.base import RobustPatchClassifier
+
+__all__ = ["FORMATS", "import_checkpoint", "read_checkpoint"]
+
+FORMATS = ("patchcleanser", "patchguard", "smoothed-vit", "drs")
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a checkpoint is: the timm model to build, the data it was trained for, the defense's settings."""
+
+    arch: str
+    num_classes: int
+    defense: str
+    patch: int | float
+    options: dict[str, Any]
+    dataset: str | None = None
+    data_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # pretrained_cfg fields: input_size, crop_pct, mean, ...
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    strategy: str | None = None
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The contents of a PyTorch checkpoint, read with `torch.load(weights_only=True)` only.
+
+    Args:
+        path: a `.pth` / `.pt` file.
+
+    Returns:
+        What the file holds (a dict for every format here).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a file that needs pickle code to load (unpickling can run arbitrary code,
+            so it is refused), or that is not a PyTorch checkpoint at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        if what is None:  # torch's weights-only reader met bytes that are no pickle it knows
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load(weights_only=True) cannot parse it)") from None
+        name = f" ({what.group(1)})"
+        raise ValueError(
+            f"{path} needs pickle code to load{name}: robustwrap reads checkpoints with torch.load(weights_only=True) only, "
+            "since unpickling can run arbitrary code; nothing was written"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
+
+
+def _state_dict(checkpoint: Any, keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
+    """The state dict under the first of `keys` present (or the checkpoint itself), `module.` stripped."""
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        for key in keys:
+            if isinstance(checkpoint.get(key), dict):
+                state = checkpoint[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        top = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} holds no state dict under {' or '.join(repr(k) for k in keys)} (it holds {top})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------ formats
+# PatchCleanser's model names (timm 0.4.12) and today's timm tags with the same weights.
+_PC_MODELS = {
+    "resnetv2_50x1_bit_distilled": "resnetv2_50x1_bit.goog_distilled_in1k",
+    "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "resmlp_24_distilled_224": "resmlp_24_224.fb_distilled_in1k",
+}
+_PC_DATASETS = {"imagenet": 1000, "imagenette": 10, "flower102": 102, "cifar": 10, "cifar100": 100, "svhn": 10}
+_PC_NAME = re.compile(rf"({'|'.join(_PC_MODELS)})(?:_cutout(\d+)_(\d+))?_({'|'.join(_PC_DATASETS)})\.pth?")
+
+
+def _patchcleanser(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """PatchCleanser's `train_model.py`: `{model}[_cutout{holes}_{size}]_{dataset}.pth`."""
+    found = _PC_NAME.fullmatch(path.name)
+    plan = _Plan(arch="", num_classes=0, defense="patchcleanser", patch=0.02, options={"num_masks": 6})
+    if found:
+        model, holes, size, dataset = found.groups()
+        plan.arch, plan.num_classes, plan.dataset = _PC_MODELS[model], _PC_DATASETS[dataset], dataset
+        plan.strategy = (
+            f"Cutout, {holes} holes of {size} px (the authors' training)" if holes else "plain fine-tuning (the authors' training)"
+        )
+        if dataset in ("cifar", "cifar100", "svhn"):
+            # utils/setup.py: low-resolution images resized to 224x224 without cropping; the paper's 2.4% patch
+            plan.data_config, plan.patch = {"crop_pct": 1.0}, 35
+        else:
+            plan.patch = 32
+    return plan, _state_dict(checkpoint, ("model_state_dict", "state_dict"), path)
+
+
+_PG_NAME = re.compile(r"(bagnet9|bagnet17|bagnet33)(?:_(\d+))?_(nette|cifar|net)\.pth?")
+
+
+def _patchguard(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """PatchGuard's BagNets: `bagnet17_nette.pth` (ImageNette), `bagnet17_192_cifar.pth`, `bagnet17_net.pth`."""
+    from .models import checkpoint_filter_fn
+
+    found = _PG_NAME.fullmatch(path.name)
+    plan = _Plan(arch="", num_classes=0, defense="patchguard", patch=0.02, options={})
+    if found:
+        arch, size, dataset = found.groups()
+        plan.arch, plan.dataset = arch, {"nette": "imagenette", "cifar": "cifar", "net": "imagenet"}[dataset]
+        plan.num_classes = 1000 if dataset == "net" else 10
+        if dataset == "cifar":
+            # mask_bn_cifar.py: Resize(192, bicubic), no crop, CIFAR's mean and std; a 30 px patch
+            side = int(size or 192)
+            plan.data_config = {
+                "input_size": (3, side, side),
+                "crop_pct": 1.0,
+                "interpolation": "bicubic",
+                "mean": _CIFAR_MEAN,
+                "std": _CIFAR_STD,
+            }
+            plan.patch = 30
+        else:
+            # mask_bn_imagenet.py: Resize(256), CenterCrop(224), ImageNet's mean and std; a 32 px (2%) patch
+            plan.data_config = {
+                "input_size": (3, 224, 224),
+                "crop_pct": 0.875,
+                "interpolation": "bilinear",
+                "mean": _IMAGENET_MEAN,
+                "std": _IMAGENET_STD,
+            }
+            plan.patch = 32
+    state = _state_dict(checkpoint, ("model_state_dict", "net", "state_dict"), path)
+    return plan, checkpoint_filter_fn(state, None)  # the linear head becomes robustwrap's 1x1 conv head
+
+
+_DRS_NAME = re.compile(r"(cifar|imagenet|mnist)_one_band_.*?model_(\w+?)_+band_(\d+)_epoch_\d+.*\.pth?")
+
+
+def _drs(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """Levine & Feizi's patchSmoothing: `imagenet_one_band_lr_..._model_resnet50__band_25_epoch_N.pth`."""
+    found = _DRS_NAME.fullmatch(path.name)
+    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=0.02, options={"encoding": "levine2020", "ablation": "column"})
+    if found:
+        dataset, arch, band = found.groups()
+        if dataset != "imagenet":
+            raise ValueError(
+                f"{path.name}: the authors' {dataset} networks (pytorch_cifar's ResNet: a 3x3 stem without pooling) are built "
+                "neither by timm nor by torchvision, so a robustwrap folder could not rebuild them; only their ImageNet "
+                "ResNets (resnet_imgnt.py, torchvision's layout) can be imported"
+            )
+        # certify_imagenet_band.py: Resize((299, 299)) without cropping, ImageNet's mean and std,
+        # a 42 px patch (2% of 299x299) and softmax threshold 0.2.
+        plan.arch, plan.num_classes, plan.dataset = arch, 1000, "imagenet"
+        plan.options.update(size=int(band), threshold=0.2)
+        plan.patch = 42
+        plan.data_config = {
+            "input_size": (3, 299, 299),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": _IMAGENET_MEAN,
+            "std": _IMAGENET_STD,
+        }
+    plan.model_args = {"in_chans": 6}
+    return plan, _state_dict(checkpoint, ("net", "state_dict", "model_state_dict"), path)
+
+
+# (patch side, embedding width) -> the timm DeiT that the authors' custom ViT copies.
+_DEIT = {(16, 192): "deit_tiny_patch16_224", (16, 384): "deit_small_patch16_224", (16, 768): "deit_base_patch16_224"}
+
+
+def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """Salman et al.'s smoothed-vit (MadryLab robustness library): `{"model": AttackerModel state}`.
+
+    ImageNet: column bands of 19 px against a 32 px patch (the paper's 2%). CIFAR-10 (recognised by
+    the normaliser's mean): the authors' 32 px geometry in the 224 px input their ViT sees.
+
+    The robustness library keeps the network under `model.` (`model.model.` when wrapped for a
+    custom forward), a copy under `attacker.`, and the input normaliser's mean and std as buffers.
+    """
+    state = _state_dict(checkpoint, ("model", "state_dict"), path)
+    prefix = "model.model." if any(k.startswith("model.model.") for k in state) else "model."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{path}: no network weights under '{prefix}' (expected the robustness library's AttackerModel keys)")
+    norm = {
+        k.rsplit(".", 1)[-1]: v
+        for k, v in state.items()
+        if not k.startswith(("model.", "attacker.")) and k.endswith(("new_mean", "new_std"))
+    }
+    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={"ablation": "column", "size": 19})
+    proj = weights.get("patch_embed.proj.weight")
+    if proj is not None:
+        plan.arch = _DEIT.get((proj.shape[-1], proj.shape[0]), "")
+    head = weights.get("head.weight")
+    if head is not None:
+        plan.num_classes = head.shape[0]
+        plan.dataset = "imagenet" if head.shape[0] == 1000 else None
+    if "new_mean" in norm and "new_std" in norm:
+        mean, std = (tuple(float(v) for v in norm[k].flatten()) for k in ("new_mean", "new_std"))
+        # The authors ablate pixels to 0 (black) before normalising: in the model's input space that is -mean/std.
+        plan.data_config = {"mean": mean, "std": std}
+        plan.options["fill"] = tuple(-m / s for m, s in zip(mean, std))
+        if all(abs(a - b) < 1e-4 for a, b in zip(mean, _CIFAR_MEAN)):
+            # CIFAR-10, `--cifar-preprocess-type simple224`: 32 px images ablated, then upsampled x7 (nearest).
+            # Keeping band [q, q + 4) of 32 columns and upsampling keeps [7q, 7q + 28) of 224: a 28 px band at
+            # stride 7 is the same set of views; the paper's 5 px patch becomes 35 px, at any (not only x7) offset.
+            plan.dataset = "cifar10"
+            plan.data_config.update(input_size=(3, 224, 224), crop_pct=1.0, interpolation="nearest")
+            plan.options.update(size=28, stride=7)
+            plan.patch = 35
+    return plan, weights
+
+
+_READERS = {"patchcleanser": _patchcleanser, "patchguard": _patchguard, "drs": _drs, "smoothed-vit": _smoothed_vit}
+
+
+# ------------------------------------------------------------------------------------ building
+def _build(plan: _Plan, state: dict[str, torch.Tensor], image_size: tuple[int, int] | None, source: str) -> nn.Module:
+    """The timm model of `plan` holding `state` (adapted by timm's own filter for older key layouts)."""
+    import timm
+
+    from . import models  # noqa: F401 - registers the BagNets with timm
+    from .hub import load_state_strictly
+
+    kwargs: dict[str, Any] = {"num_classes": plan.num_classes, **plan.model_args}
+    try:  # models with a fixed input size (ViTs) take img_size; convolutional ones take any size
+        base = timm.create_model(plan.arch, pretrained=False, **kwargs, **({"img_size": image_size} if image_size else {}))
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        base = timm.create_model(plan.arch, pretrained=False, **kwargs)
+    want = base.state_dict()
+    if set(state) != set(want):
+        # Weights saved by an older timm (PatchCleanser used 0.4.12): timm's own converter.
+        filter_fn = getattr(sys.modules[type(base).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            # A converter that does not apply leaves the keys as they were; the strict load below names them.
+            with contextlib.suppress(KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError):
+                state = filter_fn(state, base)
+    load_state_strictly(base, state, source, f"timm's {plan.arch} with {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
+    cfg = dict(base.pretrained_cfg)
+    cfg.update(plan.data_config)
+    if image_size is not None:
+        cfg["input_size"] = (cfg.get("input_size", (3,))[0], *image_size)
+    base.pretrained_cfg = cfg
+    return base
+
+
+def import_checkpoint(
+    path: str | Path,
+    format: str,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    patch: float | tuple[int, int] | None = None,
+    dataset: str | None = None,
+    **options: Any,
+) -> RobustPatchClassifier:
+    """The defended model of a checkpoint the authors of a defense published.
+
+    Settings come from the file name where the authors' scripts put them (see the module's
+    table); every argument given here overrides them.
+
+    Args:
+        path: the checkpoint file.
+        format: `"patchcleanser"`, `"patchguard"`, `"smoothed-vit"` or `"drs"` (who saved it).
+        model: the timm architecture (`"vit_base_patch16_224"`, `"bagnet17"`, ...); required
+            when the file name does not tell.
+        num_classes: classes of the head (default: the checkpoint's data set).
+        image_size: `H` or `(H, W)` of the model's input (default: the authors').
+        patch: the threat model's patch (default: the authors' for that data set).
+        dataset: recorded with the model (default: from the file name).
+        **options: the defense's own options, as `robustwrap.wrap` takes them (`num_masks`,
+            `size`, `ablation`, `threshold`, `encoding`, `receptive_field`, ...), plus `fill`,
+            `precision`, `margin`.
+
+    Returns:
+        The defended model in eval mode, its base a timm model with the checkpoint's weights, its
+        `pretrained_info` saying where they came from: `model.save_pretrained(folder)` writes the
+        robustwrap folder.
+
+    Raises:
+        ValueError: an unknown format; a file that needs pickle code or holds no state dict; a
+            name that does not say the model and no `model`; weights that do not fit the model.
+        FileNotFoundError: no such file.
+    """
+    from ._args import as_image_size
+    from .defenses import wrap
+    from .hub import sha256_of
+
+    if format not in _READERS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    plan, state = _READERS[format](path, checkpoint)
+    if model is not None:
+        plan.arch = model
+    if not plan.arch:
+        raise ValueError(
+            f"{path.name} does not name its model the way the {format} code names its files: pass model= (--model), e.g. a timm architecture"
+        )
+    import timm
+
+    if not timm.is_model(plan.arch):
+        raise ValueError(f"model {plan.arch!r} is not a timm architecture (timm {timm.__version__})")
+    if num_classes is not None:
+        plan.num_classes = num_classes
+    if not plan.num_classes:
+        raise ValueError(f"{path.name} does not say its number of classes: pass num_classes= (--num-classes)")
+    size = as_image_size(image_size) if image_size is not None else None
+    if patch is not None:
+        plan.patch = patch
+    plan.options.update(options)
+    base = _build(plan, state, size, str(path)).eval()
+    h, w = size or tuple(base.pretrained_cfg["input_size"][1:])
+    defended = wrap(base, plan.patch, defense=plan.defense, image_size=(h, w), **plan.options).eval()
+    defended.pretrained_info = {
+        "dataset": dataset or plan.dataset,
+        "strategy": plan.strategy,
+        "source": {"format": format, "file": path.name, "sha256": sha256_of(path)},
+    }
+    return defended
