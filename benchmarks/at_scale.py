@@ -14,7 +14,7 @@ prints one JSON object with, per model:
 Each figure is one timed run after one warm-up; on a shared machine they vary by tens of percent.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/at_scale.py [--models resnet18,vit_tiny_patch16_224]
-        [--train-images 4] [--search-images 2] [--certify-images 1] [--threads 1] [--device cpu]
+        [--image-size 224] [--train-images 4] [--search-images 2] [--certify-images 1] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -45,23 +45,28 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def fit_rate(arch: str, strategy: str, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device) -> float:
-    """Training images per second of one `fit_masking` epoch (its own clock, validation excluded)."""
+def create(arch: str, size: int) -> robustwrap.PatchCleanser:
+    """`arch` with random weights at `size` x `size`, wrapped with the papers' 2% patch and 6x6 masks."""
     torch.manual_seed(0)
-    defended = robustwrap.wrap(timm.create_model(arch, num_classes=NUM_CLASSES), patch=0.02, num_masks=6).to(device)
+    extra = {"img_size": size} if "vit" in arch else {}
+    return robustwrap.wrap(timm.create_model(arch, num_classes=NUM_CLASSES, **extra), patch=0.02, num_masks=6, image_size=size)
+
+
+def fit_rate(arch: str, size: int, strategy: str, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Training images per second of one `fit_masking` epoch (its own clock, validation excluded)."""
+    defended = create(arch, size).to(device)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-    robustwrap.fit_masking(defended, DataLoader(TensorDataset(x[:1], y[:1])), strategy=strategy, epochs=1, progress=False)  # warm-up
+    robustwrap.fit_masking(defended, DataLoader(TensorDataset(x[:2], y[:2]), batch_size=2), strategy=strategy, epochs=1, progress=False)  # warm-up
     history = robustwrap.fit_masking(defended, loader, strategy=strategy, epochs=1, progress=False)
     return len(x) / history.final.seconds
 
 
 def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
-    n = max(args.train_images, args.search_images, args.certify_images)
-    x = torch.randn(n, 3, 224, 224, generator=g).to(device)
+    n = max(2, args.train_images, args.search_images, args.certify_images)  # 2: BatchNorm trains on 2 images or more
+    x = torch.randn(n, 3, args.image_size, args.image_size, generator=g).to(device)
     y = torch.randint(NUM_CLASSES, (n,), generator=g).to(device)
-    torch.manual_seed(0)
-    defended = robustwrap.wrap(timm.create_model(arch, num_classes=NUM_CLASSES), patch=0.02, num_masks=6).to(device).eval()
+    defended = create(arch, args.image_size).to(device).eval()
     base = defended.model
 
     views = [0]
@@ -88,8 +93,8 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         "views_per_pass": defended.batch_size,
         "greedy_search_views_per_image": search_views / len(xs),
         "greedy_search_views_per_s": round(search_views / seconds, 2),
-        "train_images_per_s": round(fit_rate(arch, "random_mask", xt, yt, args.train_images, device), 3),
-        "greedy_train_images_per_s": round(fit_rate(arch, "greedy", xt, yt, args.train_images, device), 3),
+        "train_images_per_s": round(fit_rate(arch, args.image_size, "random_mask", xt, yt, args.train_images, device), 3),
+        "greedy_train_images_per_s": round(fit_rate(arch, args.image_size, "greedy", xt, yt, args.train_images, device), 3),
         "certify_views_per_image": certify_views / len(xc),
         "certify_views_per_s": round(certify_views / certify_seconds, 2),
     }
@@ -98,6 +103,7 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,vit_tiny_patch16_224", help="comma list of timm architectures (random weights)")
+    parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224, the papers')")
     parser.add_argument("--train-images", type=int, default=4, help="images of the timed fit_masking epochs (one batch)")
     parser.add_argument("--search-images", type=int, default=2, help="images of the timed Greedy Cutout search")
     parser.add_argument("--certify-images", type=int, default=1, help="images of the timed certification (666 views each)")

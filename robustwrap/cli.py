@@ -915,7 +915,7 @@ def _train_parser(commands, common: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=_count, default=4, metavar="N", help="data-loading worker processes per training process (default 4; 0 loads in the main process)")
     fit = train.add_argument_group("training")
     fit.add_argument("--epochs", type=_positive, default=10, metavar="N", help="epochs (default 10, the papers'; the learning rate drops x0.1 after half)")
-    fit.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="training images per step and process (default 64; under torchrun each step trains N x processes images)")
+    fit.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="training images per step and process (default 64; under torchrun a step trains N x the number of processes)")
     fit.add_argument("--lr", type=_positive_float, metavar="LR", help="learning rate of SGD with momentum 0.9 (default 0.01 for a convolutional network, 0.001 for a transformer)")
     fit.add_argument(
         "--strategy",
@@ -1044,6 +1044,7 @@ def _trained_info(args: argparse.Namespace, history, report: CertificationReport
 
 
 def _write_trained(args: argparse.Namespace, model: RobustPatchClassifier, history, report: CertificationReport | None, world: int) -> None:
+    """Print the epochs and the report, then save to --out or push to --push (rank 0 only)."""
     for stats in history.epochs:
         print(f"epoch {stats.epoch}/{len(history)}: loss {stats.loss:.4f}, accuracy on masked images {_accuracy(stats.accuracy)}, lr {stats.lr:g}, {stats.seconds:.1f} s")
     print(f"{world} process(es) x {args.batch_size} images per step; {_describe(model)}")
