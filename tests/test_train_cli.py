@@ -95,6 +95,28 @@ def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     assert "nothing was certified" in printed and "certification report" not in printed
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_images_get_the_model_preprocessing_or_timm_augmentation(data, tmp_path, capsys, monkeypatch, augment):
+    import robustwrap.fit
+
+    seen = []
+    real = robustwrap.fit.fit_masking
+
+    def spy(model, loader, **kwargs):
+        seen.append(loader)
+        return real(model, loader, **kwargs)
+
+    monkeypatch.setattr(robustwrap.fit, "fit_masking", spy)
+    argv = ["train", *TINY, "--num-masks", "3", "--strategy", "random_mask", "--epochs", "1", "--batch-size", "5", "--data", data / "train", "--out", tmp_path / "m"]
+    code, _, err = run([*argv, *(["--augment"] if augment else [])], capsys)
+    assert code == 0, err
+    [loader] = seen
+    names = [type(t).__name__ for t in loader.dataset.transform.transforms]
+    expected = ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"] if augment else ["Resize", "CenterCrop"]
+    assert names[: len(expected)] == expected
+    assert type(loader.sampler).__name__ == "RandomSampler" and loader.batch_size == 5
+
+
 def test_resume_continues_to_the_same_weights(data, tmp_path, capsys):
     common = ["train", *TINY, "--num-masks", "3", "--strategy", "random_cutout", "--batch-size", "4", "--data", data / "train"]
     assert run([*common, "--epochs", "2", "--out", tmp_path / "whole"], capsys)[0] == 0
