@@ -1,15 +1,22 @@
-"""Recipe: the papers' settings (ImageNet, ImageNette, CIFAR-10; 2% patch, 6x6 masks). NOT YET TRAINED BY US.
+"""Recipes: the papers' settings as presets of `robustwrap train`. NOT YET TRAINED BY US.
 
-PatchCleanser (Xiang et al. 2022) and Greedy Cutout (Saha et al. 2023) fine-tune ImageNet-pretrained
-timm models on masked images, then certify the validation set. This script does the same with
-robustwrap: `fit_masking` (Multi-size Greedy Cutout by default), `certify_dataset`, a model card,
-and `push_to_hub` (or `--dry-run` into a folder). It needs the data set on disk, the pretrained
-timm weights (network or HF cache) and a GPU; none of that exists on the machines that build
-robustwrap, so no entry of the zoo comes from it yet. hub/README.md lists the papers' figures as
-the targets to beat.
+PatchCleanser (Xiang et al., USENIX Security 2022) certifies timm's ImageNet models (ViT-B/16,
+ResNetV2-50x1 BiT, ResMLP-24) against a 2% patch (32 px on 224) with 6x6 masks; Greedy Cutout
+(Saha et al., TMLR 2023) fine-tunes them on masked images first. Each preset below is the exact
+`robustwrap train` command line of one setting: the model with timm's pretrained weights from the
+Hugging Face Hub, the threat model, the strategy and the schedule. You add the data and where the
+model goes; any later option overrides the preset's (e.g. `--batch-size`, `--epochs`):
 
-    python hub/recipes/papers.py --arch vit_base_patch16_224.augreg2_in21k_ft_in1k \\
-        --data /data/imagenette2 --dry-run out/vit_b16_imagenette
+    python hub/recipes/papers.py vit_b16_imagenette --data imagenette2/train --val-data imagenette2/val --out vit_b16_imagenette
+    torchrun --nproc_per_node 8 hub/recipes/papers.py vit_b16_imagenet --data imagenet/train \\
+        --val-data imagenet/val --push ORG/NAME --batch-size 8      # 8 processes x 8 = the preset's 64 per step
+    python hub/recipes/papers.py --list                            # every preset's command line
+
+It needs the data set on disk, the pretrained weights (network or HF cache) and GPUs: none of that
+exists on the machines that build robustwrap, so no entry of the zoo comes from it yet;
+tests/test_train_cli.py runs every preset's first step on timm's tiny test networks. CIFAR-10 (the
+papers resize it to 224 without cropping) has no preset: `robustwrap train` takes the model's own
+data config, which crops.
 """
 
 from __future__ import annotations
@@ -17,70 +24,60 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-import timm
-import torch
-import torchvision
-from timm.data import create_transform, resolve_data_config
-from torch.utils.data import DataLoader
+# The papers' threat model and Greedy Cutout's recipe, shared by every preset: the papers' 2% patch
+# and 6x6 masks; Multi-size Greedy Cutout; 10 epochs of SGD, the learning rate by fit_masking's rule
+# (0.01 for a convolutional network, 0.001 for a transformer or MLP-mixer), x0.1 after epoch 5;
+# timm's training augmentation.
+_RECIPE = ["--patch", "2%", "--num-masks", "6", "--strategy", "multisize_greedy", "--epochs", "10", "--batch-size", "64", "--augment"]
 
-import robustwrap
-
+# PatchCleanser's three ImageNet models, as tagged in today's timm (their `_distilled` names and
+# timm 0.4.12's default ViT-B/16 weights, the AugReg in21k fine-tuned on in1k).
 ARCHS = {
-    "vit_base_patch16_224.augreg2_in21k_ft_in1k": "ViT-B/16-224",
-    "resnetv2_50x1_bit.goog_in21k_ft_in1k": "ResNetV2-50x1 (BiT)",
-    "convnext_tiny.fb_in1k": "ConvNeXt-T",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "resnetv2_50x1": "resnetv2_50x1_bit.goog_distilled_in1k",
+    "resmlp_24": "resmlp_24_224.fb_distilled_in1k",
 }
+DATASETS = {"imagenette": ["--num-classes", "10"], "imagenet": []}  # ImageNet keeps timm's 1000-class head
+
+PRESETS: dict[str, list[str]] = {
+    f"{short}_{data}": ["--model", f"timm:{arch}", "--pretrained", *head, *_RECIPE]
+    for short, arch in ARCHS.items()
+    for data, head in DATASETS.items()
+}
+"""Preset name -> the options of `robustwrap train` it stands for (no data, no output)."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHS), required=True)
-    parser.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
-    parser.add_argument("--dataset-name", default=None, help="name for the model card (default: the folder name)")
-    parser.add_argument("--patch", type=float, default=0.02)
-    parser.add_argument("--num-masks", type=int, default=6)
-    parser.add_argument("--strategy", default="multisize_greedy")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--push", metavar="ORG/NAME")
-    target.add_argument("--dry-run", type=Path, metavar="FOLDER")
-    args = parser.parse_args()
-    command = "python hub/recipes/papers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command(preset: str, *more: str) -> list[str]:
+    """The argv of `robustwrap train` (for `robustwrap.cli.main`) for `preset`, followed by `more`.
 
-    train_set = torchvision.datasets.ImageFolder(args.data / "train")
-    base = timm.create_model(args.arch, pretrained=True, num_classes=len(train_set.classes))
-    config = resolve_data_config(model=base)
-    train_set.transform = create_transform(**config, is_training=True)
-    val_set = torchvision.datasets.ImageFolder(args.data / "val", transform=create_transform(**config))
-    model = robustwrap.wrap(base, patch=args.patch, num_masks=args.num_masks).to(args.device)
+    Raises:
+        ValueError: for a name that is not a preset, listing those that are.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return ["train", *PRESETS[preset], *more]
 
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
-    robustwrap.fit_masking(model, loader, strategy=args.strategy, epochs=args.epochs, amp=args.device != "cpu")
-    report = robustwrap.certify_dataset(model.eval(), DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers))
-    print(report.summary())
 
-    model.pretrained_info = {
-        "strategy": args.strategy,
-        "dataset": args.dataset_name or args.data.name,
-        "metrics": {
-            "vanilla_accuracy": round(report.vanilla_accuracy, 4),
-            "clean_accuracy": round(report.clean_accuracy, 4),
-            "certified_accuracy": round(report.certified_accuracy, 4),
-            "num_images": report.num_images,
-            "split": "val",
-            "command": command,
-        },
-    }
-    if args.push:
-        model.push_to_hub(args.push)
-    else:
-        model.save_pretrained(args.dry_run)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="papers.py PRESET --data TRAIN [--val-data VAL] (--out DIR | --push ORG/NAME) [robustwrap train options]",
+    )
+    parser.add_argument("preset", nargs="?", choices=sorted(PRESETS))
+    parser.add_argument("--list", action="store_true", help="print every preset's command line")
+    args, more = parser.parse_known_args(argv)
+    if args.list:
+        for name in PRESETS:
+            print(f"{name}: robustwrap {shlex.join(command(name))}")
+        return 0
+    if args.preset is None:
+        parser.error("name a preset (or --list)")
+    from robustwrap.cli import main as robustwrap
+
+    return robustwrap(command(args.preset, *more))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`robustwrap train`: fine-tune, certify the validation split, save or push; under torchrun; the paper presets.
+
+Everything runs on timm's `test_vit` at 32x32 and generated PNG folders: in-process through
+`robustwrap.cli.main`, except one run of `python -m torch.distributed.run --nproc_per_node 2 -m
+robustwrap train` on two gloo processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import robustwrap
+from robustwrap import cli
+from robustwrap.cli import main
+from robustwrap.dataset import certify_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch):
+    monkeypatch.setattr(cli, "_busy_cores", lambda: None)  # no busy-machine notice on stderr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """`train/` (4 images per class) and `val/` (2 per class) of 3 classes named by id, random 36x36 PNGs."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in "012":
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def val_set(model, folder: Path):
+    return cli._load_data(str(folder), None, "timm:test_vit", model)[0]
+
+
+def test_train_saves_the_trained_model_with_its_measured_accuracy(data, tmp_path, capsys):
+    out = tmp_path / "model"
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "2", "--batch-size", "4", "--data", data / "train", "--val-data", data / "val", "--out", out], capsys)
+    assert code == 0, err
+    model = robustwrap.from_pretrained(str(out)).eval()
+    assert (model.defense, len(model.mask_set), model.patch) == ("patchcleanser", 9, (5, 5))
+    info = model.pretrained_info
+    assert (info["strategy"], info["training"]["epochs"], info["training"]["processes"], info["training"]["batch_size"]) == ("multisize_greedy", 2, 1, 4)
+    # The recorded figures are a measurement of the saved model: certifying it again gives them.
+    again = certify_dataset(model, val_set(model, data / "val"), progress=False)
+    metrics = info["metrics"]
+    assert metrics["num_images"] == again.num_images == 6
+    for key in ("vanilla_accuracy", "clean_accuracy", "certified_accuracy"):
+        assert metrics[key] == round(getattr(again, key), 4)
+    assert metrics["command"] == f"robustwrap certify --model {out} --data {data / 'val'}"
+    card = (out / "README.md").read_text()
+    assert f"value: {metrics['certified_accuracy']}" in card and "certified accuracy" in card
+    assert f"certified accuracy      {100 * again.certified_accuracy:.2f}%" in printed
+    # It was trained: the saved weights are not those it started from (the same seed's random init).
+    torch.manual_seed(0)
+    start = timm.create_model("test_vit", img_size=32, num_classes=3).state_dict()
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == start.keys()
+    assert any(not torch.equal(saved[k], start[k]) for k in saved)
+
+
+def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
+    out = tmp_path / "model"
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--strategy", "greedy", "--epochs", "1", "--data", data / "train", "--out", out], capsys)
+    assert code == 0, err
+    info = robustwrap.from_pretrained(str(out)).pretrained_info
+    assert "metrics" not in info and "dataset" not in info
+    assert info["strategy"] == "greedy"
+    assert "nothing was certified" in printed and "certification report" not in printed
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_images_get_the_model_preprocessing_or_timm_augmentation(data, tmp_path, capsys, monkeypatch, augment):
+    import robustwrap.fit
+
+    seen = []
+    real = robustwrap.fit.fit_masking
+
+    def spy(model, loader, **kwargs):
+        seen.append(loader)
+        return real(model, loader, **kwargs)
+
+    monkeypatch.setattr(robustwrap.fit, "fit_masking", spy)
+    argv = ["train", *TINY, "--num-masks", "3", "--strategy", "random_mask", "--epochs", "1", "--batch-size", "5", "--data", data / "train", "--out", tmp_path / "m"]
+    code, _, err = run([*argv, *(["--augment"] if augment else [])], capsys)
+    assert code == 0, err
+    [loader] = seen
+    names = [type(t).__name__ for t in loader.dataset.transform.transforms]
+    expected = ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"] if augment else ["Resize", "CenterCrop"]
+    assert names[: len(expected)] == expected
+    assert type(loader.sampler).__name__ == "RandomSampler" and loader.batch_size == 5
+
+
+def test_resume_continues_to_the_same_weights(data, tmp_path, capsys):
+    common = ["train", *TINY, "--num-masks", "3", "--strategy", "random_cutout", "--batch-size", "4", "--data", data / "train"]
+    assert run([*common, "--epochs", "2", "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert run([*common, "--epochs", "1", "--checkpoint-dir", tmp_path / "ckpt", "--out", tmp_path / "first"], capsys)[0] == 0
+    code, _, err = run([*common, "--epochs", "2", "--checkpoint-dir", tmp_path / "ckpt", "--resume", "--out", tmp_path / "resumed"], capsys)
+    assert code == 0, err
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not all(torch.equal(whole[k], v) for k, v in load_file(tmp_path / "first" / "model.safetensors").items())
+
+
+def test_push_sends_the_model_with_the_command_that_measures_it(data, tmp_path, capsys, monkeypatch):
+    pushed = []
+
+    def push_to_hub(self, repo_id, **kwargs):
+        pushed.append((repo_id, self.pretrained_info))
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(robustwrap.RobustPatchClassifier, "push_to_hub", push_to_hub)
+    argv = ["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--val-data", data / "val", "--dataset-name", "tiny3", "--push", "org/tiny"]
+    code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    [(repo, info)] = pushed
+    assert repo == "org/tiny" and info["dataset"] == "tiny3"
+    assert info["metrics"]["command"] == f"robustwrap certify --model hf-hub:org/tiny --data {data / 'val'}"
+    assert "pushed to https://huggingface.co/org/tiny" in printed
+
+
+@pytest.mark.parametrize(
+    ("more", "message"),
+    [
+        (["--resume"], "--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too"),
+        (["--strategy", "cutout"], "--strategy must be one of none, "),
+        (["--defense", "smoothing", "--num-masks", "3"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, more, message):
+    code, printed, err = run(["train", *TINY, "--data", data / "train", "--out", tmp_path / "m", *more], capsys)
+    assert code == cli.EXIT_ERROR and printed == ""
+    assert err.startswith(f"robustwrap train: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_out_must_be_a_new_folder(data, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code, _, err = run(["train", *TINY, "--data", data / "train", "--out", tmp_path / "m"], capsys)
+    assert (code, err) == (cli.EXIT_ERROR, f"robustwrap train: error: --out {tmp_path / 'm'} exists and is not an empty folder: choose a new one\n")
+    assert (tmp_path / "m" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "d"], "one of the arguments --out --push is required"),
+        (["--data", "d", "--out", "o", "--push", "a/b"], "argument --push: not allowed with argument --out"),
+        (["--out", "o"], "the following arguments are required: --data"),
+    ],
+)
+def test_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "timm:test_vit", *argv])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_one_model_and_rank_0_writes_it(data, tmp_path):
+    out, logs = tmp_path / "model", tmp_path / "logs"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--log-dir", str(logs), "--redirects", "1",
+        "-m", "robustwrap", "train", *TINY, "--num-masks", "3", "--epochs", "1", "--batch-size", "2",
+        "--data", str(data / "train"), "--val-data", str(data / "val"), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 alone prints and saves; rank 1's stdout is empty.
+    stdout = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
+    assert sorted(stdout) == [0, 1] and stdout[1] == ""
+    assert "2 process(es) x 2 images per step" in stdout[0] and f"saved to {out}/" in stdout[0]
+    model = robustwrap.from_pretrained(str(out))
+    info = model.pretrained_info
+    assert (info["training"]["processes"], info["training"]["batch_size"]) == (2, 4)
+    # The validation split was shared between the ranks and merged: all 6 images are counted once.
+    assert info["metrics"]["num_images"] == 6
+    certified = info["metrics"]["certified_accuracy"]
+    assert f"certified accuracy      {100 * certified:.2f}%" in stdout[0]
+    assert f"value: {certified}" in (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text())["robustwrap"]["info"] == info
+
+
+# ---------------------------------------------------------------------------- paper presets
+def _papers():
+    spec = importlib.util.spec_from_file_location("papers_recipe", ROOT / "hub" / "recipes" / "papers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PAPERS = _papers()
+
+
+def test_presets_name_timm_weights_on_the_hub():
+    assert len(PAPERS.PRESETS) == 6
+    for name, options in PAPERS.PRESETS.items():
+        arch = options[options.index("--model") + 1].removeprefix("timm:")
+        cfg = timm.get_pretrained_cfg(arch)
+        assert cfg is not None and cfg.hf_hub_id == f"timm/{arch}" and cfg.input_size == (3, 224, 224)
+        parsed = cli._parser().parse_args(PAPERS.command(name, "--data", "d", "--out", "o"))
+        settings = (parsed.patch, parsed.num_masks, parsed.strategy, parsed.epochs, parsed.augment, parsed.pretrained)
+        assert settings == ([0.02], 6, "multisize_greedy", 10, True, True)
+        assert parsed.num_classes == (10 if name.endswith("_imagenette") else None)
+
+
+@pytest.mark.parametrize("preset", sorted(PAPERS.PRESETS))
+def test_each_preset_runs_its_first_step_on_a_tiny_stand_in(preset, data, tmp_path, capsys, monkeypatch):
+    """The preset's command line through papers.py, with timm's tiny test network instead of the
+    pretrained model, and one step (12 images, batch 12) of one epoch."""
+    options = list(PAPERS.PRESETS[preset])
+    options[options.index("--model") + 1] = "timm:test_vit"
+    options.remove("--pretrained")
+    monkeypatch.setitem(PAPERS.PRESETS, preset, options)
+    tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12"]
+    code = PAPERS.main([preset, *tiny, "--data", str(data / "train"), "--val-data", str(data / "val"), "--out", str(tmp_path / "m")])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "epoch 1/1:" in printed and "certified accuracy" in printed
+    model = robustwrap.from_pretrained(str(tmp_path / "m"))
+    assert (len(model.mask_set), model.mask_set.grid, model.patch) == (36, (6, 6), (5, 5))  # 2% of 32x32 is 5x5 px
+    info = model.pretrained_info
+    assert (info["strategy"], info["training"]["augment"], info["training"]["epochs"]) == ("multisize_greedy", True, 1)
+    assert model.num_classes == (10 if preset.endswith("_imagenette") else 1000)
+    assert info["metrics"]["num_images"] == 6
