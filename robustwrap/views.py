@@ -123,6 +123,10 @@ def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> 
 
 
 # ------------------------------------------------------------------------- the inference copy
+def _worth_copying(model: nn.Module) -> bool:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 2
+
+
 def build_inference_copy(model: nn.Module) -> nn.Module | None:
     """A copy of `model` (in eval mode) that computes the same function faster on the CPU, or `None`.
 
@@ -136,7 +140,7 @@ def build_inference_copy(model: nn.Module) -> nn.Module | None:
     Measured on the project's 2-core CPU, one thread (benchmarks/speed.md): timm's test_resnet at
     32x32 runs about 2x more views per second than the model itself with channels_last views.
     """
-    if sum(isinstance(m, nn.Conv2d) for m in model.modules()) < 2:
+    if not _worth_copying(model):
         return None
     fast = None
     if any(type(m) is nn.BatchNorm2d for m in model.modules()):
@@ -324,10 +328,11 @@ class InferenceCopy:
                 return model
             if _same_values(state.snapshot, tensors):
                 return state.module
+        # The values the copy is built from, taken before anything runs the model.
+        snapshot = [(name, t.detach().clone()) for name, t in tensors] if _worth_copying(model) else None
         fast = build_inference_copy(model)
         if fast is not None and not _agrees(model, fast, example[:1]):
             fast = None
-        snapshot = [(name, t.detach().clone()) for name, t in tensors] if fast is not None else None
         self._state = _CopyState(weakref.ref(model), description, snapshot, fast)
         return model if fast is None else fast
 
