@@ -434,16 +434,17 @@ class _DeadRunWatch:
         if self.moved is not None and self.num_classes > 1 and not bool(self.moved):
             warnings.warn(
                 f"fit_masking: the loss of every batch of epoch {epoch} was exactly ln({self.num_classes}) = "
-                f"{math.log(self.num_classes):.4f}: the model gives every class the same score, so no gradient "
-                "reaches it and further epochs cannot change it. Restart from the weights before this run with a "
-                "lower lr, and check that the model's output depends on its input",
+                f"{math.log(self.num_classes):.4f}: the model gave every class the same score on every image, so "
+                "training did not move it (no gradient reaches a constant output) and further epochs will not either. "
+                "Restart from the weights before this run with a lower lr, and check that the model's output depends "
+                "on its input",
                 UserWarning,
                 stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
             )
         if self.evidence is not None and not bool(self.evidence):
             warnings.warn(
                 f"fit_masking: no local logit was positive in epoch {epoch}: all of PatchGuard's clipped evidence is 0, "
-                "so the defended model predicts class 0 for every image and certifies none. The provable_adversarial "
+                "so the defended model predicts class 0 for every image. The provable_adversarial "
                 "loss still raises the true class's local logits, so later epochs can recover; if they do not, restart "
                 "from the weights before this run with a lower lr, or train with strategy='none' first",
                 UserWarning,
