@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +274,7 @@ def fit_masking(
         raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
     augment, strategy_name = _make_strategy(strategy, target, search_batch_size)
     loss_fn, scores = target.training_loss(strategy_name)
+    loss_fn = _DeadRunWatch(loss_fn, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
 
     if device is not None:
         if target.ddp is not None and torch.device(device) != model_device_dtype(base)[0]:
@@ -350,6 +353,8 @@ def fit_masking(
                     _validate(stats, loop, val_loader, certifier if certify else None)
                 bar.set_postfix(_postfix(stats))
             history.epochs.append(stats)
+            if rank == 0:  # one warning per run, not one per process
+                loss_fn.warn(epoch + 1)
             if checkpoint_dir is not None:
                 rngs = gather_objects(_rng_state(generators), world, device)  # every rank's own random state
                 if rank == 0:
@@ -471,6 +476,55 @@ def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: Robus
 def _postfix(stats: EpochStats) -> dict[str, str]:
     values = {"loss": stats.loss, "acc": stats.accuracy, "val_acc": stats.val_accuracy, "cert_acc": stats.certified_accuracy}
     return {name: f"{value:.4f}" for name, value in values.items() if value is not None}
+
+
+class _DeadRunWatch:
+    """The training loss, watched for a run that cannot learn (docs/guides/fine-tune.md#dead-runs).
+
+    It notes, on the device (no synchronisation per batch), whether some batch's loss differed
+    from `ln(num_classes)` (equal scores for every class: with a constant output no gradient
+    reaches the model) and, for PatchGuard's local logits, whether any local logit was positive
+    (else all clipped evidence is 0). `warn` says so after an epoch where either never happened.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], local_logits: bool) -> None:
+        self.loss, self.local_logits = loss, local_logits
+        self.num_classes, self.moved, self.evidence = 0, None, None
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(output, labels)
+        with torch.no_grad():
+            self.num_classes = output.shape[1]
+            level = math.log(self.num_classes)
+            moved = (loss.detach().double() - level).abs() > 1e-6 * level
+            self.moved = moved if self.moved is None else self.moved | moved
+            if self.local_logits:
+                positive = (output.detach() > 0).any()
+                self.evidence = positive if self.evidence is None else self.evidence | positive
+        return loss
+
+    def warn(self, epoch: int) -> None:
+        """Warn about epoch `epoch` if it was dead, then start watching the next one."""
+        if self.moved is not None and self.num_classes > 1 and not bool(self.moved):
+            warnings.warn(
+                f"fit_masking: the loss of every batch of epoch {epoch} was exactly ln({self.num_classes}) = "
+                f"{math.log(self.num_classes):.4f}: the model gave every class the same score on every image, so "
+                "training did not move it (no gradient reaches a constant output) and further epochs will not either. "
+                "Restart from the weights before this run with a lower lr, and check that the model's output depends "
+                "on its input",
+                UserWarning,
+                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+            )
+        if self.evidence is not None and not bool(self.evidence):
+            warnings.warn(
+                f"fit_masking: no local logit was positive in epoch {epoch}: all of PatchGuard's clipped evidence is 0, "
+                "so the defended model predicts class 0 for every image. The provable_adversarial "
+                "loss still raises the true class's local logits, so later epochs can recover; if they do not, restart "
+                "from the weights before this run with a lower lr, or train with strategy='none' first",
+                UserWarning,
+                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+            )
+        self.moved = self.evidence = None
 
 
 # --------------------------------------------------------------------------------- resolution

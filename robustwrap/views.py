@@ -11,16 +11,21 @@ labels mean, come from the caller (a defense's rule and scheduling in `robustwra
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import copy
+import enum
+import functools
 import math
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from .geometry import MaskSet
 
@@ -118,6 +123,10 @@ def auto_channels_last(model: nn.Module, device: torch.device | None = None) -> 
 
 
 # ------------------------------------------------------------------------- the inference copy
+def _worth_copying(model: nn.Module) -> bool:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 2
+
+
 def build_inference_copy(model: nn.Module) -> nn.Module | None:
     """A copy of `model` (in eval mode) that computes the same function faster on the CPU, or `None`.
 
@@ -131,7 +140,7 @@ def build_inference_copy(model: nn.Module) -> nn.Module | None:
     Measured on the project's 2-core CPU, one thread (benchmarks/speed.md): timm's test_resnet at
     32x32 runs about 2x more views per second than the model itself with channels_last views.
     """
-    if sum(isinstance(m, nn.Conv2d) for m in model.modules()) < 2:
+    if not _worth_copying(model):
         return None
     fast = None
     if any(type(m) is nn.BatchNorm2d for m in model.modules()):
@@ -150,15 +159,100 @@ def build_inference_copy(model: nn.Module) -> nn.Module | None:
     return fast.to(memory_format=torch.channels_last)
 
 
-def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+# What a module's forward may read for the copy to stand in for it (docs/concepts.md#inference-copy):
+# its class's code, which must be one of these libraries' (their forwards read only the module's
+# own state below; their global switches, such as timm's fused attention, choose between
+# implementations of one function), and its state. Any other class (a user's `nn.Module`, an
+# `fx.GraphModule`, a scripted or compiled module) may read anything: the model then runs itself.
+TRUSTED_CLASS_PREFIXES = ("torch.nn.modules.", "torch.nn.utils.parametrize", "torchvision.", "timm.")
+TRUSTED_MODULE = "robustwrap.models"
+# Where a function, class or `functools.partial` held as a plain attribute may come from: code
+# whose result depends on its arguments only.
+TRUSTED_CODE_ROOTS = frozenset({"torch", "torchvision", "timm", "builtins", "math", "operator", "_operator"})
+# Module attributes that are tables rather than values: parameters, buffers and children are
+# described one by one, forward hooks must be empty, the other hooks do not run in a no-grad forward.
+_TABLES = frozenset(nn.Module().__dict__) - {"training"}
+_MAX_DEPTH = 16
 
 
-def _structure(model: nn.Module) -> tuple:
-    """What, besides tensor values, makes a model compute what it computes: its modules (names,
-    types, modes, instance-level `forward`s) and their hyperparameters (`repr`)."""
-    modules = tuple((name, type(m), m.training, m.__dict__.get("forward")) for name, m in model.named_modules(remove_duplicate=False))
-    return modules, repr(model)
+class _Outside(Exception):
+    """The model reads state outside the definition: it must run itself."""
+
+
+def _trusted_class(cls: type) -> bool:
+    return all(c is object or c.__module__.startswith(TRUSTED_CLASS_PREFIXES) or c.__module__ == TRUSTED_MODULE for c in cls.__mro__)
+
+
+def _trusted_code(obj) -> bool:
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or (module.split(".")[0] not in TRUSTED_CODE_ROOTS and module != TRUSTED_MODULE):
+        return False
+    return isinstance(obj, (type, types.BuiltinFunctionType, types.BuiltinMethodType)) or (
+        isinstance(obj, types.FunctionType) and obj.__closure__ is None
+    )
+
+
+_SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format)
+_CONTAINERS = (tuple, list, torch.Size)
+
+
+def _freeze(value, path: str, tensors: list[tuple[str, torch.Tensor]], depth: int = 0):
+    """`value` as a comparable description (tensors are moved to `tensors`), or `_Outside`."""
+    kind = type(value)
+    if kind in _SCALARS or isinstance(value, enum.Enum):
+        return kind, value
+    if kind is float:  # hex: -0.0 and 0.0 differ, a NaN equals itself
+        return kind, value.hex()
+    if kind is complex:
+        return kind, value.real.hex(), value.imag.hex()
+    if kind in (torch.Tensor, nn.Parameter):
+        tensors.append((path, value))
+        return torch.Tensor, len(tensors) - 1
+    if depth >= _MAX_DEPTH:
+        raise _Outside(path)
+    if kind in _CONTAINERS:
+        return kind, tuple(_freeze(v, f"{path}[{i}]", tensors, depth + 1) for i, v in enumerate(value))
+    if kind in (dict, collections.OrderedDict):
+        return kind, tuple(
+            (_freeze(k, path, tensors, depth + 1), _freeze(v, f"{path}[{k!r}]", tensors, depth + 1)) for k, v in value.items()
+        )
+    if kind in (set, frozenset):
+        return kind, frozenset(_freeze(v, path, tensors, depth + 1) for v in value)
+    if kind is functools.partial:
+        return (
+            kind,
+            _freeze(value.func, path, tensors, depth + 1),
+            _freeze(value.args, path, tensors, depth + 1),
+            _freeze(value.keywords, path, tensors, depth + 1),
+        )
+    if _trusted_code(value):
+        return "code", value
+    raise _Outside(path)
+
+
+def _describe(model: nn.Module) -> tuple[tuple, list[tuple[str, torch.Tensor]]]:
+    """Everything the model's forward may read, as `(description, tensors)`; `_Outside` if it may read more.
+
+    Per module of the tree (in order, shared modules at each of their names): its name, class
+    (every class of its MRO from a trusted library), mode, parameter, buffer and child names, and
+    every other `__dict__` entry (its plain attributes, instance-level `forward` included) by
+    value; the values of parameters, buffers and tensor attributes go to `tensors`. A module in
+    train mode or with forward hooks (they must see every view), or a global forward hook, is
+    outside too.
+    """
+    if any(getattr(module_hooks, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        raise _Outside("global forward hooks")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    described = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not _trusted_class(type(m)) or m.training or m._forward_hooks or m._forward_pre_hooks:
+            raise _Outside(name)
+        attributes = tuple((key, _freeze(value, f"{name}.{key}", tensors)) for key, value in m.__dict__.items() if key not in _TABLES)
+        parameters = tuple((key, None if p is None else _freeze(p, f"{name}.{key}", tensors)) for key, p in m._parameters.items())
+        buffers = tuple((key, None if b is None else _freeze(b, f"{name}.{key}", tensors)) for key, b in m._buffers.items())
+        children = tuple((key, child is None) for key, child in m._modules.items())
+        described.append((name, type(m), attributes, parameters, buffers, children))
+    return tuple(described), tensors
 
 
 def _same_values(snapshot: list[tuple[str, torch.Tensor]], tensors: list[tuple[str, torch.Tensor]]) -> bool:
@@ -168,10 +262,6 @@ def _same_values(snapshot: list[tuple[str, torch.Tensor]], tensors: list[tuple[s
         if name_a != name_b or a.dtype != b.dtype or a.device != b.device or a.shape != b.shape or not torch.equal(a, b):
             return False
     return True
-
-
-def _has_hooks(model: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _agrees(model: nn.Module, fast: nn.Module, example: torch.Tensor) -> bool:
@@ -190,21 +280,24 @@ def _agrees(model: nn.Module, fast: nn.Module, example: torch.Tensor) -> bool:
 @dataclass
 class _CopyState:
     model: weakref.ref
-    structure: tuple
+    description: tuple
     snapshot: list[tuple[str, torch.Tensor]] | None
     module: nn.Module | None
 
 
 class InferenceCopy:
-    """The module the views run through: a faster copy of the base model, rebuilt whenever it changes.
+    """The module the views run through: a faster copy of the base model, used only while provably the same.
 
     `module(model, example)` returns `build_inference_copy(model)` when inference runs on the CPU
-    without gradients and the model has no forward hooks (hooks must see every view, so a
-    hooked model runs itself), else `model`. The copy is kept between calls and checked at
-    every call against the model, exactly: the same modules, modes and hyperparameters, and
-    every parameter and buffer equal to the values it was built from (so any change, including
-    one through `.data`, rebuilds it). A copy whose output on `example` differs from the model's
-    is discarded. It is a cache, not state: it is not saved, copied or pickled.
+    without gradients and everything the model's forward may read is known (docs/concepts.md,
+    *The inference copy*): every module's class is from torch.nn, torchvision, timm or
+    robustwrap.models, every module is in eval mode without forward hooks, and every plain
+    attribute is a value (number, string, tensor, container of those, library function). Else
+    it returns `model`. All of that state (parameters, buffers and tensor attributes by value,
+    `torch.equal`, so a change through `.data` counts) is snapshotted when the copy is built and
+    compared at every call: any difference builds a new copy. A copy whose output on `example`
+    differs from the model's is discarded. It is a cache, not state: it is not saved, copied or
+    pickled.
     """
 
     def __init__(self) -> None:
@@ -223,19 +316,24 @@ class InferenceCopy:
             model: the base classifier, in eval mode.
             example: the call's inputs `(B, C, H, W)`; a new copy is checked on the first one.
         """
-        if torch.is_grad_enabled() or model.training or example.device.type != "cpu" or not example.numel() or _has_hooks(model):
+        if torch.is_grad_enabled() or example.device.type != "cpu" or not example.numel():
             return model
-        structure, state = _structure(model), self._state
-        if state is not None and state.model() is model and state.structure == structure:
-            if state.module is None:
+        try:
+            description, tensors = _describe(model)
+        except _Outside:
+            return model
+        state = self._state
+        if state is not None and state.model() is model and state.description == description:
+            if state.module is None:  # no copy for this model: nothing to prove, it runs itself
                 return model
-            if _same_values(state.snapshot, _tensors(model)):
+            if _same_values(state.snapshot, tensors):
                 return state.module
+        # The values the copy is built from, taken before anything runs the model.
+        snapshot = [(name, t.detach().clone()) for name, t in tensors] if _worth_copying(model) else None
         fast = build_inference_copy(model)
         if fast is not None and not _agrees(model, fast, example[:1]):
             fast = None
-        snapshot = [(name, t.detach().clone()) for name, t in _tensors(model)] if fast is not None else None
-        self._state = _CopyState(weakref.ref(model), structure, snapshot, fast)
+        self._state = _CopyState(weakref.ref(model), description, snapshot, fast)
         return model if fast is None else fast
 
 
@@ -548,7 +646,9 @@ class ViewRunner:
         if logit_sum is None and need_logits:
             logit_sum = torch.zeros(g, self.num_classes or 0, device=device)
         failed = fail_count > 0
-        return PairOutcome(labels=labels, failed=failed, done=(remaining == 0) & ~failed, logit_sum=logit_sum, num_views=num_views, sure=sure)
+        return PairOutcome(
+            labels=labels, failed=failed, done=(remaining == 0) & ~failed, logit_sum=logit_sum, num_views=num_views, sure=sure
+        )
 
 
 def triangle_pairs(images: torch.Tensor, k: int, *, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

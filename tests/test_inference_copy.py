@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
+import sys
 
 import pytest
 import timm
@@ -67,6 +69,8 @@ def test_the_copy_is_kept_and_rebuilt_whenever_the_model_changes():
         assert third is not second and torch.allclose(third(x), net(x), atol=1e-4, rtol=1e-4)
 
         net.global_pool = timm.layers.SelectAdaptivePool2d(pool_type="max", flatten=True)  # a new module
+        assert cache.module(net, x) is net  # built in train mode: the copy would evaluate it in eval mode
+        net.global_pool.eval()
         fourth = cache.module(net, x)
         assert fourth is not third and torch.allclose(fourth(x), net(x), atol=1e-4, rtol=1e-4)
 
@@ -169,3 +173,231 @@ def test_the_copy_is_neither_saved_nor_pickled_nor_shared_by_deep_copies():
     restored = pickle.loads(pickle.dumps(defended))
     assert restored.__dict__["_inference_copy"]._state is None
     assert torch.equal(restored.predict(x), defended.predict(x))
+
+
+# ----------------------------------------------------- the copy is used only while provably the same
+# Each test changes, after a first certify, state that the model's forward reads, then compares
+# the same wrapper with a fresh `wrap` of the model as it is now (which cannot have a stale copy).
+
+GAIN = 1.0  # a global read by `GlobalGain.forward`
+
+
+def body(bias: float = 0.0, seed: int = 0) -> nn.Sequential:
+    """A small BatchNorm CNN of torch.nn layers only (so it gets the copy); its labels are the
+    classes' spatial maxima, which vary from image to image. Larger head biases (`bias`) make
+    the scale of the features decide labels."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AvgPool2d(3, stride=1, padding=1),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+        net[7].bias.copy_(torch.linspace(-bias, bias, 4))
+    return net.eval()
+
+
+class Normalised(nn.Module):
+    """Normalises in its forward with plain attributes (floats or unregistered tensors)."""
+
+    def __init__(self, mean=0.0, std=1.0):
+        super().__init__()
+        self.mean, self.std = mean, std
+        self.body = body()
+
+    def forward(self, x):
+        return self.body((x - self.mean) / self.std)
+
+
+class TwoHeads(nn.Module):
+    """A custom forward that picks its head by a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = "a"
+        self.a, self.b = body(seed=0), body(seed=1)
+
+    def forward(self, x):
+        return self.a(x) if self.head == "a" else self.b(x)
+
+
+class GlobalGain(nn.Module):
+    """A custom forward that reads a module-level global."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = body()
+
+    def forward(self, x):
+        return self.body(x * GAIN)
+
+
+class Shift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offset = 0.0
+
+    def forward(self, x):
+        return x + self.offset
+
+
+OPTIONS = {"patch": 3, "image_size": 16, "num_masks": 3, "batch_size": 16}
+
+
+def defended_and_labels(net: nn.Module, n: int = 6):
+    defended = robustwrap.wrap(net, **OPTIONS).eval()
+    x = images(n, size=16, seed=1)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return defended, x, y, defended.certify(x, y)
+
+
+def assert_same_as_fresh(defended, net: nn.Module, x: torch.Tensor, y: torch.Tensor, before) -> None:
+    fresh = robustwrap.wrap(net, **OPTIONS).eval()
+    want, got = fresh.certify(x, y), defended.certify(x, y)
+    # The change matters: the model computes another function than at the first certify.
+    assert not torch.equal(want.grid, before.grid)
+    assert torch.equal(got.prediction, want.prediction) and torch.equal(got.certified, want.certified)
+    assert torch.equal(got.grid, want.grid)
+    assert torch.equal(defended.predict(x), fresh.predict(x))
+    with torch.no_grad():
+        assert torch.equal(defended.predict(x), want.prediction)
+
+
+def test_a_float_attribute_read_in_forward():
+    net = Normalised()
+    defended, x, y, before = defended_and_labels(net)
+    net.mean, net.std = 2.0, 0.25
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+@pytest.mark.parametrize("change", ["in_place", "assigned"])
+def test_an_unregistered_tensor_attribute_read_in_forward(change):
+    net = Normalised(mean=torch.zeros(3, 1, 1), std=torch.ones(3, 1, 1))
+    defended, x, y, before = defended_and_labels(net)
+    if change == "in_place":
+        net.mean.fill_(2.0)
+        net.std.fill_(0.25)
+    else:
+        net.mean, net.std = torch.full((3, 1, 1), 2.0), torch.full((3, 1, 1), 0.25)
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_an_attribute_that_chooses_the_path_of_a_custom_forward():
+    net = TwoHeads()
+    defended, x, y, before = defended_and_labels(net)
+    net.head = "b"
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_a_global_read_in_forward(monkeypatch):
+    net = GlobalGain()
+    defended, x, y, before = defended_and_labels(net)
+    monkeypatch.setattr(sys.modules[__name__], "GAIN", -1.0)
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_a_torch_layer_setting_outside_the_repr():
+    # AvgPool2d's repr omits divisor_override: the feature scale changes, and with it the labels.
+    net = body(bias=1.0)
+    defended, x, y, before = defended_and_labels(net)
+    assert type(defended.__dict__["_inference_copy"]._state.module).__name__ == "GraphModule"  # a torch.nn model gets the copy
+    net[6].divisor_override = 1
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_a_forward_hook_added_later():
+    net = body()
+    defended, x, y, before = defended_and_labels(net)
+    handle = net[-1].register_forward_hook(lambda module, inputs, output: -output)
+    try:
+        assert_same_as_fresh(defended, net, x, y, before)
+    finally:
+        handle.remove()
+
+
+def test_a_global_forward_hook_added_later():
+    # A global hook that acts on the user's modules only: the copy's modules are others.
+    net = body()
+    defended, x, y, before = defended_and_labels(net)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: -output if module is net[-1] else None)
+    try:
+        assert_same_as_fresh(defended, net, x, y, before)
+    finally:
+        handle.remove()
+
+
+def test_a_module_swapped_in_then_changed():
+    net = body()
+    defended, x, y, before = defended_and_labels(net)
+    net[2] = nn.Sequential(Shift(), nn.ReLU())  # a user class inside a torch.nn model
+    defended.certify(x, y)
+    net[2][0].offset = -3.0
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_an_instance_forward():
+    net = body()
+    defended, x, y, before = defended_and_labels(net)
+    net.forward = lambda v: nn.Sequential.forward(net, -v)
+    assert_same_as_fresh(defended, net, x, y, before)
+
+
+def test_what_runs_the_model_itself():
+    """The definition, piece by piece: each of these is outside it, so the model runs itself."""
+    x = images(2, size=16)
+    cases = {
+        "user class": Normalised(),
+        "submodule in train mode": body(),
+        "bound method attribute": body(),
+        "closure attribute": body(),
+        "user object attribute": body(),
+    }
+    cases["submodule in train mode"][1].train()
+    cases["bound method attribute"][6].pick = cases["bound method attribute"].forward
+    scale = 2.0
+    cases["closure attribute"][6].pick = lambda v: v * scale
+    cases["user object attribute"][6].pick = Shift  # a class from user code
+    with torch.no_grad():
+        baseline = body()
+        assert InferenceCopy().module(baseline, x) is not baseline  # the same model without the change gets a copy
+        for name, net in cases.items():
+            assert InferenceCopy().module(net, x) is net, name
+        plain = body()
+        plain[6].note = {"mean": (0.5, torch.zeros(2)), "act": torch.relu, "norm": functools.partial(nn.LayerNorm, eps=1e-6)}
+        assert InferenceCopy().module(plain, x) is not plain  # plain data and library code are inside it
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
+def test_timm_and_torchvision_models_get_the_copy(name):
+    library, arch = name.split(":")
+    torch.manual_seed(0)
+    if library == "timm":
+        net = timm.create_model(arch, num_classes=4).eval()
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        net = getattr(torchvision.models, arch)(num_classes=4).eval()
+    x = images(2, size=32)
+    with torch.no_grad():
+        fast = InferenceCopy().module(net, x)
+        assert type(fast).__name__ == "GraphModule"
+        assert torch.allclose(fast(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", robustwrap.list_models())
+def test_zoo_models_certify_through_the_copy(name):
+    defended = robustwrap.create_model(name).eval()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    defended.certify(x, defended.predict(x))
+    assert defended.__dict__["_inference_copy"]._state.module is not None

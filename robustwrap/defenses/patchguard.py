@@ -233,11 +233,22 @@ def masking_certificate(
 def provable_adversarial_loss(
     local_logits: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], clip: float | None = None
 ) -> torch.Tensor:
-    """PatchGuard's provable adversarial training loss (mean over the batch).
+    """PatchGuard's provable adversarial training loss (mean over the batch), with a gradient everywhere.
 
-    Clip the local logits to `[0, clip]`, remove the true class's largest window (the evidence a
-    patch could take away from it), average over the map, and take the cross-entropy. A model
-    trained so keeps its label's evidence spread out, which is what the certificate needs.
+    The paper's loss (Xiang et al., 2021; the authors' `aggregation='adv'`): clip the local
+    logits to `[0, clip]`, remove the true class's largest window (the evidence a patch could take
+    away from it), average over the map, and take the cross-entropy. A model trained so keeps its
+    label's evidence spread out, which is what the certificate needs.
+
+    One change (docs/concepts.md#patchguard-training): the true class's local logits below 0 are
+    counted as they are instead of as 0. Clipping has no gradient below 0, so with the paper's
+    loss a model whose local logits all became negative (one epoch at a learning rate a little
+    too high suffices) sees every score 0, a loss of exactly `ln(num_classes)` and no gradient
+    ever again. Here the true class's score is `sum(min(logit, clip)) - largest clipped window`,
+    at most the paper's, so the loss is at least the paper's (equal when none of the true class's
+    local logits is negative) and always pushes the true class's negative local logits up. The
+    other classes keep the paper's clipped score: pushing their logits further below 0 would
+    change no evidence.
 
     Args:
         local_logits: `(B, C, h, w)` from the base model in train mode.
@@ -249,9 +260,11 @@ def provable_adversarial_loss(
     b, c, h, w = evidence.shape
     rows = torch.arange(b, device=evidence.device)
     top = window_sums(evidence[rows, labels], window).amax((-2, -1))  # (B,)
-    logits = evidence.sum((-2, -1))
-    logits = logits - F.one_hot(labels, c).to(logits.dtype) * top[:, None]
-    return F.cross_entropy(logits / (h * w), labels)
+    scores = evidence.sum((-2, -1))
+    own = local_logits[rows, labels]
+    own = (own if clip is None else own.clamp(max=clip)).sum((-2, -1)) - top  # the true class, unclipped below 0
+    scores = torch.where(F.one_hot(labels, c).bool(), own[:, None], scores)
+    return F.cross_entropy(scores / (h * w), labels)
 
 
 # ----------------------------------------------------------------------------- classifier
