@@ -152,13 +152,17 @@ def test_syncing_every_few_passes_changes_no_result(sync_every):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     pairs, owners = triangle_pairs(torch.arange(6), len(ms))
     expect = torch.tensor([0, 1, 2, 3, 0, 1])
-    outcomes = []
+    outcomes, steps = [], []
     with torch.no_grad():
         for every in (1, sync_every):
             runner = ViewRunner(net, ms, 0.0, 4, sync_every=every)
-            outcomes.append(runner.evaluate_pairs(x, pairs, owners, expect, need_logits=True))
+            calls = []
+            on_step = lambda done, failed, calls=calls: calls.append(1) or torch.zeros_like(done)  # noqa: E731
+            outcomes.append(runner.evaluate_pairs(x, pairs, owners, expect, need_logits=True, on_step=on_step))
+            steps.append(len(calls))
         full = ViewRunner(net, ms, 0.0, 4).evaluate_pairs(x, pairs, owners, expect, early_exit=False)
     each, stepped = outcomes
+    assert steps[1] < steps[0]  # the setting is used: fewer host synchronisations (else the rest proves nothing)
     assert torch.equal(each.failed, stepped.failed) and torch.equal(each.failed, full.failed)
     assert torch.equal(each.done, stepped.done)
     assert each.num_views <= stepped.num_views <= full.num_views

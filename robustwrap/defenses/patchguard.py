@@ -344,9 +344,11 @@ class PatchGuard(RobustPatchClassifier):
         patch: the threat model's patch: side in pixels (int), fraction of the image area (float
             in (0, 1)), or `(ph, pw)`.
         image_size: `H` or `(H, W)` of the inputs.
-        receptive_field: `r` (int or `(rh, rw)`, >= 1); default `model.receptive_field`.
-        feature_stride: `s` (int or pair, >= 1); default `model.feature_stride`.
-        feature_offset: `o` (int or pair; 0 for unpadded models); default `model.feature_offset`.
+        receptive_field: `r` (int or `(rh, rw)`, >= 1), for a model without a `receptive_field`
+            attribute; the model's own attribute is read at every use (so it follows
+            `m.model = other`), and a value that contradicts it is refused.
+        feature_stride: `s` (int or pair, >= 1); likewise `model.feature_stride`.
+        feature_offset: `o` (int or pair; 0 for unpadded models); likewise `model.feature_offset`.
         threshold: the detection threshold `T` in `[0, 1)` (default 0: always mask).
         clip: optional ceiling of the clipped local logits (default None: `[0, inf)`).
         fill: as for every defense (`RobustPatchClassifier`); unused, since no pixel is masked.
@@ -412,7 +414,7 @@ class PatchGuard(RobustPatchClassifier):
         pair = _geometry(value, name, _GEOMETRY[name])
         declared = self._model_geometry(name)
         if declared is None:
-            self._declared_geometry[name] = pair
+            self._declared_geometry = {**self._declared_geometry, name: pair}  # a new dict: a shallow copy keeps its own
         elif pair != declared:
             raise ValueError(
                 f"{name}={value!r} contradicts the model's own {name}={getattr(self.model, name)!r}; the geometry is read from the model: "
@@ -420,7 +422,7 @@ class PatchGuard(RobustPatchClassifier):
             )
 
     def _set_geometry(self, name: str, value) -> None:
-        previous = dict(self._declared_geometry)
+        previous = self._declared_geometry
         self._declare(name, value)
         try:
             self.window  # noqa: B018  (refuse now what would make the window impossible, as at wrap)
@@ -473,9 +475,8 @@ class PatchGuard(RobustPatchClassifier):
                 )
             )
         self.window  # noqa: B018
-        for name in _GEOMETRY:
-            if self._model_geometry(name) is not None:
-                self._declared_geometry.pop(name, None)  # the model says it now; a later model must say it again
+        # What the model says itself is no longer declared for it: a later model must say it again.
+        self._declared_geometry = {name: pair for name, pair in self._declared_geometry.items() if self._model_geometry(name) is None}
 
     # ------------------------------------------------------------------------------ settings
     @property
