@@ -4,6 +4,7 @@ to change it; and `wrap` leaves each submodule's train/eval mode as the user set
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -284,6 +285,9 @@ def test_patchguard_declarations_of_an_undeclared_model_stay_until_a_model_says_
     with pytest.raises(ValueError, match="whole"):
         pg.patch = 16
     assert pg.patch == (3, 3)
+    clone = copy.copy(pg)
+    clone.receptive_field = 5  # a shallow copy's declaration is its own
+    assert clone.receptive_field == (5, 5) and pg.receptive_field == (3, 3)
 
 
 # ------------------------------------------------------------------------- modes (issue 18, item 5)
