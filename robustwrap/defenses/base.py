@@ -7,9 +7,11 @@ with its own typed signature and implements `_robust_forward`, `predict`, `certi
 `_defense_settings` / `_options_from_settings` and `from_patch` (see `PatchCleanser`).
 
 Every setting is read where it is used: assigning `m.fill`, `m.batch_size`, `m.precision`,
-`m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike, and
-assigning what cannot change (`image_size`, `in_chans`, `num_classes`) raises an error that
-says how to change it (the Concepts page, `docs/concepts.md#settings`). Precision and margin are
+`m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike (a new base
+model is checked as `wrap` checks it, and what is read from it follows it), and assigning what
+cannot change (`image_size`, `in_chans`, `num_classes`, a defense's `_not_assignable` keywords)
+raises an error that says how to change it (the Concepts page, `docs/concepts.md#settings`, has
+the table of every `wrap` keyword). Precision and margin are
 explained at `docs/concepts.md#precision` and `docs/concepts.md#margin`, the fill at
 `docs/concepts.md#fill`.
 """

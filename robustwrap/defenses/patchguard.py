@@ -400,9 +400,9 @@ class PatchGuard(RobustPatchClassifier):
         self.clip = clip
 
     # ------------------------------------------------------------------------------ geometry
-    def _model_geometry(self, name: str, model: nn.Module | None = None) -> tuple[int, int] | None:
+    def _model_geometry(self, name: str) -> tuple[int, int] | None:
         """The model's own declaration of `name` (checked), or None if it has no such attribute."""
-        attr = getattr(self.model if model is None else model, name, None)
+        attr = getattr(self.model, name, None)
         return None if attr is None else _geometry(attr, f"the model's {name}", _GEOMETRY[name])
 
     def _geometry_of(self, name: str) -> tuple[int, int]:
