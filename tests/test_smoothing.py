@@ -533,7 +533,7 @@ def test_stepped_scheduling_and_layout_change_no_result(monkeypatch, margin):
     for flag in (False, True):
         monkeypatch.setattr(smoothing, "auto_channels_last", lambda model, device=None, flag=flag: flag)
         layouts = []
-        handle = net.register_forward_hook(lambda module, inputs, output: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        handle = net.register_forward_hook(lambda module, inputs, output, layouts=layouts: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
         stepped = [model.certify(x, y), model.certify(x, y, early_exit=False)]
         handle.remove()
         # Both settings were used (else the equalities below would prove nothing): views in the

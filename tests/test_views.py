@@ -172,7 +172,7 @@ def test_syncing_every_few_passes_changes_no_result(sync_every):
         for every in (1, sync_every):
             runner = ViewRunner(net, ms, 0.0, 4, sync_every=every)
             calls = []
-            on_step = lambda done, failed, calls=calls: calls.append(1) or torch.zeros_like(done)  # noqa: E731
+            on_step = lambda done, failed, calls=calls: calls.append(1) or torch.zeros_like(done)
             outcomes.append(runner.evaluate_pairs(x, pairs, owners, expect, need_logits=True, on_step=on_step))
             steps.append(len(calls))
         full = ViewRunner(net, ms, 0.0, 4).evaluate_pairs(x, pairs, owners, expect, early_exit=False)
