@@ -332,6 +332,20 @@ def test_certified_images_survive_every_patch_and_a_smaller_window_does_not():
     assert bool((broken_small & wrong.certified).any())
 
 
+def test_the_margin_setting_is_the_certificate_margin():
+    """`guard.margin` is read by `certify`: an image certified with a worst-case margin `m` at
+    margin 0 is no longer certified once the setting reaches `m` (assigned after wrap)."""
+    x, y = _images()
+    guard = PatchGuard(LocalMeans(), 3, image_size=20, receptive_field=3, feature_stride=2, feature_offset=0, margin=0.0).eval()
+    plain = guard.certify(x, y)
+    margins = plain.margin[plain.certified]
+    assert margins.numel() >= 2 and float(margins.min()) < float(margins.max())
+    guard.margin = float(margins.min())
+    guarded = guard.certify(x, y)
+    assert torch.equal(guarded.certified, plain.certified & (plain.margin > guard.margin))
+    assert int(guarded.certified.sum()) == int(plain.certified.sum()) - 1
+
+
 @pytest.mark.filterwarnings("ignore:images reach")
 def test_certified_bagnet_images_survive_every_patch():
     """The same on a random `bagnet_tiny`: class 3's bias is raised until some images certify and

@@ -532,7 +532,14 @@ def test_stepped_scheduling_and_layout_change_no_result(monkeypatch, margin):
     monkeypatch.setattr(smoothing, "auto_sync_every", lambda device: 3)
     for flag in (False, True):
         monkeypatch.setattr(smoothing, "auto_channels_last", lambda model, device=None, flag=flag: flag)
+        layouts = []
+        handle = net.register_forward_hook(lambda module, inputs, output, layouts=layouts: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
         stepped = [model.certify(x, y), model.certify(x, y, early_exit=False)]
+        handle.remove()
+        # Both settings were used (else the equalities below would prove nothing): views in the
+        # layout asked for, and early exit decided per step of 3 passes (other views ran).
+        assert set(layouts) == {flag}
+        assert not torch.equal(base[0].num_views, stepped[0].num_views)
         for a, b in zip(base, stepped):
             assert torch.equal(a.prediction, b.prediction) and torch.equal(a.certified, b.certified)
         assert torch.equal(base[1].counts, stepped[1].counts)

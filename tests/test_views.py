@@ -20,6 +20,21 @@ def test_mask_images_matches_slicing():
     assert torch.equal(got, torch.stack(expected))
 
 
+def test_runner_views_use_the_per_channel_fill():
+    net = PeakNet(seed=1).eval()
+    ms = MaskSet.square(12, 3, num_masks=3)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    fill = (0.5, -1.0, 2.0)
+    with torch.no_grad():
+        labels, logits = ViewRunner(net, ms.keep_masks(), fill, 8).one_mask(x)
+        views = torch.stack([masked_copy(x[b], [box], fill) for b in range(4) for box in ms.boxes])
+        expected = net(views).reshape(4, len(ms), -1)
+        zero = torch.stack([masked_copy(x[b], [box], 0.0) for b in range(4) for box in ms.boxes])
+        at_zero = net(zero).argmax(1).reshape(4, len(ms))
+    assert torch.allclose(logits, expected, atol=1e-5) and torch.equal(labels, expected.argmax(-1))
+    assert not torch.equal(labels, at_zero)  # on these inputs the fill decides some labels
+
+
 def test_triangle_pairs():
     pairs, owners = triangle_pairs(torch.tensor([3, 5]), 4)
     assert pairs.shape == (12, 3)
@@ -152,13 +167,17 @@ def test_syncing_every_few_passes_changes_no_result(sync_every):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     pairs, owners = triangle_pairs(torch.arange(6), len(ms))
     expect = torch.tensor([0, 1, 2, 3, 0, 1])
-    outcomes = []
+    outcomes, steps = [], []
     with torch.no_grad():
         for every in (1, sync_every):
             runner = ViewRunner(net, ms, 0.0, 4, sync_every=every)
-            outcomes.append(runner.evaluate_pairs(x, pairs, owners, expect, need_logits=True))
+            calls = []
+            on_step = lambda done, failed, calls=calls: calls.append(1) or torch.zeros_like(done)
+            outcomes.append(runner.evaluate_pairs(x, pairs, owners, expect, need_logits=True, on_step=on_step))
+            steps.append(len(calls))
         full = ViewRunner(net, ms, 0.0, 4).evaluate_pairs(x, pairs, owners, expect, early_exit=False)
     each, stepped = outcomes
+    assert steps[1] < steps[0]  # the setting is used: fewer host synchronisations (else the rest proves nothing)
     assert torch.equal(each.failed, stepped.failed) and torch.equal(each.failed, full.failed)
     assert torch.equal(each.done, stepped.done)
     assert each.num_views <= stepped.num_views <= full.num_views

@@ -45,8 +45,11 @@ def wrap(
     model = robustwrap.wrap(timm.create_model("resnet18"), patch=0.02).eval()   # 2% of 224x224 = 32 px
     ```
 
-    The wrapped model keeps the base model's train/eval mode, and in train mode its forward is
-    the base model's (undefended) forward: call `.eval()` before predicting.
+    The wrapped model takes the base model's train/eval mode without changing any submodule's
+    (a BatchNorm frozen in eval mode stays frozen), and in train mode its forward is the base
+    model's (undefended) forward: call `.eval()` before predicting. Every option can be read
+    back as an attribute; assigning one after `wrap` acts as if it had been given here, or
+    raises an error saying how to change it (docs/concepts.md#settings).
 
     Args:
         model: a timm or torchvision model, or any `nn.Module` mapping `(B, C, H, W)` to

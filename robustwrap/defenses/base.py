@@ -7,9 +7,11 @@ with its own typed signature and implements `_robust_forward`, `predict`, `certi
 `_defense_settings` / `_options_from_settings` and `from_patch` (see `PatchCleanser`).
 
 Every setting is read where it is used: assigning `m.fill`, `m.batch_size`, `m.precision`,
-`m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike, and
-assigning what cannot change (`image_size`, `in_chans`, `num_classes`) raises an error that
-says how to change it (the Concepts page, `docs/concepts.md#settings`). Precision and margin are
+`m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike (a new base
+model is checked as `wrap` checks it, and what is read from it follows it), and assigning what
+cannot change (`image_size`, `in_chans`, `num_classes`, a defense's `_not_assignable` keywords)
+raises an error that says how to change it (the Concepts page, `docs/concepts.md#settings`, has
+the table of every `wrap` keyword). Precision and margin are
 explained at `docs/concepts.md#precision` and `docs/concepts.md#margin`, the fill at
 `docs/concepts.md#fill`.
 """
@@ -234,23 +236,52 @@ class RobustPatchClassifier(
         self.precision = precision
         self.margin = margin
         self.pretrained_info: dict = {}
+        # Only the wrapper's own flag: `.train(mode)` would recurse and unfreeze a BatchNorm the
+        # user put in eval mode inside a training model.
+        self.training = model.training
 
     # ------------------------------------------------------------------------------ settings
+    # `wrap` keywords that cannot be assigned after `wrap`, with how to change them instead
+    # (a subclass adds its own; docs/concepts.md#settings lists every keyword).
+    _not_assignable: ClassVar[dict[str, str]] = {}
+
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._not_assignable:
+            raise AttributeError(self._not_assignable[name])
         if name == "model" and "_modules" in self.__dict__:
-            if isinstance(value, RobustPatchClassifier):
-                raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
-            if not isinstance(value, nn.Module):
-                raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
-            fill = self.__dict__.get("_fill")
-            in_chans = _infer_in_chans(value)
-            if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:
-                raise ValueError(f"the new model takes {in_chans} channels but fill has {len(fill)} values; set fill first")
-            super().__setattr__(name, value)
-            self._model_in_chans = in_chans
-            self._num_classes = None  # a new base model: ask it again
+            self._set_model(value)
             return
         super().__setattr__(name, value)
+
+    def _set_model(self, value: nn.Module) -> None:
+        """Assign the base model: check it as `wrap` does, re-derive what is read from it, and
+        let the defense re-validate its own derived settings (`_model_changed`); on any error the
+        previous model stays."""
+        if isinstance(value, RobustPatchClassifier):
+            raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+        fill = self.__dict__.get("_fill")
+        in_chans = _infer_in_chans(value)
+        if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:
+            raise ValueError(f"the new model takes {in_chans} channels but fill has {len(fill)} values; set fill first")
+        resolve_image_size(value, self._image_size)  # a timm model with a fixed input size must take this one
+        previous = self._modules.get("model")
+        saved = (self.__dict__.get("_model_in_chans"), self._num_classes)
+        nn.Module.__setattr__(self, "model", value)
+        self._model_in_chans = in_chans
+        self._num_classes = None  # a new base model: ask it again
+        if previous is None:
+            return
+        try:
+            self._model_changed()
+        except BaseException:
+            nn.Module.__setattr__(self, "model", previous)
+            self._model_in_chans, self._num_classes = saved
+            raise
+
+    def _model_changed(self) -> None:
+        """Re-validate what the defense derives from a newly assigned base model (raise to refuse it)."""
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -412,7 +443,6 @@ class RobustPatchClassifier(
         defended = cls(model, **options, **common, **runtime)
         if defended.image_size != image_size:
             raise ValueError(f"settings image_size {list(image_size)} disagrees with the {cls.defense} geometry's {list(defended.image_size)}")
-        defended.train(model.training)
         return defended
 
     def _defense_settings(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -237,6 +237,13 @@ class PatchCleanser(RobustPatchClassifier):
 
     defense = "patchcleanser"
     _geometry_name = "mask set"
+    # The patch, masks per axis and stride only build the mask set, which is the one source of
+    # truth (a union or coarsened set has no single `num_masks`): change them through it.
+    _not_assignable: ClassVar[dict[str, str]] = {
+        name: f"{name} is a setting of the mask set, not of the defended model: assign a new one, e.g. "
+        "m.mask_set = robustwrap.MaskSet.square(m.image_size, patch, num_masks=6) (or stride=..., MaskSet.rect for a rectangle)"
+        for name in ("patch", "num_masks", "stride")
+    }
 
     def __init__(
         self,
@@ -354,7 +361,6 @@ class PatchCleanser(RobustPatchClassifier):
             else:
                 mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
         defended = cls(model, mask_set, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
-        defended.train(model.training)
         return defended
 
     def extra_repr(self) -> str:

@@ -310,6 +310,18 @@ def _as_clip(value) -> float | None:
     return float(value)
 
 
+# The geometry a PatchGuard base model declares, with each value's minimum (None: any int).
+_GEOMETRY = {"receptive_field": 1, "feature_stride": 1, "feature_offset": None}
+
+
+def _missing_geometry(missing: Sequence[str], how: str) -> str:
+    return (
+        f"PatchGuard needs the base model's {', '.join(missing)}: the model has no such attribute{'s' if len(missing) > 1 else ''}, so {how} "
+        "(receptive_field r, feature_stride s and feature_offset o say that local logit (a, b) sees only input rows "
+        "[s*a - o, s*a - o + r) and columns likewise; robustwrap.models.bagnet17 and friends carry them)"
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size) -> tuple[int, int]:
     """`feature_window`, after checking that the declared geometry fits the map the model returned."""
@@ -345,9 +357,11 @@ class PatchGuard(RobustPatchClassifier):
         patch: the threat model's patch: side in pixels (int), fraction of the image area (float
             in (0, 1)), or `(ph, pw)`.
         image_size: `H` or `(H, W)` of the inputs.
-        receptive_field: `r` (int or `(rh, rw)`, >= 1); default `model.receptive_field`.
-        feature_stride: `s` (int or pair, >= 1); default `model.feature_stride`.
-        feature_offset: `o` (int or pair; 0 for unpadded models); default `model.feature_offset`.
+        receptive_field: `r` (int or `(rh, rw)`, >= 1), for a model without a `receptive_field`
+            attribute; the model's own attribute is read at every use (so it follows
+            `m.model = other`), and a value that contradicts it is refused.
+        feature_stride: `s` (int or pair, >= 1); likewise `model.feature_stride`.
+        feature_offset: `o` (int or pair; 0 for unpadded models); likewise `model.feature_offset`.
         threshold: the detection threshold `T` in `[0, 1)` (default 0: always mask).
         clip: optional ceiling of the clipped local logits (default None: `[0, inf)`).
         fill: as for every defense (`RobustPatchClassifier`); unused, since no pixel is masked.
@@ -384,24 +398,98 @@ class PatchGuard(RobustPatchClassifier):
         num_classes: int | None = None,
     ):
         super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
-        self.receptive_field = self._declared("receptive_field", receptive_field, 1)
-        self.feature_stride = self._declared("feature_stride", feature_stride, 1)
-        self.feature_offset = self._declared("feature_offset", feature_offset, None)
-        self.patch = patch
+        given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
+        missing = [name for name, value in given.items() if value is None and getattr(model, name, None) is None]
+        if missing:
+            raise ValueError(_missing_geometry(missing, "pass " + ", ".join(f"{name}=" for name in missing)))
+        # Declarations for what the model does not say itself; the model's own attributes are read
+        # at every use, so they follow `m.model = other` and in-place changes alike.
+        self._declared_geometry: dict[str, tuple[int, int]] = {}
+        for name, value in given.items():
+            if value is not None:
+                self._declare(name, value)
+        self._patch = patch_pixels(patch, self.image_size)
         self.threshold = threshold
         self.clip = clip
 
-    def _declared(self, name: str, value, minimum: int | None) -> tuple[int, int]:
+    # ------------------------------------------------------------------------------ geometry
+    def _model_geometry(self, name: str) -> tuple[int, int] | None:
+        """The model's own declaration of `name` (checked), or None if it has no such attribute."""
         attr = getattr(self.model, name, None)
-        if value is None and attr is None:
+        return None if attr is None else _geometry(attr, f"the model's {name}", _GEOMETRY[name])
+
+    def _geometry_of(self, name: str) -> tuple[int, int]:
+        declared = self._model_geometry(name)
+        return self._declared_geometry[name] if declared is None else declared
+
+    def _declare(self, name: str, value) -> None:
+        """Record a declaration of `name`; one that contradicts the model's own attribute is refused."""
+        pair = _geometry(value, name, _GEOMETRY[name])
+        declared = self._model_geometry(name)
+        if declared is None:
+            self._declared_geometry = {**self._declared_geometry, name: pair}  # a new dict: a shallow copy keeps its own
+        elif pair != declared:
             raise ValueError(
-                f"PatchGuard needs the base model's {name}: the model has no {name} attribute, so pass {name}= "
-                "(receptive_field r, feature_stride s and feature_offset o say that local logit (a, b) sees only input rows "
-                "[s*a - o, s*a - o + r) and columns likewise; robustwrap.models.bagnet17 and friends carry them)"
+                f"{name}={value!r} contradicts the model's own {name}={getattr(self.model, name)!r}; the geometry is read from the model: "
+                f"leave {name} unset to use the model's, or change the model's attribute if it is wrong"
             )
-        if value is not None and attr is not None and _geometry(value, name, minimum) != _geometry(attr, name, minimum):
-            raise ValueError(f"{name}={value!r} contradicts the model's own {name}={attr!r}; pass nothing to use the model's")
-        return _geometry(attr if value is None else value, name, minimum)
+
+    def _set_geometry(self, name: str, value) -> None:
+        previous = self._declared_geometry
+        self._declare(name, value)
+        try:
+            self.window  # noqa: B018  (refuse now what would make the window impossible, as at wrap)
+        except BaseException:
+            self._declared_geometry = previous
+            raise
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        """`r` per axis: the model's `receptive_field` attribute (read at every use), else the declared one.
+
+        Assigning is accepted where the model does not say, or says the same; a value that
+        contradicts the model is refused, as at `wrap`.
+        """
+        return self._geometry_of("receptive_field")
+
+    @receptive_field.setter
+    def receptive_field(self, value: int | Sequence[int]) -> None:
+        self._set_geometry("receptive_field", value)
+
+    @property
+    def feature_stride(self) -> tuple[int, int]:
+        """`s` per axis: the model's `feature_stride` attribute, else the declared one (see `receptive_field`)."""
+        return self._geometry_of("feature_stride")
+
+    @feature_stride.setter
+    def feature_stride(self, value: int | Sequence[int]) -> None:
+        self._set_geometry("feature_stride", value)
+
+    @property
+    def feature_offset(self) -> tuple[int, int]:
+        """`o` per axis: the model's `feature_offset` attribute, else the declared one (see `receptive_field`)."""
+        return self._geometry_of("feature_offset")
+
+    @feature_offset.setter
+    def feature_offset(self, value: int | Sequence[int]) -> None:
+        self._set_geometry("feature_offset", value)
+
+    def _model_changed(self) -> None:
+        """A new base model: its own geometry is used from now on; what it does not declare must
+        have been declared for the wrapper, and the window must exist for it (one blank pass)."""
+        missing = [name for name in _GEOMETRY if self._model_geometry(name) is None and name not in self._declared_geometry]
+        if missing:
+            raise ValueError(
+                _missing_geometry(
+                    missing,
+                    "give the model those attributes, or wrap it anew: robustwrap.wrap(model, defense='patchguard', "
+                    + ", ".join(f"{name}=..." for name in missing)
+                    + ")",
+                )
+            )
+        self.window  # noqa: B018
+        # What the model says itself is no longer declared for it: a later model must say it again.
+        self._declared_geometry = {name: pair for name, pair in self._declared_geometry.items() if self._model_geometry(name) is None}
 
     # ------------------------------------------------------------------------------ settings
     @property
@@ -411,7 +499,12 @@ class PatchGuard(RobustPatchClassifier):
 
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
-        self._patch = patch_pixels(value, self.image_size)
+        previous, self._patch = self._patch, patch_pixels(value, self.image_size)
+        try:
+            self.window  # noqa: B018  (a patch whose window covers the whole map is refused, as at wrap)
+        except BaseException:
+            self._patch = previous
+            raise
 
     @property
     def threshold(self) -> float:
@@ -430,11 +523,6 @@ class PatchGuard(RobustPatchClassifier):
     @clip.setter
     def clip(self, value: float | None) -> None:
         self._clip = _as_clip(value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("receptive_field", "feature_stride", "feature_offset"):
-            value = _geometry(value, name, None if name == "feature_offset" else 1)
-        super().__setattr__(name, value)
 
     @property
     def window(self) -> tuple[int, int]:
@@ -567,7 +655,6 @@ class PatchGuard(RobustPatchClassifier):
             num_classes=num_classes,
         )
         defended.window  # noqa: B018  (fail now on a model without local logits or an impossible window)
-        defended.train(model.training)
         return defended
 
     def extra_repr(self) -> str:

@@ -412,18 +412,30 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     @property
     def ablation(self) -> str:
-        """`"column"`, `"row"` or `"block"` (from `ablation_set`)."""
+        """`"column"`, `"row"` or `"block"` (from `ablation_set`; assigning builds a new one)."""
         return self._ablation_set.ablation
+
+    @ablation.setter
+    def ablation(self, value: str) -> None:
+        self.ablation_set = AblationSet(self.image_size, value, self.size, self.stride)
 
     @property
     def size(self) -> int:
-        """Band width / block side in pixels (from `ablation_set`)."""
+        """Band width / block side in pixels (from `ablation_set`; assigning builds a new one)."""
         return self._ablation_set.size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self.ablation_set = AblationSet(self.image_size, self.ablation, value, self.stride)
 
     @property
     def stride(self) -> int:
-        """Pixels between neighbouring view positions (from `ablation_set`)."""
+        """Pixels between neighbouring view positions (from `ablation_set`; assigning builds a new one)."""
         return self._ablation_set.stride
+
+    @stride.setter
+    def stride(self, value: int) -> None:
+        self.ablation_set = AblationSet(self.image_size, self.ablation, self.size, value)
 
     @property
     def patch(self) -> tuple[int, int]:
@@ -482,6 +494,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             self._fill = 0.0
             return
         RobustPatchClassifier.fill.fset(self, value)
+
+    def _model_changed(self) -> None:
+        self._check_encoding()  # the new model must take 2C channels under levine2020, as at wrap
 
     def _check_encoding(self) -> None:
         if self._encoding != "levine2020":
@@ -584,7 +599,6 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             margin=margin,
             num_classes=num_classes,
         )
-        defended.train(model.training)
         return defended
 
     def extra_repr(self) -> str:
