@@ -22,13 +22,15 @@ with its traceback, and `--traceback` shows the traceback of the expected ones t
 model, the settings and what a certificate proves are explained on the Concepts page
 (docs/concepts.md).
 
-`robustwrap --help` imports neither torch nor timm nor matplotlib: each subcommand imports what it
-uses when it runs.
+`robustwrap --help`, a usage error and `robustwrap models` import neither torch nor timm nor
+matplotlib (the package imports nothing until a name is used, and the zoo's manifest is read as
+JSON): each subcommand's handler imports what it uses when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -117,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    # Only the commands that run a model have --threads; the others must not import torch to set it.
+    threads = _threads(args.threads, args.command) if hasattr(args, "threads") else contextlib.nullcontext()
     try:
-        with _threads(getattr(args, "threads", None), args.command):
+        with threads:
             code = args.run(args)
     except BrokenPipeError:
         # The reader of stdout went away (`robustwrap masks | head`): not an error of ours.
@@ -438,6 +442,9 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
 def parse_patch(text: str) -> list[int | float]:
     """Read `--patch`: pixels (`32`, `32px`), a percentage of the area (`2%`) or a fraction (`0.02`), comma-separated.
 
+    Each item is read as `wrap(patch="2%")` reads a string, so the command line and the Python API
+    take the same spellings.
+
     Args:
         text: the option's value.
 
@@ -449,25 +456,14 @@ def parse_patch(text: str) -> list[int | float]:
             percentage of 100 or more, a fraction of 1 or more), saying the three ways to write one.
             A bare number is pixels, as `patch=32` is in Python.
     """
-    values = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        value: int | float | None = None
-        if re.fullmatch(r"\d+(px)?", item):
-            value = int(item.removesuffix("px"))
-            value = value if value > 0 else None
-        elif re.fullmatch(r"\d*\.?\d+%", item):
-            percent = float(item[:-1])
-            value = percent / 100 if 0 < percent < 100 else None
-        elif re.fullmatch(r"\d*\.\d+", item):
-            fraction = float(item)
-            value = fraction if 0 < fraction < 1 else None
-        if value is None:
-            raise argparse.ArgumentTypeError(
-                f"expected pixels (32), a percentage of the image area (2%), a fraction of it (0.02), or a comma list of them; got {text!r}"
-            )
-        values.append(value)
-    return values
+    from ._args import read_patch
+
+    try:
+        return [read_patch(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected pixels (32), a percentage of the image area (2%), a fraction of it (0.02), or a comma list of them; got {text!r}"
+        ) from None
 
 
 def parse_class_map(text: str) -> dict[str, int] | list[str]:
@@ -858,12 +854,22 @@ def _patch(entry: dict) -> str:
     return f"{patch[0]}x{patch[1]} px ({entry['patch_percent']:.2f}%)" if "patch_percent" in entry else f"{patch[0]}x{patch[1]} px"
 
 
+def _manifest() -> dict[str, Any]:
+    """The zoo's manifest (`robustwrap/zoo/manifest.json`, what `robustwrap.zoo` reads), as JSON.
+
+    `robustwrap models` lists it from here: importing `robustwrap.zoo` would import torch.
+    """
+    from importlib import resources
+
+    return json.loads((resources.files("robustwrap") / "zoo" / "manifest.json").read_text())
+
+
 def _models(args: argparse.Namespace) -> None:
-    zoo = _zoo()
+    manifest = _manifest()
     rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified")]
-    for name in zoo.list_models():
-        entry = zoo.zoo_entry(name)
-        marker = " *" if name == zoo.DEFAULT_MODEL else ""
+    for entry in sorted(manifest["models"], key=lambda entry: entry["name"]):
+        name = entry["name"]
+        marker = " *" if name == manifest["default"] else ""
         metrics = entry.get("metrics") or {}
         rows.append(
             (
@@ -962,6 +968,7 @@ def _load_timm_folder(folder: Path, args: argparse.Namespace) -> nn.Module:
     """The timm model of a folder saved by timm, with its safetensors weights loaded strictly."""
     import timm
 
+    from . import models  # noqa: F401 - registers the BagNets with timm: timm:bagnet17 is a timm model
     from .hub import load_state_strictly, read_safetensors
 
     config = _read_config(folder)
@@ -982,6 +989,7 @@ def _load_timm(arch: str, args: argparse.Namespace) -> nn.Module:
     """A timm `arch` with the weights of `--checkpoint` (loaded strictly) or timm's `--pretrained` ones."""
     import timm
 
+    from . import models  # noqa: F401 - registers the BagNets with timm: timm:bagnet17 is a timm model
     from .hub import load_state_strictly, read_safetensors
 
     checkpoint: Path | None = args.checkpoint
