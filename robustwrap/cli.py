@@ -797,8 +797,6 @@ def _patchguard_window(args: argparse.Namespace) -> str:
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
-    from .report import CASE_NAMES
-
     paths = _image_paths(args.images)
     model, _ = _load_model(args)
     model = _with_settings(model, (args.patch or [None])[0], args)
@@ -810,26 +808,68 @@ def _predict(args: argparse.Namespace) -> None:
         chunk = paths[start : start + step]
         x = torch.stack([transform(_read_image(path, mode)) for path in chunk])
         prediction = model.predict(x)
-        # Certifying against the prediction itself says whether any patch could change it.
-        result = model.certify(x, prediction)
-        for i, (path, label) in enumerate(zip(chunk, prediction.tolist())):
-            record: dict[str, Any] = {"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None}
-            record["certified"] = bool(result.certified[i])
-            if hasattr(result, "case") and hasattr(result, "one_mask"):
-                record["case"] = CASE_NAMES[int(result.case[i])]
-                record["one_mask_agree"] = int((result.one_mask[i] == label).sum())
-                record["num_masks"] = int(result.one_mask.shape[1])
-            records.append(record)
+        for path, label, fields in zip(chunk, prediction.tolist(), _evidence(model, x, prediction)):
+            records.append({"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None, **fields})
     if args.json:
         print(json.dumps({"model": args.model, "threat_model": _describe(model), "images": records}, indent=1))
         return
-    rows = [("image", "prediction", "case", "one-mask views", "certified")]
+    columns = PREDICT_COLUMNS.get(model.defense, ())
+    rows = [("image", "prediction", *(header for header, _ in columns), "certified")]
     for r in records:
         shown = f"{r['prediction']} ({r['label_name']})" if r["label_name"] is not None else str(r["prediction"])
-        agree = "-" if "one_mask_agree" not in r else "all agree" if r["one_mask_agree"] == r["num_masks"] else f"{r['one_mask_agree']}/{r['num_masks']} agree"
-        rows.append((r["image"], shown, r.get("case", "-"), agree, "yes" if r["certified"] else "no"))
+        rows.append((r["image"], shown, *(cell(r) for _, cell in columns), "yes" if r["certified"] else "no"))
     print(_describe(model))
+    if model.defense == "smoothing":
+        print(f"certified: the votes beat the runner-up's by more than 2Δ = {2 * model.delta} (by 2Δ when the runner-up is a larger class id)")
+    elif model.defense == "patchguard":
+        print(f"certified: the worst-case evidence margin over every patch position is above the margin setting {model.margin:g} (0 counts when margin is 0 and ties go to the label)")
     print(_columns(rows, align_left=True))
+
+
+def _evidence(model: RobustPatchClassifier, x: torch.Tensor, prediction: torch.Tensor) -> list[dict[str, Any]]:
+    """Per image: whether it is certified against its own prediction (whether any patch could change
+    it), with the evidence of the model's defense that decides it (`PREDICT_COLUMNS` shows it)."""
+    from .report import CASE_NAMES
+
+    if model.defense == "smoothing":
+        result = model.certify(x, prediction, early_exit=False)  # the votes of all V views, not the first ones
+    else:
+        result = model.certify(x, prediction)
+    fields: list[dict[str, Any]] = []
+    for i, label in enumerate(prediction.tolist()):
+        record: dict[str, Any] = {"certified": bool(result.certified[i])}
+        if model.defense == "patchcleanser":
+            record["case"] = CASE_NAMES[int(result.case[i])]
+            record["one_mask_agree"] = int((result.one_mask[i] == label).sum())
+            record["num_masks"] = int(result.one_mask.shape[1])
+        elif model.defense == "smoothing":
+            votes = result.counts[i].tolist()
+            runner_up = max((c for c in range(len(votes)) if c != label), key=lambda c: (votes[c], -c), default=None)
+            record["votes"] = votes[label]
+            record["runner_up"] = runner_up
+            record["runner_up_votes"] = votes[runner_up] if runner_up is not None else 0
+            record["num_views"] = int(result.num_views[i])
+            record["delta"] = int(result.delta)
+        elif model.defense == "patchguard":
+            record["evidence_margin"] = float(result.margin[i])
+        fields.append(record)
+    return fields
+
+
+def _one_mask_cell(record: dict[str, Any]) -> str:
+    agree, masks = record["one_mask_agree"], record["num_masks"]
+    return "all agree" if agree == masks else f"{agree}/{masks} agree"
+
+
+# `robustwrap predict`'s columns for each defense, between the prediction and "certified": (header, cell).
+PREDICT_COLUMNS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "patchcleanser": (("case", lambda r: r["case"]), ("one-mask views", _one_mask_cell)),
+    "smoothing": (
+        ("votes", lambda r: f"{r['votes']} of {r['num_views']}"),
+        ("runner-up", lambda r: "-" if r["runner_up"] is None else f"{r['runner_up_votes']} for {r['runner_up']}"),
+    ),
+    "patchguard": (("worst-case evidence margin", lambda r: f"{r['evidence_margin']:.4g}"),),
+}
 
 
 def _image_paths(given: Sequence[Path]) -> list[Path]:

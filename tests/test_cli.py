@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -550,6 +551,59 @@ def test_predict_with_the_embedded_default(tmp_path, capsys):
 def test_unknown_zoo_model_is_one_line(capsys):
     code, _, err = run(["certify", "--model", "no-such-model-anywhere", "--limit", "1"], capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------- issue 18: each defense's own predict columns
+def _table(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the table `predict` prints (cells are separated by two spaces or more)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"})
+    split = [re.split(r"\s{2,}", line.strip()) for line in lines[rule - 1 :] if line.strip()]
+    return split[0], split[2:]
+
+
+def test_predict_prints_the_smoothing_votes(files, capsys):
+    images = [files / "data" / "a" / "0.png", files / "data" / "b" / "1.png"]
+    code, out, err = run(["predict", *images, "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", *SMOOTHING], capsys)
+    assert code == 0, err
+    model = robustwrap.wrap(base_model(files), 8, defense="smoothing", size=40, stride=20).eval()
+    transform = create_transform(**resolve_data_config(model=model.model))
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    prediction = model.predict(x)
+    result = model.certify(x, prediction, early_exit=False)
+    header, rows = _table(out)
+    assert header == ["image", "prediction", "votes", "runner-up", "certified"]  # no PatchCleanser case or one-mask views
+    assert f"by more than 2Δ = {2 * model.delta}" in out
+    for row, label, counts, certified in zip(rows, prediction.tolist(), result.counts.tolist(), result.certified.tolist()):
+        runner_up = max((c for c in range(3) if c != label), key=lambda c: (counts[c], -c))
+        assert row[1:] == [str(label), f"{counts[label]} of {len(model.ablation_set)}", f"{counts[runner_up]} for {runner_up}", "yes" if certified else "no"]
+    code, out, err = run(["predict", images[0], "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", *SMOOTHING, "--json"], capsys)
+    record = json.loads(out)["images"][0]
+    assert "case" not in record and (record["votes"], record["num_views"], record["delta"]) == (result.counts[0, prediction[0]].item(), len(model.ablation_set), model.delta)
+
+
+def test_predict_prints_the_patchguard_margin(bagnet_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from robustwrap import zoo
+
+    paths = []
+    for index in range(2):
+        zoo.builtin_dataset("mnist-heldout")[index][0].save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    code, out, err = run(["predict", *paths, "--model", "timm:bagnet_tiny", "--checkpoint", bagnet_checkpoint, "--defense", "patchguard"], capsys)
+    assert code == 0, err
+    base = timm.create_model("bagnet_tiny")
+    base.load_state_dict(load_file(bagnet_checkpoint))
+    model = robustwrap.wrap(base, defense="patchguard").eval()
+    x = torch.stack([cli._preprocessing(model)[0](Image.open(p).convert("L")) for p in paths])
+    prediction = model.predict(x)
+    result = model.certify(x, prediction)
+    header, rows = _table(out)
+    assert header == ["image", "prediction", "worst-case evidence margin", "certified"]
+    assert [row[1:] for row in rows] == [
+        [str(label), f"{margin:.4g}", "yes" if certified else "no"] for label, margin, certified in zip(prediction.tolist(), result.margin.tolist(), result.certified.tolist())
+    ]
 
 
 # --------------------------------------------------------------- the zoo path, with a stub zoo
