@@ -63,7 +63,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSErr
 # `robustwrap certify` with no --data and no --limit certifies this many of the zoo model's own
 # images. Measured on a 2-core CPU (benchmarks/speed.md): the embedded MNIST model needs about
 # 0.12 s of CPU per digit on one thread (a certified digit takes all 666 views), so 100 digits and
-# the start take about 20 s; all 1,000 take under 2 minutes.
+# the start take about 20 s; all 1,000 take 81 s wall and 140 s of CPU on two threads (the quiet 2-core machine).
 DEFAULT_LIMIT = 100
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -235,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Certify a model on a data set. With no arguments: the embedded default model on the first "
             f"{DEFAULT_LIMIT} of its 1,000 shipped held-out digits (about 20 seconds on a 2-core CPU; "
-            "--limit all certifies all of them in under 2 minutes and reproduces the zoo's figures)."
+            "--limit all certifies all of them in 81 s wall, 140 s of CPU, and reproduces the zoo's figures)."
         ),
         epilog=(
             "Two batch sizes: --images-per-step is how many images one certify call takes (a results file "
