@@ -325,14 +325,20 @@ def _parser() -> argparse.ArgumentParser:
         "masks",
         parents=[common],
         help="show a defense's views for a patch: a mask set, ablated bands or blocks, or a PatchGuard window",
-        description="The geometry of a defense at a threat model, without a model: PatchCleanser's mask set (a table "
-        "and a picture), smoothing's ablated views and the number a patch meets, or PatchGuard's feature window.",
+        description="The geometry of a defense at a threat model, without a model, as a table and (--plot) a picture: "
+        "PatchCleanser's mask set, smoothing's ablated views and the number a patch meets, or PatchGuard's feature window.",
     )
     masks.add_argument("--image-size", type=_image_size, default=(224, 224), help="H or HxW (default 224)")
     masks.add_argument("--patch", type=_single_patch, default=0.02, help="pixels (32), a percentage of the image area (2%%) or a fraction (0.02); default 2%%")
     masks.add_argument("--defense", choices=DEFENSE_NAMES, default="patchcleanser", help="the defense whose views to show (default patchcleanser)")
     _defense_groups(masks)
-    masks.add_argument("--plot", type=Path, metavar="FILE", help="draw the mask set to FILE (e.g. masks.png; PatchCleanser)")
+    masks.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="draw the geometry to FILE (e.g. masks.png): PatchCleanser's mask set, smoothing's views and how many a patch "
+        "meets, or PatchGuard's window of local logits",
+    )
     masks.set_defaults(run=_masks)
 
     predict = commands.add_parser(
@@ -721,9 +727,8 @@ def _masks(args: argparse.Namespace) -> None:
 
     _check_defense_options(args, args.defense, None)
     if args.defense != "patchcleanser":
-        if args.plot is not None:
-            raise ValueError(f"--plot draws a PatchCleanser mask set; --defense {args.defense} has no picture")
-        print(_smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args))
+        text = _smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args)
+        print(text + (f"\n\npicture: {args.plot}" if args.plot is not None else ""))
         return
     grid = {"stride": args.stride} if args.stride else {"num_masks": args.num_masks} if args.num_masks else {}
     mask_set = MaskSet.square(args.image_size, args.patch, **grid)
@@ -761,6 +766,10 @@ def _smoothing_views(args: argparse.Namespace) -> str:
     side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
     delta = views.delta(side)
     _check_certifiable(views, (side, side))
+    if args.plot is not None:  # the picture first: `robustwrap masks --plot x.png | head` closes stdout early
+        from .plots import plot_ablation_set
+
+        plot_ablation_set(views, side, path=args.plot)
     rows = [("view", "top", "left")] + [(str(i), str(r), str(c)) for i, (r, c) in enumerate(views.positions())]
     lines = [
         f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); {views.describe()}",
@@ -786,6 +795,10 @@ def _patchguard_window(args: argparse.Namespace) -> str:
         raise ValueError(f"a receptive field of {r[0]}x{r[1]} px does not fit in the {h}x{w} image")
     side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
     window = feature_window((h, w), side, r, s, o, size)
+    if args.plot is not None:  # the picture first: `robustwrap masks --plot x.png | head` closes stdout early
+        from .plots import plot_feature_window
+
+        plot_feature_window((h, w), side, r, s, o, size, path=args.plot)
     geometry = f"receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}; (H + 2o - r) // s + 1 per axis"
     return (
         f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); local logits {size[0]}x{size[1]} ({geometry})\n"

@@ -606,6 +606,22 @@ def test_predict_prints_the_patchguard_margin(bagnet_checkpoint, tmp_path, capsy
     ]
 
 
+def test_masks_plot_draws_every_defense(tmp_path, capsys):
+    from robustwrap.geometry import AblationSet, feature_window
+
+    argv = ["masks", "--image-size", "32", "--patch", "5", "--defense", "smoothing", "--ablation-size", "4", "--plot", tmp_path / "views.png"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"Δ={AblationSet(32, 'column', 4).delta(5)} of the V=32 views" in out and out.rstrip().endswith(f"picture: {tmp_path / 'views.png'}")
+    argv = ["masks", "--image-size", "224", "--patch", "32", "--defense", "patchguard", "--receptive-field", "17", "--feature-stride", "8", "--plot", tmp_path / "window.png"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert feature_window(224, 32, 17, 8, 0, 26) == (6, 6) and "6x6 window" in out and out.rstrip().endswith(f"picture: {tmp_path / 'window.png'}")
+    for name in ("views.png", "window.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+
+
 # --------------------------------------------------------------- the zoo path, with a stub zoo
 class _StubZoo:
     """`robustwrap.zoo` answering for one zoo model, the tiny timm network, with its own 9 images."""
