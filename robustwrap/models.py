@@ -11,7 +11,7 @@ Every model here carries the geometry PatchGuard reads: `receptive_field` `r`, `
 and columns likewise. `check_receptive_field` verifies such a declaration on any model.
 
 The builders are registered with timm when this module is imported (`import robustwrap.models`;
-the Hub loaders and the zoo import it), so that `timm.create_model("bagnet17", num_classes=10)`
+the PatchGuard defense, `robustwrap.wrap`, the Hub loaders and the zoo import it), so that `timm.create_model("bagnet17", num_classes=10)`
 works and the Hub format can rebuild them:
 
 | name | receptive field | stride | meant for |

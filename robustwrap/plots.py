@@ -249,8 +249,10 @@ def plot_feature_window(
     Args:
         image_size: `H` or `(H, W)` of the inputs.
         patch: the patch, as `wrap` takes it.
-        receptive_field, feature_stride, feature_offset: `r`, `s`, `o` (an int or a pair each):
-            feature `(a, b)` sees input rows `[s*a - o, s*a - o + r)` and columns likewise.
+        receptive_field: `r`, an int or `(rh, rw)`: feature `(a, b)` sees input rows
+            `[s*a - o, s*a - o + r)` and columns likewise.
+        feature_stride: `s`, an int or `(sh, sw)`.
+        feature_offset: `o`, an int or `(oh, ow)` (0 for an unpadded model such as BagNet).
         feature_size: `(h, w)` of the local-logit map.
         path: where to save the picture.
 

@@ -30,6 +30,7 @@ from torchvision.datasets import ImageFolder
 import robustwrap
 from robustwrap import cli
 from robustwrap.cli import main, parse_class_map, parse_patch
+import robustwrap.models  # noqa: F401 - registers the BagNets with timm (bagnet_checkpoint)
 from robustwrap.dataset import certify_dataset
 
 
