@@ -64,8 +64,10 @@ def test_certify_and_attack_take_lists_ints_and_arrays():
     assert torch.equal(one.certified, expected.certified[:1])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
         model.certify(x, [1, 7])
-    attacked = robustwrap.attack(model, x[:1], 1, steps=1, locations=[(0, 0)], progress=False)
-    assert attacked.x_adv.shape == x[:1].shape
+    options = {"steps": 2, "locations": [(0, 0)], "bounds": (-4.0, 4.0), "progress": False}
+    one = robustwrap.attack(model, x[:1], 1, generator=torch.Generator().manual_seed(0), **options)
+    tensor = robustwrap.attack(model, x[:1], torch.tensor([1]), generator=torch.Generator().manual_seed(0), **options)
+    assert torch.equal(one.x_adv, tensor.x_adv) and torch.equal(one.prediction, tensor.prediction)
 
 
 @pytest.mark.parametrize("text", ["32", "32px", "2%", "0.5%", "0.02", ".5", "7PX"])
