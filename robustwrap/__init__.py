@@ -7,33 +7,49 @@ logits = model(images)                 # robust prediction
 result = model.certify(images, labels) # which predictions no patch can change
 ```
 
-The defended models and the mask geometry are imported with the package; data-set
-certification, training, reports and the Hub loaders on first use (they pull in torchvision,
-huggingface_hub's model cards and tqdm). timm is imported with the package, since
-`robustwrap.models` registers its BagNets with timm's registry.
+Every name is imported on first use (PEP 562), so `import robustwrap` costs nothing and the
+`robustwrap` command answers `--help` without importing torch or timm. `import robustwrap.models`
+(done by whatever needs it: the PatchGuard defense, the Hub loaders, the zoo) registers the BagNets
+with timm, so that `timm.create_model("bagnet17")` works.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
-from . import models  # registers the BagNet builders with timm: timm.create_model("bagnet17") after import robustwrap
-from .defenses import DEFENSES, CertifyResult, DerandomizedSmoothing, PatchCleanser, PatchCleanserResult, PatchGuard, PatchGuardResult, RobustPatchClassifier, wrap
-from .geometry import MaskSet
-from .attack import AttackResult, AuditReport, attack, audit  # eager, so the function `robustwrap.attack` is never shadowed by its module
-
 if TYPE_CHECKING:
+    from . import models
+    from .attack import AttackResult, AuditReport, attack, audit
     from .augment import GreedyCutout, GridCutout, MultiSizeGreedyCutout, RandomCutout, RandomMaskCutout
     from .dataset import certify_dataset
+    from .defenses import DEFENSES, CertifyResult, DerandomizedSmoothing, PatchCleanser, PatchCleanserResult, PatchGuard, PatchGuardResult, RobustPatchClassifier, wrap
     from .fit import FitHistory, fit_masking
-    from .zoo import create_model, from_pretrained, list_models
+    from .geometry import MaskSet
     from .report import CertificationReport
+    from .zoo import create_model, from_pretrained, list_models
 
 __version__ = "0.1.0"
 
-# name -> submodule, imported on first access (PEP 562)
+# public name -> the submodule that defines it, imported on first access
 _LAZY = {
+    "wrap": "defenses",
+    "DEFENSES": "defenses",
+    "RobustPatchClassifier": "defenses",
+    "PatchCleanser": "defenses",
+    "DerandomizedSmoothing": "defenses",
+    "PatchGuard": "defenses",
+    "CertifyResult": "defenses",
+    "PatchCleanserResult": "defenses",
+    "PatchGuardResult": "defenses",
+    "MaskSet": "geometry",
+    "attack": "attack",
+    "AttackResult": "attack",
+    "audit": "attack",
+    "AuditReport": "attack",
     "certify_dataset": "dataset",
     "CertificationReport": "report",
     "fit_masking": "fit",
@@ -48,25 +64,7 @@ _LAZY = {
     "list_models": "zoo",
 }
 
-__all__ = [
-    "wrap",
-    "DEFENSES",
-    "RobustPatchClassifier",
-    "PatchCleanser",
-    "DerandomizedSmoothing",
-    "PatchGuard",
-    "CertifyResult",
-    "PatchCleanserResult",
-    "PatchGuardResult",
-    "models",
-    "MaskSet",
-    "attack",
-    "AttackResult",
-    "audit",
-    "AuditReport",
-    *_LAZY,
-    "__version__",
-]
+__all__ = ["models", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -74,8 +72,29 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule (`robustwrap.models`, `robustwrap.plots`, ...): its import binds it here
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'robustwrap' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module, keeping `robustwrap.attack` the function.
+
+    Importing a submodule binds it as an attribute of its package, after the submodule has run
+    (`import robustwrap.attack`, or any `from .attack import ...` inside the package): the module
+    `robustwrap.attack` would then hide the function `robustwrap.attack` for good. The binding
+    goes through `setattr` on this module, so it is redirected to the module's function here.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "attack" and isinstance(value, types.ModuleType):
+            value = value.attack
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

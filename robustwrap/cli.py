@@ -22,13 +22,15 @@ with its traceback, and `--traceback` shows the traceback of the expected ones t
 model, the settings and what a certificate proves are explained on the Concepts page
 (docs/concepts.md).
 
-`robustwrap --help` imports neither torch nor timm nor matplotlib: each subcommand imports what it
-uses when it runs.
+`robustwrap --help`, a usage error and `robustwrap models` import neither torch nor timm nor
+matplotlib (the package imports nothing until a name is used, and the zoo's manifest is read as
+JSON): each subcommand's handler imports what it uses when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -61,7 +63,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSErr
 # `robustwrap certify` with no --data and no --limit certifies this many of the zoo model's own
 # images. Measured on a 2-core CPU (benchmarks/speed.md): the embedded MNIST model needs about
 # 0.12 s of CPU per digit on one thread (a certified digit takes all 666 views), so 100 digits and
-# the start take about 20 s; all 1,000 take under 2 minutes.
+# the start take about 20 s; all 1,000 take 81 s wall and 140 s of CPU on two threads (the quiet 2-core machine).
 DEFAULT_LIMIT = 100
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -117,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    # Only the commands that run a model have --threads; the others must not import torch to set it.
+    threads = _threads(args.threads, args.command) if hasattr(args, "threads") else contextlib.nullcontext()
     try:
-        with _threads(getattr(args, "threads", None), args.command):
+        with threads:
             code = args.run(args)
     except BrokenPipeError:
         # The reader of stdout went away (`robustwrap masks | head`): not an error of ours.
@@ -231,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Certify a model on a data set. With no arguments: the embedded default model on the first "
             f"{DEFAULT_LIMIT} of its 1,000 shipped held-out digits (about 20 seconds on a 2-core CPU; "
-            "--limit all certifies all of them in under 2 minutes and reproduces the zoo's figures)."
+            "--limit all certifies all of them in 81 s wall, 140 s of CPU, and reproduces the zoo's figures)."
         ),
         epilog=(
             "Two batch sizes: --images-per-step is how many images one certify call takes (a results file "
@@ -321,14 +325,20 @@ def _parser() -> argparse.ArgumentParser:
         "masks",
         parents=[common],
         help="show a defense's views for a patch: a mask set, ablated bands or blocks, or a PatchGuard window",
-        description="The geometry of a defense at a threat model, without a model: PatchCleanser's mask set (a table "
-        "and a picture), smoothing's ablated views and the number a patch meets, or PatchGuard's feature window.",
+        description="The geometry of a defense at a threat model, without a model, as a table and (--plot) a picture: "
+        "PatchCleanser's mask set, smoothing's ablated views and the number a patch meets, or PatchGuard's feature window.",
     )
     masks.add_argument("--image-size", type=_image_size, default=(224, 224), help="H or HxW (default 224)")
     masks.add_argument("--patch", type=_single_patch, default=0.02, help="pixels (32), a percentage of the image area (2%%) or a fraction (0.02); default 2%%")
     masks.add_argument("--defense", choices=DEFENSE_NAMES, default="patchcleanser", help="the defense whose views to show (default patchcleanser)")
     _defense_groups(masks)
-    masks.add_argument("--plot", type=Path, metavar="FILE", help="draw the mask set to FILE (e.g. masks.png; PatchCleanser)")
+    masks.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="draw the geometry to FILE (e.g. masks.png): PatchCleanser's mask set, smoothing's views and how many a patch "
+        "meets, or PatchGuard's window of local logits",
+    )
     masks.set_defaults(run=_masks)
 
     predict = commands.add_parser(
@@ -440,6 +450,9 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
 def parse_patch(text: str) -> list[int | float]:
     """Read `--patch`: pixels (`32`, `32px`), a percentage of the area (`2%`) or a fraction (`0.02`), comma-separated.
 
+    Each item is read as `wrap(patch="2%")` reads a string, so the command line and the Python API
+    take the same spellings.
+
     Args:
         text: the option's value.
 
@@ -451,25 +464,14 @@ def parse_patch(text: str) -> list[int | float]:
             percentage of 100 or more, a fraction of 1 or more), saying the three ways to write one.
             A bare number is pixels, as `patch=32` is in Python.
     """
-    values = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        value: int | float | None = None
-        if re.fullmatch(r"\d+(px)?", item):
-            value = int(item.removesuffix("px"))
-            value = value if value > 0 else None
-        elif re.fullmatch(r"\d*\.?\d+%", item):
-            percent = float(item[:-1])
-            value = percent / 100 if 0 < percent < 100 else None
-        elif re.fullmatch(r"\d*\.\d+", item):
-            fraction = float(item)
-            value = fraction if 0 < fraction < 1 else None
-        if value is None:
-            raise argparse.ArgumentTypeError(
-                f"expected pixels (32), a percentage of the image area (2%), a fraction of it (0.02), or a comma list of them; got {text!r}"
-            )
-        values.append(value)
-    return values
+    from ._args import read_patch
+
+    try:
+        return [read_patch(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected pixels (32), a percentage of the image area (2%), a fraction of it (0.02), or a comma list of them; got {text!r}"
+        ) from None
 
 
 def parse_class_map(text: str) -> dict[str, int] | list[str]:
@@ -727,9 +729,8 @@ def _masks(args: argparse.Namespace) -> None:
 
     _check_defense_options(args, args.defense, None)
     if args.defense != "patchcleanser":
-        if args.plot is not None:
-            raise ValueError(f"--plot draws a PatchCleanser mask set; --defense {args.defense} has no picture")
-        print(_smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args))
+        text = _smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args)
+        print(text + (f"\n\npicture: {args.plot}" if args.plot is not None else ""))
         return
     grid = {"stride": args.stride} if args.stride else {"num_masks": args.num_masks} if args.num_masks else {}
     mask_set = MaskSet.square(args.image_size, args.patch, **grid)
@@ -767,6 +768,10 @@ def _smoothing_views(args: argparse.Namespace) -> str:
     side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
     delta = views.delta(side)
     _check_certifiable(views, (side, side))
+    if args.plot is not None:  # the picture first: `robustwrap masks --plot x.png | head` closes stdout early
+        from .plots import plot_ablation_set
+
+        plot_ablation_set(views, side, path=args.plot)
     rows = [("view", "top", "left")] + [(str(i), str(r), str(c)) for i, (r, c) in enumerate(views.positions())]
     lines = [
         f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); {views.describe()}",
@@ -792,6 +797,10 @@ def _patchguard_window(args: argparse.Namespace) -> str:
         raise ValueError(f"a receptive field of {r[0]}x{r[1]} px does not fit in the {h}x{w} image")
     side = patch_side(args.patch, (h, w)) if isinstance(args.patch, float) else args.patch
     window = feature_window((h, w), side, r, s, o, size)
+    if args.plot is not None:  # the picture first: `robustwrap masks --plot x.png | head` closes stdout early
+        from .plots import plot_feature_window
+
+        plot_feature_window((h, w), side, r, s, o, size, path=args.plot)
     geometry = f"receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}; (H + 2o - r) // s + 1 per axis"
     return (
         f"patch {side}x{side} px ({100 * side * side / (h * w):.2f}% of {h}x{w}); local logits {size[0]}x{size[1]} ({geometry})\n"
@@ -802,8 +811,6 @@ def _patchguard_window(args: argparse.Namespace) -> str:
 
 def _predict(args: argparse.Namespace) -> None:
     import torch
-
-    from .report import CASE_NAMES
 
     paths = _image_paths(args.images)
     model, _ = _load_model(args)
@@ -816,26 +823,68 @@ def _predict(args: argparse.Namespace) -> None:
         chunk = paths[start : start + step]
         x = torch.stack([transform(_read_image(path, mode)) for path in chunk])
         prediction = model.predict(x)
-        # Certifying against the prediction itself says whether any patch could change it.
-        result = model.certify(x, prediction)
-        for i, (path, label) in enumerate(zip(chunk, prediction.tolist())):
-            record: dict[str, Any] = {"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None}
-            record["certified"] = bool(result.certified[i])
-            if hasattr(result, "case") and hasattr(result, "one_mask"):
-                record["case"] = CASE_NAMES[int(result.case[i])]
-                record["one_mask_agree"] = int((result.one_mask[i] == label).sum())
-                record["num_masks"] = int(result.one_mask.shape[1])
-            records.append(record)
+        for path, label, fields in zip(chunk, prediction.tolist(), _evidence(model, x, prediction)):
+            records.append({"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None, **fields})
     if args.json:
         print(json.dumps({"model": args.model, "threat_model": _describe(model), "images": records}, indent=1))
         return
-    rows = [("image", "prediction", "case", "one-mask views", "certified")]
+    columns = PREDICT_COLUMNS.get(model.defense, ())
+    rows = [("image", "prediction", *(header for header, _ in columns), "certified")]
     for r in records:
         shown = f"{r['prediction']} ({r['label_name']})" if r["label_name"] is not None else str(r["prediction"])
-        agree = "-" if "one_mask_agree" not in r else "all agree" if r["one_mask_agree"] == r["num_masks"] else f"{r['one_mask_agree']}/{r['num_masks']} agree"
-        rows.append((r["image"], shown, r.get("case", "-"), agree, "yes" if r["certified"] else "no"))
+        rows.append((r["image"], shown, *(cell(r) for _, cell in columns), "yes" if r["certified"] else "no"))
     print(_describe(model))
+    if model.defense == "smoothing":
+        print(f"certified: the votes beat the runner-up's by more than 2Δ = {2 * model.delta} (by 2Δ when the runner-up is a larger class id)")
+    elif model.defense == "patchguard":
+        print(f"certified: the worst-case evidence margin over every patch position is above the margin setting {model.margin:g} (0 counts when margin is 0 and ties go to the label)")
     print(_columns(rows, align_left=True))
+
+
+def _evidence(model: RobustPatchClassifier, x: torch.Tensor, prediction: torch.Tensor) -> list[dict[str, Any]]:
+    """Per image: whether it is certified against its own prediction (whether any patch could change
+    it), with the evidence of the model's defense that decides it (`PREDICT_COLUMNS` shows it)."""
+    from .report import CASE_NAMES
+
+    if model.defense == "smoothing":
+        result = model.certify(x, prediction, early_exit=False)  # the votes of all V views, not the first ones
+    else:
+        result = model.certify(x, prediction)
+    fields: list[dict[str, Any]] = []
+    for i, label in enumerate(prediction.tolist()):
+        record: dict[str, Any] = {"certified": bool(result.certified[i])}
+        if model.defense == "patchcleanser":
+            record["case"] = CASE_NAMES[int(result.case[i])]
+            record["one_mask_agree"] = int((result.one_mask[i] == label).sum())
+            record["num_masks"] = int(result.one_mask.shape[1])
+        elif model.defense == "smoothing":
+            votes = result.counts[i].tolist()
+            runner_up = max((c for c in range(len(votes)) if c != label), key=lambda c: (votes[c], -c), default=None)
+            record["votes"] = votes[label]
+            record["runner_up"] = runner_up
+            record["runner_up_votes"] = votes[runner_up] if runner_up is not None else 0
+            record["num_views"] = int(result.num_views[i])
+            record["delta"] = int(result.delta)
+        elif model.defense == "patchguard":
+            record["evidence_margin"] = float(result.margin[i])
+        fields.append(record)
+    return fields
+
+
+def _one_mask_cell(record: dict[str, Any]) -> str:
+    agree, masks = record["one_mask_agree"], record["num_masks"]
+    return "all agree" if agree == masks else f"{agree}/{masks} agree"
+
+
+# `robustwrap predict`'s columns for each defense, between the prediction and "certified": (header, cell).
+PREDICT_COLUMNS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "patchcleanser": (("case", lambda r: r["case"]), ("one-mask views", _one_mask_cell)),
+    "smoothing": (
+        ("votes", lambda r: f"{r['votes']} of {r['num_views']}"),
+        ("runner-up", lambda r: "-" if r["runner_up"] is None else f"{r['runner_up_votes']} for {r['runner_up']}"),
+    ),
+    "patchguard": (("worst-case evidence margin", lambda r: f"{r['evidence_margin']:.4g}"),),
+}
 
 
 def _image_paths(given: Sequence[Path]) -> list[Path]:
@@ -868,12 +917,22 @@ def _weights(entry: dict) -> str:
     return f"{source} (network once)" if source else "-"
 
 
+def _manifest() -> dict[str, Any]:
+    """The zoo's manifest (`robustwrap/zoo/manifest.json`, what `robustwrap.zoo` reads), as JSON.
+
+    `robustwrap models` lists it from here: importing `robustwrap.zoo` would import torch.
+    """
+    from importlib import resources
+
+    return json.loads((resources.files("robustwrap") / "zoo" / "manifest.json").read_text())
+
+
 def _models(args: argparse.Namespace) -> None:
-    zoo = _zoo()
+    manifest = _manifest()
     rows = [("name", "architecture", "data", "patch", "masks", "clean", "certified", "weights")]
-    for name in zoo.list_models():
-        entry = zoo.zoo_entry(name)
-        marker = " *" if name == zoo.DEFAULT_MODEL else ""
+    for entry in sorted(manifest["models"], key=lambda entry: entry["name"]):
+        name = entry["name"]
+        marker = " *" if name == manifest["default"] else ""
         metrics = entry.get("metrics") or {}
         rows.append(
             (
@@ -1199,6 +1258,7 @@ def _load_timm_folder(folder: Path, args: argparse.Namespace) -> nn.Module:
     """The timm model of a folder saved by timm, with its safetensors weights loaded strictly."""
     import timm
 
+    from . import models  # noqa: F401 - registers the BagNets with timm: timm:bagnet17 is a timm model
     from .hub import load_state_strictly, read_safetensors
 
     config = _read_config(folder)
@@ -1219,6 +1279,7 @@ def _load_timm(arch: str, args: argparse.Namespace) -> nn.Module:
     """A timm `arch` with the weights of `--checkpoint` (loaded strictly) or timm's `--pretrained` ones."""
     import timm
 
+    from . import models  # noqa: F401 - registers the BagNets with timm: timm:bagnet17 is a timm model
     from .hub import load_state_strictly, read_safetensors
 
     checkpoint: Path | None = args.checkpoint

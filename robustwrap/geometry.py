@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._args import as_image_size, as_pair, positive_int
+from ._args import as_image_size, as_pair, positive_int, read_patch
 
 __all__ = ["MaskSet", "Box", "patch_side", "patch_pixels", "DEFAULT_NUM_MASKS"]
 
@@ -45,17 +45,20 @@ def patch_side(fraction: float, image_size: int | Sequence[int]) -> int:
     return side
 
 
-def patch_pixels(patch: int | float | Sequence[int], image_size: int | Sequence[int]) -> tuple[int, int]:
-    """`(ph, pw)` in pixels of a patch given as a side (int), an area fraction (float) or `(ph, pw)`.
+def patch_pixels(patch: int | float | str | Sequence[int], image_size: int | Sequence[int]) -> tuple[int, int]:
+    """`(ph, pw)` in pixels of a patch given as a side (int), an area fraction (float), `(ph, pw)`,
+    or a string spelled as `robustwrap --patch` takes one (`"32px"`, `"2%"`, `"0.02"`).
 
     The one reading of a threat model's patch that mask sets, ablation sets, feature windows, the
     defenses and the attack share.
 
     Raises:
-        ValueError: for a side that is not a positive int, a fraction outside (0, 1), or a patch
-            larger than the image (no position would exist to certify against).
+        ValueError: for a side that is not a positive int, a fraction outside (0, 1), a string
+            that is not a patch spelling, or a patch larger than the image (no position would
+            exist to certify against).
     """
     h, w = as_image_size(image_size)
+    patch = read_patch(patch)
     if isinstance(patch, float):
         patch = patch_side(patch, (h, w))
     ph, pw = (positive_int(v, "patch") for v in as_pair(patch, "patch"))
@@ -122,7 +125,7 @@ class MaskSet:
     def square(
         cls,
         image_size: int | Sequence[int],
-        patch: int | float,
+        patch: int | float | str,
         num_masks: int | Sequence[int] | None = None,
         stride: int | Sequence[int] | None = None,
     ) -> MaskSet:
@@ -130,7 +133,8 @@ class MaskSet:
 
         Args:
             image_size: `H` for a square image or `(H, W)`.
-            patch: side in pixels (int), or a fraction of the image area (float in (0, 1)).
+            patch: side in pixels (int), a fraction of the image area (float in (0, 1)), or a
+                string as on the command line (`"32px"`, `"2%"`, `"0.02"`).
             num_masks: masks per axis `k`, or `(kh, kw)`; default 6 (36 masks) unless `stride`
                 is given.
             stride: mask stride in pixels instead of `num_masks`; an int or `(sh, sw)`.
@@ -143,6 +147,7 @@ class MaskSet:
                 `num_masks` and `stride` (the two are alternative ways to size the grid).
         """
         size = as_image_size(image_size)
+        patch = read_patch(patch)
         if isinstance(patch, (tuple, list)):
             raise ValueError(f"patch of MaskSet.square is one side, got {patch!r}; use MaskSet.rect for (ph, pw)")
         if isinstance(patch, float):

@@ -43,6 +43,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
+from . import models  # noqa: F401 - registers the BagNets with timm, which rebuilds a saved base model by its architecture name
+
 if TYPE_CHECKING:
     from .defenses.base import RobustPatchClassifier
 

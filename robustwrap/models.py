@@ -10,8 +10,9 @@ Every model here carries the geometry PatchGuard reads: `receptive_field` `r`, `
 `s` and `feature_offset` `o`, meaning feature `(a, b)` sees input rows `[s*a - o, s*a - o + r)`
 and columns likewise. `check_receptive_field` verifies such a declaration on any model.
 
-The builders are registered with timm on `import robustwrap`, so that
-`timm.create_model("bagnet17", num_classes=10)` works and the Hub format can rebuild them:
+The builders are registered with timm when this module is imported (`import robustwrap.models`;
+the PatchGuard defense, `robustwrap.wrap`, the Hub loaders and the zoo import it), so that `timm.create_model("bagnet17", num_classes=10)`
+works and the Hub format can rebuild them:
 
 | name | receptive field | stride | meant for |
 | --- | --- | --- | --- |

@@ -1,4 +1,5 @@
-"""Pictures of certification results: a report, a mask set, one image's views, a patch-size sweep.
+"""Pictures of certification results: a report, a mask set, one image's views, a patch-size sweep,
+and the geometry of the other defenses (smoothing's ablated views, PatchGuard's feature window).
 
 Everything here draws results; nothing runs a model (`robustwrap.dataset.view_grid` computes the
 views that `plot_views` draws). The pictures use matplotlib's object API
@@ -16,14 +17,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._args import as_image_size, as_pair
 from .defenses import patchcleanser as rule
-from .geometry import MaskSet
+from .geometry import AblationSet, MaskSet, feature_window, patch_pixels
 from .report import CASE_NAMES, CertificationReport
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
+__all__ = ["plot_ablation_set", "plot_feature_window", "plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -191,6 +193,112 @@ def plot_mask_set(mask_set: MaskSet, image: torch.Tensor | None = None, path: st
     return _save(fig, path)
 
 
+def plot_ablation_set(ablation_set: AblationSet, patch: int | float | str | Sequence[int], path: str | Path | None = None) -> Figure:
+    """Smoothing's ablated views: what one view keeps, and how many views a patch meets where it lies.
+
+    Args:
+        ablation_set: the views (`robustwrap.geometry.AblationSet`).
+        patch: the patch, as `wrap` takes it (pixels, area fraction, `(ph, pw)` or a string).
+        path: where to save the picture.
+
+    Returns:
+        The matplotlib `Figure`. Its right panel's image is the count of views a patch meets at
+        each top-left corner; the largest count is `Δ`, the votes one patch can change.
+    """
+    from matplotlib.patches import Rectangle
+
+    h, w = ablation_set.image_size
+    ph, pw = patch_pixels(patch, (h, w))
+    rows, cols = ablation_set.axis_keep()
+    # A view meets the patch when its band (block) meets the patch's rows and its columns, so the
+    # count is the product of the two axes' counts (a column band keeps every row: one "row view").
+    met = _views_met(rows.numpy(), ph)[:, None] * _views_met(cols.numpy(), pw)[None, :]
+    delta = int(met.max())
+    top, left = _central(met == delta)
+    keep = ablation_set.keep_masks().numpy()
+    view = int(keep[:, top : top + ph, left : left + pw].any(axis=(1, 2)).argmax())  # the first view the patch meets
+    fig = _figure((10.5, 5.2))
+    ax_view, ax_met = fig.subplots(1, 2)
+    kept = keep[view]
+    ax_view.imshow(np.where(kept, 0.92, 0.35), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax_view.add_patch(Rectangle((left - 0.5, top - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px meeting {delta} views"))
+    ax_view.legend(fontsize=8, loc="lower right")
+    ax_view.set_title(f"view {view} of {len(ablation_set)} keeps the light pixels", fontsize=10)
+    heat = ax_met.imshow(met, cmap=_colormap("YlGnBu").resampled(max(delta, 1)), vmin=0.5, vmax=delta + 0.5, interpolation="nearest")
+    bar = fig.colorbar(heat, ax=ax_met, fraction=0.046, pad=0.03)
+    bar.set_label("views the patch meets")
+    ax_met.set_title(f"views a patch meets, by its top-left corner: at most Δ={delta}", fontsize=10)
+    for ax in (ax_view, ax_met):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{ablation_set.describe()}: a certificate needs a vote margin above 2Δ={2 * delta}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_feature_window(
+    image_size: int | Sequence[int],
+    patch: int | float | str | Sequence[int],
+    receptive_field: int | Sequence[int],
+    feature_stride: int | Sequence[int],
+    feature_offset: int | Sequence[int],
+    feature_size: int | Sequence[int],
+    path: str | Path | None = None,
+) -> Figure:
+    """PatchGuard's geometry: a patch where it touches the most local logits, and that window on the map.
+
+    Args:
+        image_size: `H` or `(H, W)` of the inputs.
+        patch: the patch, as `wrap` takes it.
+        receptive_field: `r`, an int or `(rh, rw)`: feature `(a, b)` sees input rows
+            `[s*a - o, s*a - o + r)` and columns likewise.
+        feature_stride: `s`, an int or `(sh, sw)`.
+        feature_offset: `o`, an int or `(oh, ow)` (0 for an unpadded model such as BagNet).
+        feature_size: `(h, w)` of the local-logit map.
+        path: where to save the picture.
+
+    Returns:
+        The matplotlib `Figure`. Its right panel's image is 1 on the features the patch touches:
+        a block of the window's size (`robustwrap.geometry.feature_window`).
+
+    Raises:
+        ValueError: for invalid geometry, as `feature_window`.
+    """
+    from matplotlib.patches import Rectangle
+
+    (h, w), (ph, pw) = as_image_size(image_size), patch_pixels(patch, image_size)
+    window = feature_window((h, w), (ph, pw), receptive_field, feature_stride, feature_offset, feature_size)
+    r, s, o, size = (as_pair(v, name) for v, name in ((receptive_field, "r"), (feature_stride, "s"), (feature_offset, "o"), (feature_size, "feature_size")))
+    top, rows = _widest_touch(h, ph, int(r[0]), int(s[0]), int(o[0]), int(size[0]))
+    left, cols = _widest_touch(w, pw, int(r[1]), int(s[1]), int(o[1]), int(size[1]))
+    touched = rows[:, None] & cols[None, :]
+    fig = _figure((10.5, 5.2))
+    ax_image, ax_map = fig.subplots(1, 2)
+    ax_image.imshow(np.full((h, w), 0.92), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    a, b = np.flatnonzero(rows), np.flatnonzero(cols)
+    # The pixels the touched features see, and one feature's receptive field.
+    y0, x0 = int(s[0]) * a[0] - int(o[0]), int(s[1]) * b[0] - int(o[1])
+    y1, x1 = int(s[0]) * a[-1] - int(o[0]) + int(r[0]), int(s[1]) * b[-1] - int(o[1]) + int(r[1])
+    ax_image.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="#1e88e5", linewidth=2, label=f"seen by the {len(a)}x{len(b)} touched features"))
+    ax_image.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), int(r[1]), int(r[0]), fill=False, edgecolor="#6a1b9a", linewidth=1.5, linestyle="--", label=f"one receptive field, {r[0]}x{r[1]} px"))
+    ax_image.add_patch(Rectangle((left - 0.5, top - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px"))
+    ax_image.set_xlim(min(-0.5, x0 - 0.5), max(w - 0.5, x1 - 0.5))
+    ax_image.set_ylim(max(h - 0.5, y1 - 0.5), min(-0.5, y0 - 0.5))
+    ax_image.legend(fontsize=8, loc="lower right")
+    ax_image.set_title(f"{h}x{w} image: a patch where it touches the most features", fontsize=10)
+    ax_map.imshow(touched.astype(float), cmap=_colormap("YlGnBu"), vmin=0, vmax=1.2, interpolation="nearest")
+    ax_map.add_patch(Rectangle((b[0] - 0.5, a[0] - 0.5), window[1], window[0], fill=False, edgecolor="#d81b60", linewidth=2))
+    ax_map.set_title(f"{size[0]}x{size[1]} local logits: it touches a {window[0]}x{window[1]} window", fontsize=10)
+    for ax in (ax_image, ax_map):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"PatchGuard: receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}; robust masking removes each "
+        f"class's largest {window[0]}x{window[1]} window of evidence",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
 def plot_views(
     one_mask: torch.Tensor,
     grid: torch.Tensor,
@@ -312,6 +420,29 @@ def _rect(c: int, r: int, colour: str):
     from matplotlib.patches import Rectangle
 
     return Rectangle((c - 0.45, r - 0.45), 0.9, 0.9, fill=False, edgecolor=colour, linewidth=2.5)
+
+
+def _views_met(keep: np.ndarray, p: int) -> np.ndarray:
+    """For each start of a `p`-pixel patch along one axis, how many positions `(V, n)` keep one of its pixels."""
+    return np.lib.stride_tricks.sliding_window_view(keep, p, axis=1).any(axis=2).sum(axis=0)
+
+
+def _central(best: np.ndarray) -> tuple[int, ...]:
+    """The index of a True entry of `best` nearest to its centre (where a picture shows it best)."""
+    where = np.argwhere(best)
+    centre = (np.array(best.shape) - 1) / 2
+    return tuple(int(v) for v in where[np.abs(where - centre).sum(axis=1).argmin()])
+
+
+def _widest_touch(n: int, p: int, r: int, s: int, o: int, m: int) -> tuple[int, np.ndarray]:
+    """`(start, touched)`: a patch start along one axis that touches the most of the `m` features
+    (feature `a` sees `[s*a - o, s*a - o + r)`), the most central one, and which features it touches."""
+    start = s * np.arange(m) - o
+    t = np.arange(n - p + 1)[:, None]
+    touched = (start[None, :] < t + p) & (start[None, :] + r > t)
+    counts = touched.sum(axis=1)
+    best = _central(counts == counts.max())[0]
+    return best, touched[best]
 
 
 def _display_image(image: torch.Tensor | None, size: tuple[int, int]):

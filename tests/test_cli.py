@@ -8,11 +8,14 @@ re-certification of the zoo's 1,000 held-out digits is `benchmarks/reproduce_zoo
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from typing import ClassVar
 
 import numpy as np
@@ -27,6 +30,7 @@ from torchvision.datasets import ImageFolder
 import robustwrap
 from robustwrap import cli
 from robustwrap.cli import main, parse_class_map, parse_patch
+import robustwrap.models  # noqa: F401 - registers the BagNets with timm (bagnet_checkpoint)
 from robustwrap.dataset import certify_dataset
 
 
@@ -360,17 +364,49 @@ def test_errors_through_a_real_process(files, tmp_path):
     assert done.returncode == 2 and "argument --patch" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_help_imports_nothing_beyond_the_package():
-    """`robustwrap --help` imports no subcommand's modules (matplotlib, reports, the zoo, the Hub loaders)."""
-    code = (
-        "import sys\nimport robustwrap\nbefore = set(sys.modules)\nfrom robustwrap.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in set(sys.modules) - before if not m.startswith(('argparse', 'gettext'))))\n"
-        "print('matplotlib' in sys.modules)"
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [(["--help"], 0), (["certify", "--help"], 0), (["attack", "--patch", "2%", "--help"], 0), (["certify", "--limit", "some"], 2), (["masks", "--patch", "abc"], 2), (["models"], 0)],
+)
+def test_help_usage_errors_and_models_import_neither_torch_nor_timm(argv, code):
+    """The answers that need no model come before torch and timm are imported (10 s of CPU)."""
+    script = (
+        "import sys, json\nfrom robustwrap.cli import main\n"
+        "try:\n    code = main(json.loads(sys.argv[1]))\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'matplotlib', 'torchvision', 'huggingface_hub') if m in sys.modules)\n"
+        "own = sorted(m for m in sys.modules if m.startswith('robustwrap'))\n"
+        "print(json.dumps({'code': code, 'heavy': heavy, 'own': own}), file=sys.stderr)"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    *_, new, matplotlib = done.stdout.strip().splitlines()
-    assert "usage: robustwrap" in done.stdout and new == "['robustwrap.cli']" and matplotlib == "False"
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], check=False, capture_output=True, text=True, timeout=120)
+    seen = json.loads(done.stderr.strip().splitlines()[-1])
+    assert seen["code"] == code and seen["heavy"] == []
+    assert set(seen["own"]) <= {"robustwrap", "robustwrap.cli", "robustwrap._args"}  # _args: --patch's spellings
+    if argv == ["models"]:
+        from robustwrap import zoo
+
+        assert all(name in done.stdout for name in zoo.list_models()) and f"{zoo.DEFAULT_MODEL} *" in done.stdout
+
+
+def test_the_package_imports_on_first_use_and_attack_stays_the_function():
+    """`import robustwrap` is free; every public name and submodule still resolves, and importing the
+    submodule `robustwrap.attack` (as the CLI's `from .attack import audit` does) never hides the function."""
+    script = (
+        "import sys, json, types\nimport robustwrap\nfirst = 'torch' in sys.modules\n"
+        "import robustwrap.attack\nfrom robustwrap.attack import audit\n"
+        "a = robustwrap.attack\nfrom robustwrap import attack as b\n"
+        "import timm\nbefore_models = timm.is_model('bagnet_tiny')\nimport robustwrap.models\n"
+        "print(json.dumps({'first': first, 'function': isinstance(a, types.FunctionType) and a is b and a.__module__ == 'robustwrap.attack',"
+        " 'module': sys.modules['robustwrap.attack'].attack is a, 'before': before_models, 'after': timm.is_model('bagnet_tiny'),"
+        " 'names': [n for n in robustwrap.__all__ if getattr(robustwrap, n, None) is None]}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"first": False, "function": True, "module": True, "before": False, "after": True, "names": []}
+    module = importlib.import_module("robustwrap.attack")  # `import robustwrap.attack as m` gives the function
+    assert isinstance(module, types.ModuleType) and robustwrap.attack is module.attack and robustwrap.audit is module.audit
+    assert set(robustwrap.__all__) <= set(dir(robustwrap))
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        robustwrap.no_such_name  # noqa: B018
 
 
 # ------------------------------------------------------------------------------------- timm
@@ -518,6 +554,75 @@ def test_unknown_zoo_model_is_one_line(capsys):
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
 
 
+# --------------------------------------------------- issue 18: each defense's own predict columns
+def _table(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the table `predict` prints (cells are separated by two spaces or more)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"})
+    split = [re.split(r"\s{2,}", line.strip()) for line in lines[rule - 1 :] if line.strip()]
+    return split[0], split[2:]
+
+
+def test_predict_prints_the_smoothing_votes(files, capsys):
+    images = [files / "data" / "a" / "0.png", files / "data" / "b" / "1.png"]
+    code, out, err = run(["predict", *images, "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", *SMOOTHING], capsys)
+    assert code == 0, err
+    model = robustwrap.wrap(base_model(files), 8, defense="smoothing", size=40, stride=20).eval()
+    transform = create_transform(**resolve_data_config(model=model.model))
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    prediction = model.predict(x)
+    result = model.certify(x, prediction, early_exit=False)
+    header, rows = _table(out)
+    assert header == ["image", "prediction", "votes", "runner-up", "certified"]  # no PatchCleanser case or one-mask views
+    assert f"by more than 2Δ = {2 * model.delta}" in out
+    for row, label, counts, certified in zip(rows, prediction.tolist(), result.counts.tolist(), result.certified.tolist()):
+        runner_up = max((c for c in range(3) if c != label), key=lambda c: (counts[c], -c))
+        assert row[1:] == [str(label), f"{counts[label]} of {len(model.ablation_set)}", f"{counts[runner_up]} for {runner_up}", "yes" if certified else "no"]
+    code, out, err = run(["predict", images[0], "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", *SMOOTHING, "--json"], capsys)
+    record = json.loads(out)["images"][0]
+    assert "case" not in record and (record["votes"], record["num_views"], record["delta"]) == (result.counts[0, prediction[0]].item(), len(model.ablation_set), model.delta)
+
+
+def test_predict_prints_the_patchguard_margin(bagnet_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from robustwrap import zoo
+
+    paths = []
+    for index in range(2):
+        zoo.builtin_dataset("mnist-heldout")[index][0].save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    code, out, err = run(["predict", *paths, "--model", "timm:bagnet_tiny", "--checkpoint", bagnet_checkpoint, "--defense", "patchguard"], capsys)
+    assert code == 0, err
+    base = timm.create_model("bagnet_tiny")
+    base.load_state_dict(load_file(bagnet_checkpoint))
+    model = robustwrap.wrap(base, defense="patchguard").eval()
+    x = torch.stack([cli._preprocessing(model)[0](Image.open(p).convert("L")) for p in paths])
+    prediction = model.predict(x)
+    result = model.certify(x, prediction)
+    header, rows = _table(out)
+    assert header == ["image", "prediction", "worst-case evidence margin", "certified"]
+    assert [row[1:] for row in rows] == [
+        [str(label), f"{margin:.4g}", "yes" if certified else "no"] for label, margin, certified in zip(prediction.tolist(), result.margin.tolist(), result.certified.tolist())
+    ]
+
+
+def test_masks_plot_draws_every_defense(tmp_path, capsys):
+    from robustwrap.geometry import AblationSet, feature_window
+
+    argv = ["masks", "--image-size", "32", "--patch", "5", "--defense", "smoothing", "--ablation-size", "4", "--plot", tmp_path / "views.png"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"Δ={AblationSet(32, 'column', 4).delta(5)} of the V=32 views" in out and out.rstrip().endswith(f"picture: {tmp_path / 'views.png'}")
+    argv = ["masks", "--image-size", "224", "--patch", "32", "--defense", "patchguard", "--receptive-field", "17", "--feature-stride", "8", "--plot", tmp_path / "window.png"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert feature_window(224, 32, 17, 8, 0, 26) == (6, 6) and "6x6 window" in out and out.rstrip().endswith(f"picture: {tmp_path / 'window.png'}")
+    for name in ("views.png", "window.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+
+
 # --------------------------------------------------------------- the zoo path, with a stub zoo
 class _StubZoo:
     """`robustwrap.zoo` answering for one zoo model, the tiny timm network, with its own 9 images."""
@@ -655,7 +760,8 @@ def test_builtin_data_name_that_is_also_a_folder_is_ambiguous(stub_zoo, tmp_path
     assert code == 1 and "write ./tiny-data for the folder" in err
 
 
-def test_models_table_from_the_zoo(stub_zoo, capsys):
+def test_models_table_from_the_zoo(stub_zoo, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_manifest", lambda: {"default": stub_zoo.DEFAULT_MODEL, "models": [stub_zoo.entry]})
     code, out, _ = run(["models"], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("tiny *"))

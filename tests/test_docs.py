@@ -432,6 +432,23 @@ def test_every_public_name_is_in_the_api_reference():
             assert f"[robustwrap.{name}]" in overview, f"robustwrap.{name} is missing from the table of docs/api/index.md"
 
 
+def test_rendered_pages_show_no_literal_escapes():
+    """Every page, rendered with the site's Markdown extensions, shows no `\\|` (issue 18, item 11):
+    Python-Markdown prints a backslash-escaped pipe in a table's code span as it is."""
+    import markdown
+    import yaml
+
+    hook = _hook()
+    extensions = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["markdown_extensions"]
+    names = [e if isinstance(e, str) else next(iter(e)) for e in extensions]
+    configs = {k: v for e in extensions if isinstance(e, dict) for k, v in e.items() if v}
+    table = "| option | values |\n|---|---|\n| `--ablation` | `column\\|row` |\n"
+    assert len(hook.literal_escapes(markdown.markdown(table, extensions=names, extension_configs=configs))) == 1  # the check sees it
+    for path in PAGES:
+        html = markdown.markdown(hook.expand(path.read_text()), extensions=names, extension_configs=configs)
+        assert hook.literal_escapes(html) == [], f"{path.relative_to(ROOT)} shows a literal backslash"
+
+
 def test_images_on_pages_are_generated():
     hook = _hook()
     for path in DOCS.rglob("*.md"):

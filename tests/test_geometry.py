@@ -294,3 +294,23 @@ def test_from_dict_wrong_container():
     del data["boxes"]
     with pytest.raises(ValueError, match="lacks boxes"):
         MaskSet.from_dict(data)
+
+
+# ------------------------------------------------- issue 18: patch spellings, as the CLI takes them
+@pytest.mark.parametrize(("text", "number"), [("32", 32), ("32px", 32), (" 32PX ", 32), ("2%", 0.02), ("0.5%", 0.005), ("0.02", 0.02), (".02", 0.02)])
+def test_a_patch_written_as_text_is_the_number_it_spells(text, number):
+    from robustwrap.geometry import patch_pixels
+
+    assert MaskSet.square(224, text) == MaskSet.square(224, number)
+    assert patch_pixels(text, 224) == patch_pixels(number, 224)
+    assert MaskSet.square(224, "2%").patch_size == (32, 32)  # the Concepts page's 2% of 224x224
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "0px", "0%", "100%", "1.5", "2 percent", "-3", "", "3x3"])
+def test_a_patch_string_that_spells_nothing_is_refused(text):
+    from robustwrap.geometry import patch_pixels
+
+    with pytest.raises(ValueError, match=r"patch must be pixels \('32' or '32px'\), a percentage of the image area \('2%'\)"):
+        MaskSet.square(224, text)
+    with pytest.raises(ValueError, match="patch must be pixels"):
+        patch_pixels(text, 224)

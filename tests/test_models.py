@@ -128,11 +128,19 @@ def test_check_receptive_field_bad_input():
         check_receptive_field(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 8, receptive_field=3, feature_stride=1, feature_offset=0)
 
 
-def test_import_robustwrap_alone_registers_the_builders():
-    # A fresh interpreter: what a user's script or the Hub loader sees after `import robustwrap`.
+def test_import_robustwrap_models_registers_the_builders():
+    # Fresh interpreters: what a user's script sees. `import robustwrap` imports nothing (so the
+    # command answers --help without torch); `import robustwrap.models` registers the BagNets, and
+    # the Hub loaders import it themselves, so a saved BagNet loads after a bare `import robustwrap`.
     import subprocess
     import sys
 
-    code = "import robustwrap, timm; m = timm.create_model('bagnet17', num_classes=10, widths=(4, 4, 4, 4), stem_width=4); print(type(m).__name__, m.num_classes, m.receptive_field)"
+    code = (
+        "import robustwrap, timm; before = timm.is_model('bagnet17'); import robustwrap.models; "
+        "m = timm.create_model('bagnet17', num_classes=10, widths=(4, 4, 4, 4), stem_width=4); print(before, type(m).__name__, m.num_classes, m.receptive_field)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["BagNet", "10", "17"]
+    assert out.stdout.split() == ["False", "BagNet", "10", "17"]
+    code = "import robustwrap; m = robustwrap.from_pretrained('mnist_bagnet_tiny_pg'); print(type(m.model).__name__, m.model.pretrained_cfg['architecture'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["BagNet", "bagnet_tiny"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from test_report import MASKS, make_report, record, smoothing_report
 
 from robustwrap import MaskSet
-from robustwrap.plots import plot_mask_set, plot_report, plot_sweep, plot_views
+from robustwrap.geometry import AblationSet, feature_window, patch_pixels
+from robustwrap.plots import plot_ablation_set, plot_feature_window, plot_mask_set, plot_report, plot_sweep, plot_views
 from robustwrap.report import sweep_table
 
 
@@ -90,3 +92,37 @@ def test_matplotlib_is_imported_only_for_pictures():
     code = "import sys, robustwrap, robustwrap.report, robustwrap.dataset, robustwrap.plots; print(any(m.startswith('matplotlib') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ------------------------------------------- issue 18: the geometry of smoothing and PatchGuard
+@pytest.mark.parametrize(("ablation", "size", "stride", "image", "patch"), [("column", 4, 1, 32, 5), ("row", 3, 2, (20, 24), (4, 6)), ("block", 6, 3, (30, 28), 5)])
+def test_plot_ablation_set_counts_the_views_a_patch_meets(tmp_path, ablation, size, stride, image, patch):
+    views = AblationSet(image, ablation, size, stride)
+    fig = plot_ablation_set(views, patch, tmp_path / "views.png")
+    met = np.asarray(fig.axes[1].images[0].get_array())
+    keep = views.keep_masks().numpy()
+    ph, pw = patch_pixels(patch, views.image_size)
+    h, w = views.image_size
+    brute = np.array([[int(keep[:, t : t + ph, l : l + pw].any(axis=(1, 2)).sum()) for l in range(w - pw + 1)] for t in range(h - ph + 1)])
+    assert np.array_equal(met, brute) and met.max() == views.delta(patch)
+    assert f"2Δ={2 * views.delta(patch)}" in fig.get_suptitle()
+    assert png_size(tmp_path / "views.png")[0] == "PNG"
+
+
+@pytest.mark.parametrize(("image", "patch", "r", "s", "o"), [(224, 32, 17, 8, 0), (32, 5, 5, 2, 0), ((40, 36), (3, 7), (5, 3), (2, 1), (2, 1))])
+def test_plot_feature_window_draws_the_window_a_patch_touches(tmp_path, image, patch, r, s, o):
+    (h, w), pair = (image, image) if isinstance(image, int) else image, lambda v: v if isinstance(v, tuple) else (v, v)
+    size = tuple((n + 2 * oo - rr) // ss + 1 for n, rr, ss, oo in zip((h, w), pair(r), pair(s), pair(o)))
+    fig = plot_feature_window((h, w), patch, r, s, o, size, tmp_path / "window.png")
+    touched = np.asarray(fig.axes[1].images[0].get_array()) > 0
+    rows, cols = np.flatnonzero(touched.any(axis=1)), np.flatnonzero(touched.any(axis=0))
+    window = feature_window((h, w), patch, r, s, o, size)
+    assert touched.shape == size and (len(rows), len(cols)) == window and touched.sum() == window[0] * window[1]
+    # the features drawn are exactly those whose receptive field meets the drawn patch
+    patch_box = next(p for p in fig.axes[0].patches if p.get_label().startswith("patch"))
+    top, left = int(patch_box.get_y() + 0.5), int(patch_box.get_x() + 0.5)
+    ph, pw = patch_pixels(patch, (h, w))
+    (rh, rw), (sh, sw), (oh, ow) = pair(r), pair(s), pair(o)
+    meets = [[sh * a - oh < top + ph and sh * a - oh + rh > top and sw * b - ow < left + pw and sw * b - ow + rw > left for b in range(size[1])] for a in range(size[0])]
+    assert np.array_equal(touched, np.array(meets))
+    assert png_size(tmp_path / "window.png")[0] == "PNG"

@@ -233,6 +233,26 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         raise PluginError(f"docs/{page.file.src_uri}: {error}") from error
 
 
+# ------------------------------------------------------------------------------ rendered pages
+# Python-Markdown prints `\|` inside a code span of a table cell as it is, backslash and all, while
+# GitHub's renderer hides the backslash: neither a strict build nor a look at GitHub shows it.
+LITERAL_PIPE = re.compile(r"\\\|")
+CODE_BLOCK = re.compile(r"<pre\b.*?</pre>", re.DOTALL)
+
+
+def literal_escapes(html: str) -> list[str]:
+    """The places in a rendered page, outside code blocks, that show a backslash-escaped pipe."""
+    text = CODE_BLOCK.sub("", html)
+    return [text[max(m.start() - 30, 0) : m.end() + 30] for m in LITERAL_PIPE.finditer(text)]
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    for place in literal_escapes(html):
+        # a warning fails `mkdocs build --strict`
+        log.warning("docs/%s shows a literal \\| in %r: in a table, say it without a pipe (`column`, `row` or `block`)", page.file.src_uri, place)
+    return html
+
+
 # ------------------------------------------------------------------------------------ figures
 def _png(fig) -> bytes:
     buffer = io.BytesIO()

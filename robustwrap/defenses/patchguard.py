@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models  # noqa: F401 - PatchGuard's BagNets, registered with timm: timm.create_model("bagnet17") next to wrap(defense="patchguard")
 from .._args import as_image_size, as_pair, positive_int
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode

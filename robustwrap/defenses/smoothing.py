@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._args import as_fill, as_image_size, positive_int
+from .._args import as_fill, as_image_size, positive_int, read_patch
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
 from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
@@ -277,6 +277,7 @@ def _as_threshold(threshold) -> float | None:
 
 
 def _as_patch(patch, image_size: tuple[int, int]) -> tuple[int, int]:
+    patch = read_patch(patch)
     if isinstance(patch, float):
         side = patch_side(patch, image_size)
         return side, side
