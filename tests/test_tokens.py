@@ -375,3 +375,11 @@ def test_the_attack_surrogate_runs_the_same_function_and_breaks_the_short_certif
     )
     assert result.success.all() and int(sound.predict(result.x_adv)) != 4
     assert result.num_views >= result.objective_views > 0 and result.forward_passes > 0  # passes on kept tokens count
+
+
+def test_command_line_rewrap_keeps_drop_tokens():
+    from robustwrap import cli
+
+    model = robustwrap.wrap(MODELS["vit"](), 3, defense="smoothing", size=6, drop_tokens=False)
+    again = cli._with_settings(model, 4, cli._parser().parse_args(["predict", "x.png", "--patch", "4"]))
+    assert again.patch == (4, 4) and again.model is model.model and again.drop_tokens is False
