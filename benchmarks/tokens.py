@@ -50,7 +50,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads, "device": str(device), "torch": torch.__version__, "timm": timm.__version__}))
+    print(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "threads": args.threads,
+                "device": str(device),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+            }
+        )
+    )
     for name in args.models.split(","):
         torch.manual_seed(0)
         base = timm.create_model(name, num_classes=10).to(device).eval()

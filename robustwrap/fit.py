@@ -574,7 +574,9 @@ def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: 
     return out, views
 
 
-def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size, indexed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _run_strategy(
+    augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size, indexed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     out, view = augment(x, y, return_indices=True) if indexed else (augment(x, y), None)
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -22,12 +22,9 @@ from timm.layers import PatchEmbed
 from timm.models import VisionTransformer
 from torch import nn
 
-__all__ = ["SUPPORTED", "TokenGrid", "token_grid", "supports_token_dropping", "axis_token_keep", "views_per_pass", "forward_kept"]
+__all__ = ["SUPPORTED", "TokenGrid", "axis_token_keep", "forward_kept", "supports_token_dropping", "token_grid", "views_per_pass"]
 
-SUPPORTED = (
-    "timm's VisionTransformer family with a plain patch embedding (ViT, DeiT, DeiT distilled, ViT with registers, "
-    "any img_size)"
-)
+SUPPORTED = "timm's VisionTransformer family with a plain patch embedding (ViT, DeiT, DeiT distilled, ViT with registers, any img_size)"
 """The models whose token grid `token_grid` can read, as error messages name them."""
 
 

@@ -121,12 +121,25 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "ablation", "size", "stride", "threshold", "encoding"), CASES)
 def test_votes_equal_one_view_at_a_time_reference(name, ablation, size, stride, threshold, encoding):
-    base = MODELS[name]() if encoding == "fill" else _vit(4, in_chans=6, **({"name": "deit_tiny_distilled_patch16_224", "depth": 1} if name == "deit_distilled" else {}))
+    base = (
+        MODELS[name]()
+        if encoding == "fill"
+        else _vit(4, in_chans=6, **({"name": "deit_tiny_distilled_patch16_224", "depth": 1} if name == "deit_distilled" else {}))
+    )
     shape = tuple(base.patch_embed.img_size)
     fill = 0.5 if encoding == "fill" else 0.0
     model = robustwrap.wrap(
-        base, patch=3, defense="smoothing", ablation=ablation, size=size, stride=stride, threshold=threshold,
-        encoding=encoding, fill=fill, margin=0.0, batch_size=3,
+        base,
+        patch=3,
+        defense="smoothing",
+        ablation=ablation,
+        size=size,
+        stride=stride,
+        threshold=threshold,
+        encoding=encoding,
+        fill=fill,
+        margin=0.0,
+        batch_size=3,
     ).eval()
     assert model.drop_tokens and model.settings()["drop_tokens"] is True
     x = _images(2, shape, seed=len(name) + size)
@@ -159,7 +172,10 @@ def test_token_dropping_changes_the_function_and_false_is_the_pixel_only_one():
     with torch.no_grad():
         dropped, full = _reference_logits(base, x[0], keep, "fill", 0.0), _reference_logits(base, x[0], keep, "fill", 0.0, drop=False)
     assert (dropped - full).abs().max() > 0.1  # a dropped token is absent, not filled
-    assert torch.equal(pixels.certify(x, torch.tensor([0, 1]), early_exit=False).counts, _reference_counts(base, x, "column", 6, 1, None, "fill", drop=False))
+    assert torch.equal(
+        pixels.certify(x, torch.tensor([0, 1]), early_exit=False).counts,
+        _reference_counts(base, x, "column", 6, 1, None, "fill", drop=False),
+    )
     assert not torch.equal(dropping(x), pixels(x))
     assert model_fingerprint(dropping) != model_fingerprint(pixels)
 
@@ -189,8 +205,8 @@ def test_views_keeping_the_same_number_of_tokens_share_a_pass_and_passes_follow_
 
 # ----------------------------------------------------------------------------------- settings
 def test_default_follows_the_model_and_true_needs_a_vit():
-    for name in MODELS:
-        base = MODELS[name]()
+    for name, build in MODELS.items():
+        base = build()
         model = robustwrap.wrap(base, patch=3, defense="smoothing", size=6)
         assert model.drop_tokens, name
     cnn = SmallCNN()
@@ -217,7 +233,9 @@ def test_the_token_grid_is_read_from_the_current_model():
     other = _vit(7, patch_size=4, depth=1)
     model.model = other
     assert token_grid(other, (SIZE, SIZE)).grid == (8, 8)
-    assert torch.equal(model.certify(x, torch.tensor([0]), early_exit=False).counts, _reference_counts(other, x, "column", 6, 1, None, "fill"))
+    assert torch.equal(
+        model.certify(x, torch.tensor([0]), early_exit=False).counts, _reference_counts(other, x, "column", 6, 1, None, "fill")
+    )
     forced = robustwrap.wrap(vit, patch=3, defense="smoothing", size=6, drop_tokens=True).eval()
     with pytest.raises(ValueError, match="drop_tokens=True"):
         forced.model = SmallCNN()
@@ -308,8 +326,15 @@ def _mean_pool_vit() -> nn.Module:
     all 16 tokens would dilute it).
     """
     model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=SIZE, patch_size=8, embed_dim=8, depth=1, num_heads=1, class_token=False,
-        global_pool="avg", num_classes=5,
+        "vit_tiny_patch16_224",
+        img_size=SIZE,
+        patch_size=8,
+        embed_dim=8,
+        depth=1,
+        num_heads=1,
+        class_token=False,
+        global_pool="avg",
+        num_classes=5,
     ).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -352,7 +377,7 @@ def test_a_certificate_with_delta_one_short_breaks_under_brute_force():
 
 
 def test_the_attack_surrogate_runs_the_same_function_and_breaks_the_short_certificate():
-    from robustwrap.attack import OBJECTIVES, audit
+    from robustwrap.attack import OBJECTIVES
 
     base = MODELS["registers"]()
     model = robustwrap.wrap(base, patch=3, defense="smoothing", size=6, stride=2, margin=0.0).eval()
@@ -371,7 +396,15 @@ def test_the_attack_surrogate_runs_the_same_function_and_breaks_the_short_certif
     assert broken.certify(x, y).certified.all() and not sound.certify(x, y).certified.any()
     # a position whose 10 views all vote 4 (away from the bright column), from a random start
     result = robustwrap.attack(
-        sound, x, y, steps=10, restarts=1, locations=[(0, 12)], bounds=(-2.0, 2.0), progress=False, generator=torch.Generator().manual_seed(0)
+        sound,
+        x,
+        y,
+        steps=10,
+        restarts=1,
+        locations=[(0, 12)],
+        bounds=(-2.0, 2.0),
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
     )
     assert result.success.all() and int(sound.predict(result.x_adv)) != 4
     assert result.num_views >= result.objective_views > 0 and result.forward_passes > 0  # passes on kept tokens count

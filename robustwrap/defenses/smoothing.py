@@ -213,7 +213,9 @@ class ViewTokens:
         return int(rows.sum(1).max()) * int(cols.sum(1).max())
 
 
-def view_logits(model: nn.Module, views: torch.Tensor, view: torch.Tensor, tokens: ViewTokens | None, num_classes: int | None = None) -> torch.Tensor:
+def view_logits(
+    model: nn.Module, views: torch.Tensor, view: torch.Tensor, tokens: ViewTokens | None, num_classes: int | None = None
+) -> torch.Tensor:
     """The base model's logits on ablated views: the one function of the defense's views.
 
     Prediction, certification, training (`RandomAblation.logits`) and the attack's surrogate
@@ -643,7 +645,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             raise ValueError(f"smoothing settings lack {', '.join(missing)} (keys: {sorted(settings)})")
         # Settings written before token dropping existed describe views that keep every token.
         drop_tokens = settings.get("drop_tokens", False)
-        if not isinstance(drop_tokens, bool):
+        boolean = isinstance(drop_tokens, bool)
+        if not boolean:
             raise ValueError(f"settings drop_tokens must be true or false, got {drop_tokens!r}")
         patch = settings["patch"]
         pixels = isinstance(patch, (list, tuple)) and len(patch) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in patch)
