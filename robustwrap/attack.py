@@ -155,19 +155,37 @@ def input_bounds(model: nn.Module, bounds: tuple | None = None, channels: int | 
 
 # ------------------------------------------------------------------------------------ helpers
 class _Counter:
-    """Counts calls of a module's forward and the images that go through it (a forward hook)."""
+    """Counts calls of a module's forward and the images that go through it (forward hooks).
+
+    A vision transformer run on kept tokens (smoothing's `drop_tokens`, `robustwrap.tokens`)
+    calls its `patch_embed` without its own forward: such a call counts as one pass too.
+    """
 
     def __init__(self, module: nn.Module):
         self.calls = 0
         self.images = 0
-        self._handle = module.register_forward_hook(self._hook)
+        self._inside = 0
+        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._hook, always_call=True)]
+        embed = getattr(module, "patch_embed", None)
+        if isinstance(embed, nn.Module):
+            self._handles.append(embed.register_forward_hook(self._embed_hook))
+
+    def _enter(self, module, inputs) -> None:
+        self._inside += 1
 
     def _hook(self, module, inputs, output) -> None:
+        self._inside -= 1
         self.calls += 1
         self.images += int(inputs[0].shape[0])
 
+    def _embed_hook(self, module, inputs, output) -> None:
+        if not self._inside:
+            self.calls += 1
+            self.images += int(inputs[0].shape[0])
+
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def _paste(x: torch.Tensor, patch: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
@@ -350,7 +368,11 @@ def _pair_overlap(loc: torch.Tensor, patch: tuple[int, int], boxes_i: torch.Tens
 
 
 class _SmoothingObjective(_DefendedObjective):
-    """Views are the ablated views of the defense (indices of its `AblationSet`)."""
+    """Views are the ablated views of the defense (indices of its `AblationSet`).
+
+    They run through `smoothing.view_logits`, the defense's own function of a view: with
+    `drop_tokens` a rendered view carries its index, since the tokens it keeps depend on it.
+    """
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -362,6 +384,7 @@ class _SmoothingObjective(_DefendedObjective):
         self.naive_views = len(self.ablation_set)
         self.axis_keep = self.ablation_set.axis_keep(x.device)
         self.threshold = model.threshold
+        self.tokens = smoothing.ViewTokens.of(model._token_grid(), self.ablation_set, x.device)
         # The clean votes of every view: the guide, and the runner-up class the patch should
         # hand its votes to (a vote moved from y to one class c counts twice against y).
         b, v = x.shape[0], self.naive_views
@@ -369,7 +392,7 @@ class _SmoothingObjective(_DefendedObjective):
         view = torch.arange(v, device=x.device).repeat(b)
         logits = torch.cat(
             [
-                self.base(self.render(x[image[s : s + model.batch_size]], view[s : s + model.batch_size])).float()
+                self.forward(self.render(x[image[s : s + model.batch_size]], view[s : s + model.batch_size])).float()
                 for s in range(0, b * v, model.batch_size)
             ]
         )
@@ -403,9 +426,13 @@ class _SmoothingObjective(_DefendedObjective):
         task, view = self._affected(loc).nonzero(as_tuple=True)
         return _Views(task=task, view=view)
 
-    def render(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.arange(x.shape[0], device=x.device)
-        return self._smoothing.ablate(x, image, view, self.axis_keep, self.model.encoding, self.model.fill)
+        return self._smoothing.ablate(x, image, view, self.axis_keep, self.model.encoding, self.model.fill), view
+
+    def forward(self, rendered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        views, view = rendered
+        return self._smoothing.view_logits(self.base, views, view, self.tokens)
 
     def loss(self, out: torch.Tensor, image: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         out = out.float()

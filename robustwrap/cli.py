@@ -1405,7 +1405,7 @@ def _own_options(model: RobustPatchClassifier, given: dict[str, Any]) -> tuple[A
         if "num_masks" not in given and "stride" not in given and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
             own = {"num_masks": model.mask_set.grid}
         return (ph if ph == pw else (ph, pw)), own
-    names = {"smoothing": ("ablation", "size", "stride", "threshold", "encoding"), "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip")}
+    names = {"smoothing": ("ablation", "size", "stride", "threshold", "encoding", "drop_tokens"), "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip")}
     ph, pw = model.patch
     return (ph if ph == pw else (ph, pw)), {name: getattr(model, name) for name in names.get(model.defense, ())}
 

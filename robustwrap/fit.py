@@ -332,9 +332,17 @@ def fit_masking(
             certifier.model = base
     # One model for all processes: DistributedDataParallel averages the gradients of every
     # process's batch (and starts every process from rank 0's weights).
-    loop.trained = target.ddp if target.ddp is not None else base
+    # Token-dropping views run the ViT's parts, not its forward: `_ViewForward` makes them one
+    # module's forward, so that DistributedDataParallel sees (and synchronises) them.
+    trained = _ViewForward(base, augment) if getattr(augment, "drop_tokens", False) else base
+    if target.ddp is not None and trained is not base:
+        raise ValueError(
+            "fit_masking cannot train token-dropping views (drop_tokens) through your own DistributedDataParallel wrapper, "
+            "whose forward keeps every token; pass the bare model (fit_masking wraps it in DistributedDataParallel itself under torchrun)"
+        )
+    loop.trained = target.ddp if target.ddp is not None else trained
     if world > 1 and target.ddp is None:
-        loop.trained = DistributedDataParallel(base, device_ids=[device] if device.type == "cuda" else None)
+        loop.trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
     modes = [(module, module.training) for module in loop.trained.modules()]
     if not any(module.training for module in base.modules()):
         loop.trained.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
@@ -416,8 +424,8 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
     for batch in loader:
         with loop.autocast():
             x, y = loop.batch(batch, "train_loader")
-            x = _mask_batch(loop.augment, loop.encode, x, y, loop.clean_ratio)
-            logits = loop.trained(x)
+            x, view = _mask_batch(loop.augment, loop.encode, x, y, loop.clean_ratio)
+            logits = loop.trained(x) if view is None else loop.trained(x, view)
             loss = loop.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -573,7 +581,7 @@ def _resolve_defense(model, mask_set, fill) -> _Target:
             from .defenses.smoothing import encode_full
 
             settings = model.settings()
-            geometry = {"views": {key: settings[key] for key in ("ablation", "size", "stride", "encoding")}}
+            geometry = {"views": {key: settings[key] for key in ("ablation", "size", "stride", "encoding", "drop_tokens")}}
             encoding = settings["encoding"]
             return _Target(
                 **common,
@@ -623,7 +631,7 @@ def _make_strategy(strategy, target: _Target, batch_size: int) -> tuple[Callable
             from .defenses.smoothing import RandomAblation
 
             model = target.classifier
-            return RandomAblation(model.ablation_set, model.encoding, target.fill), strategy
+            return RandomAblation(model.ablation_set, model.encoding, target.fill, drop_tokens=model.drop_tokens), strategy
         return create_augmentation(strategy, target.mask_set, target.base, fill=target.fill, batch_size=batch_size), strategy
     if callable(strategy):
         return strategy, getattr(strategy, "__name__", type(strategy).__name__)
@@ -684,25 +692,52 @@ def _unpack(batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, as_labels(y, x.shape[0], f"{name} labels")
 
 
-def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> torch.Tensor:
-    """`x` with every image masked by `augment`, except a `clean_ratio` share left clean (`encode`d) at random."""
+class _ViewForward(nn.Module):
+    """The base model on training views as certification runs them (`augment.logits`: smoothing's token dropping).
+
+    `forward(x)` is the base model's forward (clean images keep every token); `forward(x, view)`
+    runs each image's view. One module, so that `DistributedDataParallel` can wrap it.
+    """
+
+    def __init__(self, base: nn.Module, augment) -> None:
+        super().__init__()
+        self.base = base
+        self.augment = augment  # not a module: its state is the ablation geometry
+
+    def forward(self, x: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base(x) if view is None else self.augment.logits(self.base, x, view)
+
+
+def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`x` with every image masked by `augment`, except a `clean_ratio` share left clean (`encode`d) at random.
+
+    With an augmentation whose views the model runs on in its own way (smoothing's token
+    dropping, `RandomAblation.logits`) also each image's view index (`-1`: clean), else `None`.
+    """
+    indexed = bool(getattr(augment, "drop_tokens", False))
     if augment is None or clean_ratio == 1.0:
-        return encode(x)
+        return encode(x), None
     clean = encode(x)
     if clean_ratio == 0.0:
-        return _run_strategy(augment, x, y, clean.shape)
+        return _run_strategy(augment, x, y, clean.shape, indexed)
     masked = (torch.rand(x.shape[0]) >= clean_ratio).to(x.device)
     out = clean.clone()
-    out[masked] = _run_strategy(augment, x[masked], y[masked], clean[masked].shape)
-    return out
+    out[masked], view = _run_strategy(augment, x[masked], y[masked], clean[masked].shape, indexed)
+    if view is None:
+        return out, None
+    views = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    views[masked] = view
+    return out, views
 
 
-def _run_strategy(augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    out = augment(x, y)
+def _run_strategy(
+    augment, x: torch.Tensor, y: torch.Tensor, shape: torch.Size, indexed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out, view = augment(x, y, return_indices=True) if indexed else (augment(x, y), None)
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"strategy must return the masked images with the shape of its input {tuple(shape)}, got {got}")
-    return out
+    return out, view
 
 
 # ---------------------------------------------------------------------------------- processes

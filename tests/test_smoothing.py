@@ -430,6 +430,7 @@ def test_wrap_builds_smoothing_and_settings_round_trip():
         "patch": [5, 5],
         "threshold": 0.4,
         "encoding": "fill",
+        "drop_tokens": False,
     }
     rebuilt = robustwrap.RobustPatchClassifier.from_settings(net, settings, batch_size=3)
     assert isinstance(rebuilt, DerandomizedSmoothing) and rebuilt.settings() == settings and rebuilt.batch_size == 3

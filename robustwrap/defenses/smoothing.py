@@ -10,6 +10,7 @@ rules implemented here are written out on the Concepts page (docs/concepts.md#sm
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
+from ..tokens import SUPPORTED, TokenGrid, axis_token_keep, forward_kept, supports_token_dropping, token_grid, views_per_pass
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
 from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
@@ -179,6 +181,60 @@ def ablate(
     return torch.cat([kept, 1 - kept], 1) * keep[:, None].to(kept.dtype)
 
 
+@dataclass(frozen=True)
+class ViewTokens:
+    """Which tokens the views of an `AblationSet` keep on a ViT's grid (`drop_tokens`).
+
+    Attributes:
+        grid: the base model's token grid (`robustwrap.tokens.token_grid`).
+        axis_keep: `(rows (R, gh), cols (Q, gw))` bool, per view position on each axis: the
+            token rows and columns that meet the kept pixels.
+    """
+
+    grid: TokenGrid
+    axis_keep: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, grid: TokenGrid | None, ablation_set: AblationSet, device: torch.device) -> ViewTokens | None:
+        """The kept tokens of `ablation_set`'s views on `grid`, or `None` without token dropping."""
+        return None if grid is None else cls(grid, axis_token_keep(ablation_set.axis_keep(device), grid))
+
+    def keep(self, view: torch.Tensor) -> torch.Tensor:
+        """`(N, gh, gw)` bool: the tokens each view keeps; view `-1` (an unablated image) keeps all."""
+        rows, cols = self.axis_keep
+        n_cols = cols.shape[0]
+        index = view.clamp(min=0)
+        keep = rows[index // n_cols][:, :, None] & cols[index % n_cols][:, None, :]
+        return keep | (view < 0)[:, None, None]
+
+    def most_kept(self) -> int:
+        """The most patch tokens one view keeps."""
+        rows, cols = self.axis_keep
+        return int(rows.sum(1).max()) * int(cols.sum(1).max())
+
+
+def view_logits(
+    model: nn.Module, views: torch.Tensor, view: torch.Tensor, tokens: ViewTokens | None, num_classes: int | None = None
+) -> torch.Tensor:
+    """The base model's logits on ablated views: the one function of the defense's views.
+
+    Prediction, certification, training (`RandomAblation.logits`) and the attack's surrogate
+    all call this, so they compute the same function: `model(views)`, or with `tokens` (token
+    dropping) the ViT on the prefix tokens and the patch tokens each view keeps.
+
+    Args:
+        model: the base classifier (or its inference copy).
+        views: `(N, C, H, W)` ablated views (as `ablate` builds them; `2C` channels with `"levine2020"`).
+        view: `(N,)` long, the view index of each (`-1`: nothing ablated).
+        tokens: `ViewTokens` with token dropping, else `None`.
+        num_classes: the class count the logits must have, or `None` to accept any.
+    """
+    if tokens is None:
+        return forward_views(model, views, num_classes)
+    keep = tokens.keep(view)
+    return forward_views(functools.partial(forward_kept, model, keep=keep, grid=tokens.grid), views, num_classes)
+
+
 def encode_full(x: torch.Tensor, encoding: str) -> torch.Tensor:
     """`x` with nothing ablated, as the base model takes it (`(x, 1 - x)` for `"levine2020"`)."""
     return torch.cat([x, 1 - x], 1) if encoding == "levine2020" else x
@@ -197,6 +253,8 @@ class RandomAblation:
         fill: ablated pixel value for `"fill"`.
         generator: a `torch.Generator` for the view choice (on the images' device), for
             reproducible training; `None` uses torch's global generator.
+        drop_tokens: the views drop the tokens they do not keep (a ViT): train through
+            `logits(model, views, view)`, which runs the base model as certification does.
     """
 
     def __init__(
@@ -205,18 +263,42 @@ class RandomAblation:
         encoding: str = "fill",
         fill: float | Sequence[float] = 0.0,
         generator: torch.Generator | None = None,
+        drop_tokens: bool = False,
     ):
         if not isinstance(ablation_set, AblationSet):
             raise TypeError(f"ablation_set must be a robustwrap AblationSet, got {type(ablation_set).__name__}")
+        if not isinstance(drop_tokens, bool):
+            raise TypeError(f"drop_tokens must be True or False, got {drop_tokens!r}")
         self.ablation_set = ablation_set
         self.encoding = _as_encoding(encoding)
         self.fill = as_fill(fill)
         self.generator = generator
+        self.drop_tokens = drop_tokens
 
     @classmethod
     def from_model(cls, model: DerandomizedSmoothing, generator: torch.Generator | None = None) -> RandomAblation:
-        """The augmentation with `model`'s current ablation set, encoding and fill."""
-        return cls(model.ablation_set, model.encoding, model.fill, generator)
+        """The augmentation with `model`'s current ablation set, encoding, fill and token dropping."""
+        return cls(model.ablation_set, model.encoding, model.fill, generator, drop_tokens=model.drop_tokens)
+
+    def logits(self, model: nn.Module, views: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """The base model's output on training views, computed as certification computes it (`view_logits`).
+
+        Args:
+            model: the base classifier being trained (its mode and gradients are left alone).
+            views: `(B, C, H, W)` views from this augmentation (`2C` channels with `"levine2020"`),
+                or unablated images.
+            view: `(B,)` long: each image's view index (`return_indices=True`), `-1` for an image
+                left unablated (all its tokens kept).
+
+        Raises:
+            ValueError: `drop_tokens` and `model`'s token grid cannot be read.
+        """
+        if not self.drop_tokens:
+            return model(views)
+        grid = token_grid(model, self.ablation_set.image_size)
+        if grid is None:
+            raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
+        return view_logits(model, views, view, ViewTokens.of(grid, self.ablation_set, views.device))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, *, return_indices: bool = False):
         """Replace each image of `x` `(B, C, H, W)` by one random ablated view; `y` is not used.
@@ -333,9 +415,16 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         threshold: `None` (default) for argmax votes, or a float in (0, 1] for softmax-threshold votes.
         encoding: `"fill"` (default): ablated pixels are `fill`; `"levine2020"`: the base model
             takes `2C` channels `(x, 1 - x)`, `0` in both where ablated (Levine & Feizi's networks).
+        drop_tokens: run each view of a vision transformer on the tokens that meet its retained
+            region only (plus the class, distillation and register tokens), as Smoothed ViT does
+            (docs/concepts.md#token-dropping). `None` (default): on for timm's ViT family
+            (`VisionTransformer` and the models built on it), off for other models; it changes
+            the defended function, so it is recorded in `settings()`.
         fill: ablated pixel value in the model's input space (`"fill"` encoding only).
         batch_size: views per forward pass (default `None`: chosen for the model, image size and
             device, `robustwrap.views.auto_batch_size`); views of several images share a pass.
+            With `drop_tokens` a pass holds as many views as hold about the tokens of
+            `batch_size` images.
         precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of every forward pass.
         margin: certificate margin, a float >= 0 (0 is the papers' rule): for a certificate a
             view's vote counts for `y` only if it holds when the logits move by up to `margin`,
@@ -347,7 +436,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         ValueError: `size` missing, `< 1` or larger than the image; `stride < 1`; `threshold`
             outside (0, 1]; an unknown `ablation` or `encoding`; `"levine2020"` with a base model
             that does not take an even number (`2C`) of channels or with a non-zero `fill`;
-            a patch so large that `2Δ >= V` (nothing could be certified).
+            a patch so large that `2Δ >= V` (nothing could be certified); `drop_tokens=True`
+            with a model whose token grid cannot be read, or an image size that is not a
+            multiple of its token size.
     """
 
     defense = "smoothing"
@@ -364,6 +455,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         stride: int = 1,
         threshold: float | None = None,
         encoding: str = "fill",
+        drop_tokens: bool | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -395,6 +487,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         self.threshold = threshold
         self.fill = fill
         self._check_encoding()
+        self.drop_tokens = drop_tokens
 
     # ------------------------------------------------------------------------------ settings
     @property
@@ -484,6 +577,45 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             raise
 
     @property
+    def drop_tokens(self) -> bool:
+        """Whether each view runs on the tokens that meet its retained region only (a ViT).
+
+        Assigned `None` (the default), it follows the base model at every read: on for timm's
+        ViT family, off otherwise, so `m.model = other` re-derives it; assigned `True` or
+        `False`, it is that. `settings()` records the value read here.
+        """
+        return self._token_grid() is not None
+
+    @drop_tokens.setter
+    def drop_tokens(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"drop_tokens must be None (on for timm's ViT family), True or False, got {value!r}")
+        previous = self.__dict__.get("_drop_tokens")
+        self._drop_tokens = value
+        try:
+            self._token_grid()
+        except ValueError:
+            self._drop_tokens = previous
+            raise
+
+    def _token_grid(self) -> TokenGrid | None:
+        """The base model's token grid when views drop tokens, else `None`; read from the model at every call.
+
+        Raises:
+            ValueError: `drop_tokens=True` and the grid cannot be read, or the image size is not
+                a multiple of the token size.
+        """
+        if self._drop_tokens is False:
+            return None
+        grid = token_grid(self.model, self.image_size)
+        if grid is None and self._drop_tokens:
+            raise ValueError(
+                f"drop_tokens=True needs a model whose token grid can be read: {SUPPORTED}; "
+                f"got a {type(self.model).__name__}. Use drop_tokens=False (or None: on for those models only)"
+            )
+        return grid
+
+    @property
     def fill(self) -> float | tuple[float, ...]:
         """Ablated pixel value in the model's input space (`"fill"` encoding)."""
         return RobustPatchClassifier.fill.fget(self)
@@ -513,7 +645,13 @@ class DerandomizedSmoothing(RobustPatchClassifier):
     def _defense_settings(self) -> dict[str, Any]:
         geometry = self._ablation_set.to_dict()
         geometry.pop("image_size")
-        return {**geometry, "patch": list(self._patch), "threshold": self._threshold, "encoding": self._encoding}
+        return {
+            **geometry,
+            "patch": list(self._patch),
+            "threshold": self._threshold,
+            "encoding": self._encoding,
+            "drop_tokens": self.drop_tokens,
+        }
 
     @classmethod
     def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -521,6 +659,11 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         missing = [k for k in keys if k not in settings]
         if missing:
             raise ValueError(f"smoothing settings lack {', '.join(missing)} (keys: {sorted(settings)})")
+        # Settings written before token dropping existed describe views that keep every token.
+        drop_tokens = settings.get("drop_tokens", False)
+        boolean = isinstance(drop_tokens, bool)
+        if not boolean:
+            raise ValueError(f"settings drop_tokens must be true or false, got {drop_tokens!r}")
         patch = settings["patch"]
         pixels = isinstance(patch, (list, tuple)) and len(patch) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in patch)
         if not pixels:
@@ -538,10 +681,11 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                 "patch": tuple(patch),
                 "threshold": threshold,
                 "encoding": _as_encoding(settings["encoding"]),
+                "drop_tokens": drop_tokens,
             }
         except TypeError as error:
             raise ValueError(f"settings: {error}") from None
-        return options, keys
+        return options, (*keys, "drop_tokens")
 
     @classmethod
     def from_patch(
@@ -554,6 +698,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         stride: int = 1,
         threshold: float | None = None,
         encoding: str = "fill",
+        drop_tokens: bool | None = None,
         image_size: int | Sequence[int] | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
@@ -571,6 +716,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             stride: pixels between view positions (default 1).
             threshold: `None` (argmax votes) or a float in (0, 1].
             encoding: `"fill"` (default) or `"levine2020"`.
+            drop_tokens: run each view on the tokens meeting its retained region (a ViT);
+                `None` (default): on for timm's ViT family, off otherwise.
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
             fill: ablated pixel value in the model's input space.
             batch_size: views per forward pass (default `None`: chosen for the model, image
@@ -594,6 +741,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             stride=stride,
             threshold=threshold,
             encoding=encoding,
+            drop_tokens=drop_tokens,
             fill=fill,
             batch_size=batch_size,
             precision=precision,
@@ -607,6 +755,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         ph, pw = self._patch
         return (
             f"{self._ablation_set.describe()}, patch {ph}x{pw} px (Δ={self.delta}), votes {vote}, encoding={self._encoding}, "
+            f"drop_tokens={self._drop_tokens if self._drop_tokens is not None else supports_token_dropping(self.model, self.image_size)}, "
             f"fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
         )
 
@@ -695,7 +844,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
         Each image's views are taken in order; with `early_exit` an image leaves the schedule as
         soon as `decided` says its remaining views cannot change the answer asked for (the
-        prediction, and with `labels` the certificate).
+        prediction, and with `labels` the certificate). With `drop_tokens` a pass holds as many
+        views as hold about the tokens of `batch_size` full images, and its views that keep the
+        same number of tokens run together (`robustwrap.tokens.forward_kept`).
 
         Returns:
             `(counts, sure, possible, seen)`: plain, guarded-sure and guarded-possible votes
@@ -706,6 +857,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         threshold, margin, batch_size = self._threshold, self.margin, self.batch_size
         num_views = len(ablation_set)
         axis_keep = ablation_set.axis_keep(device)
+        tokens = ViewTokens.of(self._token_grid(), ablation_set, device)
+        if tokens is not None:
+            batch_size = views_per_pass(batch_size, tokens.grid, tokens.most_kept())
         attr = getattr(self.model, "num_classes", None)
         num_classes = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
         # Speed only, identical for predict and certify: views in channels_last for convolutional
@@ -715,7 +869,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         seen = torch.zeros(b, dtype=torch.long, device=device)
         open_ = torch.ones(b, dtype=torch.bool, device=device)
         with eval_mode(self.model), torch.no_grad(), self.autocast():
-            module = self._inference_model(encode_full(x[:1], encoding))
+            # token dropping runs the model's own blocks: no inference copy stands in for them
+            module = self._inference_model(encode_full(x[:1], encoding)) if tokens is None else self.model
             while True:
                 if early_exit and counts is not None:
                     open_ &= ~decided(counts, sure, possible, num_views - seen, labels, delta)
@@ -738,7 +893,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                     views = ablate(x, part, part_view, axis_keep, encoding, fill)
                     if channels_last:
                         views = views.contiguous(memory_format=torch.channels_last)
-                    logits = forward_views(module, views, num_classes).float()
+                    logits = view_logits(module, views, part_view, tokens, num_classes).float()
                     if counts is None:
                         # learnt from the views when the model does not say, so no blank probe is needed
                         num_classes = self._num_classes = logits.shape[1]
