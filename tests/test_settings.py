@@ -92,6 +92,7 @@ DECISIONS = {
         "stride": ("assignable", 2),
         "threshold": ("assignable", 0.3),
         "encoding": ("assignable", "levine2020"),
+        "drop_tokens": ("assignable", False),  # True needs a ViT: tests/test_tokens.py assigns it on one
         **_COMMON,
     },
     "patchguard": {
