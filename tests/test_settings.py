@@ -92,7 +92,7 @@ DECISIONS = {
         "stride": ("assignable", 2),
         "threshold": ("assignable", 0.3),
         "encoding": ("assignable", "levine2020"),
-        "drop_tokens": ("assignable", False),  # True needs a ViT: tests/test_tokens.py assigns it on one
+        "drop_tokens": ("assignable", False),  # on a ViT (the test builds one), where the default drops tokens
         **_COMMON,
     },
     "patchguard": {
@@ -118,6 +118,9 @@ CASES = [(d, k) for d in sorted(DECISIONS) for k in sorted(DECISIONS[d])]
 @pytest.mark.parametrize("defense,keyword", CASES)
 def test_a_wrap_keyword_assigned_after_wrap_acts_as_at_wrap_or_says_how(defense, keyword):
     net, options = _base_options(defense)
+    if keyword == "drop_tokens":  # a ViT, whose default (None) drops tokens: assigning False changes the function
+        torch.manual_seed(0)
+        net = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_classes=4).eval()
     m = robustwrap.wrap(net, defense=defense, **options).eval()
     before = m.settings()
     kind, value = DECISIONS[defense][keyword]
