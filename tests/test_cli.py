@@ -34,12 +34,6 @@ import robustwrap.models  # noqa: F401 - registers the BagNets with timm (bagnet
 from robustwrap.dataset import certify_dataset
 
 
-@pytest.fixture(autouse=True)
-def idle_machine(monkeypatch):
-    """The CLI picks one thread and says so on a busy machine; tests must not depend on the load of
-    the machine running them (a loaded CI box added that notice to one-line errors). Tests of the
-    busy-machine rule patch `_busy_cores` themselves."""
-    monkeypatch.setattr(cli, "_busy_cores", lambda: None)
 from robustwrap.report import CertificationReport
 
 ARCH = "test_convnext"  # timm's tiny test network: 160x160 inputs, ~0.3M parameters

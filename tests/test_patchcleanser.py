@@ -260,8 +260,8 @@ def test_wrap_argument_errors():
         (torch.zeros(2, 3, 16, 16), torch.zeros(3, dtype=torch.long), ValueError, r"labels must have shape \(2,\).*got \(3,\)"),
         (torch.zeros(2, 3, 16, 16), torch.tensor([0, 4]), ValueError, r"labels must be in \[0, 4\), got values from 0 to 4"),
         (torch.zeros(2, 3, 16, 16), torch.tensor([-1, 0]), ValueError, r"labels must be in \[0, 4\)"),
-        (torch.zeros(2, 3, 16, 16), torch.tensor([0.0, 1.0]), TypeError, "integer tensor"),
-        (torch.zeros(2, 3, 16, 16), [0, 1], TypeError, "labels must be a torch.Tensor"),
+        (torch.zeros(2, 3, 16, 16), torch.tensor([0.0, 1.0]), TypeError, "labels must be integer class ids.*got dtype torch.float32"),
+        (torch.zeros(2, 3, 16, 16), [0.0, 1.0], TypeError, "labels must be integer class ids"),  # lists of ints are labels as torch takes them
     ],
 )
 def test_bad_input_fails_before_any_forward_pass(x, y, error, message):

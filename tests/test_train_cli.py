@@ -31,11 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--workers", "0", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def idle_machine(monkeypatch):
-    monkeypatch.setattr(cli, "_busy_cores", lambda: None)  # no busy-machine notice on stderr
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """`train/` (4 images per class) and `val/` (2 per class) of 3 classes named by id, random 36x36 PNGs."""
