@@ -51,7 +51,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def val_set(model, folder: Path):
-    return cli._load_data(str(folder), None, "timm:test_vit", model)[0]
+    return cli._loading._load_data(str(folder), None, "timm:test_vit", model)[0]
 
 
 def test_train_saves_the_trained_model_with_its_measured_accuracy(data, tmp_path, capsys):
