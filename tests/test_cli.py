@@ -835,8 +835,8 @@ def test_certify_and_predict_with_patchguard_on_digits(bagnet_checkpoint, tmp_pa
         (["--defense", "smoothing", "--ablation-size", "40", "--num-masks", "2"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
         (["--defense", "patchguard", "--vote-threshold", "0.5"], "--vote-threshold is an option of defense 'smoothing', not of 'patchguard'"),
         (["--detection-threshold", "0.1"], "--detection-threshold is an option of defense 'patchguard', not of 'patchcleanser'"),
-        (["--defense", "smoothing", "--ablation-stride", "20"], "size is required"),  # the library's own error
-        (["--defense", "smoothing", "--ablation-size", "40", "--vote-threshold", "1.5"], "threshold must be in (0, 1]"),
+        (["--defense", "smoothing", "--ablation-stride", "20"], "--ablation-size is required"),  # the library's own error, in option names
+        (["--defense", "smoothing", "--ablation-size", "40", "--vote-threshold", "1.5"], "--vote-threshold must be in (0, 1]"),
     ],
 )
 def test_an_option_of_another_defense_is_refused_in_one_line(files, monkeypatch, capsys, argv, message):
@@ -1013,3 +1013,84 @@ def test_refusals_speak_the_command_line(files, tmp_path, capsys):
         f"robustwrap certify: error: --results {path} has a damaged line 4 (not valid JSON); an interruption cuts off only the last "
         "line, so something else changed the file" + REMEDY
     )
+
+
+# ------------------------------------------------------------------------- errors in option names
+# A keyword of the Python API (`receptive_field=`, `size`, `drop_tokens=True`) in a command's error.
+PYTHON_KEYWORD = re.compile(
+    r"(?<![\w-])(?:receptive_field|feature_stride|feature_offset|num_masks|drop_tokens|image_size|num_classes)\b|(?<![\w-])(?:size|stride|threshold|patch)="
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "start", "wording"),
+    [
+        # PatchGuard with a base model that declares no geometry, and none on the command line
+        (["--defense", "patchguard"], "PatchGuard needs", ["pass --receptive-field", "--feature-stride", "--feature-offset"]),
+        (["--defense", "smoothing"], "--ablation-size is required", ["(e.g. --ablation-size 19 for column bands"]),
+        (["--defense", "smoothing", "--ablation-size", "40", "--drop-tokens"], "--drop-tokens needs a model whose token grid", ["Use --no-drop-tokens"]),
+        (["--defense", "smoothing", "--ablation-size", "40", "--patch", "150"], "a 150x150 patch meets", ["a smaller --ablation-size or --ablation-stride"]),
+        (["--patch", "500"], "--patch 500x500 is larger than the 160x160 image", []),
+    ],
+)
+def test_errors_of_the_defense_name_the_options(files, capsys, argv, start, wording):
+    base = ["certify", "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", "--data", files / "data", "--no-progress"]
+    code, _, err = run([*base, *argv], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"robustwrap certify: error: {start}"), err
+    assert all(words in err for words in wording), err
+    # The model's own attributes keep their names ("the base model's receptive_field"); nothing asks for a keyword.
+    assert not PYTHON_KEYWORD.search(re.sub(r"model's [a-z_, ]+:", "", err)), err
+
+
+def test_geometry_contradicting_the_model_names_the_option(bagnet_checkpoint, capsys):
+    argv = ["certify", "--model", "timm:bagnet_tiny", "--checkpoint", bagnet_checkpoint, "--defense", "patchguard", "--data", "mnist-heldout"]
+    code, _, err = run([*argv, "--receptive-field", "7", "--no-progress"], capsys)
+    assert code == 1 and err.startswith("robustwrap certify: error: --receptive-field 7 contradicts the model's own receptive_field=5"), err
+    assert "receptive_field=7" not in err and "leave --receptive-field unset" in err
+
+
+def test_masks_errors_name_the_options(capsys):
+    code, _, err = run(["masks", "--image-size", "32", "--patch", "30", "--defense", "smoothing", "--ablation-size", "4"], capsys)
+    assert code == 1 and "Use a smaller --ablation-size or --ablation-stride, or a smaller patch" in err and not PYTHON_KEYWORD.search(err), err
+
+
+def test_import_errors_name_the_options(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "vit_base_patch16_224_imagenette.pth"  # PatchCleanser's own file name and layout
+    torch.save({"model_state_dict": torch.nn.DataParallel(timm.create_model("test_vit", num_classes=10)).state_dict()}, path)
+    code, _, err = run(["import", path, "--format", "patchcleanser", "--out", tmp_path / "o", "--model", "test_vit", "--patch", "500"], capsys)
+    assert (code, err) == (1, "robustwrap import: error: --patch 500x500 is larger than the 160x160 image\n")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("word", ["receptive_field r", "image size", "a 150x150 patch meets", "the model's own receptive_field=5"])
+def test_option_words_leave_english_and_the_models_attributes_alone(word):
+    options = {"receptive_field": "--receptive-field", "size": "--ablation-size", "patch": "--patch", "image_size": "--image-size"}
+    translated = cli._options._option_words(f"it says {word}", options)
+    assert translated == f"it says {word.replace('receptive_field r', '--receptive-field r')}"
+
+
+# --------------------------------------------------------------------------------- drop_tokens
+def test_drop_tokens_options_reach_smoothing():
+    vit = timm.create_model("test_vit", img_size=32, num_classes=3).eval()
+
+    def wrapped(model, *more):
+        args = cli._parser().parse_args(["predict", "x.png", "--defense", "smoothing", "--ablation-size", "8", *more])
+        return cli._loading._with_settings(model, 4, args)
+
+    default, on, off = wrapped(vit), wrapped(vit, "--drop-tokens"), wrapped(vit, "--no-drop-tokens")
+    assert (default.drop_tokens, on.drop_tokens, off.drop_tokens) == (True, True, False)  # None: on for timm's ViTs
+    assert off.settings()["drop_tokens"] is False and on.settings()["drop_tokens"] is True
+    # A defended model is re-wrapped with the option and keeps its other settings.
+    again = wrapped(off, "--drop-tokens")
+    assert again.drop_tokens is True and (again.size, again.patch, again.model) == (8, (4, 4), vit)
+    assert cli._loading._with_settings(off, None, cli._parser().parse_args(["predict", "x.png"])).drop_tokens is False
+    # train and import take it as well; masks, predict and certify through the same option group.
+    for command in (["train", "--data", "d", "--out", "o"], ["import", "f.pth", "--format", "drs", "--out", "o"]):
+        args = cli._parser().parse_args([*command, "--no-drop-tokens"])
+        assert cli._options._check_defense_options(args, "smoothing", "smoothing") == {"drop_tokens": False}
+
+
+def test_drop_tokens_is_a_smoothing_option(files, capsys):
+    code, _, err = run(["certify", *timm_args(files, "--data", files / "data", "--drop-tokens")], capsys)
+    assert (code, err) == (1, "robustwrap certify: error: --drop-tokens is an option of defense 'smoothing', not of 'patchcleanser'\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._format import _one_line
-from ._options import _check_defense_options, parse_class_map
+from ._options import _check_defense_options, _in_option_words, parse_class_map
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
     import torch
@@ -251,7 +251,8 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
     defense = args.defense or own or "patchcleanser"
     options = _check_defense_options(args, defense, own)
     if own is None:
-        model = wrap(model, patch, defense=defense, image_size=args.image_size, **options).eval()
+        with _in_option_words(defense):
+            model = wrap(model, patch, defense=defense, image_size=args.image_size, **options).eval()
     elif patch is not None or options or defense != own:
         common: dict[str, Any] = {"image_size": model.image_size, "fill": model.fill, "precision": model.precision, "margin": model.margin}
         if defense == own:
@@ -259,7 +260,8 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
             patch = own_patch if patch is None else patch
             options = {**own_options, **options}
             common.update(batch_size=model.batch_size, num_classes=model.num_classes)
-        model = wrap(model.model, patch, defense=defense, **common, **options).eval()
+        with _in_option_words(defense):
+            model = wrap(model.model, patch, defense=defense, **common, **options).eval()
     if args.precision is not None:
         model.precision = args.precision
     if args.margin is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,15 @@ DEFENSE_OPTIONS: dict[str, tuple[str, str]] = {
     "ablation_stride": ("smoothing", "stride"),
     "vote_threshold": ("smoothing", "threshold"),
     "encoding": ("smoothing", "encoding"),
+    "drop_tokens": ("smoothing", "drop_tokens"),
     "receptive_field": ("patchguard", "receptive_field"),
     "feature_stride": ("patchguard", "feature_stride"),
     "feature_offset": ("patchguard", "feature_offset"),
     "detection_threshold": ("patchguard", "threshold"),
     "clip": ("patchguard", "clip"),
 }
+# The options that are switches (`--drop-tokens` / `--no-drop-tokens`) rather than a value.
+SWITCHES = ("--drop-tokens",)
 
 
 def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
@@ -117,6 +122,12 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
         help="each view votes for every class whose softmax is >= THETA, in (0, 1] (default: one argmax vote per view)",
     )
     smoothing.add_argument("--encoding", choices=("fill", "levine2020"), help="ablated pixels are the fill value, or levine2020's 2C-channel (x, 1-x) input (default fill)")
+    smoothing.add_argument(
+        "--drop-tokens",
+        action=argparse.BooleanOptionalAction,
+        help="each view of a vision transformer runs on the tokens that meet its retained region only, as Smoothed ViT "
+        "does; it changes the defended function (default: on for timm's ViT family, off for other models, or the model's own)",
+    )
 
     guard = parser.add_argument_group("PatchGuard (--defense patchguard)")
     guard.add_argument("--receptive-field", type=_int_pair(1), metavar="R", help="receptive field of a local logit, R or RHxRW px (default: the model's own attribute, as BagNets carry)")
@@ -279,3 +290,68 @@ def _check_defense_options(args: argparse.Namespace, defense: str, own: str | No
             raise ValueError(f"--{dest.replace('_', '-')} is an option of defense {owner!r}, not of {defense!r}{how}")
         options[name] = value
     return options
+
+
+# The command line's name of each keyword of `robustwrap.wrap` that is not a defense-group option.
+COMMON_OPTIONS = {"patch": "--patch", "image_size": "--image-size", "num_classes": "--num-classes", "precision": "--precision", "margin": "--margin"}
+
+
+@contextlib.contextmanager
+def _in_option_words(defense: str, **more: str) -> Iterator[None]:
+    """Re-raise a ValueError or TypeError of the Python API with its keywords written as the command's options.
+
+    The defenses name their keywords (`pass receptive_field=`, `size is required`,
+    `drop_tokens=True needs ...`); on the command line the user passed options, so the message
+    names those (`pass --receptive-field`, `--ablation-size is required`, `--drop-tokens needs ...`).
+    The keywords are `defense`'s group options (see `DEFENSE_OPTIONS`: smoothing's `stride=` is
+    `--ablation-stride`, PatchCleanser's is `--stride`), `COMMON_OPTIONS`, and `more`
+    (`{keyword: option}`). The translated error is raised from the original.
+    """
+    options = {name: f"--{dest.replace('_', '-')}" for dest, (owner, name) in DEFENSE_OPTIONS.items() if owner == defense}
+    options.update(COMMON_OPTIONS, **more)
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        text = _option_words(str(error), options)
+        if text == str(error):
+            raise
+        raise type(error)(text) if type(error) in (ValueError, TypeError) else ValueError(text) from error
+
+
+def _option_words(text: str, options: dict[str, str]) -> str:
+    """`text` with each keyword of `options` (`{keyword: option}`) written as its option.
+
+    `name=value` becomes `--option value` (`True`/`False` of a switch: `--option`/`--no-option`), a
+    bare `name=` or a name with an underscore becomes `--option`, and so does a plain word
+    (`size`, `threshold`) where it starts the message, as the defenses start an error with the
+    argument it is about, or stands in a list of keywords ("a smaller size or stride"). What the model carries is left alone: "the model's own
+    receptive_field=17" is an attribute of the model, not an option.
+    """
+    names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
+    keyword = re.compile(rf"(?<![\w.-])(?P<name>{names})(?:=(?P<value>\([^)]*\)|[^\s,;:()]*))?(?![\w-])")
+    attribute = re.compile(rf"model's (?:own )?(?:(?:{names})(?:=\S*?)?(?:, | and |(?=\W)))+")
+
+    def option(match: re.Match[str], start: int) -> str:
+        name, value, flag = match["name"], match["value"], options[match["name"]]
+        text = match.string
+        listed = re.search(rf"(?<![\w.-])(?:{names})(?:, | or | and )$", text[: match.start()]) or re.match(
+            rf"(?:, | or | and )(?:{names})(?![\w-])", text[match.end() :]
+        )
+        compound = re.search(r"\b(?:image|patch|batch|token|block|band|mask|feature|window) $", text[: match.start()])
+        if value is None and "_" not in name and match.start() + start != 0 and (not listed or compound):
+            # an English word ("size", "patch") in the middle of a sentence ("image size"), not in a list of keywords
+            return match[0]
+        if value in ("True", "False") and flag in SWITCHES:
+            return flag if value == "True" else f"--no-{flag[2:]}"
+        return f"{flag} {value}" if value else flag
+
+    pieces, start = [], 0
+    for owned in attribute.finditer(text):
+        piece = text[start : owned.start()]
+        pieces += [keyword.sub(lambda m, at=start: option(m, at), piece), owned[0]]
+        start = owned.end()
+    pieces.append(keyword.sub(lambda m, at=start: option(m, at), text[start:]))
+    text = "".join(pieces)
+    for flag in SWITCHES:  # `name=False (or None: ...)`: on the command line None is neither switch
+        text = re.sub(rf"(--(?:no-)?{re.escape(flag[2:])}) \(or None: ", r"\1 (or neither switch: ", text)
+    return text

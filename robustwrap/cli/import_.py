@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 
 from ._loading import _describe
-from ._options import PRECISIONS, _check_defense_options, _defense_groups, _image_size, _non_negative_float, _positive, _single_patch
+from ._options import (
+    PRECISIONS,
+    _check_defense_options,
+    _defense_groups,
+    _image_size,
+    _in_option_words,
+    _non_negative_float,
+    _positive,
+    _single_patch,
+)
 
 # `robustwrap import`: the format names the authors' code; each saves for one defense.
 IMPORT_FORMATS = {"patchcleanser": "patchcleanser", "patchguard": "patchguard", "smoothed-vit": "smoothing", "drs": "smoothing"}
@@ -46,9 +55,10 @@ def _import(args: argparse.Namespace) -> None:
     defense = IMPORT_FORMATS[args.format]
     options = _check_defense_options(args, defense, defense)
     options.update({k: getattr(args, k) for k in ("precision", "margin") if getattr(args, k) is not None})
-    model = import_checkpoint(
-        args.file, args.format, model=args.model, num_classes=args.num_classes, image_size=args.image_size, patch=args.patch, dataset=args.dataset, **options
-    )
+    with _in_option_words(defense, model="--model", dataset="--dataset"):
+        model = import_checkpoint(
+            args.file, args.format, model=args.model, num_classes=args.num_classes, image_size=args.image_size, patch=args.patch, dataset=args.dataset, **options
+        )
     save_folder(model, args.out)
     print(f"{args.file.name} -> {args.out}: {model.model.pretrained_cfg.get('architecture')}, {model.num_classes} classes; {_describe(model)}")
     print(f"certify it: robustwrap certify --model {args.out} --data FOLDER --limit all")

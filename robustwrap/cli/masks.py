@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._format import _columns
-from ._options import DEFENSE_NAMES, _check_defense_options, _defense_groups, _image_size, _single_patch
+from ._options import DEFENSE_NAMES, _check_defense_options, _defense_groups, _image_size, _in_option_words, _single_patch
 
 
 def register(commands, common: argparse.ArgumentParser) -> None:
@@ -37,11 +37,13 @@ def _masks(args: argparse.Namespace) -> None:
 
     _check_defense_options(args, args.defense, None)
     if args.defense != "patchcleanser":
-        text = _smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args)
+        with _in_option_words(args.defense):  # the geometry's errors name its Python keywords
+            text = _smoothing_views(args) if args.defense == "smoothing" else _patchguard_window(args)
         print(text + (f"\n\npicture: {args.plot}" if args.plot is not None else ""))
         return
     grid = {"stride": args.stride} if args.stride else {"num_masks": args.num_masks} if args.num_masks else {}
-    mask_set = MaskSet.square(args.image_size, args.patch, **grid)
+    with _in_option_words(args.defense):
+        mask_set = MaskSet.square(args.image_size, args.patch, **grid)
     if args.plot is not None:
         # The picture first: `robustwrap masks --plot x.png | head` closes stdout early.
         from ..plots import plot_mask_set
