@@ -1,4 +1,4 @@
-"""The `robustwrap` command: certify a data set, attack it, show a defense's views, predict images, list the zoo, import a published checkpoint, train a model.
+"""The `robustwrap` command: certify, attack, masks, predict, models, import and train.
 
 ```
 robustwrap certify                                  # the embedded default model on the first 100 shipped digits
@@ -9,7 +9,9 @@ robustwrap certify --model timm:resnet18 --pretrained --data val/ --defense smoo
 robustwrap attack --limit 10 --output findings/       # clean, certified and empirical robust accuracy
 robustwrap masks --image-size 224 --patch 2% --num-masks 6 --plot masks.png
 robustwrap predict digit.png digits/ --json
-robustwrap models
+robustwrap models                                   # the model zoo
+robustwrap import vit_base_patch16_224_imagenette.pth --format patchcleanser --out pc-vit/   # a published checkpoint
+robustwrap train --model timm:resnet18 --pretrained --data train/ --val-data val/ --out my-model/
 ```
 
 `--defense patchcleanser|smoothing|patchguard` picks the defense; each has its own option group
@@ -25,6 +27,12 @@ model, the settings and what a certificate proves are explained on the Concepts 
 `robustwrap --help`, a usage error and `robustwrap models` import neither torch nor timm nor
 matplotlib (the package imports nothing until a name is used, and the zoo's manifest is read as
 JSON): each subcommand's handler imports what it uses when it runs.
+
+Each command is a module of this package (`certify`, `attack`, `masks`, `predict`, `models`,
+`import_`, `train`) that registers its subparser and holds its handler; `_options` builds the
+shared options (model, threat model, defense groups) and reads their values, `_loading` loads
+models and data (it is imported at start-up but imports torch, timm and torchvision only inside
+the functions the handlers call), and `_format` prints.
 """
 
 from __future__ import annotations
@@ -162,8 +170,8 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustwrap",
-        description="Certifiably patch-robust image classifiers: certify a model against an adversarial patch, "
-        "show a mask set, predict images, list the model zoo.",
+        description="Certifiably patch-robust image classifiers: certify a model against an adversarial patch, attack it, "
+        "show a defense's views, predict images, list the model zoo, import a published checkpoint, train a model.",
         epilog="'robustwrap COMMAND --help' explains a command. The concepts (threat model, patch units, what a "
         "certificate proves) are on the Concepts page of the documentation (docs/concepts.md).",
     )
