@@ -28,12 +28,10 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
 import robustwrap
+import robustwrap.models
 from robustwrap import cli
 from robustwrap.cli import main, parse_class_map, parse_patch
-import robustwrap.models  # noqa: F401 - registers the BagNets with timm (bagnet_checkpoint)
 from robustwrap.dataset import certify_dataset
-
-
 from robustwrap.report import CertificationReport
 
 ARCH = "test_convnext"  # timm's tiny test network: 160x160 inputs, ~0.3M parameters
