@@ -28,12 +28,10 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
 import robustwrap
+import robustwrap.models
 from robustwrap import cli
 from robustwrap.cli import main, parse_class_map, parse_patch
-import robustwrap.models  # noqa: F401 - registers the BagNets with timm (bagnet_checkpoint)
 from robustwrap.dataset import certify_dataset
-
-
 from robustwrap.report import CertificationReport
 
 ARCH = "test_convnext"  # timm's tiny test network: 160x160 inputs, ~0.3M parameters
@@ -170,7 +168,7 @@ def _help(command, capsys) -> str:
 
 def test_help_documents_speed_options_and_predict_takes_one_patch(capsys):
     certify = _help("certify", capsys)
-    assert f"the first {cli.DEFAULT_LIMIT} of its 1,000 shipped held-out digits" in certify and "--limit all" in certify
+    assert f"the first {cli.certify.DEFAULT_LIMIT} of its 1,000 shipped held-out digits" in certify and "--limit all" in certify
     for option in ("--threads", "--views-per-pass", "--images-per-step", "--precision", "--class-map", "--pretrained", "--image-size", "--traceback"):
         assert option in certify
     assert "--batch-size" not in certify and "--amp" not in certify  # the old names are hidden
@@ -343,7 +341,7 @@ def test_traceback_option_and_unexpected_errors(files, tmp_path, monkeypatch, ca
     def bug(args):
         raise RuntimeError("an internal bug")
 
-    monkeypatch.setattr(cli, "_masks", bug)
+    monkeypatch.setattr(cli.masks, "_masks", bug)
     with pytest.raises(RuntimeError, match="an internal bug"):  # surfaces with its traceback, not as one line
         main(["masks"])
     assert "internal error (RuntimeError)" in capsys.readouterr().err
@@ -374,7 +372,7 @@ def test_help_usage_errors_and_models_import_neither_torch_nor_timm(argv, code):
     done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], check=False, capture_output=True, text=True, timeout=120)
     seen = json.loads(done.stderr.strip().splitlines()[-1])
     assert seen["code"] == code and seen["heavy"] == []
-    assert set(seen["own"]) <= {"robustwrap", "robustwrap.cli", "robustwrap._args"}  # _args: --patch's spellings
+    assert {m for m in seen["own"] if not m.startswith("robustwrap.cli.")} <= {"robustwrap", "robustwrap.cli", "robustwrap._args"}  # _args: --patch's spellings
     if argv == ["models"]:
         from robustwrap import zoo
 
@@ -506,7 +504,7 @@ def test_certify_the_embedded_default_on_a_few_digits(tmp_path, capsys):
     assert "certified accuracy" in out and "vanilla clean accuracy" in out
     report = CertificationReport.load(tmp_path / "r.json")
     model = zoo.from_pretrained(zoo.DEFAULT_MODEL)
-    data = zoo.builtin_dataset(zoo.zoo_entry(zoo.DEFAULT_MODEL)["dataset"], transform=cli._preprocessing(model)[0])
+    data = zoo.builtin_dataset(zoo.zoo_entry(zoo.DEFAULT_MODEL)["dataset"], transform=cli._loading._preprocessing(model)[0])
     expected = certify_dataset(model, data, limit=3, progress=False)
     assert [(r.label, r.prediction, r.certified, r.vanilla_prediction) for r in report.records] == [
         (r.label, r.prediction, r.certified, r.vanilla_prediction) for r in expected.records
@@ -591,7 +589,7 @@ def test_predict_prints_the_patchguard_margin(bagnet_checkpoint, tmp_path, capsy
     base = timm.create_model("bagnet_tiny")
     base.load_state_dict(load_file(bagnet_checkpoint))
     model = robustwrap.wrap(base, defense="patchguard").eval()
-    x = torch.stack([cli._preprocessing(model)[0](Image.open(p).convert("L")) for p in paths])
+    x = torch.stack([cli._loading._preprocessing(model)[0](Image.open(p).convert("L")) for p in paths])
     prediction = model.predict(x)
     result = model.certify(x, prediction)
     header, rows = _table(out)
@@ -656,7 +654,7 @@ class _StubZoo:
 @pytest.fixture
 def stub_zoo(files, monkeypatch):
     zoo = _StubZoo(files)
-    monkeypatch.setattr(cli, "_zoo", lambda: zoo)
+    monkeypatch.setattr(cli._loading, "_zoo", lambda: zoo)
     return zoo
 
 
@@ -673,7 +671,7 @@ def test_certify_defaults_to_the_zoo_default_and_its_data(files, stub_zoo, tmp_p
 
 
 def test_the_default_run_certifies_a_documented_subset(stub_zoo, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEFAULT_LIMIT", 4)
+    monkeypatch.setattr(cli.certify, "DEFAULT_LIMIT", 4)
     code, out, err = run(["certify", "--no-progress"], capsys)
     assert code == 0, err
     assert "data                    tiny-data (4 images" in out or "(4 images" in out
@@ -755,7 +753,7 @@ def test_builtin_data_name_that_is_also_a_folder_is_ambiguous(stub_zoo, tmp_path
 
 
 def test_models_table_from_the_zoo(stub_zoo, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_manifest", lambda: {"default": stub_zoo.DEFAULT_MODEL, "models": [stub_zoo.entry]})
+    monkeypatch.setattr(cli.models, "_manifest", lambda: {"default": stub_zoo.DEFAULT_MODEL, "models": [stub_zoo.entry]})
     code, out, _ = run(["models"], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("tiny *"))
@@ -769,8 +767,8 @@ SMOOTHING = ["--defense", "smoothing", "--ablation-size", "40", "--ablation-stri
 def test_defense_names_and_options_match_the_library():
     from robustwrap.defenses import DEFENSES, _options
 
-    assert cli.DEFENSE_NAMES == tuple(DEFENSES)
-    for dest, (defense, option) in cli.DEFENSE_OPTIONS.items():
+    assert cli._options.DEFENSE_NAMES == tuple(DEFENSES)
+    for dest, (defense, option) in cli._options.DEFENSE_OPTIONS.items():
         assert option in _options(DEFENSES[defense]), (dest, defense, option)
 
 
@@ -815,7 +813,7 @@ def test_certify_and_predict_with_patchguard_on_digits(bagnet_checkpoint, tmp_pa
     assert (report.settings["threshold"], report.settings["clip"], report.settings["receptive_field"]) == (0.2, 5.0, [5, 5])
     from robustwrap import zoo
 
-    data = zoo.builtin_dataset("mnist-heldout", transform=cli._preprocessing(model)[0])
+    data = zoo.builtin_dataset("mnist-heldout", transform=cli._loading._preprocessing(model)[0])
     expected = certify_dataset(model, data, limit=2, progress=False)
     assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [(r.prediction, r.certified, 1) for r in expected.records]
     image, _ = zoo.builtin_dataset("mnist-heldout")[0]
@@ -824,7 +822,7 @@ def test_certify_and_predict_with_patchguard_on_digits(bagnet_checkpoint, tmp_pa
     assert code == 0, err
     document = json.loads(out)
     assert "patchguard: receptive field 5x5 px, stride 2x2, offset 0x0, window 5x5, detection threshold 0.2, clip 5.0" in document["threat_model"]
-    x = cli._preprocessing(model)[0](Image.open(tmp_path / "digit.png").convert("L"))[None]
+    x = cli._loading._preprocessing(model)[0](Image.open(tmp_path / "digit.png").convert("L"))[None]
     assert document["images"][0]["prediction"] == model.predict(x).item()
     assert document["images"][0]["certified"] == bool(model.certify(x, model.predict(x)).certified.item())
 
@@ -835,8 +833,8 @@ def test_certify_and_predict_with_patchguard_on_digits(bagnet_checkpoint, tmp_pa
         (["--defense", "smoothing", "--ablation-size", "40", "--num-masks", "2"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
         (["--defense", "patchguard", "--vote-threshold", "0.5"], "--vote-threshold is an option of defense 'smoothing', not of 'patchguard'"),
         (["--detection-threshold", "0.1"], "--detection-threshold is an option of defense 'patchguard', not of 'patchcleanser'"),
-        (["--defense", "smoothing", "--ablation-stride", "20"], "size is required"),  # the library's own error
-        (["--defense", "smoothing", "--ablation-size", "40", "--vote-threshold", "1.5"], "threshold must be in (0, 1]"),
+        (["--defense", "smoothing", "--ablation-stride", "20"], "--ablation-size is required"),  # the library's own error, in option names
+        (["--defense", "smoothing", "--ablation-size", "40", "--vote-threshold", "1.5"], "--vote-threshold must be in (0, 1]"),
     ],
 )
 def test_an_option_of_another_defense_is_refused_in_one_line(files, monkeypatch, capsys, argv, message):
@@ -888,7 +886,7 @@ def test_a_defended_model_keeps_its_defense_unless_asked(files, stub_zoo, tmp_pa
     report = CertificationReport.load(tmp_path / "r.json")
     assert report.defense == "smoothing" and (report.settings["size"], report.settings["stride"]) == (40, 20)
     rewrapped = robustwrap.wrap(stub_zoo.models[-1].model, 8, defense="smoothing", size=40, stride=20).eval()  # its base weights
-    data = ImageFolder(str(files / "data"), transform=cli._preprocessing(rewrapped)[0])
+    data = ImageFolder(str(files / "data"), transform=cli._loading._preprocessing(rewrapped)[0])
     expected = certify_dataset(rewrapped, data, limit=2, progress=False)
     assert [(r.prediction, r.certified) for r in report.records] == [(r.prediction, r.certified) for r in expected.records]
 
@@ -896,16 +894,16 @@ def test_a_defended_model_keeps_its_defense_unless_asked(files, stub_zoo, tmp_pa
 def test_rewrapping_keeps_the_models_own_settings(files):
     smoothing = robustwrap.wrap(base_model(files), 8, defense="smoothing", size=40, stride=20, threshold=0.4, margin=0.5)
     args = cli._parser().parse_args(["predict", "x.png", "--patch", "6"])
-    again = cli._with_settings(smoothing, 6, args)
+    again = cli._loading._with_settings(smoothing, 6, args)
     assert again.model is smoothing.model and again.patch == (6, 6)
     assert (again.size, again.stride, again.threshold, again.margin, again.batch_size) == (40, 20, 0.4, 0.5, smoothing.batch_size)
     args = cli._parser().parse_args(["predict", "x.png", "--vote-threshold", "0.6", "--margin", "0.25", "--views-per-pass", "7"])
-    again = cli._with_settings(smoothing, None, args)
+    again = cli._loading._with_settings(smoothing, None, args)
     assert (again.patch, again.size, again.threshold, again.margin, again.batch_size) == ((8, 8), 40, 0.6, 0.25, 7)
     args = cli._parser().parse_args(["predict", "x.png"])
-    assert cli._with_settings(smoothing, None, args) is smoothing  # nothing asked: the model as it is
+    assert cli._loading._with_settings(smoothing, None, args) is smoothing  # nothing asked: the model as it is
     args = cli._parser().parse_args(["predict", "x.png", "--defense", "patchcleanser", "--num-masks", "2"])
-    moved = cli._with_settings(smoothing, None, args)
+    moved = cli._loading._with_settings(smoothing, None, args)
     assert moved.defense == "patchcleanser" and moved.model is smoothing.model and moved.mask_set.grid == (2, 2)
 
 
@@ -942,7 +940,7 @@ def test_attack_exits_3_and_saves_a_reproduction_on_a_broken_certificate(monkeyp
         return torch.where(pasted, (labels + 1) % model.num_classes, labels)
 
     model.certify, model.predict = broken_certify, fragile_predict
-    monkeypatch.setattr(cli, "_from_pretrained", lambda spec: model)
+    monkeypatch.setattr(cli._loading, "_from_pretrained", lambda spec: model)
     code, out, err = run(["attack", "--limit", "2", "--steps", "1", "--budget", "100", "--no-progress", "--output", tmp_path / "findings"], capsys)
     assert code == cli.EXIT_BROKEN_CERTIFICATE == 3
     assert "FAILED" in out and "a bug in robustwrap" in err and f"saved in {tmp_path / 'findings'}/" in err
@@ -1013,3 +1011,84 @@ def test_refusals_speak_the_command_line(files, tmp_path, capsys):
         f"robustwrap certify: error: --results {path} has a damaged line 4 (not valid JSON); an interruption cuts off only the last "
         "line, so something else changed the file" + REMEDY
     )
+
+
+# ------------------------------------------------------------------------- errors in option names
+# A keyword of the Python API (`receptive_field=`, `size`, `drop_tokens=True`) in a command's error.
+PYTHON_KEYWORD = re.compile(
+    r"(?<![\w-])(?:receptive_field|feature_stride|feature_offset|num_masks|drop_tokens|image_size|num_classes)\b|(?<![\w-])(?:size|stride|threshold|patch)="
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "start", "wording"),
+    [
+        # PatchGuard with a base model that declares no geometry, and none on the command line
+        (["--defense", "patchguard"], "PatchGuard needs", ["pass --receptive-field", "--feature-stride", "--feature-offset"]),
+        (["--defense", "smoothing"], "--ablation-size is required", ["(e.g. --ablation-size 19 for column bands"]),
+        (["--defense", "smoothing", "--ablation-size", "40", "--drop-tokens"], "--drop-tokens needs a model whose token grid", ["Use --no-drop-tokens"]),
+        (["--defense", "smoothing", "--ablation-size", "40", "--patch", "150"], "a 150x150 patch meets", ["a smaller --ablation-size or --ablation-stride"]),
+        (["--patch", "500"], "--patch 500x500 is larger than the 160x160 image", []),
+    ],
+)
+def test_errors_of_the_defense_name_the_options(files, capsys, argv, start, wording):
+    base = ["certify", "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", "--data", files / "data", "--no-progress"]
+    code, _, err = run([*base, *argv], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"robustwrap certify: error: {start}"), err
+    assert all(words in err for words in wording), err
+    # The model's own attributes keep their names ("the base model's receptive_field"); nothing asks for a keyword.
+    assert not PYTHON_KEYWORD.search(re.sub(r"model's [a-z_, ]+:", "", err)), err
+
+
+def test_geometry_contradicting_the_model_names_the_option(bagnet_checkpoint, capsys):
+    argv = ["certify", "--model", "timm:bagnet_tiny", "--checkpoint", bagnet_checkpoint, "--defense", "patchguard", "--data", "mnist-heldout"]
+    code, _, err = run([*argv, "--receptive-field", "7", "--no-progress"], capsys)
+    assert code == 1 and err.startswith("robustwrap certify: error: --receptive-field 7 contradicts the model's own receptive_field=5"), err
+    assert "receptive_field=7" not in err and "leave --receptive-field unset" in err
+
+
+def test_masks_errors_name_the_options(capsys):
+    code, _, err = run(["masks", "--image-size", "32", "--patch", "30", "--defense", "smoothing", "--ablation-size", "4"], capsys)
+    assert code == 1 and "Use a smaller --ablation-size or --ablation-stride, or a smaller patch" in err and not PYTHON_KEYWORD.search(err), err
+
+
+def test_import_errors_name_the_options(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "vit_base_patch16_224_imagenette.pth"  # PatchCleanser's own file name and layout
+    torch.save({"model_state_dict": torch.nn.DataParallel(timm.create_model("test_vit", num_classes=10)).state_dict()}, path)
+    code, _, err = run(["import", path, "--format", "patchcleanser", "--out", tmp_path / "o", "--model", "test_vit", "--patch", "500"], capsys)
+    assert (code, err) == (1, "robustwrap import: error: --patch 500x500 is larger than the 160x160 image\n")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("word", ["receptive_field r", "image size", "a 150x150 patch meets", "the model's own receptive_field=5"])
+def test_option_words_leave_english_and_the_models_attributes_alone(word):
+    options = {"receptive_field": "--receptive-field", "size": "--ablation-size", "patch": "--patch", "image_size": "--image-size"}
+    translated = cli._options._option_words(f"it says {word}", options)
+    assert translated == f"it says {word.replace('receptive_field r', '--receptive-field r')}"
+
+
+# --------------------------------------------------------------------------------- drop_tokens
+def test_drop_tokens_options_reach_smoothing():
+    vit = timm.create_model("test_vit", img_size=32, num_classes=3).eval()
+
+    def wrapped(model, *more):
+        args = cli._parser().parse_args(["predict", "x.png", "--defense", "smoothing", "--ablation-size", "8", *more])
+        return cli._loading._with_settings(model, 4, args)
+
+    default, on, off = wrapped(vit), wrapped(vit, "--drop-tokens"), wrapped(vit, "--no-drop-tokens")
+    assert (default.drop_tokens, on.drop_tokens, off.drop_tokens) == (True, True, False)  # None: on for timm's ViTs
+    assert off.settings()["drop_tokens"] is False and on.settings()["drop_tokens"] is True
+    # A defended model is re-wrapped with the option and keeps its other settings.
+    again = wrapped(off, "--drop-tokens")
+    assert again.drop_tokens is True and (again.size, again.patch, again.model) == (8, (4, 4), vit)
+    assert cli._loading._with_settings(off, None, cli._parser().parse_args(["predict", "x.png"])).drop_tokens is False
+    # train and import take it as well; masks, predict and certify through the same option group.
+    for command in (["train", "--data", "d", "--out", "o"], ["import", "f.pth", "--format", "drs", "--out", "o"]):
+        args = cli._parser().parse_args([*command, "--no-drop-tokens"])
+        assert cli._options._check_defense_options(args, "smoothing", "smoothing") == {"drop_tokens": False}
+
+
+def test_drop_tokens_is_a_smoothing_option(files, capsys):
+    code, _, err = run(["certify", *timm_args(files, "--data", files / "data", "--drop-tokens")], capsys)
+    assert (code, err) == (1, "robustwrap certify: error: --drop-tokens is an option of defense 'smoothing', not of 'patchcleanser'\n")

@@ -414,5 +414,5 @@ def test_command_line_rewrap_keeps_drop_tokens():
     from robustwrap import cli
 
     model = robustwrap.wrap(MODELS["vit"](), 3, defense="smoothing", size=6, drop_tokens=False)
-    again = cli._with_settings(model, 4, cli._parser().parse_args(["predict", "x.png", "--patch", "4"]))
+    again = cli._loading._with_settings(model, 4, cli._parser().parse_args(["predict", "x.png", "--patch", "4"]))
     assert again.patch == (4, 4) and again.model is model.model and again.drop_tokens is False

@@ -51,7 +51,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def val_set(model, folder: Path):
-    return cli._load_data(str(folder), None, "timm:test_vit", model)[0]
+    return cli._loading._load_data(str(folder), None, "timm:test_vit", model)[0]
 
 
 def test_train_saves_the_trained_model_with_its_measured_accuracy(data, tmp_path, capsys):
@@ -88,6 +88,17 @@ def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     assert "metrics" not in info and "dataset" not in info
     assert info["strategy"] == "greedy"
     assert "nothing was certified" in printed and "certification report" not in printed
+
+
+@pytest.mark.parametrize("switch", ["--no-drop-tokens", "--drop-tokens"])
+def test_train_smoothing_takes_drop_tokens(data, tmp_path, capsys, switch):
+    out = tmp_path / "model"
+    smoothing = ["--defense", "smoothing", "--ablation-size", "8", "--patch", "4", switch]
+    code, _, err = run(["train", *TINY, *smoothing, "--epochs", "1", "--batch-size", "6", "--data", data / "train", "--out", out], capsys)
+    assert code == 0, err
+    saved = robustwrap.from_pretrained(str(out))
+    # a timm ViT drops tokens unless told not to; the saved settings are what was trained
+    assert saved.drop_tokens is (switch == "--drop-tokens") and saved.settings()["drop_tokens"] is (switch == "--drop-tokens")
 
 
 @pytest.mark.parametrize("augment", [False, True])

@@ -1,0 +1,195 @@
+"""`robustwrap train`: fine-tune a defended model, certify a validation split, save or push it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._format import _accuracy
+from ._loading import _describe, _device, _load_data, _load_model, _preprocessing, _with_settings
+from ._options import _model_options, _positive, _positive_float
+
+if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
+    from ..defenses import RobustPatchClassifier
+    from ..report import CertificationReport
+
+
+def register(commands, common: argparse.ArgumentParser) -> None:
+    """`robustwrap train`: certify's model, threat-model and defense options, plus data, training and output."""
+    train = commands.add_parser(
+        "train",
+        parents=[common],
+        help="fine-tune a defended model, certify a validation split, save or push it",
+        description=(
+            "Fine-tune a model for certification (robustwrap.fit_masking, the defense's own strategy by default: Multi-size "
+            "Greedy Cutout for PatchCleanser), certify --val-data with the trained model (robustwrap.certify_dataset), "
+            "record the measured accuracies in its config and model card, and write a Hub-format folder (--out) or push "
+            "it (--push). The model, threat-model and defense options are certify's."
+        ),
+        epilog=(
+            "Many processes: 'torchrun --nproc_per_node N -m robustwrap train ...' trains one model on N processes (NCCL, "
+            "one GPU each; gloo on CPUs), --batch-size images per process and step; validation is split between them; "
+            "only rank 0 prints, saves and pushes. See the 'At scale' guide of the documentation."
+        ),
+    )
+    _model_options(train, sweep=False)
+    data = train.add_argument_group("data")
+    data.add_argument("--data", required=True, help="training images: an image folder laid out like torchvision's ImageFolder, or a built-in data set name")
+    data.add_argument("--val-data", help="validation images, certified after training; the accuracies go into the model card (default: none, nothing is certified)")
+    data.add_argument("--class-map", metavar="MAP", help="class ids of the class folders of --data and --val-data, as for certify")
+    data.add_argument("--dataset-name", metavar="NAME", help="the data set's name in the model card (default: the --val-data folder's name)")
+    data.add_argument(
+        "--augment",
+        action="store_true",
+        help="train on timm's training augmentation at the model's data config (random resized crop, horizontal flip) "
+        "instead of its evaluation preprocessing (resize, center crop)",
+    )
+    data.add_argument("--workers", type=_count, default=4, metavar="N", help="data-loading worker processes per training process (default 4; 0 loads in the main process)")
+    fit = train.add_argument_group("training")
+    fit.add_argument("--epochs", type=_positive, default=10, metavar="N", help="epochs (default 10, the papers'; the learning rate drops x0.1 after half)")
+    fit.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="training images per step and process (default 64; under torchrun a step trains N x the number of processes)")
+    fit.add_argument("--lr", type=_positive_float, metavar="LR", help="learning rate of SGD with momentum 0.9 (default 0.01 for a convolutional network, 0.001 for a transformer)")
+    fit.add_argument(
+        "--strategy",
+        metavar="NAME",
+        help="masking strategy: multisize_greedy, greedy, grid, random_mask, random_cutout (PatchCleanser), random_ablation "
+        "(smoothing), provable_adversarial (PatchGuard), or none (clean fine-tuning); default: the defense's own",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness and a random initialisation (default 0)")
+    fit.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="write a resumable checkpoint here after every epoch")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir from its last epoch (same weights as an uninterrupted run)")
+    fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    output = train.add_argument_group("output (one of them is required)").add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", type=Path, metavar="DIR", help="write the trained model to a new folder in the Hub format (robustwrap.from_pretrained(DIR) loads it)")
+    output.add_argument("--push", metavar="ORG/NAME", help="push the trained model to this Hugging Face Hub repo")
+    train.set_defaults(run=_train)
+
+
+def _count(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _train(args: argparse.Namespace) -> None:
+    """`robustwrap train`: fit_masking on --data, certify_dataset on --val-data, then save or push (rank 0 only)."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ..dataset import certify_dataset
+    from ..fit import STRATEGIES, fit_masking
+
+    if args.strategy is not None and args.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
+    if args.resume and args.checkpoint_dir is None:
+        raise ValueError("--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too")
+    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        # Checked before hours of training, not when the model is written.
+        raise ValueError(f"--out {args.out} exists and is not an empty folder: choose a new one")
+    rank, world, started = _start_distributed(args)
+    try:
+        torch.manual_seed(args.seed)
+        model, model_name = _load_model(args)
+        defended = _with_settings(model, (args.patch or [None])[0], args)
+        train_set, _ = _load_data(args.data, args.class_map, model_name, defended)
+        if args.augment:
+            train_set.transform = _preprocessing(defended, training=True)[0]
+        val_set, val_name = _load_data(args.val_data, args.class_map, model_name, defended) if args.val_data is not None else (None, None)
+        # Under torchrun each process trains on its own shard; DistributedSampler shuffles with the
+        # same seed on every rank, so the shards never overlap.
+        sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers)
+        history = fit_masking(
+            defended,
+            loader,
+            strategy=args.strategy,
+            epochs=args.epochs,
+            lr=args.lr,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            progress=args.progress and rank == 0,
+        )
+        defended.eval()
+        report = certify_dataset(defended, val_set, progress=args.progress and rank == 0) if val_set is not None else None
+        defended.pretrained_info = _trained_info(args, history, report, val_name, world)
+        if rank == 0:
+            _write_trained(args, defended, history, report, world)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _start_distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
+    """`(rank, world size, started)`: under torchrun (WORLD_SIZE set), join its process group if
+    nobody has: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on CPUs."""
+    import torch
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, False
+    device = _device(args.device)
+    if device.type == "cuda":
+        if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ValueError(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda or leave it out")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _trained_info(args: argparse.Namespace, history, report: CertificationReport | None, val_name: str | None, world: int) -> dict[str, Any]:
+    """The model's `pretrained_info`: how it was trained and, with --val-data, what was measured and how to measure it again."""
+    import shlex
+
+    final = history.final
+    info: dict[str, Any] = {
+        "strategy": history.strategy,
+        "training": {
+            "data": args.data,
+            "epochs": len(history),
+            "batch_size": args.batch_size * world,
+            "processes": world,
+            "lr": history.lr,
+            "seed": args.seed,
+            "augment": args.augment,
+            "final_loss": round(final.loss, 4),
+            "final_masked_accuracy": round(final.accuracy, 4),
+        },
+    }
+    if report is None:
+        return info
+    model = f"hf-hub:{args.push}" if args.push is not None else str(args.out)
+    command = ["robustwrap", "certify", "--model", model, "--data", args.val_data]
+    if args.class_map is not None:
+        command += ["--class-map", args.class_map]
+    info["dataset"] = args.dataset_name or Path(val_name).name
+    info["metrics"] = {
+        "vanilla_accuracy": round(report.vanilla_accuracy, 4),
+        "clean_accuracy": round(report.clean_accuracy, 4),
+        "certified_accuracy": round(report.certified_accuracy, 4),
+        "num_images": report.num_images,
+        "split": "val",
+        "command": shlex.join(command),
+    }
+    return info
+
+
+def _write_trained(args: argparse.Namespace, model: RobustPatchClassifier, history, report: CertificationReport | None, world: int) -> None:
+    """Print the epochs and the report, then save to --out or push to --push (rank 0 only)."""
+    for stats in history.epochs:
+        print(f"epoch {stats.epoch}/{len(history)}: loss {stats.loss:.4f}, accuracy on masked images {_accuracy(stats.accuracy)}, lr {stats.lr:g}, {stats.seconds:.1f} s")
+    print(f"{world} process(es) x {args.batch_size} images per step; {_describe(model)}")
+    if report is not None:
+        print(report.summary())
+    else:
+        print("no --val-data: nothing was certified, the model card records no accuracy")
+    if args.push is not None:
+        url = model.push_to_hub(args.push)
+        print(f"pushed to {url}; robustwrap.from_pretrained('hf-hub:{args.push}') loads it")
+    else:
+        model.save_pretrained(args.out)
+        print(f"saved to {args.out}/; robustwrap.from_pretrained('{args.out}') loads it")
