@@ -233,15 +233,18 @@ PAPERS = _papers()
 
 
 def test_presets_name_timm_weights_on_the_hub():
-    assert len(PAPERS.PRESETS) == 6
+    assert len(PAPERS.PRESETS) == 9
     for name, options in PAPERS.PRESETS.items():
         arch = options[options.index("--model") + 1].removeprefix("timm:")
         cfg = timm.get_pretrained_cfg(arch)
         assert cfg is not None and cfg.hf_hub_id == f"timm/{arch}" and cfg.input_size == (3, 224, 224)
         parsed = cli._parser().parse_args(PAPERS.command(name, "--data", "d", "--out", "o"))
-        settings = (parsed.patch, parsed.num_masks, parsed.strategy, parsed.epochs, parsed.augment, parsed.pretrained)
-        assert settings == ([0.02], 6, "multisize_greedy", 10, True, True)
-        assert parsed.num_classes == (10 if name.endswith("_imagenette") else None)
+        settings = (parsed.patch, parsed.num_masks, parsed.strategy, parsed.epochs, parsed.augment, parsed.pretrained, parsed.crop_pct)
+        if name.endswith("_cifar10"):  # 32 px images resized to 224 without cropping, a 35 px patch
+            assert settings == ([35], 6, "multisize_greedy", 10, False, True, 1.0)
+        else:
+            assert settings == ([0.02], 6, "multisize_greedy", 10, True, True, None)
+        assert parsed.num_classes == (None if name.endswith("_imagenet") else 10)
 
 
 @pytest.mark.parametrize("preset", sorted(PAPERS.PRESETS))
@@ -253,6 +256,8 @@ def test_each_preset_runs_its_first_step_on_a_tiny_stand_in(preset, data, tmp_pa
     options.remove("--pretrained")
     monkeypatch.setitem(PAPERS.PRESETS, preset, options)
     tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12"]
+    if preset.endswith("_cifar10"):
+        tiny += ["--patch", "2%"]  # 35 px is the papers' patch on 224 px; later options override the preset's
     code = PAPERS.main([preset, *tiny, "--data", str(data / "train"), "--val-data", str(data / "val"), "--out", str(tmp_path / "m")])
     printed, err = capsys.readouterr()
     assert code == 0, err
@@ -260,6 +265,30 @@ def test_each_preset_runs_its_first_step_on_a_tiny_stand_in(preset, data, tmp_pa
     model = robustwrap.from_pretrained(str(tmp_path / "m"))
     assert (len(model.mask_set), model.mask_set.grid, model.patch) == (36, (6, 6), (5, 5))  # 2% of 32x32 is 5x5 px
     info = model.pretrained_info
-    assert (info["strategy"], info["training"]["augment"], info["training"]["epochs"]) == ("multisize_greedy", True, 1)
-    assert model.num_classes == (10 if preset.endswith("_imagenette") else 1000)
+    augment = not preset.endswith("_cifar10")
+    assert (info["strategy"], info["training"]["augment"], info["training"]["epochs"]) == ("multisize_greedy", augment, 1)
+    assert model.num_classes == (1000 if preset.endswith("_imagenet") else 10)
+    assert model.model.pretrained_cfg["crop_pct"] == (1.0 if preset.endswith("_cifar10") else timm.get_pretrained_cfg("test_vit").crop_pct)
     assert info["metrics"]["num_images"] == 6
+
+
+def test_crop_pct_is_saved_with_the_model_and_used_by_certify(data, tmp_path, capsys):
+    """--crop-pct 1 (the papers' CIFAR-10 preprocessing: resize, no crop) travels in the saved
+    pretrained_cfg, so certify of the saved folder preprocesses exactly as training did."""
+    out = tmp_path / "m"
+    code = main(["train", *TINY, "--data", str(data / "train"), "--epochs", "1", "--batch-size", "12", "--crop-pct", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["crop_pct"] == 1.0
+    loaded = robustwrap.from_pretrained(str(out))
+    transform, _ = cli._loading._preprocessing(loaded)
+    image = Image.new("RGB", (48, 48), "white")
+    image.paste((0, 0, 0), (0, 0, 3, 48))  # a black band at the left edge, which a center crop cuts into
+    config = timm.data.resolve_data_config(model=loaded.model)
+    expected = {crop: timm.data.create_transform(**{**config, "crop_pct": crop})(image) for crop in (1.0, timm.get_pretrained_cfg("test_vit").crop_pct)}
+    assert not torch.equal(*expected.values())  # the setting matters on this image
+    assert torch.equal(transform(image), expected[1.0])
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *TINY, "--data", str(data / "train"), "--crop-pct", "1.5", "--out", str(tmp_path / "n")])
+    assert exit_.value.code == 2
+    assert "argument --crop-pct: expected a fraction in (0, 1], got '1.5'" in capsys.readouterr().err

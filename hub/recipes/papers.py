@@ -14,9 +14,9 @@ model goes; any later option overrides the preset's (e.g. `--batch-size`, `--epo
 
 It needs the data set on disk, the pretrained weights (network or HF cache) and GPUs: none of that
 exists on the machines that build robustwrap, so no entry of the zoo comes from it yet;
-tests/test_train_cli.py runs every preset's first step on timm's tiny test networks. CIFAR-10 (the
-papers resize it to 224 without cropping) has no preset: `robustwrap train` takes the model's own
-data config, which crops.
+tests/test_train_cli.py runs every preset's first step on timm's tiny test networks. CIFAR-10's
+presets resize its images to 224 without cropping (`--crop-pct 1`, saved with the model so that
+`robustwrap certify` preprocesses the same way) and defend against the papers' 35 px patch.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import argparse
 import shlex
 import sys
 
-# The papers' threat model and Greedy Cutout's recipe, shared by every preset: the papers' 2% patch
-# and 6x6 masks; Multi-size Greedy Cutout; 10 epochs of SGD, the learning rate by fit_masking's rule
-# (0.01 for a convolutional network, 0.001 for a transformer or MLP-mixer), x0.1 after epoch 5;
-# timm's training augmentation.
-_RECIPE = ["--patch", "2%", "--num-masks", "6", "--strategy", "multisize_greedy", "--epochs", "10", "--batch-size", "64", "--augment"]
+# Greedy Cutout's recipe, shared by every preset: Multi-size Greedy Cutout; 10 epochs of SGD, the
+# learning rate by fit_masking's rule (0.01 for a convolutional network, 0.001 for a transformer or
+# MLP-mixer), x0.1 after epoch 5.
+_RECIPE = ["--num-masks", "6", "--strategy", "multisize_greedy", "--epochs", "10", "--batch-size", "64"]
 
 # PatchCleanser's three ImageNet models, as tagged in today's timm (their `_distilled` names and
 # timm 0.4.12's default ViT-B/16 weights, the AugReg in21k fine-tuned on in1k).
@@ -38,7 +37,14 @@ ARCHS = {
     "resnetv2_50x1": "resnetv2_50x1_bit.goog_distilled_in1k",
     "resmlp_24": "resmlp_24_224.fb_distilled_in1k",
 }
-DATASETS = {"imagenette": ["--num-classes", "10"], "imagenet": []}  # ImageNet keeps timm's 1000-class head
+# Each data set's head, threat model and preprocessing. ImageNet and ImageNette: the 2% patch (32 px
+# on 224) at timm's data config with timm's training augmentation. CIFAR-10: the papers resize its
+# 32 px images to 224 without cropping (--crop-pct 1, saved with the model) and use a 35 px patch.
+DATASETS = {
+    "imagenette": ["--num-classes", "10", "--patch", "2%", "--augment"],
+    "imagenet": ["--patch", "2%", "--augment"],  # timm's 1000-class head
+    "cifar10": ["--num-classes", "10", "--patch", "35", "--crop-pct", "1"],
+}
 
 PRESETS: dict[str, list[str]] = {
     f"{short}_{data}": ["--model", f"timm:{arch}", "--pretrained", *head, *_RECIPE]

@@ -47,6 +47,14 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         help="train on timm's training augmentation at the model's data config (random resized crop, horizontal flip) "
         "instead of its evaluation preprocessing (resize, center crop)",
     )
+    data.add_argument(
+        "--crop-pct",
+        type=_crop_pct,
+        metavar="F",
+        help="the share of the resized image its center crop keeps (timm's crop_pct, in (0, 1]; 1 resizes without cropping, "
+        "as the papers do for CIFAR-10); saved in the model's pretrained_cfg, so certify preprocesses the same way "
+        "(default: the model's own)",
+    )
     data.add_argument("--workers", type=_count, default=4, metavar="N", help="data-loading worker processes per training process (default 4; 0 loads in the main process)")
     fit = train.add_argument_group("training")
     fit.add_argument("--epochs", type=_positive, default=10, metavar="N", help="epochs (default 10, the papers'; the learning rate drops x0.1 after half)")
@@ -66,6 +74,16 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     output.add_argument("--out", type=Path, metavar="DIR", help="write the trained model to a new folder in the Hub format (robustwrap.from_pretrained(DIR) loads it)")
     output.add_argument("--push", metavar="ORG/NAME", help="push the trained model to this Hugging Face Hub repo")
     train.set_defaults(run=_train)
+
+
+def _crop_pct(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -93,6 +111,10 @@ def _train(args: argparse.Namespace) -> None:
     try:
         torch.manual_seed(args.seed)
         model, model_name = _load_model(args)
+        if args.crop_pct is not None:
+            from ..defenses import RobustPatchClassifier
+
+            _set_crop_pct(model.model if isinstance(model, RobustPatchClassifier) else model, args.crop_pct)
         defended = _with_settings(model, (args.patch or [None])[0], args)
         train_set, _ = _load_data(args.data, args.class_map, model_name, defended)
         if args.augment:
@@ -120,6 +142,13 @@ def _train(args: argparse.Namespace) -> None:
     finally:
         if started:
             torch.distributed.destroy_process_group()
+
+
+def _set_crop_pct(base, crop_pct: float) -> None:
+    """Preprocessing is a data setting of the model (timm's `pretrained_cfg`): the saved model carries it."""
+    if not isinstance(getattr(base, "pretrained_cfg", None), dict):
+        raise ValueError(f"--crop-pct sets a timm model's pretrained_cfg, and this {type(base).__name__} has none: preprocess its data yourself")
+    base.pretrained_cfg = {**base.pretrained_cfg, "crop_pct": crop_pct}
 
 
 def _start_distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
