@@ -63,9 +63,12 @@ def test_a_base_model_in_ddp_gives_the_same_defended_model(group, defense):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, *shape, generator=g), torch.tensor([0, 1, 2, 0])
     plain = robustwrap.wrap(build(), **options).eval()
-    wrapped = robustwrap.wrap(DistributedDataParallel(build()), **options).eval()
-    assert isinstance(wrapped.model, DistributedDataParallel)
+    wrapped = robustwrap.wrap(DistributedDataParallel(build()), **options)
+    assert isinstance(wrapped.model, DistributedDataParallel) and not wrapped.training  # the mode of the model inside
     same(wrapped, plain, x, y)
+    assigned = robustwrap.wrap(build(), **options).eval()
+    assigned.model = DistributedDataParallel(assigned.model)  # checked and re-derived on assignment as at wrap
+    same(assigned, plain, x, y)
     if defense == "patchguard":  # the geometry is the BagNet's own declaration, read through the wrapper
         assert wrapped.receptive_field == (5, 5) and wrapped.feature_stride == (2, 2)
     else:  # the ViT's token grid: 4x4 tokens of 8 px, views keep 2 token columns of 6 px bands

@@ -243,7 +243,7 @@ class RobustPatchClassifier(
         self.pretrained_info: dict = {}
         # Only the wrapper's own flag: `.train(mode)` would recurse and unfreeze a BatchNorm the
         # user put in eval mode inside a training model.
-        self.training = model.training
+        self.training = self._inner_model.training  # a DistributedDataParallel has its own flag, not its module's
 
     # ------------------------------------------------------------------------------ settings
     # `wrap` keywords that cannot be assigned after `wrap`, with how to change them instead
