@@ -15,8 +15,10 @@ authors' public code):
 | `drs` | `imagenet_one_band_..._model_resnet50_..._band_25_epoch_N.pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
 | `smoothed-vit` | `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys, the input normaliser's mean and std as buffers |
 
-Smoothed ViT's models drop tokens, and so does the imported one (`drop_tokens=True`, overridable):
-each view runs on the class token and the patch tokens that meet its kept band. That is the
+Smoothed ViT's models drop tokens (their code does with `--drop-tokens`, which their README's
+training and certification commands pass; a checkpoint does not record it), and so does the
+imported one (`drop_tokens=True`; `drop_tokens=False` for a model trained without): each view
+runs on the class token and the patch tokens that meet its kept band. That is the
 authors' own rule (smoothed-vit's `MaskProcessor` and `VisionTransformer.forward_features`): the
 ablation mask travels with the image as a fourth channel through the same upsampling, is averaged
 over each token's pixels, and a token is kept when its average is above 0, that is when one of its
