@@ -100,3 +100,15 @@ def test_token_dropping_training_through_a_users_ddp_is_refused(group):
     loader = DataLoader(data, batch_size=2, sampler=torch.utils.data.DistributedSampler(data, shuffle=False))
     with pytest.raises(ValueError, match="cannot train token-dropping views"):
         fit_masking(defended, loader, epochs=1, lr=0.1, progress=False)
+
+
+def test_token_dropping_views_refuse_a_ddp_they_would_bypass(group):
+    from robustwrap.defenses.smoothing import RandomAblation
+
+    build, shape, options = CASES["smoothing"]
+    defended = robustwrap.wrap(build(), **options)
+    augment = RandomAblation.from_model(defended)
+    views, view = augment(torch.randn(2, *shape), return_indices=True)
+    assert augment.logits(defended.model, views, view).shape == (2, 3)
+    with pytest.raises(ValueError, match="would not synchronise their gradients"):
+        augment.logits(DistributedDataParallel(defended.model), views, view)

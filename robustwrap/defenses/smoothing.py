@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
@@ -291,10 +292,17 @@ class RandomAblation:
                 left unablated (all its tokens kept).
 
         Raises:
-            ValueError: `drop_tokens` and `model`'s token grid cannot be read.
+            ValueError: `drop_tokens` and `model`'s token grid cannot be read, or `model` is a
+                `DistributedDataParallel` (whose forward these views would bypass).
         """
         if not self.drop_tokens:
             return model(views)
+        if isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                "token-dropping views run the ViT's parts, not its forward, so a DistributedDataParallel around it would not "
+                "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
+                "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
+            )
         grid = token_grid(model, self.ablation_set.image_size)
         if grid is None:
             raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
