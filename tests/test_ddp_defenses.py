@@ -110,5 +110,5 @@ def test_token_dropping_views_refuse_a_ddp_they_would_bypass(group):
     augment = RandomAblation.from_model(defended)
     views, view = augment(torch.randn(2, *shape), return_indices=True)
     assert augment.logits(defended.model, views, view).shape == (2, 3)
-    with pytest.raises(ValueError, match="would not synchronise their gradients"):
+    with pytest.raises(TypeError, match="would not synchronise their gradients"):
         augment.logits(DistributedDataParallel(defended.model), views, view)

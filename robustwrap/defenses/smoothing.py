@@ -292,13 +292,14 @@ class RandomAblation:
                 left unablated (all its tokens kept).
 
         Raises:
-            ValueError: `drop_tokens` and `model`'s token grid cannot be read, or `model` is a
-                `DistributedDataParallel` (whose forward these views would bypass).
+            ValueError: `drop_tokens` and `model`'s token grid cannot be read.
+            TypeError: `drop_tokens` and `model` is a `DistributedDataParallel` (whose forward
+                these views would bypass).
         """
         if not self.drop_tokens:
             return model(views)
         if isinstance(model, DistributedDataParallel):
-            raise ValueError(
+            raise TypeError(
                 "token-dropping views run the ViT's parts, not its forward, so a DistributedDataParallel around it would not "
                 "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
                 "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
