@@ -15,6 +15,20 @@ authors' public code):
 | `drs` | `imagenet_one_band_..._model_resnet50_..._band_25_epoch_N.pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
 | `smoothed-vit` | `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys, the input normaliser's mean and std as buffers |
 
+Smoothed ViT's models drop tokens (their code does with `--drop-tokens`, which their README's
+training and certification commands pass; a checkpoint does not record it), and so does the
+imported one (`drop_tokens=True`; `drop_tokens=False` for a model trained without): each view
+runs on the class token and the patch tokens that meet its kept band. That is the
+authors' own rule (smoothed-vit's `MaskProcessor` and `VisionTransformer.forward_features`): the
+ablation mask travels with the image as a fourth channel through the same upsampling, is averaged
+over each token's pixels, and a token is kept when its average is above 0, that is when one of its
+pixels is kept; position embeddings are added before the selection, tokens stay in grid order. On
+CIFAR-10 a 28 px band of 224 (their 4 px of 32, upsampled x7) meets 2 or 3 of the 14 token columns
+of 16 px, in their code and here alike. One difference, in training only: their ViT applies the
+first image's kept tokens to its whole batch, and their training draws one band position per
+batch, where robustwrap's `RandomAblation` draws one per image; certification is the same, since
+their certification runs every image of a batch on the same view.
+
 The file name carries the settings where the authors' scripts put them there (model, data set and
 so classes, input size and preprocessing, cutout training, band size); every one can be overridden.
 Files are read with `torch.load(weights_only=True)` only: a file that needs pickle code (any class
@@ -215,7 +229,8 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
     """Salman et al.'s smoothed-vit (MadryLab robustness library): `{"model": AttackerModel state}`.
 
     ImageNet: column bands of 19 px against a 32 px patch (the paper's 2%). CIFAR-10 (recognised by
-    the normaliser's mean): the authors' 32 px geometry in the 224 px input their ViT sees.
+    the normaliser's mean): the authors' 32 px geometry in the 224 px input their ViT sees. Views
+    drop the tokens that meet no kept pixel (`drop_tokens=True`), the authors' `MaskProcessor` rule.
 
     The robustness library keeps the network under `model.` (`model.model.` when wrapped for a
     custom forward), a copy under `attacker.`, and the input normaliser's mean and std as buffers.
@@ -230,7 +245,7 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
         for k, v in state.items()
         if not k.startswith(("model.", "attacker.")) and k.endswith(("new_mean", "new_std"))
     }
-    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={"ablation": "column", "size": 19})
+    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={"ablation": "column", "size": 19, "drop_tokens": True})
     proj = weights.get("patch_embed.proj.weight")
     if proj is not None:
         plan.arch = _DEIT.get((proj.shape[-1], proj.shape[0]), "")
@@ -315,8 +330,9 @@ def import_checkpoint(
         patch: the threat model's patch (default: the authors' for that data set).
         dataset: recorded with the model (default: from the file name).
         **options: the defense's own options, as `robustwrap.wrap` takes them (`num_masks`,
-            `size`, `ablation`, `threshold`, `encoding`, `receptive_field`, ...), plus `fill`,
-            `precision`, `margin`.
+            `size`, `ablation`, `threshold`, `encoding`, `drop_tokens`, `receptive_field`, ...),
+            plus `fill`, `precision`, `margin`. `smoothed-vit` sets `drop_tokens=True`, as the
+            authors' ViT does; `drop_tokens=False` runs every view on all its tokens instead.
 
     Returns:
         The defended model in eval mode, its base a timm model with the checkpoint's weights, its

@@ -270,6 +270,53 @@ def test_smoothed_vit_robustness_library_checkpoint(tmp_path):
         _same(loaded.model(normalised), model.model(normalised))
 
 
+def _their_kept_tokens_logits(vit: nn.Module, ablated: torch.Tensor, ones_mask: torch.Tensor) -> torch.Tensor:
+    """smoothed-vit's forward on one view: MaskProcessor (avg-pool the mask per 16 px token, keep
+    the tokens above 0, class token first), position embeddings added, then the selection."""
+    kept = torch.where(nn.functional.avg_pool2d(ones_mask[:1, None], 16)[0].reshape(-1) > 0)[0] + 1
+    index = torch.cat([torch.zeros(1, dtype=torch.long), kept])
+    x = vit.patch_embed(ablated)
+    x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], 1) + vit.pos_embed
+    x = vit.norm(vit.blocks(x[:, index]))
+    return vit.head(x[:, 0])
+
+
+def test_smoothed_vit_drops_tokens_as_the_authors_vit_does(tmp_path):
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+    normalizer = _InputNormalize(mean, std)
+    dummy = _Wrapper(model=vit)
+    attacker_model = _Wrapper(normalizer=_Wrapper(normalizer=normalizer), model=dummy, attacker=_Wrapper(model=dummy, normalizer=normalizer))
+    path = tmp_path / "checkpoint.pt.best"
+    torch.save({"model": torch.nn.DataParallel(attacker_model).state_dict(), "epoch": 30}, path)
+    model = import_checkpoint(path, "smoothed-vit")
+    assert model.drop_tokens is True and model.settings()["drop_tokens"] is True
+    assert import_checkpoint(path, "smoothed-vit", drop_tokens=False).settings()["drop_tokens"] is False  # overridable
+
+    # Their certification (DerandomizedSmoother, column mode, 4 px bands at stride 1 on a 32 px image):
+    # ablate, upsample image and mask x7 (nearest), normalise, run the ViT on the tokens the mask keeps.
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    votes = torch.zeros(10, dtype=torch.long)
+    kept_per_view = []
+    with torch.no_grad():
+        for pos in range(32):
+            keep = torch.zeros(32, dtype=torch.bool)
+            keep[[(pos + i) % 32 for i in range(4)]] = True
+            ablated, mask = pixels * keep, keep.expand(1, 32, 32).float()
+            ablated, mask = (nn.functional.interpolate(t, scale_factor=7, mode="nearest") for t in (ablated, mask[:, None]))
+            logits = _their_kept_tokens_logits(vit, normalizer(ablated), mask[:, 0])
+            votes[logits.argmax(1)] += 1
+            kept_per_view.append(int((nn.functional.avg_pool2d(mask, 16)[0, 0] > 0).any(0).sum()))
+    assert set(kept_per_view) == {2, 3}  # a 28 px band of 224 meets 2 or 3 of the 14 token columns
+    image = nn.functional.interpolate(normalizer(pixels), scale_factor=7, mode="nearest")
+    result = model.certify(image, votes.argmax().unsqueeze(0), early_exit=False)
+    assert torch.equal(result.counts[0].long(), votes)
+    # The reference tells the functions apart: every token kept (pixels only) votes otherwise.
+    pixels_only = import_checkpoint(path, "smoothed-vit", drop_tokens=False)
+    assert not torch.equal(pixels_only.certify(image, votes.argmax().unsqueeze(0), early_exit=False).counts[0].long(), votes)
+
+
 # ------------------------------------------------------------------------- refusals and the CLI
 def test_pickle_needing_file_is_refused_and_nothing_written(tmp_path, capsys):
     path = tmp_path / "vit_base_patch16_224_cifar.pth"

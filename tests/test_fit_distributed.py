@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -163,6 +164,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             out["no_sampler"] = "no error"
 
         out["augment"] = _augment_in_a_users_ddp_loop(rank)
+        out["tokens"] = _token_dropping_training(rank)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -197,6 +199,18 @@ def _augment_in_a_users_ddp_loop(rank: int) -> dict:
     seen["step_calls"], seen["step_reductions"] = list(calls), list(reductions)
     seen["grad"] = net.head.weight.grad.clone()
     return seen
+
+
+def _token_dropping_training(rank: int) -> dict:
+    """One epoch (two steps) of smoothing with drop_tokens on a tiny ViT, each rank on its own images and views."""
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=4, img_size=12, patch_size=4)  # 3x3 tokens of 4 px
+    before = weights(vit)
+    defended = robustwrap.wrap(vit, 1, defense="smoothing", ablation="column", size=4, drop_tokens=True)
+    torch.manual_seed(100 + rank)  # other random views on each rank
+    loader = DataLoader(TRAIN, batch_size=B, sampler=DistributedSampler(TRAIN, shuffle=False))
+    history = fit_masking(defended, loader, epochs=1, lr=LR, clean_ratio=0.0, progress=False)
+    return {"before": before, "after": weights(vit), "steps": history.epochs[0].steps, "drop_tokens": defended.drop_tokens}
 
 
 def _free_port() -> int:
@@ -308,3 +322,14 @@ def test_augmentation_inside_a_users_ddp_loop_searches_alone(ranks):
         # The user's step then goes through DDP: one forward, gradients reduced and equal on both ranks.
         assert aug["step_calls"] == [2] and aug["step_reductions"]
     torch.testing.assert_close(seen[0]["augment"]["grad"], seen[1]["augment"]["grad"])
+
+
+def test_token_dropping_views_train_one_model_across_processes(ranks):
+    """Token-dropping views run the ViT's parts (robustwrap.fit._ViewForward); through DDP their
+    gradients are averaged, so both ranks, on their own images and views, end with the same weights."""
+    _, seen = ranks
+    first, second = seen[0]["tokens"], seen[1]["tokens"]
+    assert first["drop_tokens"] is second["drop_tokens"] is True and first["steps"] == second["steps"] == 2
+    assert any(not torch.equal(first["before"][k], v) for k, v in first["after"].items())  # it trained
+    for k, v in first["after"].items():
+        assert torch.equal(v, second["after"][k]), k

@@ -180,10 +180,26 @@ def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
         assert masks.describe() == entry["threat_model"] and len(masks) == entry["num_masks"] and entry["patch"] == [32, 32]
         card = zoo.model_card(name)
         assert entry["measure_with"] in card and f"huggingface-cli download {cfg.hf_hub_id}" in card and "HF_HUB_OFFLINE=1" in card
+        assert "**Reported by the paper's authors**" in card and entry["paper"]["claims"]
         for claim in entry["paper"]["claims"]:
-            assert "**Reported by the paper**" in card and f"**{100 * claim['certified_accuracy']:.1f}% certified**" in card
-    claims = zoo.zoo_entry(VIT)["paper"]["claims"]
-    assert [(c["clean_accuracy"], c["certified_accuracy"]) for c in claims] == [(0.839, 0.621)]
+            assert claim["reported_by"] == "the paper's authors" and claim["source"] in card
+            assert f"**{100 * claim['clean_accuracy']:.1f}% clean** and **{100 * claim['certified_accuracy']:.1f}% certified**" in card
+            assert f"the undefended model: {100 * claim['vanilla_accuracy']:.1f}%" in card
+    # The authors' leaderboard (ImageNet, 2% patch, prediction recovery), k=6: (clean, certified, vanilla),
+    # timm's weights first, then the authors' fine-tuned checkpoint.
+    figures = {
+        name: [(c["clean_accuracy"], c["certified_accuracy"], c["vanilla_accuracy"]) for c in zoo.zoo_entry(name)["paper"]["claims"]]
+        for name in HUB_BACKED
+    }
+    assert figures == {
+        VIT: [(0.838, 0.616, 0.848), (0.839, 0.621, 0.848)],
+        "resmlp_24_224.fb_distilled_in1k": [(0.796, 0.531, 0.808), (0.794, 0.538, 0.802)],
+        "resnetv2_50x1_bit.goog_distilled_in1k": [(0.811, 0.416, 0.828), (0.816, 0.530, 0.823)],
+    }
+    for name in HUB_BACKED:  # the second claim is the checkpoint `robustwrap import` turns into a folder
+        arch = zoo.zoo_entry(name)["paper"]["timm_0_4_12_name"]
+        assert f"{arch}_cutout2_128_imagenet.pth" in zoo.zoo_entry(name)["paper"]["claims"][1]["model"]
+        assert f"robustwrap import {arch}_cutout2_128_imagenet.pth --format patchcleanser" in zoo.model_card(name)
 
 
 @pytest.fixture

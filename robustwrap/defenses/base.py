@@ -31,6 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
+from .._dist import inner_module
 from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
 
 __all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN"]
@@ -84,7 +85,9 @@ def timm_input(model: nn.Module) -> tuple[int, tuple[int, int], bool] | None:
     `timm.data.resolve_model_data_config` do not reflect: they describe the pretrained source)
     and whether that size is fixed (a ViT's position embeddings). On older timm the patch
     embedding's `img_size` and the model's `in_chans` correct `resolve_model_data_config`.
+    A `DistributedDataParallel` is read through to the model it wraps (`inner_module`).
     """
+    model = inner_module(model)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
     import timm.data
@@ -108,6 +111,7 @@ def timm_input(model: nn.Module) -> tuple[int, tuple[int, int], bool] | None:
 
 def timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The normalisation mean and std a timm model expects (timm's public data config), else `None`."""
+    model = inner_module(model)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
     import timm.data
@@ -149,6 +153,7 @@ def _infer_in_chans(model: nn.Module) -> int | None:
     is created with `in_chans=1`, so the model's own `in_chans` is asked first; the first
     registered `Conv2d` is only a fallback, since it need not be the stem.
     """
+    model = inner_module(model)
     if isinstance(getattr(model, "in_chans", None), int) and not isinstance(model.in_chans, bool):
         return model.in_chans
     stem = getattr(model, "pretrained_cfg", {}).get("first_conv") if isinstance(getattr(model, "pretrained_cfg", None), dict) else None
@@ -227,7 +232,7 @@ class RobustPatchClassifier(
         self.model = model  # checked and resolved in __setattr__
         if num_classes is not None:
             num_classes = positive_int(num_classes, "num_classes")
-            attr = getattr(model, "num_classes", None)
+            attr = getattr(self._inner_model, "num_classes", None)
             if isinstance(attr, int) and attr != num_classes:
                 raise ValueError(f"num_classes={num_classes} but the model says model.num_classes={attr}")
             self._num_classes = num_classes
@@ -238,7 +243,7 @@ class RobustPatchClassifier(
         self.pretrained_info: dict = {}
         # Only the wrapper's own flag: `.train(mode)` would recurse and unfreeze a BatchNorm the
         # user put in eval mode inside a training model.
-        self.training = model.training
+        self.training = self._inner_model.training  # a DistributedDataParallel has its own flag, not its module's
 
     # ------------------------------------------------------------------------------ settings
     # `wrap` keywords that cannot be assigned after `wrap`, with how to change them instead
@@ -284,6 +289,18 @@ class RobustPatchClassifier(
         """Re-validate what the defense derives from a newly assigned base model (raise to refuse it)."""
 
     @property
+    def _inner_model(self) -> nn.Module:
+        """The base model itself: `model`, or the module it wraps when `model` is a `DistributedDataParallel`.
+
+        Everything the defense derives from its model (`num_classes`, `in_chans`, timm's data
+        config, PatchGuard's geometry, a ViT's token grid) is read here, at every use: the wrapper
+        has none of the model's attributes. Inference (eval mode, no gradient) runs it too, in
+        this process alone, since calling the wrapper joins the other processes. Training
+        (`forward` in train mode) goes through `model`, whose wrapper averages the gradients.
+        """
+        return inner_module(self.model)
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """`(H, W)` of the inputs (fixed by the defense's geometry)."""
         return self._image_size
@@ -313,7 +330,7 @@ class RobustPatchClassifier(
         and device at every read (`robustwrap.views.auto_batch_size`). Assign `None` for auto.
         """
         if self._batch_size is None:
-            return auto_batch_size(self.model, self._image_size)
+            return auto_batch_size(self._inner_model, self._image_size)
         return self._batch_size
 
     @batch_size.setter
@@ -355,13 +372,13 @@ class RobustPatchClassifier(
     @property
     def num_classes(self) -> int:
         """Number of classes of the base model (one blank forward pass the first time, if it does not say)."""
-        attr = getattr(self.model, "num_classes", None)
+        attr = getattr(self._inner_model, "num_classes", None)
         if isinstance(attr, int) and not isinstance(attr, bool):
             return attr
         if self._num_classes is None:
             blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
-            with eval_mode(self.model), torch.no_grad(), self.autocast():
-                logits = self.model(self._prepare(blank))
+            with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
+                logits = self._inner_model(self._prepare(blank))
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"the base model must map (N, C, H, W) images to (N, num_classes) logits; for 1 image it returned {shape}")
@@ -487,18 +504,18 @@ class RobustPatchClassifier(
         `example`: the call's images, to check a new copy on.
         """
         if self.precision != "float32":
-            return self.model
+            return self._inner_model
         cache = self.__dict__.get("_inference_copy")
         if cache is None:
             cache = self.__dict__["_inference_copy"] = InferenceCopy()
-        return cache.module(self.model, example)
+        return cache.module(self._inner_model, example)
 
     # ------------------------------------------------------------------------------ precision
     def autocast(self) -> contextlib.AbstractContextManager:
         """A context manager running the base model in `precision` on its device (no-op for float32)."""
         if self.precision == "float32":
             return contextlib.nullcontext()
-        device, _ = model_device_dtype(self.model)
+        device, _ = model_device_dtype(self._inner_model)
         return torch.autocast(device.type, dtype=getattr(torch, self.precision))
 
     # ---------------------------------------------------------------------------------- hub
@@ -582,7 +599,7 @@ class RobustPatchClassifier(
     # ------------------------------------------------------------------------------- inputs
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """`x` on the base model's device and in its dtype."""
-        device, dtype = model_device_dtype(self.model)
+        device, dtype = model_device_dtype(self._inner_model)
         return x.to(device=device, dtype=dtype)
 
     def _check_images(self, x) -> torch.Tensor:
@@ -617,7 +634,7 @@ class RobustPatchClassifier(
         # Normalised pixels of a [0, 1] image lie between -mean / std and (1 - mean) / std. Be
         # conservative (random test inputs and strong patches exceed that range): flag only values
         # 4x beyond it and above 20 with a known mean/std, above 50 without one; 0-255 pixels are.
-        stats = timm_mean_std(self.model)
+        stats = timm_mean_std(self._inner_model)
         if stats is not None:
             mean, std = stats
             normal = max(max(abs(-m / s), abs((1 - m) / s)) for m, s in zip(mean, std))
@@ -679,6 +696,6 @@ class RobustPatchClassifier(
             TypeError, ValueError: for images the defended model cannot take.
         """
         x = self._check_images(x)
-        with eval_mode(self.model), torch.no_grad(), self.autocast():
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             return call_model(self._inference_model(x), x).argmax(1)
 

@@ -274,7 +274,7 @@ class PatchCleanser(RobustPatchClassifier):
         if not isinstance(value, MaskSet):
             raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(value).__name__}")
         old = self._buffers.get("_keep")
-        keep = value.keep_masks(old.device if old is not None else model_device_dtype(self.model)[0])
+        keep = value.keep_masks(old.device if old is not None else model_device_dtype(self._inner_model)[0])
         if old is None:
             self.register_buffer("_keep", keep, persistent=False)
         else:
@@ -373,10 +373,10 @@ class PatchCleanser(RobustPatchClassifier):
         Its views run through the model's inference copy (`robustwrap.views.InferenceCopy`) when
         there is one, in `channels_last` for convolutional networks on the CPU.
         """
-        attr = getattr(self.model, "num_classes", None)
+        attr = getattr(self._inner_model, "num_classes", None)
         known = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
         module = self._inference_model(x)
-        return ViewRunner(module, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self.model))
+        return ViewRunner(module, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self._inner_model))
 
     def _one_mask(self, runner: ViewRunner, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor, torch.Tensor]:
         one_mask, one_logits = runner.one_mask(x)
@@ -398,7 +398,7 @@ class PatchCleanser(RobustPatchClassifier):
 
     def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
         x = self._check_images(x)
-        with eval_mode(self.model), torch.no_grad(), self.autocast():
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             runner = self._runner(x)
             k = len(runner)
             runner, one_mask, one_logits = self._one_mask(runner, x)
@@ -443,7 +443,7 @@ class PatchCleanser(RobustPatchClassifier):
         y = self._check_labels(y, x.shape[0]).to(x.device)
         margin = self.margin
         b, k = x.shape[0], len(self._keep)
-        with eval_mode(self.model), torch.no_grad(), self.autocast():
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             runner = self._runner(x)
             runner, one_mask, one_logits = self._one_mask(runner, x)
             one_margin = label_margins(one_logits, y[:, None].expand(b, k))  # (B, K): how surely mask i shows y

@@ -400,7 +400,7 @@ class PatchGuard(RobustPatchClassifier):
     ):
         super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
-        missing = [name for name, value in given.items() if value is None and getattr(model, name, None) is None]
+        missing = [name for name, value in given.items() if value is None and getattr(self._inner_model, name, None) is None]
         if missing:
             raise ValueError(_missing_geometry(missing, "pass " + ", ".join(f"{name}=" for name in missing)))
         # Declarations for what the model does not say itself; the model's own attributes are read
@@ -416,7 +416,7 @@ class PatchGuard(RobustPatchClassifier):
     # ------------------------------------------------------------------------------ geometry
     def _model_geometry(self, name: str) -> tuple[int, int] | None:
         """The model's own declaration of `name` (checked), or None if it has no such attribute."""
-        attr = getattr(self.model, name, None)
+        attr = getattr(self._inner_model, name, None)
         return None if attr is None else _geometry(attr, f"the model's {name}", _GEOMETRY[name])
 
     def _geometry_of(self, name: str) -> tuple[int, int]:
@@ -431,7 +431,7 @@ class PatchGuard(RobustPatchClassifier):
             self._declared_geometry = {**self._declared_geometry, name: pair}  # a new dict: a shallow copy keeps its own
         elif pair != declared:
             raise ValueError(
-                f"{name}={value!r} contradicts the model's own {name}={getattr(self.model, name)!r}; the geometry is read from the model: "
+                f"{name}={value!r} contradicts the model's own {name}={getattr(self._inner_model, name)!r}; the geometry is read from the model: "
                 f"leave {name} unset to use the model's, or change the model's attribute if it is wrong"
             )
 
@@ -538,16 +538,16 @@ class PatchGuard(RobustPatchClassifier):
 
     def _feature_size(self) -> tuple[int, int]:
         cached = self.__dict__.get("_map_size")
-        if cached is None or cached[0] is not self.model:
+        if cached is None or cached[0] is not self._inner_model:
             blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
-            with eval_mode(self.model), torch.no_grad():
+            with eval_mode(self._inner_model), torch.no_grad():
                 self._local_logits(self._prepare(blank))
         return self.__dict__["_map_size"][1]
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the local logits (one blank forward pass the first time, if the model does not say)."""
-        attr = getattr(self.model, "num_classes", None)
+        attr = getattr(self._inner_model, "num_classes", None)
         if isinstance(attr, int) and not isinstance(attr, bool):
             return attr
         if self._num_classes is None:
@@ -680,7 +680,7 @@ class PatchGuard(RobustPatchClassifier):
                     )
                 outs.append(out)
         local = torch.cat(outs)
-        self._map_size = (self.model, (int(local.shape[2]), int(local.shape[3])))
+        self._map_size = (self._inner_model, (int(local.shape[2]), int(local.shape[3])))
         if self._num_classes is None:
             self._num_classes = int(local.shape[1])
         return local
@@ -693,14 +693,14 @@ class PatchGuard(RobustPatchClassifier):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Robust labels `(B,)` by robust masking (in either mode; the base model runs in eval mode)."""
-        with eval_mode(self.model), torch.no_grad():
+        with eval_mode(self._inner_model), torch.no_grad():
             return self._robust_forward(x).argmax(1)
 
     def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
         """The undefended prediction `(B,)`: local logits averaged over the map (a BagNet's own
         head), argmax with the smallest class id on ties; same checks, device and precision."""
         x = self._check_images(x)
-        with eval_mode(self.model), torch.no_grad():
+        with eval_mode(self._inner_model), torch.no_grad():
             return self._local_logits(x).float().mean((-2, -1)).argmax(1)
 
     def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchGuardResult:
@@ -725,7 +725,7 @@ class PatchGuard(RobustPatchClassifier):
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
-        with eval_mode(self.model), torch.no_grad():
+        with eval_mode(self._inner_model), torch.no_grad():
             local = self._local_logits(x)
         cert = masking_certificate(local, y, self._window_for(local.shape[2:]), self.threshold, self.clip, self.margin)
         return PatchGuardResult(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
@@ -292,9 +293,17 @@ class RandomAblation:
 
         Raises:
             ValueError: `drop_tokens` and `model`'s token grid cannot be read.
+            TypeError: `drop_tokens` and `model` is a `DistributedDataParallel` (whose forward
+                these views would bypass).
         """
         if not self.drop_tokens:
             return model(views)
+        if isinstance(model, DistributedDataParallel):
+            raise TypeError(
+                "token-dropping views run the ViT's parts, not its forward, so a DistributedDataParallel around it would not "
+                "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
+                "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
+            )
         grid = token_grid(model, self.ablation_set.image_size)
         if grid is None:
             raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
@@ -607,11 +616,11 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         """
         if self._drop_tokens is False:
             return None
-        grid = token_grid(self.model, self.image_size)
+        grid = token_grid(self._inner_model, self.image_size)
         if grid is None and self._drop_tokens:
             raise ValueError(
                 f"drop_tokens=True needs a model whose token grid can be read: {SUPPORTED}; "
-                f"got a {type(self.model).__name__}. Use drop_tokens=False (or None: on for those models only)"
+                f"got a {type(self._inner_model).__name__}. Use drop_tokens=False (or None: on for those models only)"
             )
         return grid
 
@@ -755,7 +764,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         ph, pw = self._patch
         return (
             f"{self._ablation_set.describe()}, patch {ph}x{pw} px (Δ={self.delta}), votes {vote}, encoding={self._encoding}, "
-            f"drop_tokens={self._drop_tokens if self._drop_tokens is not None else supports_token_dropping(self.model, self.image_size)}, "
+            f"drop_tokens={self._drop_tokens if self._drop_tokens is not None else supports_token_dropping(self._inner_model, self.image_size)}, "
             f"fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
         )
 
@@ -777,7 +786,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
     def vanilla_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The base model's logits on `x` with nothing ablated (encoded as the base model takes it)."""
         x = self._check_images(x)
-        with eval_mode(self.model), torch.no_grad(), self.autocast():
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             encoded = encode_full(x, self._encoding)
             return call_model(self._inference_model(encoded), encoded).float()
 
@@ -860,17 +869,17 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         tokens = ViewTokens.of(self._token_grid(), ablation_set, device)
         if tokens is not None:
             batch_size = views_per_pass(batch_size, tokens.grid, tokens.most_kept())
-        attr = getattr(self.model, "num_classes", None)
+        attr = getattr(self._inner_model, "num_classes", None)
         num_classes = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
         # Speed only, identical for predict and certify: views in channels_last for convolutional
         # networks on the CPU, one host synchronisation per step of passes (robustwrap.views).
-        channels_last, sync_every = auto_channels_last(self.model, device), auto_sync_every(device)
+        channels_last, sync_every = auto_channels_last(self._inner_model, device), auto_sync_every(device)
         counts = sure = possible = None
         seen = torch.zeros(b, dtype=torch.long, device=device)
         open_ = torch.ones(b, dtype=torch.bool, device=device)
-        with eval_mode(self.model), torch.no_grad(), self.autocast():
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             # token dropping runs the model's own blocks: no inference copy stands in for them
-            module = self._inference_model(encode_full(x[:1], encoding)) if tokens is None else self.model
+            module = self._inference_model(encode_full(x[:1], encoding)) if tokens is None else self._inner_model
             while True:
                 if early_exit and counts is not None:
                     open_ &= ~decided(counts, sure, possible, num_views - seen, labels, delta)
