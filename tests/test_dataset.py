@@ -482,7 +482,7 @@ def test_progress_moves_after_every_forward_pass(monkeypatch):
     assert 0 < positions[0] < 4  # the first step moves the bar before it ends (full-grid estimate)
     first_step_views = sum(r.num_views for r in report.records[:4])
     assert all(n < 4 for n, views in updates if views <= first_step_views)  # never ahead of a step's end
-    assert not model.model._forward_hooks or list(model.model._forward_hooks.values()) == [counter._hook]
+    assert list(model.model._forward_hooks.values()) == [counter._hook]  # certify_dataset left no hook of its own
 
 
 def test_progress_counts_whole_images_unless_on_a_terminal(monkeypatch, capsys):
