@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import math
 from pathlib import Path
 
@@ -235,6 +236,17 @@ def test_hub_backed_entry_loads_from_the_hf_cache(hf_cache, tiny_paper_entry):
     assert random_init.settings() == model.settings()
     with torch.no_grad():
         assert not torch.equal(random_init.model(x), published(x))
+
+
+def test_hub_backed_entry_checks_the_sha256_the_manifest_records(hf_cache, tiny_paper_entry):
+    """An entry that records the sha256 of its timm weights loads them only when they match."""
+    torch.manual_seed(0)
+    path = hf_cache("timm/test_vit.r160_in1k", timm.create_model("test_vit.r160_in1k").eval())
+    tiny_paper_entry["sha256"] = hub.sha256_of(path)
+    assert robustwrap.create_model("tiny_paper_model").defense == "patchcleanser"
+    tiny_paper_entry["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has sha256 {hub.sha256_of(path)}, but the zoo manifest records 0{{64}}: refusing"):
+        robustwrap.create_model("tiny_paper_model")
 
 
 def test_uncached_hub_backed_entry_fails_in_one_line(hf_cache, tiny_paper_entry):
