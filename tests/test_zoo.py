@@ -41,6 +41,8 @@ def test_manifest_lists_only_measured_weights():
     manifest = json.loads((ROOT / "hub" / "manifest.json").read_text())
     assert manifest == json.loads((ROOT / "robustwrap" / "zoo" / "manifest.json").read_text())
     assert manifest["default"] in zoo.list_models()
+    mnist = sorted(e["name"] for e in manifest["models"] if e["name"].startswith("mnist_"))
+    assert zoo.list_models("mnist_*") == mnist and 0 < len(mnist) < len(manifest["models"]) and zoo.list_models("no-such-*") == []
     for entry in manifest["models"]:
         if "base" in entry:  # Hub-backed: the paper's claims, no measurement of ours (test_hub_backed_entries_*)
             assert not entry.get("embedded") and not entry.get("metrics")
