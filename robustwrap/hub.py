@@ -147,8 +147,8 @@ def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, A
     """timm's `config.json` for the base model, from public attributes only (any timm >= 1.0.20).
 
     `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling,
-    `img_size` for models with a fixed input size and a ViT's `patch_size`); `save_folder` then proves that timm rebuilds
-    exactly these keys and shapes from the file before writing anything.
+    `img_size` for models with a fixed input size, a ViT's `patch_size`); `save_folder` then
+    proves that timm rebuilds exactly these keys and shapes from the file before writing anything.
     """
     base = model.model
     num_classes = int(model.num_classes)
