@@ -139,7 +139,9 @@ def test_the_path_a_user_takes(defense, tmp_path, capsys):
     robustwrap.fit_masking(m, DataLoader(data, batch_size=3, shuffle=True), epochs=1, progress=False)
     assert _modes(other) == modes  # the frozen layer is still frozen, the rest still trains
     statistics = {name: torch.equal(b, before[name]) for name, b in _buffers(other).items() if name.endswith("running_mean")}
-    frozen = {f"{name}.running_mean" for name, module in other.named_modules() if isinstance(module, nn.BatchNorm2d) and not module.training}
+    frozen = {
+        f"{name}.running_mean" for name, module in other.named_modules() if isinstance(module, nn.BatchNorm2d) and not module.training
+    }
     assert {name for name, same in statistics.items() if same} == frozen  # only the frozen BatchNorm kept its statistics
     assert (len(frozen), len(statistics) > 1) == ((0, False) if defense == "smoothing" else (1, True))
     m.eval()
@@ -162,7 +164,20 @@ def test_the_path_a_user_takes(defense, tmp_path, capsys):
     assert model_fingerprint(loaded) == model_fingerprint(m)
     _same_certificates(loaded.certify(x, y), result)
 
-    code = main(["certify", "--model", str(saved), "--data", str(folder), "--limit", "all", "--no-progress", "--report", str(tmp_path / "report.json")])
+    code = main(
+        [
+            "certify",
+            "--model",
+            str(saved),
+            "--data",
+            str(folder),
+            "--limit",
+            "all",
+            "--no-progress",
+            "--report",
+            str(tmp_path / "report.json"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cli = CertificationReport.load(tmp_path / "report.json")
     counts = ("num_images", "vanilla_correct", "clean_correct", "certified", "total_views")
