@@ -8,9 +8,11 @@ document; exits 1 when any figure differs.
 
     python benchmarks/reproduce_zoo.py [--model NAME ...] [--threads 1]
 
-The embedded MNIST model certifies 1,000 held-out digits: about 2 minutes of CPU on one thread of a
-2-core CPU. The unit suite runs the same command on a few digits only
-(`tests/test_cli.py::test_certify_the_embedded_default_on_a_few_digits`).
+The default covers the three embedded MNIST models (PatchCleanser, smoothing, PatchGuard), each on
+the 1,000 held-out digits. For the default PatchCleanser model alone README measures 81 s wall,
+140 s of CPU on two threads of a quiet 2-core machine (`robustwrap certify --limit all`); the other
+two run fewer views per image (smoothing about 30, PatchGuard one). The unit suite runs the same
+command on a few digits only (`tests/test_cli.py::test_certify_the_embedded_default_on_a_few_digits`).
 """
 
 from __future__ import annotations

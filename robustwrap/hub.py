@@ -134,12 +134,21 @@ def _stem_channels(base: nn.Module) -> int | None:
     return channels if isinstance(channels, int) else None
 
 
+def _is_timm_vit(base: nn.Module) -> bool:
+    """timm's `VisionTransformer` with a plain patch embedding (its constructor takes `patch_size`)."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    patch = getattr(getattr(base, "patch_embed", None), "patch_size", None)
+    return isinstance(base, VisionTransformer) and type(base.patch_embed) is PatchEmbed and isinstance(patch, (tuple, list)) and len(patch) == 2
+
+
 def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, Any]:
     """timm's `config.json` for the base model, from public attributes only (any timm >= 1.0.20).
 
-    `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling, and
-    `img_size` for models with a fixed input size); `save_folder` then proves that timm rebuilds
-    exactly these keys and shapes from the file before writing anything.
+    `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling,
+    `img_size` for models with a fixed input size, a ViT's `patch_size`); `save_folder` then
+    proves that timm rebuilds exactly these keys and shapes from the file before writing anything.
     """
     base = model.model
     num_classes = int(model.num_classes)
@@ -163,6 +172,8 @@ def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, A
     built = getattr(getattr(base, "patch_embed", None), "img_size", None)  # what a ViT-like model was built for
     if cfg.get("fixed_input_size") or isinstance(built, (tuple, list)):
         model_args["img_size"] = [int(v) for v in built] if isinstance(built, (tuple, list)) and len(built) == 2 else [h, w]
+    if _is_timm_vit(base):  # a ViT built with another patch size (small images) has other patch_embed and pos_embed shapes
+        model_args["patch_size"] = [int(v) for v in base.patch_embed.patch_size]
     config: dict[str, Any] = {"architecture": architecture, "num_classes": num_classes}
     if isinstance(getattr(base, "num_features", None), int):
         config["num_features"] = base.num_features

@@ -391,11 +391,11 @@ class CertificationReport:
             rows.append(("cases I / II / III", " / ".join(str(cases[c]) for c in CASE_NAMES)))
         else:
             rows += [(f"{name} (mean)", f"{value:.3g}") for name, value in self._extras_means().items()]
-        views = f"{self.views_per_image:.1f}"
+        views = _number(self.views_per_image, ".1f")
         if self.full_views:
             formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
             views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
-        rows += [("views per image", views), ("speed", f"{self.images_per_second:.1f} images/s per process")]
+        rows += [("views per image", views), ("speed", f"{_number(self.images_per_second, '.1f')} images/s per process")]
         return _table(rows, title="robustwrap certification report")
 
     # ------------------------------------------------------------------------------------ JSON
@@ -637,6 +637,11 @@ def _settings_line(settings: Mapping[str, Any]) -> str:
 
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def _number(value: float, spec: str) -> str:
+    """`value` formatted, or "-" where there is none (a report without images), as `_pct` writes it."""
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def _table(rows: Sequence[tuple[str, str]], title: str) -> str:

@@ -334,3 +334,37 @@ def _paste(image, patch, location):
     out = image.clone()[None]
     out[0, :, top : top + patch.shape[1], left : left + patch.shape[2]] = patch
     return out
+
+
+class _Linear(nn.Module):
+    """Two classes, linear in the pixels, class 0 ahead by a bias no 3x3 patch can overcome."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(0.05 * torch.randn(2, 64, generator=torch.Generator().manual_seed(3)))
+        self.bias = nn.Parameter(torch.tensor([6.0, 0.0]))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def test_a_failed_attack_returns_the_run_whose_loss_ended_lowest():
+    """On a linear model one full-range signed step takes every patch to the same corner of the
+    input box whatever its random start, so each location's final loss is known in closed form;
+    the attack fails everywhere and must return the location whose loss is lowest."""
+    net = _Linear()
+    x, y = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([0])
+    locations = [(0, 0), (0, 5), (2, 3), (5, 0), (5, 5), (3, 1)]
+    toward_1 = (net.weight[1] - net.weight[0]).detach().view(8, 8) > 0  # the sign of -CE's descent direction
+    losses = []
+    for top, left in locations:
+        z = x.clone()
+        z[0, 0, top : top + 3, left : left + 3] = toward_1[top : top + 3, left : left + 3].float()
+        with torch.no_grad():
+            losses.append(float(-torch.nn.functional.cross_entropy(net(z), y)))
+    assert len(set(losses)) == len(losses)  # one lowest
+    result = attack(net, x, y, patch=3, steps=2, step_size=1.0, restarts=1, locations=locations, loss="ce", bounds=(0.0, 1.0), progress=False)
+    assert not result.success.any()
+    best = locations[losses.index(min(losses))]
+    assert tuple(result.location[0].tolist()) == best
+    assert torch.equal(result.patch[0, 0], toward_1[best[0] : best[0] + 3, best[1] : best[1] + 3].float())

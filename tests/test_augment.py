@@ -103,8 +103,12 @@ def test_random_cutout_is_the_scaled_patchcleanser_recipe():
     top, left, h, w = boxes.unbind(-1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
     assert (h >= 1).all() and (h <= 16).all() and (w <= 16).all()
-    # centres are uniform over the image: holes are clipped at every border, and most are whole
-    assert (top == 0).any() and (top + h == 28).any() and (left == 0).any() and (left + w == 28).any()
+    # centres are uniform over the 28 pixels of each axis: a 16 px hole is clipped at the top or
+    # left when its centre is one of the first 8 pixels, at the bottom or right when one of the last 7
+    for start, size in ((top, h), (left, w)):
+        clipped_first = ((start == 0) & (size < 16)).float().mean()
+        clipped_last = ((start + size == 28) & (size < 16)).float().mean()
+        assert abs(clipped_first - 8 / 28) < 0.05 and abs(clipped_last - 7 / 28) < 0.05  # 800 holes: 3 standard deviations
     assert ((h == 16) & (w == 16)).float().mean() > 0.2
     assert torch.equal(out, torch.stack([masked_copy(x[b], boxes[b].tolist(), 0.25) for b in range(400)]))
     again = RandomCutout(fill=0.25, generator=torch.Generator().manual_seed(0))(x, return_indices=True)[1]

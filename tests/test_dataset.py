@@ -140,6 +140,15 @@ def test_fingerprint_is_settings_and_weights_only():
     assert model_fingerprint(model) == model_fingerprint(make_model(batch_size=7))  # speed only
     assert model_fingerprint(model) != model_fingerprint(make_model(margin=0.5))
     assert model_fingerprint(model) != model_fingerprint(make_model(seed=1))
+    # the same weights in a class with another forward are another function
+    assert model_fingerprint(model) != model_fingerprint(robustwrap.wrap(_MeanNet(seed=0), patch=3, num_masks=3, image_size=16).eval())
+
+
+class _MeanNet(PeakNet):
+    """PeakNet's weights (same keys and values), spatial mean instead of max."""
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
 
 
 def test_view_grid_is_the_full_brute_force_grid():
@@ -301,6 +310,8 @@ def test_records_carry_the_hash_of_the_image_as_certified():
     image = data.tensors[0][0]
     # Canonical: the same values hash the same in another dtype or memory layout; other values or shape do not.
     assert image_hash(image.double()) == image_hash(image) == image_hash(image.permute(1, 2, 0).contiguous().permute(2, 0, 1))
+    low = image.bfloat16()  # a dtype numpy has not: hashed as its float32 values too
+    assert image_hash(low) == image_hash(low.float()) and image_hash(image.half()) == image_hash(image.half().float())
     assert image_hash(image.reshape(3, 8, 32)) != image_hash(image)
     changed = image.clone()
     changed[0, 0, 0] += 1e-3
@@ -482,7 +493,7 @@ def test_progress_moves_after_every_forward_pass(monkeypatch):
     assert 0 < positions[0] < 4  # the first step moves the bar before it ends (full-grid estimate)
     first_step_views = sum(r.num_views for r in report.records[:4])
     assert all(n < 4 for n, views in updates if views <= first_step_views)  # never ahead of a step's end
-    assert not model.model._forward_hooks or list(model.model._forward_hooks.values()) == [counter._hook]
+    assert list(model.model._forward_hooks.values()) == [counter._hook]  # certify_dataset left no hook of its own
 
 
 def test_progress_counts_whole_images_unless_on_a_terminal(monkeypatch, capsys):

@@ -255,6 +255,19 @@ def test_fixed_input_size_model_round_trips(tmp_path):
     same_model(robustwrap.from_pretrained(str(tmp_path)), model)
 
 
+def test_vit_with_another_patch_size_round_trips(tmp_path):
+    """A ViT for small images built with 4x4 tokens records its patch_size (its patch_embed and
+    pos_embed shapes depend on it), so smoothing's token-dropping models save and load."""
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", img_size=16, patch_size=4, num_classes=3)
+    model = robustwrap.wrap(vit, defense="smoothing", image_size=16, patch=3, size=4).eval()
+    assert model.drop_tokens
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"]["patch_size"] == [4, 4]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    same_model(robustwrap.from_pretrained(str(tmp_path)), model, x)
+
+
 def test_edited_head_is_refused_at_save_and_leaves_no_folder(tmp_path):
     """Issue 9.6: saving refuses what loading cannot rebuild (checked on the meta device)."""
     base = tiny_timm()

@@ -387,7 +387,8 @@ def test_timm_and_torchvision_models_get_the_copy(name):
     if library == "timm":
         net = timm.create_model(arch, num_classes=4).eval()
     else:
-        torchvision = pytest.importorskip("torchvision")
+        import torchvision  # a dependency of robustwrap: a missing one fails here, it is not skipped
+
         net = getattr(torchvision.models, arch)(num_classes=4).eval()
     x = images(2, size=32)
     with torch.no_grad():

@@ -119,6 +119,13 @@ def test_check_receptive_field_refuses_a_model_that_sees_more():
     assert check_receptive_field(_SeesTooMuch(), 8, receptive_field=5, feature_offset=2).tight
 
 
+def test_a_declared_window_larger_than_needed_is_sound_but_not_tight():
+    """r = 7 around the true 5x5 windows: no violation (ok), but pixels the features never see (not tight)."""
+    report = check_receptive_field(_SeesTooMuch(), 8, receptive_field=7, feature_offset=3)
+    assert report.ok and report.violations == 0
+    assert not report.tight and report.observed_receptive_field == (5, 5)
+
+
 def test_check_receptive_field_bad_input():
     with pytest.raises(ValueError, match="receptive_field"):
         check_receptive_field(nn.Conv2d(1, 2, 3), 8, feature_stride=1, feature_offset=0)

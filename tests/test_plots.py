@@ -42,6 +42,28 @@ def test_plot_mask_set_over_an_image(tmp_path):
         plot_mask_set(mask_set, torch.randn(3, 32, 32))
 
 
+def test_plot_mask_set_draws_the_masks_and_a_patch_mask_0_covers():
+    mask_set = MaskSet.rect((28, 24), (3, 4), num_masks=(4, 3))
+    fig = plot_mask_set(mask_set)
+
+    def box(rectangle):  # (top, left, h, w) of a drawn rectangle, in pixels
+        return int(rectangle.get_y() + 0.5), int(rectangle.get_x() + 0.5), int(rectangle.get_height()), int(rectangle.get_width())
+
+    cols = mask_set.grid[1]
+    assert [box(r) for r in fig.axes[0].patches] == [tuple(mask_set.boxes[k]) for k in (0, 1, cols)]
+    mask0, mask1, patch = fig.axes[1].patches
+    assert box(mask0) == tuple(mask_set.boxes[0]) and box(mask1) == tuple(mask_set.boxes[1])
+    top, left, ph, pw = box(patch)
+    assert (ph, pw) == tuple(mask_set.patch_sizes[0])
+    hidden = ~mask_set.keep_masks()[0]
+
+    def covers(t, l):
+        return bool(hidden[t : t + ph, l : l + pw].all()) and t + ph <= hidden.shape[0] and l + pw <= hidden.shape[1]
+
+    # mask 0 covers the patch drawn, and no longer covers it one pixel further down or right
+    assert covers(top, left) and not covers(top + 1, left) and not covers(top, left + 1)
+
+
 def test_plot_views_marks_every_failing_view(tmp_path):
     one_mask = torch.tensor([1, 1, 1, 2, 1, 1, 1, 1, 1])
     grid = torch.full((9, 9), 1)

@@ -125,7 +125,9 @@ def test_damaged_record_is_named():
 def test_empty_report_has_no_accuracy_rather_than_a_division_error():
     empty = dataclasses.replace(make_report(), records=())
     assert math.isnan(empty.certified_accuracy) and math.isnan(empty.views_per_image)
-    assert "-" in empty.summary()
+    text = empty.summary()
+    assert "certified accuracy      -  (0/0)" in text and "views per image         - of 45" in text and "speed                   - images/s" in text
+    assert "nan" not in text  # no image: no figure, written "-" on every line
     assert CertificationReport.from_json(empty.to_json()) == empty
 
 

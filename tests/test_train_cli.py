@@ -82,11 +82,13 @@ def test_train_saves_the_trained_model_with_its_measured_accuracy(data, tmp_path
 
 def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     out = tmp_path / "model"
-    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--strategy", "greedy", "--epochs", "1", "--data", data / "train", "--out", out], capsys)
+    argv = ["train", *TINY, "--num-masks", "3", "--strategy", "greedy", "--epochs", "1", "--lr", "0.037", "--data", data / "train", "--out", out]
+    code, printed, err = run(argv, capsys)
     assert code == 0, err
     info = robustwrap.from_pretrained(str(out)).pretrained_info
     assert "metrics" not in info and "dataset" not in info
     assert info["strategy"] == "greedy"
+    assert info["training"]["lr"] == 0.037 and ", lr 0.037, " in printed  # --lr reaches the optimizer (default 0.001 for a ViT)
     assert "nothing was certified" in printed and "certification report" not in printed
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,8 @@ def test_manifest_lists_only_measured_weights():
     manifest = json.loads((ROOT / "hub" / "manifest.json").read_text())
     assert manifest == json.loads((ROOT / "robustwrap" / "zoo" / "manifest.json").read_text())
     assert manifest["default"] in zoo.list_models()
+    mnist = sorted(e["name"] for e in manifest["models"] if e["name"].startswith("mnist_"))
+    assert zoo.list_models("mnist_*") == mnist and 0 < len(mnist) < len(manifest["models"]) and zoo.list_models("no-such-*") == []
     for entry in manifest["models"]:
         if "base" in entry:  # Hub-backed: the paper's claims, no measurement of ours (test_hub_backed_entries_*)
             assert not entry.get("embedded") and not entry.get("metrics")
@@ -251,6 +254,17 @@ def test_hub_backed_entry_loads_from_the_hf_cache(hf_cache, tiny_paper_entry):
     assert random_init.settings() == model.settings()
     with torch.no_grad():
         assert not torch.equal(random_init.model(x), published(x))
+
+
+def test_hub_backed_entry_checks_the_sha256_the_manifest_records(hf_cache, tiny_paper_entry):
+    """An entry that records the sha256 of its timm weights loads them only when they match."""
+    torch.manual_seed(0)
+    path = hf_cache("timm/test_vit.r160_in1k", timm.create_model("test_vit.r160_in1k").eval())
+    tiny_paper_entry["sha256"] = hub.sha256_of(path)
+    assert robustwrap.create_model("tiny_paper_model").defense == "patchcleanser"
+    tiny_paper_entry["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has sha256 {hub.sha256_of(path)}, but the zoo manifest records 0{{64}}: refusing"):
+        robustwrap.create_model("tiny_paper_model")
 
 
 def test_uncached_hub_backed_entry_fails_in_one_line(hf_cache, tiny_paper_entry):

@@ -35,7 +35,7 @@ def _options(defense: type[RobustPatchClassifier]) -> set[str]:
 
 def wrap(
     model: nn.Module,
-    patch: int | float | Sequence[int] | None = None,
+    patch: int | float | str | Sequence[int] | None = None,
     defense: str = "patchcleanser",
     **options: Any,
 ) -> RobustPatchClassifier:
@@ -55,7 +55,8 @@ def wrap(
         model: a timm or torchvision model, or any `nn.Module` mapping `(B, C, H, W)` to
             `(B, num_classes)` logits.
         patch: the patch: side in pixels (int), fraction of the image area (float in (0, 1),
-            default 0.02), or `(ph, pw)` in pixels for a rectangle.
+            default 0.02), `(ph, pw)` in pixels for a rectangle, or text as the CLI's `--patch` takes
+            it: `"2%"` (of the image area), `"0.02"` (area fraction), `"32px"` or `"32"` (pixels).
         defense: which defense: a key of `DEFENSES` (default `"patchcleanser"`).
         **options: the defense's own options, as its `from_patch` documents them
             (`PatchCleanser.from_patch`: `num_masks`, `stride`, `mask_set`), and the options every

@@ -497,10 +497,12 @@ class RobustPatchClassifier(
         """The module inference runs the base model through now (call in eval mode, without gradients).
 
         In float32 on the CPU, the base model's inference copy (`robustwrap.views.InferenceCopy`:
-        BatchNorm folded into the convolutions, `channels_last` weights; rebuilt whenever the
-        model changes), else the model itself. At a lower precision the model runs itself: its
-        folded weights round differently, moving logits by far more than the margin absorbs
-        (0.34 on the embedded default in bfloat16; benchmarks/precision_margin.py).
+        BatchNorm folded into the convolutions, `channels_last` weights), used only while it
+        provably computes the model's current function (every state the forward may read is
+        compared at each call; docs/concepts.md#inference-copy), else the model itself. At a
+        lower precision the model runs itself: its folded weights round differently, moving
+        logits by far more than the margin absorbs (0.34 on the embedded default in bfloat16;
+        benchmarks/precision_margin.py).
         `example`: the call's images, to check a new copy on.
         """
         if self.precision != "float32":
