@@ -282,7 +282,7 @@ class _BaseModelObjective(_Objective):
 class _DefendedObjective(_Objective):
     @property
     def base(self) -> nn.Module:
-        return self.model.model
+        return self.model._inner_model  # the attack needs no gradient sync: through a DistributedDataParallel, the model it wraps
 
     def autocast(self) -> contextlib.AbstractContextManager:
         autocast = getattr(self.model, "autocast", None)

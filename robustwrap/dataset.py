@@ -163,7 +163,7 @@ def certify_dataset(
     new: list[ImageRecord] = []
     bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values(), full_views=_full_views(model))
     writer = store.writer(rank, world) if store is not None else contextlib.nullcontext()
-    with writer as out, eval_mode(model.model), bar.counting_views(), contextlib.closing(bar):
+    with writer as out, eval_mode(model._inner_model), bar.counting_views(), contextlib.closing(bar):
         start = time.perf_counter()
         for step, (x, y) in zip(mine, loader):
             bar.start_step(len(step), sum(i not in done for i in step))
@@ -223,9 +223,9 @@ def _vanilla_prediction(model: RobustPatchClassifier, x: torch.Tensor) -> torch.
     if callable(predict_vanilla):  # the defense knows its base model's input and output (e.g. local logits)
         labels = predict_vanilla(x)
     else:
-        device, dtype = model_device_dtype(model.model)
+        device, dtype = model_device_dtype(model._inner_model)
         with torch.no_grad(), model.autocast():
-            labels = model.model(x.to(device=device, dtype=dtype)).argmax(1)
+            labels = model._inner_model(x.to(device=device, dtype=dtype)).argmax(1)
     if tuple(labels.shape) != (x.shape[0],):
         raise RuntimeError(f"the {model.defense!r} model's vanilla prediction has shape {tuple(labels.shape)}, expected ({x.shape[0]},): one label per image")
     return labels.cpu()
@@ -317,8 +317,8 @@ def model_fingerprint(model: RobustPatchClassifier) -> str:
         32 hex digits (the first 128 bits of a SHA-256).
     """
     digest = hashlib.sha256()
-    digest.update(type(model.model).__qualname__.encode())
-    for name, tensor in sorted(model.model.state_dict().items()):
+    digest.update(type(model._inner_model).__qualname__.encode())
+    for name, tensor in sorted(model._inner_model.state_dict().items()):
         tensor = tensor.detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -441,10 +441,10 @@ def _kept_mismatch(record: ImageRecord, image: torch.Tensor, label) -> tuple[int
 
 
 def _describe_model(model: RobustPatchClassifier) -> str:
-    cfg = getattr(model.model, "pretrained_cfg", None)
+    cfg = getattr(model._inner_model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
-    return type(model.model).__name__
+    return type(model._inner_model).__name__
 
 
 def _describe_data(dataset: Dataset) -> str:

@@ -150,7 +150,7 @@ def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, A
     `img_size` for models with a fixed input size, a ViT's `patch_size`); `save_folder` then
     proves that timm rebuilds exactly these keys and shapes from the file before writing anything.
     """
-    base = model.model
+    base = model._inner_model  # through a DistributedDataParallel, the model it wraps
     num_classes = int(model.num_classes)
     in_chans = _stem_channels(base) or model.in_chans or int(base.pretrained_cfg.get("input_size", (3,))[0])
     h, w = model.image_size
@@ -262,7 +262,7 @@ def _base_config(model: RobustPatchClassifier) -> tuple[dict[str, Any], dict[str
         ValueError: for a timm model whose weights differ from what its config rebuilds (an
             edited head, say).
     """
-    base = model.model
+    base = model._inner_model
     architecture = _timm_architecture(base)
     if architecture is not None:
         config = _timm_config(model, architecture)
@@ -415,8 +415,8 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
     metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
     dataset = info.get("dataset")
     threat = _threat(settings)
-    base_library = "timm" if _timm_architecture(model.model) else "torchvision"
-    architecture = getattr(model.model, "pretrained_cfg", {}).get("architecture") if base_library == "timm" else type(model.model).__name__
+    base_library = "timm" if _timm_architecture(model._inner_model) else "torchvision"
+    architecture = getattr(model._inner_model, "pretrained_cfg", {}).get("architecture") if base_library == "timm" else type(model._inner_model).__name__
     results = [
         EvalResult(
             task_type="image-classification",
@@ -495,7 +495,7 @@ def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str |
     config = hub_config(model)
     card_kwargs = {**(card_kwargs or {}), "repo_id": repo_id}
     card = model.generate_model_card(**card_kwargs) if hasattr(model, "generate_model_card") else model_card(model, **card_kwargs)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model._inner_model.state_dict().items()}
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,25 @@ def test_token_dropping_views_refuse_a_ddp_they_would_bypass(group):
     assert augment.logits(defended.model, views, view).shape == (2, 3)
     with pytest.raises(TypeError, match="would not synchronise their gradients"):
         augment.logits(DistributedDataParallel(defended.model), views, view)
+
+
+@pytest.mark.parametrize("defense", sorted(CASES))
+def test_results_fingerprint_and_saved_folder_are_the_models_not_the_wrappers(group, defense, tmp_path):
+    """A defended model whose base is in DistributedDataParallel certifies, fingerprints and saves
+    as the model inside: the same results fingerprint and a folder with the model's own keys (no
+    `module.` prefix) that loads back to the same defended model."""
+    from safetensors.torch import load_file
+
+    from robustwrap.dataset import model_fingerprint
+
+    build, shape, options = CASES[defense]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, *shape, generator=g), torch.tensor([0, 1, 2, 0])
+    plain = robustwrap.wrap(build(), **options).eval()
+    wrapped = robustwrap.wrap(DistributedDataParallel(build()), **options).eval()
+    assert model_fingerprint(wrapped) == model_fingerprint(plain)
+    wrapped.save_pretrained(tmp_path / "wrapped")
+    plain.save_pretrained(tmp_path / "plain")
+    keys = set(load_file(tmp_path / "wrapped" / "model.safetensors"))
+    assert keys == set(load_file(tmp_path / "plain" / "model.safetensors")) and not any(k.startswith("module.") for k in keys)
+    same(robustwrap.from_pretrained(str(tmp_path / "wrapped")), plain, x, y)
