@@ -1092,3 +1092,23 @@ def test_drop_tokens_options_reach_smoothing():
 def test_drop_tokens_is_a_smoothing_option(files, capsys):
     code, _, err = run(["certify", *timm_args(files, "--data", files / "data", "--drop-tokens")], capsys)
     assert (code, err) == (1, "robustwrap certify: error: --drop-tokens is an option of defense 'smoothing', not of 'patchcleanser'\n")
+
+
+def test_a_grey_model_rebuilt_for_colour_images_gets_its_normalisation_on_every_channel(tmp_path, capsys):
+    """bagnet_tiny's data config has one mean and std (grey digits); built with in_chans=3 and saved,
+    `certify --model DIR` normalises each colour channel with them instead of refusing the model."""
+    import robustwrap.models  # noqa: F401 - registers bagnet_tiny with timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("bagnet_tiny", num_classes=2, in_chans=3).eval()
+    robustwrap.wrap(base, defense="patchguard", patch=3).eval().save_pretrained(tmp_path / "m")
+    for c in "01":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 100, 0)).save(tmp_path / "data" / c / "a.png")
+    loaded = robustwrap.from_pretrained(str(tmp_path / "m"))
+    transform, mode = cli._loading._preprocessing(loaded)
+    x = transform(Image.new("RGB", (32, 32), (200, 100, 0)))
+    mean, std = base.pretrained_cfg["mean"][0], base.pretrained_cfg["std"][0]
+    assert mode == "RGB" and torch.allclose(x[:, 0, 0], (torch.tensor([200, 100, 0]) / 255 - mean) / std, atol=1e-6)
+    code, _, err = run(["certify", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--no-progress"], capsys)
+    assert code == 0, err

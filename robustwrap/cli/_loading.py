@@ -410,6 +410,9 @@ def _preprocessing(model: RobustPatchClassifier, training: bool = False):
         if channels == 1 and len(config[key]) == 3:
             # an RGB model rebuilt for grey images (--in-chans 1), as timm sums its first conv's RGB weights
             config[key] = (sum(config[key]) / 3,)
+        elif channels == 3 and len(config[key]) == 1:
+            # a grey model rebuilt for colour images (e.g. bagnet_tiny with in_chans=3): the one value for every channel
+            config[key] = tuple(config[key]) * 3
         if len(config[key]) != channels:
             raise ValueError(f"the model's data config has {len(config[key])} {key} values but the model takes {channels} channels")
     return create_transform(**config, is_training=training), "L" if channels == 1 else "RGB"
