@@ -23,7 +23,8 @@ import argparse
 import json
 import os
 import platform
-import time
+import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -32,17 +33,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import robustwrap
 from robustwrap.augment import create_augmentation
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from certify_throughput import timed  # the one timer of the speed benchmarks
+
 NUM_CLASSES = 10
 
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def create(arch: str, size: int) -> robustwrap.PatchCleanser:
