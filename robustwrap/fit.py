@@ -11,7 +11,6 @@ docs/concepts.md#training.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
@@ -327,9 +326,6 @@ def fit_masking(
     certifier = None
     if certify_every is not None:
         certifier = classifier or wrap(base, mask_set=mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes)
-        if certifier.model is not base:  # the user's DistributedDataParallel: certify this rank's shard on the inner module
-            certifier = copy.copy(certifier)
-            certifier.model = base
     # One model for all processes: DistributedDataParallel averages the gradients of every
     # process's batch (and starts every process from rank 0's weights).
     # Token-dropping views run the ViT's parts, not its forward: `_ViewForward` makes them one
