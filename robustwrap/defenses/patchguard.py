@@ -10,8 +10,9 @@ than a fraction `T` of it. The certificate bounds every class's masked evidence 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -436,12 +437,19 @@ class PatchGuard(RobustPatchClassifier):
             )
 
     def _set_geometry(self, name: str, value) -> None:
-        previous = self._declared_geometry
-        self._declare(name, value)
+        with self._window_kept_possible("_declared_geometry"):
+            self._declare(name, value)
+
+    @contextlib.contextmanager
+    def _window_kept_possible(self, attribute: str) -> Iterator[None]:
+        """Refuse, as `wrap` does, an assignment inside the block that makes the window impossible
+        (the patch's window covering the whole map): `attribute` gets its previous value back."""
+        previous = self.__dict__[attribute]
         try:
-            self.window  # noqa: B018  (refuse now what would make the window impossible, as at wrap)
+            yield
+            self.window  # noqa: B018
         except BaseException:
-            self._declared_geometry = previous
+            self.__dict__[attribute] = previous
             raise
 
     @property
@@ -500,12 +508,8 @@ class PatchGuard(RobustPatchClassifier):
 
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
-        previous, self._patch = self._patch, patch_pixels(value, self.image_size)
-        try:
-            self.window  # noqa: B018  (a patch whose window covers the whole map is refused, as at wrap)
-        except BaseException:
-            self._patch = previous
-            raise
+        with self._window_kept_possible("_patch"):
+            self._patch = patch_pixels(value, self.image_size)
 
     @property
     def threshold(self) -> float:
