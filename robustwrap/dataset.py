@@ -35,8 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
 from ._args import positive_int, refuses_amp
-from ._dist import barrier as _barrier
-from ._dist import rank_and_world as _distributed
+from ._dist import barrier, rank_and_world
 from .defenses import RobustPatchClassifier
 from .report import CertificationReport, ImageRecord
 from .views import eval_mode, model_device_dtype, observe_forward
@@ -132,7 +131,7 @@ def certify_dataset(
     n = size if limit is None else min(size, positive_int(limit, "limit"))
     if n == 0:
         raise ValueError("data is empty: there are no images to certify")
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if device is not None:
         model.to(device)
     settings = model.settings()
@@ -144,14 +143,14 @@ def certify_dataset(
         store = _ResultsStore(Path(results_path), fingerprint, size, settings)
         if not resume and rank == 0:
             store.clear()
-        _barrier(world)
+        barrier(world)
         kept, torn = store.read()
         done = {i: r for i, r in kept.items() if i < n}
         for cut in torn if rank == 0 else ():
             warnings.warn(cut, stacklevel=3)  # the caller of certify_dataset, through refuses_amp
         # Every rank must read the files before any rank appends to them, or ranks would
         # disagree about which steps are left and certify some twice.
-        _barrier(world)
+        barrier(world)
 
     steps = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     mine = [step for step in steps if any(i not in done for i in step)][rank::world]
