@@ -255,6 +255,22 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _crop_pct(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _limit(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"

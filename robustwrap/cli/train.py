@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._format import _accuracy
 from ._loading import _describe, _device, _load_data, _load_model, _preprocessing, _with_settings
-from ._options import _model_options, _positive, _positive_float
+from ._options import _count, _crop_pct, _model_options, _positive, _positive_float
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
     from ..defenses import RobustPatchClassifier
@@ -74,22 +73,6 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     output.add_argument("--out", type=Path, metavar="DIR", help="write the trained model to a new folder in the Hub format (robustwrap.from_pretrained(DIR) loads it)")
     output.add_argument("--push", metavar="ORG/NAME", help="push the trained model to this Hugging Face Hub repo")
     train.set_defaults(run=_train)
-
-
-def _crop_pct(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
 
 
 def _train(args: argparse.Namespace) -> None:
