@@ -302,10 +302,10 @@ def run_page(path: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (cwd / name).symlink_to(ROOT / name)
     shim = cwd / ".bin"
     shim.mkdir()
-    for command, module in (("robustwrap", "robustwrap.cli"), ("torchrun", "torch.distributed.run")):
-        (shim / command).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+    # shell scripts, not symlinks: a venv's python found through a link elsewhere does not see the venv's pyvenv.cfg
+    for command, run in (("robustwrap", "-m robustwrap.cli "), ("torchrun", "-m torch.distributed.run "), ("python", "")):
+        (shim / command).write_text(f'#!/bin/sh\nexec "{sys.executable}" {run}"$@"\n')
         (shim / command).chmod(0o755)
-    (shim / "python").symlink_to(sys.executable)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace = {"__name__": "__docs__", "docs_test": Helpers(monkeypatch, cwd)}
