@@ -5,7 +5,7 @@ of `wh x ww` tokens, each window alone with its own copy of the prefix tokens (c
 distillation, registers): every cell of the resulting feature grid sees only its window's
 pixels, so a patch can reach only the few cells it overlaps. The remaining blocks run once per
 masked view on all tokens, with a single set of prefix tokens, as the model's own global blocks
-(docs/concepts.md#patchcure).
+(the Concepts page, docs/concepts.md).
 
 `split_vit` builds both parts from timm's public `VisionTransformer` attributes (`patch_embed`,
 `_pos_embed`, `norm_pre`, `blocks`, `norm`, `forward_head`, ...) around the model itself: no
