@@ -58,36 +58,60 @@ def _unwindowed(tokens: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     return tokens.reshape(b, nh, nw, wh, ww, d).transpose(2, 3).reshape(b, nh * wh * nw * ww, d)
 
 
-class _Split(nn.Module):
-    """What both parts share: the model, the window, the split and the token grid's checks."""
+def _built_grid(vit: nn.Module) -> TokenGrid:
+    """The token grid of the size `vit` was built for, read from the model as it is now.
 
-    def __init__(self, vit: VisionTransformer, window: tuple[int, int], split: int, authors: bool, grid: TokenGrid) -> None:
+    Raises:
+        TypeError: `vit` is not a timm vision transformer with a plain patch embedding (each
+            token exactly its own pixels), so no cell could be proven to see only its window.
+    """
+    grid = None
+    if isinstance(vit, VisionTransformer):
+        size = getattr(vit.patch_embed, "grid_size", None), getattr(vit.patch_embed, "patch_size", None)
+        if all(isinstance(v, tuple) and len(v) == 2 for v in size):
+            # the size the model was built for is a whole number of tokens: token_grid cannot raise here
+            grid = token_grid(vit, (size[0][0] * size[1][0], size[0][1] * size[1][1]))
+    if grid is None:
+        raise TypeError(f"split_vit needs {SUPPORTED}; got {type(vit).__name__}")
+    return grid
+
+
+class _Split(nn.Module):
+    """What both parts share: the model, the window, the split and the token grid's checks.
+
+    Nothing derived from the model is kept: its token grid is read at every call, so a model
+    changed after the split (another input size, say) is checked as it is then.
+    """
+
+    def __init__(self, vit: VisionTransformer, window: tuple[int, int], split: int, authors: bool) -> None:
         super().__init__()
         self.vit = vit
         self.window = window
         self.split = split
         self.authors = authors
-        self._built = grid
 
     @property
     def prefix(self) -> int:
         """Prefix tokens (class, distillation, registers) of each window."""
         return int(self.vit.num_prefix_tokens)
 
-    def cells(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """The feature grid `(h, w)` (windows per column and row) of `image_size` inputs.
+    def cells(self, x: torch.Tensor) -> tuple[int, int]:
+        """The feature grid `(h, w)` (windows per column and row) of images `x`.
 
         Raises:
-            ValueError: the image is not a whole number of tokens, differs from the size the
-                model was built for (without `dynamic_img_size`), or its token grid is not a
-                whole number of windows: a cell must be exactly one window.
+            ValueError: `x` is not `(B, C, H, W)`, the image is not a whole number of tokens,
+                differs from the size the model was built for (without `dynamic_img_size`), or
+                its token grid is not a whole number of windows: a cell must be exactly one window.
         """
-        (h, w), (ph, pw), (wh, ww) = image_size, self._built.patch_size, self.window
+        if x.ndim != 4:
+            raise ValueError(f"the ViT split takes images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        built = _built_grid(self.vit)
+        (h, w), (ph, pw), (wh, ww) = x.shape[-2:], built.patch_size, self.window
         if h % ph or w % pw:
             raise ValueError(f"the ViT split needs images that are a whole number of its {ph}x{pw} tokens; got {h}x{w}")
         grid = (h // ph, w // pw)
-        if not self.vit.dynamic_img_size and grid != self._built.grid:
-            gh, gw = self._built.grid
+        if not self.vit.dynamic_img_size and grid != built.grid:
+            gh, gw = built.grid
             raise ValueError(
                 f"the model takes {gh * ph}x{gw * pw} images ({gh}x{gw} tokens); got {h}x{w} (build it with dynamic_img_size=True)"
             )
@@ -117,7 +141,7 @@ class ViTSRF(_Split):
     @property
     def receptive_field(self) -> tuple[int, int]:
         """Pixels `(rows, columns)` one cell sees: its window, `(wh * ph, ww * pw)`."""
-        (ph, pw), (wh, ww) = self._built.patch_size, self.window
+        (ph, pw), (wh, ww) = _built_grid(self.vit).patch_size, self.window
         return wh * ph, ww * pw
 
     @property
@@ -142,7 +166,7 @@ class ViTSRF(_Split):
             x: `(B, C, H, W)` images; `(H, W)` a whole number of windows.
         """
         vit = self.vit
-        b, p, cells = x.shape[0], self.prefix, self.cells(tuple(x.shape[-2:]))
+        b, p, cells = x.shape[0], self.prefix, self.cells(x)
         tokens = vit._pos_embed(vit.patch_embed(x))
         if not self.authors or self.local_logits:
             tokens = vit.norm_pre(tokens)
@@ -264,14 +288,7 @@ def split_vit(vit: VisionTransformer, window: tuple[int, int], split: int, *, au
             model has no pooled head (`global_pool=""`: no logits per image or window); or
             `authors` is set for a model their code cannot run.
     """
-    grid = None
-    if isinstance(vit, VisionTransformer):
-        size = getattr(vit.patch_embed, "grid_size", None), getattr(vit.patch_embed, "patch_size", None)
-        if all(isinstance(v, tuple) and len(v) == 2 for v in size):
-            # the size the model was built for is a whole number of tokens: token_grid cannot raise here
-            grid = token_grid(vit, (size[0][0] * size[1][0], size[0][1] * size[1][1]))
-    if grid is None:
-        raise TypeError(f"split_vit needs {SUPPORTED}; got {type(vit).__name__}")
+    grid = _built_grid(vit)
     window = tuple(positive_int(v, "window") for v in as_pair(window, "window"))
     depth = len(vit.blocks)
     if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= depth:
@@ -289,5 +306,5 @@ def split_vit(vit: VisionTransformer, window: tuple[int, int], split: int, *, au
                 f"authors=True needs a class token and no other prefix token, and global_pool in {pools} as the authors' models have; "
                 f"got {vit.num_prefix_tokens} prefix tokens, class token {vit.cls_token is not None}, global_pool={vit.global_pool!r}"
             )
-    srf = ViTSRF(vit, window, split, bool(authors), grid)
-    return srf, None if split == depth else ViTLRF(vit, window, split, bool(authors), grid)
+    srf = ViTSRF(vit, window, split, bool(authors))
+    return srf, None if split == depth else ViTLRF(vit, window, split, bool(authors))

@@ -162,6 +162,21 @@ def test_dynamic_image_size_reads_the_grid_from_the_input():
         torch.testing.assert_close(lrf(features * kept[:, None], kept), _reference_lrf(vit, x, (2, 2), 1, kept), rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_changed_after_the_split_is_read_as_it_is_then():
+    vit = _vit(20, depth=2)
+    srf, lrf = split_vit(vit, (2, 2), 1)
+    vit.set_input_size(img_size=(16, 32))
+    x = torch.randn(2, 3, 16, 32)
+    with torch.no_grad():
+        features = srf(x)
+        assert features.shape[-2:] == (1, 2)
+        torch.testing.assert_close(features, _reference_features(vit, x, (2, 2), 1), rtol=1e-5, atol=1e-5)
+        kept = torch.tensor([[[True, False]], [[True, True]]])
+        torch.testing.assert_close(lrf(features * kept[:, None], kept), _reference_lrf(vit, x, (2, 2), 1, kept), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes 16x32 images.*got 32x32"):
+        srf(torch.randn(1, 3, 32, 32))
+
+
 # ------------------------------------------------------------------ (b) locality of every cell
 
 
@@ -469,6 +484,8 @@ def test_bad_arguments_are_refused_with_what_came():
     assert srf.window == (2, 2) and isinstance(srf, ViTSRF) and isinstance(lrf, ViTLRF)
     with pytest.raises(ValueError, match="takes 32x32 images.*got 32x48"):
         srf(torch.randn(1, 3, 32, 48))
+    with pytest.raises(ValueError, match=r"takes images \(B, C, H, W\), got a tensor of shape \(3, 32, 32\)"):
+        srf(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="whole number of its 8x8 tokens; got 30x32"):
         srf(torch.randn(1, 3, 30, 32))
     features = srf(_images(vit))
