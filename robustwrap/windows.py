@@ -95,18 +95,16 @@ class _Split(nn.Module):
         """Prefix tokens (class, distillation, registers) of each window."""
         return int(self.vit.num_prefix_tokens)
 
-    def cells(self, x: torch.Tensor) -> tuple[int, int]:
-        """The feature grid `(h, w)` (windows per column and row) of images `x`.
+    def feature_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid `(h, w)` (windows per column and per row) of `(H, W)` images.
 
         Raises:
-            ValueError: `x` is not `(B, C, H, W)`, the image is not a whole number of tokens,
-                differs from the size the model was built for (without `dynamic_img_size`), or
-                its token grid is not a whole number of windows: a cell must be exactly one window.
+            ValueError: the image is not a whole number of tokens, differs from the size the
+                model was built for (without `dynamic_img_size`), or its token grid is not a
+                whole number of windows: a cell must be exactly one window.
         """
-        if x.ndim != 4:
-            raise ValueError(f"the ViT split takes images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         built = _built_grid(self.vit)
-        (h, w), (ph, pw), (wh, ww) = x.shape[-2:], built.patch_size, self.window
+        (h, w), (ph, pw), (wh, ww) = image_size, built.patch_size, self.window
         if h % ph or w % pw:
             raise ValueError(f"the ViT split needs images that are a whole number of its {ph}x{pw} tokens; got {h}x{w}")
         grid = (h // ph, w // pw)
@@ -130,6 +128,7 @@ class ViTSRF(_Split):
     Below the model's depth it holds the window's `T = prefix + wh*ww` tokens after blocks
     `[0, split)`, flattened token by token into `C' = T * D` channels; at the depth it holds the
     window's own classification (local logits), as the model's head classifies a whole image.
+    `feature_size((H, W))` is the grid `(h, w)` of `H x W` images, without running the model.
 
     Attributes:
         vit: the model, shared (not copied) with the `ViTLRF` of the same split.
@@ -165,8 +164,10 @@ class ViTSRF(_Split):
         Args:
             x: `(B, C, H, W)` images; `(H, W)` a whole number of windows.
         """
+        if x.ndim != 4:
+            raise ValueError(f"the ViT split takes images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         vit = self.vit
-        b, p, cells = x.shape[0], self.prefix, self.cells(x)
+        b, p, cells = x.shape[0], self.prefix, self.feature_size(tuple(x.shape[-2:]))
         tokens = vit._pos_embed(vit.patch_embed(x))
         if not self.authors or self.local_logits:
             tokens = vit.norm_pre(tokens)
