@@ -1,89 +1,127 @@
-"""Token dropping for (De)Randomized Smoothing on ViTs: views/s and seconds per image, on and off (issue 20).
+"""Token dropping for (De)Randomized Smoothing on ViTs: this tree against a commit of main, and against all tokens.
 
 For each model (timm `vit_tiny_patch16_224`, `vit_small_patch16_224` at 224x224, random weights:
 speed does not depend on them) and each ablation (19 px columns at stride 1: 224 views, Salman
-et al.'s ImageNet setting; 75 px blocks at stride 10: 23 x 23 = 529 views), certifies the same
-images with `drop_tokens=True` and `drop_tokens=False` side by side, interleaved, best of
-`--repeats`, every view evaluated (`certify(early_exit=False)`), and prints one JSON line per
-setting plus the ratio:
+et al.'s ImageNet setting; 32 px blocks at stride 8: 28 x 28 = 784 views; `block75`: 75 px blocks
+at stride 10, 529 views), certifies the same images with every view evaluated
+(`certify(early_exit=False)`) three ways, each in a fresh subprocess, interleaved (main, tree,
+all tokens, main, ...) so that load drift on a shared machine hits all alike:
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/tokens.py [--models vit_tiny_patch16_224,vit_small_patch16_224]
-        [--ablations column,block] [--images 1] [--repeats 1] [--threads 1] [--device cpu]
+- `main`: `drop_tokens=True` in the tree of `--commit` (unpacked with `git archive`; before
+  issue 26 a view was built full size and all its tokens embedded);
+- `tree`: `drop_tokens=True` in this tree (each image embedded once, a view re-embeds only the
+  tokens it keeps partly);
+- `all_tokens`: `drop_tokens=False` in this tree (pixel ablation, every token).
 
-A 19 px column meets 2 or 3 of the 14 token columns (28 or 42 of 196 patch tokens), a 75 px
-block 5 x 5 to 6 x 6 tokens, so a view costs a fraction of a full forward pass.
+Prints one JSON line per setting: best seconds per image of each, the ratios, and whether the
+vote counts of `main` and `tree` are identical:
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/tokens.py [--commit 290696d] [--models vit_tiny_patch16_224,vit_small_patch16_224]
+        [--ablations column,block] [--images 1] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import time
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import timm
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = {
+    "column": {"ablation": "column", "size": 19, "stride": 1},
+    "block": {"ablation": "block", "size": 32, "stride": 8},
+    "block75": {"ablation": "block", "size": 75, "stride": 10},
+}
 
+CHILD = r"""
+import hashlib, json, sys, time
+import timm, torch
+torch.set_num_threads(int(sys.argv[4]))
 import robustwrap
-
-ABLATIONS = {"column": {"ablation": "column", "size": 19, "stride": 1}, "block": {"ablation": "block", "size": 75, "stride": 10}}
-
-
-def measure(model, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.certify(x, y, early_exit=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+name, settings, images, drop = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "1"
+torch.manual_seed(0)
+base = timm.create_model(name, num_classes=10).eval()
+x = torch.randn(images, 3, 224, 224)
+y = torch.zeros(images, dtype=torch.long)
+model = robustwrap.wrap(base, patch=0.02, defense="smoothing", drop_tokens=drop, **settings).eval()
+model.predict(x[:1, :, :, :])  # warm-up
+start = time.perf_counter()
+result = model.certify(x, y, early_exit=False)
+seconds = time.perf_counter() - start
+counts = result.counts.cpu().numpy().tobytes()
+print(json.dumps({"seconds": seconds, "views": int(result.num_views.sum()), "counts": hashlib.sha256(counts).hexdigest()[:16]}))
+"""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--commit", default="290696d", help="main before issue 26")
     parser.add_argument("--models", default="vit_tiny_patch16_224,vit_small_patch16_224")
     parser.add_argument("--ablations", default="column,block")
     parser.add_argument("--images", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-all-tokens", action="store_true", help="only main against the tree")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    import timm
+    import torch
+
     print(
         json.dumps(
             {
                 "machine": platform.processor() or platform.machine(),
                 "threads": args.threads,
-                "device": str(device),
                 "torch": torch.__version__,
                 "timm": timm.__version__,
+                "commit_main": args.commit,
             }
         )
     )
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        base = timm.create_model(name, num_classes=10).to(device).eval()
-        x = torch.randn(args.images, 3, 224, 224, device=device)
-        y = torch.zeros(args.images, dtype=torch.long, device=device)
-        for ablation in args.ablations.split(","):
-            models = {
-                setting: robustwrap.wrap(base, patch=0.02, defense="smoothing", drop_tokens=setting, **ABLATIONS[ablation]).eval()
-                for setting in (True, False)
-            }
-            views = models[True].full_views * args.images
-            for model in models.values():  # warm-up: one image, a few views' worth of kernels
-                model.predict(x[:1])
-            best = {setting: float("inf") for setting in models}
-            for _ in range(args.repeats):
-                for setting, model in models.items():
-                    best[setting] = min(best[setting], measure(model, x, y, device))
-            row = {"model": name, "ablation": models[True].ablation_set.describe(), "images": args.images}
-            for setting, seconds in best.items():
-                key = "drop_tokens" if setting else "all_tokens"
-                row[key] = {"views_per_s": round(views / seconds, 1), "s_per_image": round(seconds / args.images, 2)}
-            row["speedup"] = round(best[False] / best[True], 2)
-            print(json.dumps(row), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        main_tree = tmp / "main"
+        main_tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(main_tree)], input=archive, check=True)
+        (tmp / "child.py").write_text(CHILD)
+        variants = {"main": (main_tree, "1"), "tree": (ROOT, "1")}
+        if not args.skip_all_tokens:
+            variants["all_tokens"] = (ROOT, "0")
+        for name in args.models.split(","):
+            for ablation in args.ablations.split(","):
+                runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+                for _ in range(args.repeats):
+                    for variant, (tree, drop) in variants.items():
+                        env = dict(os.environ, PYTHONPATH=str(tree), OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
+                        command = [
+                            sys.executable,
+                            str(tmp / "child.py"),
+                            name,
+                            json.dumps(ABLATIONS[ablation]),
+                            str(args.images),
+                            str(args.threads),
+                            drop,
+                        ]
+                        out = subprocess.run(command, env=env, cwd=tmp, check=True, capture_output=True, text=True).stdout
+                        runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+                best = {variant: min(r["seconds"] for r in rs) for variant, rs in runs.items()}
+                row = {
+                    "model": name,
+                    "ablation": ABLATIONS[ablation],
+                    "views_per_image": runs["tree"][0]["views"] // args.images,
+                    "s_per_image": {variant: round(s / args.images, 3) for variant, s in best.items()},
+                    "seconds_per_run": {variant: [round(r["seconds"], 3) for r in rs] for variant, rs in runs.items()},
+                    "speedup_vs_main": round(best["main"] / best["tree"], 2),
+                    "same_counts_as_main": runs["main"][0]["counts"] == runs["tree"][0]["counts"],
+                }
+                if "all_tokens" in best:
+                    row["speedup_vs_all_tokens"] = round(best["all_tokens"] / best["tree"], 2)
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -427,12 +427,19 @@ class _SmoothingObjective(_DefendedObjective):
         return _Views(task=task, view=view)
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokens is not None:  # token dropping ablates inside the forward: no view is built
+            return x, view
         image = torch.arange(x.shape[0], device=x.device)
         return self._smoothing.ablate(x, image, view, self.axis_keep, self.model.encoding, self.model.fill), view
 
     def forward(self, rendered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        views, view = rendered
-        return self._smoothing.view_logits(self.base, views, view, self.tokens)
+        x, view = rendered
+        if self.tokens is None:
+            return self._smoothing.view_logits(self.base, x, view, None)
+        encoding = self.model.encoding
+        encoded = self._smoothing.encode_full(x, encoding)
+        image = torch.arange(x.shape[0], device=x.device)
+        return self.tokens.logits(self.base, encoded, image, view, self._smoothing.token_fill(self.model.fill, encoding, encoded))
 
     def loss(self, out: torch.Tensor, image: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         out = out.float()

@@ -22,7 +22,17 @@ from timm.layers import PatchEmbed
 from timm.models import VisionTransformer
 from torch import nn
 
-__all__ = ["SUPPORTED", "TokenGrid", "axis_token_keep", "forward_kept", "supports_token_dropping", "token_grid", "views_per_pass"]
+__all__ = [
+    "SUPPORTED",
+    "TokenGrid",
+    "axis_token_keep",
+    "embed_patches",
+    "forward_ablated",
+    "forward_kept",
+    "supports_token_dropping",
+    "token_grid",
+    "views_per_pass",
+]
 
 SUPPORTED = "timm's VisionTransformer family with a plain patch embedding (ViT, DeiT, DeiT distilled, ViT with registers, any img_size)"
 """The models whose token grid `token_grid` can read, as error messages name them."""
@@ -127,14 +137,93 @@ def views_per_pass(batch_size: int, grid: TokenGrid, most_kept: int) -> int:
     return max(1, batch_size * grid.num_tokens // kept)
 
 
+def embed_patches(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """`(B, gh * gw, D)`: the patch embedding of every token of `images`, before position embeddings.
+
+    A token's embedding depends on its own `ph x pw` pixels only (`token_grid` admits no other
+    embedding), so a view's fully kept tokens can reuse the embeddings of its unablated image.
+    """
+    tokens = model.patch_embed(images)
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+
+
+def _embed_pixels(model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """`(M, D)`: `patch_embed` of `(M, C, ph, pw)` single-token images (its projection, then its norm).
+
+    The projection's kernel is the token (`token_grid` checks it), so on one token a plain
+    convolution is a matrix product: the same function, several times faster than a convolution
+    kernel on tiny images.
+    """
+    embed = model.patch_embed
+    proj = embed.proj
+    if type(proj) is nn.Conv2d and proj.groups == 1:
+        projected = nn.functional.linear(patches.flatten(1), proj.weight.flatten(1), proj.bias)
+    else:
+        projected = proj(patches).flatten(1)
+    return embed.norm(projected)
+
+
+def _position_table(model: nn.Module, like: torch.Tensor, grid: TokenGrid) -> torch.Tensor | None:
+    """`_pos_embed`'s additive part `(prefix + gh * gw, D)`: prefix tokens, then each patch token's position embedding.
+
+    `_pos_embed(e)` adds the position embeddings to `e` and puts the prefix tokens first, so
+    `_pos_embed(e) == _pos_embed(0) + [0, e]` and the kept tokens can take their positions after
+    the selection. Not when the position dropout runs (train mode, p > 0): `None`, and the caller
+    runs `_pos_embed` on the whole grid as the model does.
+    """
+    dropping = any(
+        m.training and not isinstance(m, (nn.Identity, nn.Sequential)) and getattr(m, "p", None) != 0 for m in model.pos_drop.modules()
+    )
+    if dropping:
+        return None
+    gh, gw = grid.grid
+    shape = (1, gh, gw, like.shape[-1]) if getattr(model, "dynamic_img_size", False) else (1, gh * gw, like.shape[-1])
+    return model._pos_embed(like.new_zeros(shape))[0]
+
+
+def _forward_tokens(model: nn.Module, flat: torch.Tensor, keep: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """The ViT's logits on views given by their kept patch tokens' embeddings.
+
+    Args:
+        flat: `(T, D)` patch embeddings of the kept tokens, view after view, each view's in
+            grid order (`keep.nonzero()`'s order).
+        keep: `(N, gh * gw)` bool: the patch tokens each view keeps (`T` in all).
+    """
+    n, length = keep.shape
+    prefix = grid.num_prefix_tokens
+    counts = keep.sum(1)
+    table = _position_table(model, flat, grid)
+    if table is not None:
+        flat = flat + table[prefix + keep.nonzero()[:, 1]]
+    else:
+        full = flat.new_zeros(n, length, flat.shape[-1]).index_put((keep,), flat)
+        if getattr(model, "dynamic_img_size", False):
+            full = full.reshape(n, *grid.grid, flat.shape[-1])
+        embedded = model._pos_embed(full)
+        flat = embedded[:, prefix:][keep]
+    starts = counts.cumsum(0) - counts
+    out: torch.Tensor | None = None
+    for count in counts.unique().tolist():
+        members = (counts == count).nonzero()[:, 0]
+        first = table[:prefix].expand(members.numel(), -1, -1) if table is not None else embedded[members, :prefix]
+        tokens = torch.cat([first, flat[starts[members, None] + torch.arange(count, device=flat.device)]], 1)
+        tokens = model.norm(model.blocks(model.norm_pre(model.patch_drop(tokens))))
+        logits = model.forward_head(tokens)
+        if out is None:
+            out = logits.new_empty((n, *logits.shape[1:]))
+        out[members] = logits
+    if out is None:
+        raise ValueError("token dropping needs at least one view, got none")
+    return out
+
+
 def forward_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     """The ViT's logits on views `x`, each run on its prefix tokens and the patch tokens `keep` marks.
 
     Views that keep the same number of tokens share one forward pass (attention needs one
     length per batch); the logits come back in the order of `x`. Every kept token carries its
-    own position embedding (`_pos_embed` of the whole grid, then the selection), and the blocks,
-    final norm and head run on the kept tokens alone. In train mode the model's own
-    `patch_drop` (if any) still applies, as in its ordinary forward.
+    own position embedding, and the blocks, final norm and head run on the kept tokens alone.
+    In train mode the model's own `patch_drop` (if any) still applies, as in its ordinary forward.
 
     Args:
         model: a timm `VisionTransformer` (`token_grid(model, ...)` is not `None`).
@@ -145,23 +234,57 @@ def forward_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: To
     Returns:
         `(N, num_classes)` logits.
     """
-    n = x.shape[0]
-    keep = keep.reshape(n, -1)
-    counts = keep.sum(1)
-    prefix = grid.num_prefix_tokens
-    out: torch.Tensor | None = None
-    for count in counts.unique().tolist():
-        members = (counts == count).nonzero()[:, 0]
-        # nonzero() is row-major: each view's kept token ids, in grid order, `count` per view
-        ids = keep[members].nonzero()[:, 1].reshape(members.numel(), count)
-        index = torch.cat([torch.arange(prefix, device=x.device).expand(members.numel(), -1), ids + prefix], 1)
-        tokens = model._pos_embed(model.patch_embed(x[members]))
-        tokens = tokens.gather(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
-        tokens = model.norm(model.blocks(model.norm_pre(model.patch_drop(tokens))))
-        logits = model.forward_head(tokens)
-        if out is None:
-            out = logits.new_empty((n, *logits.shape[1:]))
-        out[members] = logits
-    if out is None:
-        raise ValueError("forward_kept needs at least one view, got none")
-    return out
+    keep = keep.reshape(keep.shape[0], -1)
+    return _forward_tokens(model, embed_patches(model, x)[keep], keep, grid)
+
+
+def forward_ablated(
+    model: nn.Module,
+    images: torch.Tensor,
+    image: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    grid: TokenGrid,
+    fill: torch.Tensor | None = None,
+    embedded: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ViT's logits on ablated views of `images`, embedding each image once: no view is built.
+
+    View `n` keeps the pixels `rows[n] x cols[n]` of `images[image[n]]` (every other pixel is
+    `fill`) and the patch tokens that meet them. A token whose pixels are all kept has the
+    embedding it has in the unablated image (`embedded`); only the tokens a view keeps partly are
+    embedded again, from their own pixels with the ablated ones filled. The result is
+    `forward_kept` of the ablated views.
+
+    Args:
+        model: a timm `VisionTransformer` (`token_grid(model, ...)` is not `None`).
+        images: `(B, C, H, W)` unablated images, encoded as the model takes them.
+        image: `(N,)` long: the image of each view.
+        rows: `(N, H)` bool: the pixel rows each view keeps.
+        cols: `(N, W)` bool: the pixel columns each view keeps.
+        grid: `token_grid(model, (H, W))`.
+        fill: the ablated pixels' value (a scalar or `(C, 1, 1)` tensor), or `None` when `images`
+            are the views themselves, already ablated.
+        embedded: `embed_patches(model, images)`, to share it between calls on the same images.
+
+    Returns:
+        `(N, num_classes)` logits.
+    """
+    (ph, pw), (gh, gw) = grid.patch_size, grid.grid
+    n = image.shape[0]
+    row_tokens, col_tokens = rows.reshape(n, gh, ph), cols.reshape(n, gw, pw)
+    keep = row_tokens.any(2)[:, :, None] & col_tokens.any(2)[:, None, :]
+    partial = keep & ~(row_tokens.all(2)[:, :, None] & col_tokens.all(2)[:, None, :])
+    if embedded is None:
+        embedded = embed_patches(model, images)
+    length = gh * gw
+    keep, partial = keep.reshape(n, length), partial.reshape(n, length)
+    at = keep.nonzero()
+    flat = embedded.reshape(-1, embedded.shape[-1])[image[at[:, 0]] * length + at[:, 1]]
+    if fill is not None and partial.any():  # (already ablated views embed as they are)
+        view, i, j = partial.reshape(n, gh, gw).nonzero().unbind(1)
+        pixels = images.reshape(*images.shape[:2], gh, ph, gw, pw)[image[view], :, i, :, j, :]
+        kept = row_tokens[view, i][:, :, None] & col_tokens[view, j][:, None, :]
+        pixels = torch.where(kept[:, None], pixels, fill)
+        flat = flat.index_put((partial[keep].nonzero()[:, 0],), _embed_pixels(model, pixels).to(flat.dtype))
+    return _forward_tokens(model, flat, keep, grid)

@@ -10,7 +10,6 @@ rules implemented here are written out on the Concepts page (docs/concepts.md#sm
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
-from ..tokens import SUPPORTED, TokenGrid, axis_token_keep, forward_kept, supports_token_dropping, token_grid, views_per_pass
+from ..tokens import (
+    SUPPORTED,
+    TokenGrid,
+    axis_token_keep,
+    embed_patches,
+    forward_ablated,
+    supports_token_dropping,
+    token_grid,
+    views_per_pass,
+)
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
 from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
@@ -190,15 +198,20 @@ class ViewTokens:
         grid: the base model's token grid (`robustwrap.tokens.token_grid`).
         axis_keep: `(rows (R, gh), cols (Q, gw))` bool, per view position on each axis: the
             token rows and columns that meet the kept pixels.
+        pixel_keep: `(rows (R, H), cols (Q, W))` bool: the set's `axis_keep`, the pixels kept.
     """
 
     grid: TokenGrid
     axis_keep: tuple[torch.Tensor, torch.Tensor]
+    pixel_keep: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
     def of(cls, grid: TokenGrid | None, ablation_set: AblationSet, device: torch.device) -> ViewTokens | None:
         """The kept tokens of `ablation_set`'s views on `grid`, or `None` without token dropping."""
-        return None if grid is None else cls(grid, axis_token_keep(ablation_set.axis_keep(device), grid))
+        if grid is None:
+            return None
+        pixels = ablation_set.axis_keep(device)
+        return cls(grid, axis_token_keep(pixels, grid), pixels)
 
     def keep(self, view: torch.Tensor) -> torch.Tensor:
         """`(N, gh, gw)` bool: the tokens each view keeps; view `-1` (an unablated image) keeps all."""
@@ -213,6 +226,31 @@ class ViewTokens:
         rows, cols = self.axis_keep
         return int(rows.sum(1).max()) * int(cols.sum(1).max())
 
+    def logits(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        image: torch.Tensor,
+        view: torch.Tensor,
+        fill: torch.Tensor | None = None,
+        embedded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ViT's logits on views `(image[n], view[n])` of `images`, no view built (`robustwrap.tokens.forward_ablated`).
+
+        Args:
+            images: `(B, C, H, W)` images encoded as the model takes them (`encode_full`).
+            view: `(N,)` view indices, `-1` for an unablated image.
+            fill: the ablated pixels' value (`fill_like`; `0` for `"levine2020"`), or `None` when
+                `images` are already the ablated views.
+            embedded: `robustwrap.tokens.embed_patches(model, images)`, shared between calls.
+        """
+        rows, cols = self.pixel_keep
+        n_cols = cols.shape[0]
+        index, unablated = view.clamp(min=0), (view < 0)[:, None]
+        return forward_ablated(
+            model, images, image, rows[index // n_cols] | unablated, cols[index % n_cols] | unablated, self.grid, fill, embedded
+        )
+
 
 def view_logits(
     model: nn.Module, views: torch.Tensor, view: torch.Tensor, tokens: ViewTokens | None, num_classes: int | None = None
@@ -220,8 +258,9 @@ def view_logits(
     """The base model's logits on ablated views: the one function of the defense's views.
 
     Prediction, certification, training (`RandomAblation.logits`) and the attack's surrogate
-    all call this, so they compute the same function: `model(views)`, or with `tokens` (token
-    dropping) the ViT on the prefix tokens and the patch tokens each view keeps.
+    all compute this function: `model(views)`, or with `tokens` (token dropping) the ViT on the
+    prefix tokens and the patch tokens each view keeps. (Prediction and certification do not
+    build the views: they call `ViewTokens.logits` on the images, which computes the same.)
 
     Args:
         model: the base classifier (or its inference copy).
@@ -232,8 +271,13 @@ def view_logits(
     """
     if tokens is None:
         return forward_views(model, views, num_classes)
-    keep = tokens.keep(view)
-    return forward_views(functools.partial(forward_kept, model, keep=keep, grid=tokens.grid), views, num_classes)
+    image = torch.arange(views.shape[0], device=views.device)
+    return forward_views(lambda v: tokens.logits(model, v, image, view), views, num_classes)
+
+
+def token_fill(fill: float | tuple[float, ...], encoding: str, x: torch.Tensor) -> torch.Tensor:
+    """The value of ablated pixels in the encoded images the model takes: `fill`, or `0` for `"levine2020"`."""
+    return fill_like(fill, x) if encoding == "fill" else x.new_zeros(())
 
 
 def encode_full(x: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -880,6 +924,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             # token dropping runs the model's own blocks: no inference copy stands in for them
             module = self._inference_model(encode_full(x[:1], encoding)) if tokens is None else self._inner_model
+            if tokens is not None:  # each image embedded once; a view re-embeds only the tokens it keeps partly
+                encoded = encode_full(x, encoding)
+                embedded, ablated = embed_patches(module, encoded), token_fill(fill, encoding, encoded)
             while True:
                 if early_exit and counts is not None:
                     open_ &= ~decided(counts, sure, possible, num_views - seen, labels, delta)
@@ -899,10 +946,15 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                 image, view = image[valid][:step], view[valid][:step]
                 for start in range(0, image.numel(), batch_size):
                     part, part_view = image[start : start + batch_size], view[start : start + batch_size]
-                    views = ablate(x, part, part_view, axis_keep, encoding, fill)
-                    if channels_last:
-                        views = views.contiguous(memory_format=torch.channels_last)
-                    logits = view_logits(module, views, part_view, tokens, num_classes).float()
+                    if tokens is None:
+                        views = ablate(x, part, part_view, axis_keep, encoding, fill)
+                        if channels_last:
+                            views = views.contiguous(memory_format=torch.channels_last)
+                        logits = view_logits(module, views, part_view, None, num_classes).float()
+                    else:
+                        # forward_views counts the pass's views and checks its logits; the views are (part, part_view)
+                        run = lambda _: tokens.logits(module, encoded, part, part_view, ablated, embedded)  # noqa: B023 - called at once
+                        logits = forward_views(run, part, num_classes).float()
                     if counts is None:
                         # learnt from the views when the model does not say, so no blank probe is needed
                         num_classes = self._num_classes = logits.shape[1]
