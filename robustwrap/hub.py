@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -378,8 +379,43 @@ def hub_config(model: RobustPatchClassifier) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise TypeError(f"pretrained_info must be JSON-serialisable (saved under robustwrap.info): {e}") from None
     config, base = _base_config(model)
+    info = _measured_info(model, warn=True)
     config["robustwrap"] = {"format_version": FORMAT_VERSION, **_jsonable(settings), "base": base, "info": _jsonable(info)}
     return config
+
+
+def _measured_info(model: RobustPatchClassifier, warn: bool = False) -> dict[str, Any]:
+    """`model.pretrained_info` without measured figures that belong to other weights or settings.
+
+    A figure is a measurement of one defended function: `pretrained_info["metrics"]` travels to
+    a config or a card only when its `fingerprint` (see `CertificationReport.metrics`) is the
+    model's fingerprint now. After `fit_masking`, `model.model = other`, an edit of a weight or a
+    changed setting it is left out, since a card must never claim what other weights scored;
+    figures without a fingerprint cannot be checked and are left out too.
+    """
+    from .dataset import model_fingerprint  # the dataset layer sits above the defended model and hub's loading
+
+    info = getattr(model, "pretrained_info", None) or {}
+    if "metrics" not in info:
+        return info
+    metrics = info["metrics"]
+    measured_on = metrics.get("fingerprint") if isinstance(metrics, dict) else None
+    now = model_fingerprint(model)
+    if measured_on == now:
+        return info
+    if warn:
+        why = (
+            f"were measured on other weights or settings (fingerprint {measured_on}, the model's is now {now})"
+            if measured_on
+            else "carry no fingerprint of the weights and settings they were measured on"
+        )
+        warnings.warn(
+            f"pretrained_info['metrics'] {why}: they are left out of config.json and the model card. Certify this model "
+            "(report = robustwrap.certify_dataset(model, data)) and set model.pretrained_info['metrics'] = report.metrics(split=...)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {k: v for k, v in info.items() if k != "metrics"}
 
 
 def _threat(settings: dict[str, Any]) -> str:
@@ -399,7 +435,9 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
 
     Its metadata (`model-index`) carries the accuracies in `model.pretrained_info["metrics"]`
     (`vanilla_accuracy`, `clean_accuracy`, `certified_accuracy`, `split`) for
-    `pretrained_info["dataset"]`, each named with the defense and the threat model.
+    `pretrained_info["dataset"]`, each named with the defense and the threat model, when they
+    were measured on this model's weights and settings (their `fingerprint`, see
+    `CertificationReport.metrics`); figures of other weights are left out.
 
     Args:
         model: a defended model.
@@ -411,7 +449,7 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
         A `huggingface_hub.ModelCard`.
     """
     settings = model.settings()
-    info = getattr(model, "pretrained_info", None) or {}
+    info = _measured_info(model)
     metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
     dataset = info.get("dataset")
     threat = _threat(settings)
@@ -452,6 +490,7 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
         else "# a torchvision base model: load it with robustwrap.from_pretrained(...).model"
     )
     settings_json = json.dumps(_jsonable({k: v for k, v in settings.items() if k != "mask_set"}))
+    measured_on = f" (on the weights and settings with fingerprint `{metrics['fingerprint']}`)" if metrics else ""
     body = f"""
 # {repo_id or architecture}: certifiably patch-robust {architecture}
 
@@ -461,7 +500,7 @@ patch of the threat model below can change a certified prediction.
 - Threat model: {threat}{f"; {views} views per image (full evaluation)" if views else ""}
 - Settings: `{settings_json}`
 - Fine-tuning: {info.get("strategy") or "not recorded"}
-- Measured: {metrics.get("command", "not recorded")}
+- Measured: {metrics.get("command", "not recorded")}{measured_on}
 
 | metric | value |
 |---|---|

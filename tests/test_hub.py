@@ -21,6 +21,8 @@ from torch import nn
 
 import robustwrap
 from robustwrap import hub
+from robustwrap.cli import main as cli_main
+from robustwrap.dataset import model_fingerprint
 from robustwrap.defenses.base import RobustPatchClassifier
 from robustwrap.defenses.patchcleanser import PatchCleanser
 from robustwrap.geometry import MaskSet
@@ -42,8 +44,10 @@ def tiny_timm(seed=0, num_classes=5):
 
 
 def robust(seed=0, **options):
+    """A defended tiny model whose figures carry its fingerprint, as `CertificationReport.metrics` gives them."""
     model = robustwrap.wrap(tiny_timm(seed), image_size=32, patch=0.02, batch_size=64, **options).eval()
     model.pretrained_info = json.loads(json.dumps(INFO))
+    model.pretrained_info["metrics"]["fingerprint"] = model_fingerprint(model)
     return model
 
 
@@ -120,7 +124,7 @@ def test_section_is_version_2_with_the_settings_exactly(tmp_path):
     section = json.loads((tmp_path / "config.json").read_text())["robustwrap"]
     assert section["format_version"] == 2 and section["defense"] == "patchcleanser"
     assert {k: v for k, v in section.items() if k not in ("format_version", "base", "info")} == json.loads(json.dumps(model.settings()))
-    assert section["precision"] == "bfloat16" and section["info"] == INFO
+    assert section["precision"] == "bfloat16" and section["info"] == model.pretrained_info
     assert section["base"] == {"library": "timm", "architecture": "test_resnet"}
     loaded = robustwrap.from_pretrained(str(tmp_path))
     assert loaded.precision == "bfloat16" and loaded.settings() == model.settings()
@@ -129,7 +133,8 @@ def test_section_is_version_2_with_the_settings_exactly(tmp_path):
 def test_info_cannot_shadow_a_setting(tmp_path):
     """Issue 9.6: free-form pretrained_info is nested under its own key."""
     model = robust()
-    model.pretrained_info = {**INFO, "fill": 9.0, "mask_set": "junk", "precision": "float16", "defense": "smoothing", "format_version": 7}
+    shadows = {"fill": 9.0, "mask_set": "junk", "precision": "float16", "defense": "smoothing", "format_version": 7}
+    model.pretrained_info = {**model.pretrained_info, **shadows}
     model.save_pretrained(tmp_path)
     loaded = robustwrap.from_pretrained(str(tmp_path))
     same_model(loaded, model)
@@ -336,6 +341,101 @@ def test_model_card_metadata(tmp_path):
     assert card.data.library_name == "timm" and "robustwrap" in card.data.tags and "patchcleanser" in card.data.tags
     assert card.data.eval_results[0].dataset_name == "mnist"
     assert "github.com/robustwrap" not in card.text  # no made-up URLs
+
+
+def noise_digits(n=6, seed=2):
+    """`n` noise images of the tiny model's shape with labels cycling over its 5 classes."""
+    images = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.TensorDataset(images, torch.arange(n) % 5)
+
+
+def figures(folder: Path) -> tuple[dict | None, list]:
+    """`(the metrics config.json carries, the card's model-index results)` of a saved folder."""
+    info = json.loads((folder / "config.json").read_text())["robustwrap"]["info"]
+    return info.get("metrics"), ModelCard.load(folder / "README.md").data.eval_results or []
+
+
+def one_training_step(model):
+    loader = torch.utils.data.DataLoader(noise_digits(4), batch_size=4)
+    robustwrap.fit_masking(model, loader, strategy="none", epochs=1, lr=0.5, progress=False)
+    model.eval()
+
+
+def assign_another_model(model):
+    model.model = tiny_timm(seed=1)
+
+
+def edit_a_weight(model):
+    with torch.no_grad():
+        model.model.conv1[0].weight[0, 0, 0, 0] += 1.0
+
+
+def change_a_setting(model):
+    model.fill = 0.5
+
+
+@pytest.mark.parametrize("change", [one_training_step, assign_another_model, edit_a_weight, change_a_setting])
+def test_measured_figures_never_travel_to_other_weights(tmp_path, change):
+    """Issue 23.2: a card and a config claim only what was measured on the weights and settings they hold."""
+    model = robustwrap.wrap(tiny_timm(), image_size=32, patch=0.02).eval()
+    report = robustwrap.certify_dataset(model, noise_digits(), progress=False)
+    model.pretrained_info = {"dataset": "noise", "metrics": report.metrics(split="val", command="python measure.py")}
+    model.save_pretrained(tmp_path / "measured")
+    metrics, results = figures(tmp_path / "measured")
+    assert metrics == report.metrics(split="val", command="python measure.py") and metrics["fingerprint"] == report.fingerprint
+    assert {r.metric_value for r in results} == {metrics[k] for k in ("vanilla_accuracy", "clean_accuracy", "certified_accuracy")}
+    assert report.fingerprint in (tmp_path / "measured" / "README.md").read_text()
+
+    # Loading and saving again keeps them: the same weights and settings.
+    loaded = robustwrap.from_pretrained(tmp_path / "measured")
+    loaded.save_pretrained(tmp_path / "again")
+    assert figures(tmp_path / "again") == (metrics, results)
+
+    change(loaded)
+    with pytest.warns(UserWarning, match=r"measured on other weights or settings.*left out of config.json and the model card"):
+        loaded.save_pretrained(tmp_path / "changed")
+    metrics, results = figures(tmp_path / "changed")
+    assert metrics is None and results == []
+    assert "certified accuracy" not in (tmp_path / "changed" / "README.md").read_text()
+    assert robustwrap.from_pretrained(tmp_path / "changed").pretrained_info == {"dataset": "noise"}
+    # Measuring the changed model again gives figures that travel with it.
+    loaded.pretrained_info["metrics"] = robustwrap.certify_dataset(loaded, noise_digits(), progress=False).metrics()
+    loaded.save_pretrained(tmp_path / "remeasured")
+    assert figures(tmp_path / "remeasured")[0] == loaded.pretrained_info["metrics"]
+
+
+def test_figures_without_a_fingerprint_are_left_out(tmp_path):
+    """Typed-in accuracies cannot be checked against the weights: the card does not claim them."""
+    model = robust()
+    del model.pretrained_info["metrics"]["fingerprint"]
+    with pytest.warns(UserWarning, match="carry no fingerprint"):
+        model.save_pretrained(tmp_path)
+    assert figures(tmp_path) == (None, [])
+
+
+def test_trained_figures_belong_to_the_saved_weights(tmp_path, capsys):
+    """Issue 23.2: `robustwrap train` records figures of the weights it saves; training them further drops them."""
+    from PIL import Image
+
+    for split, n in (("train", 2), ("val", 1)):
+        for c in "012":
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+                Image.fromarray(pixels.numpy()).save(tmp_path / split / c / f"{i}.png")
+    out = tmp_path / "trained"
+    argv = ["train", "--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--num-masks", "3"]
+    argv += ["--workers", "0", "--no-progress", "--epochs", "1", "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    argv += ["--out", str(out)]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    trained = robustwrap.from_pretrained(out)
+    metrics, results = figures(out)
+    assert metrics["fingerprint"] == model_fingerprint(trained) and len(results) == 3
+    images = torch.utils.data.TensorDataset(torch.rand(3, 3, 32, 32), torch.arange(3))
+    robustwrap.fit_masking(trained, torch.utils.data.DataLoader(images, batch_size=3), strategy="none", epochs=1, progress=False)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        trained.eval().save_pretrained(tmp_path / "further")
+    assert figures(tmp_path / "further") == (None, [])
 
 
 def test_pushed_card_names_the_real_repo_id(monkeypatch):

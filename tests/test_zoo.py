@@ -18,6 +18,7 @@ from timm.data import create_transform, resolve_data_config
 import robustwrap
 from robustwrap import hub, zoo
 from robustwrap.cli import main
+from robustwrap.dataset import model_fingerprint
 from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.patchcleanser import PatchCleanser
 from robustwrap.geometry import MaskSet
@@ -101,6 +102,28 @@ def test_resaved_default_round_trips_as_version_2(default_model, tmp_path):
     x, _ = heldout(default_model, 8)
     assert again.settings() == default_model.settings() and torch.equal(again(x), default_model(x))
     assert again.pretrained_info == default_model.pretrained_info
+
+
+@pytest.mark.parametrize("name", [e["name"] for e in zoo._manifest()["models"] if e.get("embedded")])
+def test_embedded_figures_belong_to_the_embedded_weights(name):
+    """Issue 23.2: the figures a zoo folder carries are fingerprinted with its weights and settings (so a
+    re-save keeps them); a change of a defense's settings() must re-measure or re-fingerprint them."""
+    model = robustwrap.create_model(name)
+    assert model.pretrained_info["metrics"]["fingerprint"] == model_fingerprint(model)
+
+
+def test_fine_tuned_default_does_not_claim_the_zoo_figures(tmp_path):
+    """Issue 23.2's reproduction: fine-tune the zoo's model, save: its card must not claim the zoo's 66%."""
+    model = robustwrap.create_model(zoo.DEFAULT_MODEL)
+    claimed = model.pretrained_info["metrics"]["certified_accuracy"]
+    x, y = heldout(model, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    robustwrap.fit_masking(model, loader, epochs=1, lr=0.5, progress=False)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        model.eval().save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "model-index" not in card and f"value: {claimed}" not in card
+    assert "metrics" not in json.loads((tmp_path / "config.json").read_text())["robustwrap"]["info"]
 
 
 @pytest.mark.skipif(

@@ -179,14 +179,7 @@ def _trained_info(args: argparse.Namespace, history, report: CertificationReport
     if args.class_map is not None:
         command += ["--class-map", args.class_map]
     info["dataset"] = args.dataset_name or Path(val_name).name
-    info["metrics"] = {
-        "vanilla_accuracy": round(report.vanilla_accuracy, 4),
-        "clean_accuracy": round(report.clean_accuracy, 4),
-        "certified_accuracy": round(report.certified_accuracy, 4),
-        "num_images": report.num_images,
-        "split": "val",
-        "command": shlex.join(command),
-    }
+    info["metrics"] = report.metrics(split="val", command=shlex.join(command))
     return info
 
 
