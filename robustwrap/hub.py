@@ -809,6 +809,26 @@ def _unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+def _download_command(repo_id: str, filename: str | None = None) -> str:
+    """The shell command that puts a Hub file (or repo) into the Hugging Face cache, for the installed huggingface_hub.
+
+    huggingface_hub 0.34 added the `hf` command and 1.0 removed `huggingface-cli`, so a message
+    that names only one of them is wrong for someone: this names the one installed here.
+
+    Args:
+        repo_id: `<org>/<name>`.
+        filename: one file of the repo (None: all of it).
+
+    Returns:
+        e.g. `"hf download timm/vit_base_patch16_224.augreg_in21k_ft_in1k model.safetensors"`.
+    """
+    import huggingface_hub
+    from packaging.version import Version
+
+    program = "hf" if Version(huggingface_hub.__version__) >= Version("0.34") else "huggingface-cli"
+    return " ".join([program, "download", repo_id, *([filename] if filename else [])])
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
@@ -846,7 +866,7 @@ def download(
         reason = _unreachable()
         offline = reason is not None
     kwargs = {"revision": revision, "cache_dir": cache, "force_download": force_download and not offline, "local_files_only": offline, "token": token}
-    get = f"download it once where the Hub can be reached (robustwrap.from_pretrained({name!r}) or `hf download {repo_id}`), or copy a Hugging Face cache that has it into {cache}"
+    get = f"download it once where the Hub can be reached (robustwrap.from_pretrained({name!r}) or `{_download_command(repo_id)}`), or copy a Hugging Face cache that has it into {cache}"
     try:
         config = hf_hub_download(repo_id, CONFIG_NAME, **kwargs)
     except LocalEntryNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import math
 import re
@@ -205,7 +206,7 @@ def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
         masks = MaskSet.square(entry["image_size"], entry["settings"]["patch"], num_masks=entry["settings"]["num_masks"])
         assert masks.describe() == entry["threat_model"] and len(masks) == entry["num_masks"] and entry["patch"] == [32, 32]
         card = zoo.model_card(name)
-        assert entry["measure_with"] in card and f"huggingface-cli download {cfg.hf_hub_id}" in card and "HF_HUB_OFFLINE=1" in card
+        assert entry["measure_with"] in card and f"hf download {cfg.hf_hub_id}" in card and "huggingface_hub < 0.34: huggingface-cli download" in card and "HF_HUB_OFFLINE=1" in card
         assert "**Reported by the paper's authors**" in card and entry["paper"]["claims"]
         for claim in entry["paper"]["claims"]:
             assert claim["reported_by"] == "the paper's authors" and claim["source"] in card
@@ -230,7 +231,7 @@ def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch):
-    """A hand-built, offline Hugging Face cache, laid out as `huggingface-cli download` leaves it."""
+    """A hand-built, offline Hugging Face cache, laid out as `hf download` leaves it."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf-cache"
@@ -290,12 +291,30 @@ def test_hub_backed_entry_checks_the_sha256_the_manifest_records(hf_cache, tiny_
         robustwrap.create_model("tiny_paper_model")
 
 
+def installed_download_command() -> str:
+    """`hf download` or `huggingface-cli download`: whichever console script the installed huggingface_hub ships."""
+    scripts = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    return "hf download" if "hf" in scripts else "huggingface-cli download"
+
+
+@pytest.mark.parametrize(("version", "program"), [("0.23.0", "huggingface-cli"), ("0.33.4", "huggingface-cli"), ("0.34.0", "hf"), ("1.0.0", "hf"), ("2.4.0", "hf")])
+def test_download_command_is_the_installed_huggingface_hubs(hf_cache, tiny_paper_entry, monkeypatch, version, program):
+    """Issue 23.16: huggingface_hub 0.34 added `hf` and 1.0 removed `huggingface-cli`: messages name what is installed."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "__version__", version)
+    with pytest.raises(FileNotFoundError, match=rf"`{program} download timm/test_vit.r160_in1k model.safetensors`"):
+        robustwrap.create_model("tiny_paper_model")
+    with pytest.raises(FileNotFoundError, match=rf"`{program} download acme/never-downloaded`"):
+        robustwrap.from_pretrained("hf-hub:acme/never-downloaded")
+
+
 def test_uncached_hub_backed_entry_fails_in_one_line(hf_cache, tiny_paper_entry):
     with pytest.raises(FileNotFoundError) as error:
         robustwrap.create_model("tiny_paper_model")
     message = str(error.value)
     assert "\n" not in message and "needs the network once" in message and "HF_HUB_OFFLINE is set" in message
-    assert "huggingface-cli download timm/test_vit.r160_in1k model.safetensors" in message and "HF_HUB_OFFLINE=1" in message
+    assert f"`{installed_download_command()} timm/test_vit.r160_in1k model.safetensors`" in message and "HF_HUB_OFFLINE=1" in message
 
 
 def test_cli_certifies_a_hub_backed_entry(hf_cache, tiny_paper_entry, tmp_path, capsys):
@@ -319,7 +338,7 @@ def test_cli_uncached_hub_backed_entry_is_one_line(hf_cache, tiny_paper_entry, t
     (tmp_path / "val" / "0").mkdir(parents=True)
     assert main(["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs the network once" in err and "huggingface-cli download timm/test_vit.r160_in1k" in err
+    assert err.count("\n") == 1 and "needs the network once" in err and f"{installed_download_command()} timm/test_vit.r160_in1k" in err
 
 
 def test_models_command_marks_embedded_and_network_entries(capsys):
