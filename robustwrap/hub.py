@@ -53,6 +53,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
+    "check_save_folder",
     "download",
     "hub_config",
     "load",
@@ -515,7 +516,57 @@ model = robustwrap.from_pretrained("hf-hub:{name}").eval()   # the defended mode
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str | None = None, card_kwargs: dict[str, Any] | None = None) -> None:
+def _is_robustwrap_save(folder: Path) -> bool:
+    """Whether `folder/config.json` is a robustwrap model's (a JSON object with a `"robustwrap"` section)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: someone else's file
+        return False
+    return isinstance(config, dict) and isinstance(config.get("robustwrap"), dict)
+
+
+def check_save_folder(folder: str | Path, *, overwrite: bool = False, argument: str = "save_directory") -> None:
+    """Refuse a folder that a model must not be written into: the one rule of `save_pretrained` and the CLI's `--out`.
+
+    A model may be written into a folder that does not exist, an empty folder, or an earlier
+    robustwrap save (its `config.json` has a `"robustwrap"` section), whose `config.json`,
+    `model.safetensors` and `README.md` are then replaced, as `huggingface_hub`'s
+    `save_pretrained` replaces an earlier save.
+
+    Args:
+        folder: where the model would be written.
+        overwrite: write into any other folder too (its `config.json`, `model.safetensors` and
+            `README.md` are replaced, its other files kept).
+        argument: how the caller names the folder in the error (`"--out"` for the CLI).
+
+    Raises:
+        FileExistsError: for a path that is a file, or (without `overwrite`) a non-empty folder
+            that is not a robustwrap save: writing there would overwrite someone's
+            `config.json` or `README.md` and leave a folder that mixes two things.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{argument} {folder} is a file, not a folder")
+    if overwrite or not folder.exists() or _is_robustwrap_save(folder):
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries:
+        how = "" if argument.startswith("--") else ", or pass overwrite=True to write into it anyway"  # the CLI has no such switch
+        raise FileExistsError(
+            f"{argument} {folder} is neither empty nor an earlier robustwrap save (it holds {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}): writing a model there would overwrite or mix with those files; "
+            f"choose a new or empty folder{how}"
+        )
+
+
+def save_folder(
+    model: RobustPatchClassifier,
+    folder: str | Path,
+    repo_id: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Write `config.json`, `model.safetensors` and `README.md` for `model` into `folder`.
 
     Everything is built and checked before anything is written; if writing fails, a folder that
@@ -523,14 +574,18 @@ def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str |
 
     Args:
         model: a defended model.
-        folder: where to write (created if missing).
+        folder: where to write: a new or empty folder, or an earlier robustwrap save (see
+            `check_save_folder`).
         repo_id: the Hub repo the model card names.
         card_kwargs: more arguments for `model.generate_model_card`.
+        overwrite: write into any other folder too (see `check_save_folder`).
 
     Raises:
+        FileExistsError: for a folder that holds other files (see `check_save_folder`).
         TypeError, ValueError: see `hub_config`.
     """
     folder = Path(folder)
+    check_save_folder(folder, overwrite=overwrite)
     config = hub_config(model)
     card_kwargs = {**(card_kwargs or {}), "repo_id": repo_id}
     card = model.generate_model_card(**card_kwargs) if hasattr(model, "generate_model_card") else model_card(model, **card_kwargs)
@@ -556,25 +611,30 @@ def save_pretrained(
     repo_id: str | None = None,
     push_to_hub: bool = False,
     model_card_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
     **push_to_hub_kwargs: Any,
 ) -> str | None:
     """`model.save_pretrained`: the model's files into a folder, optionally pushed to the Hub.
 
     Args:
         model: a defended model.
-        save_directory: the folder.
+        save_directory: the folder: a new or empty one, or an earlier robustwrap save, whose
+            files are replaced (the rule of `robustwrap train --out`, see `check_save_folder`).
         config: not supported: `config.json` is written from `model.settings()` so that it can
             never disagree with the model; free-form information goes into
             `model.pretrained_info` (saved under `robustwrap.info`).
         repo_id: the Hub repo (named in the model card; the push target with `push_to_hub`).
         push_to_hub: also push the files to `repo_id`.
         model_card_kwargs: passed to `model.generate_model_card`.
+        overwrite: write into a folder that holds other files too (its `config.json`,
+            `model.safetensors` and `README.md` are replaced, its other files kept).
         **push_to_hub_kwargs: passed to `push_to_hub`.
 
     Returns:
         The commit URL when pushing, else None.
 
     Raises:
+        FileExistsError: for a folder that holds other files, without `overwrite`.
         TypeError: for `config=...`, or a model that cannot be saved (see `hub_config`); nothing
             is written then.
     """
@@ -586,10 +646,10 @@ def save_pretrained(
     if push_to_hub:
         if repo_id is None:
             repo_id = Path(save_directory).name
-        save_folder(model, save_directory, repo_id=repo_id, card_kwargs=model_card_kwargs)
+        save_folder(model, save_directory, repo_id=repo_id, card_kwargs=model_card_kwargs, overwrite=overwrite)
         return model.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
     card_kwargs = dict(model_card_kwargs or {})
-    save_folder(model, save_directory, repo_id=card_kwargs.pop("repo_id", repo_id), card_kwargs=card_kwargs)
+    save_folder(model, save_directory, repo_id=card_kwargs.pop("repo_id", repo_id), card_kwargs=card_kwargs, overwrite=overwrite)
     return None
 
 

@@ -320,6 +320,53 @@ def test_failed_write_removes_the_folder_it_created(tmp_path, monkeypatch):
     assert (tmp_path / "kept").is_dir()  # a folder the user had stays
 
 
+def test_save_pretrained_refuses_a_folder_of_other_files(tmp_path):
+    """Issue 23.16: one rule for save_pretrained and the CLI's --out: a new or empty folder, or an earlier save."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "README.md").write_text("my project")
+    refusal = r"save_directory .*project is neither empty nor an earlier robustwrap save \(it holds README.md\).*overwrite=True"
+    with pytest.raises(FileExistsError, match=refusal):
+        robust().save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"] and (folder / "README.md").read_text() == "my project"
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        robust().save_pretrained(folder / "README.md")
+
+    robust().save_pretrained(folder, overwrite=True)
+    same_model(robustwrap.from_pretrained(folder), robust())
+
+    # An earlier save is replaced, as huggingface_hub's save_pretrained replaces one; its other files stay.
+    (tmp_path / "saved").mkdir()
+    robust(seed=0).save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "notes.txt").write_text("epoch 1")
+    robust(seed=3).save_pretrained(tmp_path / "saved")
+    same_model(robustwrap.from_pretrained(tmp_path / "saved"), robust(seed=3))
+    assert (tmp_path / "saved" / "notes.txt").read_text() == "epoch 1"
+
+
+def test_cli_out_follows_the_save_pretrained_rule(tmp_path, capsys):
+    """Issue 23.16: `robustwrap train --out` refuses (before training) what save_pretrained refuses, and takes what it takes."""
+    from PIL import Image
+
+    for c in "01":
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(tmp_path / "train" / c / "a.png")
+    argv = ["train", "--model", "timm:test_resnet", "--image-size", "32", "--num-classes", "2", "--num-masks", "3"]
+    argv += ["--workers", "0", "--no-progress", "--epochs", "1", "--data", str(tmp_path / "train"), "--out"]
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError) as python_refusal:
+        hub.check_save_folder(tmp_path / "project", argument="--out")
+    assert cli_main([*argv, str(tmp_path / "project")]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == f"robustwrap train: error: {python_refusal.value}\n" and "epoch" not in printed.out
+    assert (tmp_path / "project" / "config.json").read_text() == "{}"
+
+    robust().save_pretrained(tmp_path / "earlier")
+    assert cli_main([*argv, str(tmp_path / "earlier")]) == 0, capsys.readouterr().err
+    assert robustwrap.from_pretrained(tmp_path / "earlier").num_classes == 2  # the trained model replaced the earlier save
+
+
 def test_save_pretrained_config_argument_is_refused(tmp_path):
     """Issue 10.8: config= is not silently ignored: it raises, and nothing is written."""
     with pytest.raises(TypeError, match=r"save_pretrained\(config=...\) is not supported.*pretrained_info"):
