@@ -145,12 +145,38 @@ def _is_timm_vit(base: nn.Module) -> bool:
     return isinstance(base, VisionTransformer) and type(base.patch_embed) is PatchEmbed and isinstance(patch, (tuple, list)) and len(patch) == 2
 
 
+def _vit_args(vit: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a timm ViT that shape its weights or its function, read back from the model.
+
+    `num_heads` changes no weight's shape, only the function: a rebuild that got it wrong would
+    load the weights and compute something else, so it is compared like the others.
+    """
+    args: dict[str, Any] = {
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "class_token": vit.cls_token is not None,
+        "reg_tokens": int(getattr(vit, "num_reg_tokens", 0)),
+    }
+    block = vit.blocks[0] if len(vit.blocks) else None
+    attn = getattr(block, "attn", None)
+    if isinstance(getattr(attn, "num_heads", None), int):
+        args["num_heads"] = attn.num_heads
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        args["qkv_bias"] = attn.qkv.bias is not None
+    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+    if isinstance(fc1, nn.Linear):
+        args["mlp_ratio"] = fc1.out_features / args["embed_dim"]
+    return args
+
+
 def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, Any]:
     """timm's `config.json` for the base model, from public attributes only (any timm >= 1.0.20).
 
     `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling,
-    `img_size` for models with a fixed input size, a ViT's `patch_size`); `save_folder` then
-    proves that timm rebuilds exactly these keys and shapes from the file before writing anything.
+    `img_size` for models with a fixed input size, a ViT's `patch_size`, and its `embed_dim`,
+    `depth`, `num_heads`, `mlp_ratio`, `qkv_bias`, `class_token`, `reg_tokens` where they differ
+    from what the architecture's name builds); `save_folder` then proves that timm rebuilds exactly
+    these keys and shapes (and a ViT's arguments) from the file before writing anything.
     """
     base = model._inner_model  # through a DistributedDataParallel, the model it wraps
     num_classes = int(model.num_classes)
@@ -176,6 +202,16 @@ def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, A
         model_args["img_size"] = [int(v) for v in built] if isinstance(built, (tuple, list)) and len(built) == 2 else [h, w]
     if _is_timm_vit(base):  # a ViT built with another patch size (small images) has other patch_embed and pos_embed shapes
         model_args["patch_size"] = [int(v) for v in base.patch_embed.patch_size]
+        # ... and one built with another width, depth, heads or MLP (timm.create_model(arch, embed_dim=96, depth=2)):
+        # record what differs from what the architecture's name builds.
+        import timm
+
+        try:
+            with torch.device("meta"):
+                default = _vit_args(timm.create_model(architecture, **model_args))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a builder that computes on tensors: record them all
+            default = {}
+        model_args.update({k: v for k, v in _vit_args(base).items() if default.get(k) != v})
     config: dict[str, Any] = {"architecture": architecture, "num_classes": num_classes}
     if isinstance(getattr(base, "num_features", None), int):
         config["num_features"] = base.num_features
@@ -226,6 +262,11 @@ def _check_timm_rebuild(config: dict[str, Any], base: nn.Module) -> None:
             except Exception as e:  # noqa: BLE001 - any failure means the saved repo could not be loaded
                 raise ValueError(f"cannot save this {config['architecture']} base model: {call} fails ({type(e).__name__}: {e})") from e
     theirs, ours = _shapes(rebuilt.state_dict()), _shapes(base.state_dict())
+    if theirs == ours and _is_timm_vit(base) and _vit_args(rebuilt) != _vit_args(base):
+        raise ValueError(
+            f"cannot save this {config['architecture']} base model: {call} builds a ViT of other arguments "
+            f"({_vit_args(rebuilt)}, the model has {_vit_args(base)}), so the saved repo would compute something else"
+        )
     if theirs != ours:
         raise ValueError(
             f"cannot save this {config['architecture']} base model: {call} builds other weights than it has "

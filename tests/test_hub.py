@@ -273,6 +273,28 @@ def test_vit_with_another_patch_size_round_trips(tmp_path):
     same_model(robustwrap.from_pretrained(str(tmp_path)), model, x)
 
 
+@pytest.mark.parametrize(
+    "changed",
+    [{"embed_dim": 96, "depth": 2}, {"num_heads": 4}, {"embed_dim": 96, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "qkv_bias": False}],
+)
+def test_vit_built_with_other_arguments_round_trips(tmp_path, changed):
+    """Issue 23.16: a ViT built with another width, depth, heads or MLP saves what timm needs to rebuild it.
+
+    `num_heads` changes no weight's shape: a repo that did not record it would load and compute something else.
+    """
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, **changed)
+    model = robustwrap.wrap(base, patch=0.02).eval()
+    model.save_pretrained(tmp_path)
+    model_args = json.loads((tmp_path / "config.json").read_text())["model_args"]
+    assert {k: model_args[k] for k in changed} == changed and "class_token" not in model_args  # only what differs from the name's
+    x = torch.randn(2, 3, 32, 32)
+    same_model(robustwrap.from_pretrained(tmp_path), model, x)
+    if TIMM_LOADS_LOCAL_SAFETENSORS:
+        with torch.no_grad():
+            assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(x), base(x))
+
+
 def test_edited_head_is_refused_at_save_and_leaves_no_folder(tmp_path):
     """Issue 9.6: saving refuses what loading cannot rebuild (checked on the meta device)."""
     base = tiny_timm()
