@@ -782,7 +782,8 @@ def load_folder(
 
     Args:
         folder: a folder with `config.json` and `model.safetensors`.
-        weights: load `model.safetensors` (False: random weights, like `pretrained=False`).
+        weights: load `model.safetensors` (False: random weights, like `pretrained=False`,
+            without the saved figures, which measured the saved weights).
         expected_sha256: refuse the weights unless the file has this sha256 (the zoo's record).
         device: where to put the model.
         expect: a defense class the model must be an instance of (`PatchCleanser.from_pretrained`
@@ -843,7 +844,8 @@ def load_folder(
         model = cls.from_settings(base, settings, **{**saved_runtime, **runtime})
     except ValueError as e:  # untrusted values: say which file
         raise ValueError(f"{where}: {e}") from None
-    model.pretrained_info = info
+    # Random weights (weights=False) are not the weights the saved figures measured.
+    model.pretrained_info = info if weights else {k: v for k, v in info.items() if k != "metrics"}
     return model.to(device).eval()
 
 

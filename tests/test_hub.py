@@ -473,6 +473,14 @@ def test_measured_figures_never_travel_to_other_weights(tmp_path, change):
     assert figures(tmp_path / "remeasured")[0] == loaded.pretrained_info["metrics"]
 
 
+def test_random_weights_of_a_saved_model_carry_no_figures(tmp_path):
+    """`weights=False` (`pretrained=False`) builds random weights: the saved figures are not theirs."""
+    robust().save_pretrained(tmp_path)
+    random_init = hub.load_folder(tmp_path, weights=False)
+    assert "metrics" not in random_init.pretrained_info and random_init.pretrained_info["dataset"] == INFO["dataset"]
+    assert hub.load_folder(tmp_path).pretrained_info["metrics"]["certified_accuracy"] == INFO["metrics"]["certified_accuracy"]
+
+
 def test_figures_without_a_fingerprint_are_left_out(tmp_path):
     """Typed-in accuracies cannot be checked against the weights: the card does not claim them."""
     model = robust()
@@ -530,6 +538,14 @@ def test_pushed_card_names_the_real_repo_id(monkeypatch):
     assert "<org>" not in card and seen == ["someone/digits"]
     assert ModelCard(card).data.model_name == "someone/digits"
     assert sorted(pushed["someone/digits"]) == ["README.md", "config.json", "model.safetensors"]
+    assert len(ModelCard(card).data.eval_results) == 3
+
+    # Issue 23.2: a push of changed weights carries none of the old figures.
+    edit_a_weight(model)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        model.push_to_hub("digits")
+    assert ModelCard(pushed["someone/digits"]["README.md"]).data.eval_results is None
+    assert "metrics" not in json.loads(pushed["someone/digits"]["config.json"])["robustwrap"]["info"]
 
 
 # ------------------------------------------------------------------- names and the HF cache
