@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -52,6 +53,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
+    "check_save_folder",
     "download",
     "hub_config",
     "load",
@@ -143,12 +145,38 @@ def _is_timm_vit(base: nn.Module) -> bool:
     return isinstance(base, VisionTransformer) and type(base.patch_embed) is PatchEmbed and isinstance(patch, (tuple, list)) and len(patch) == 2
 
 
+def _vit_args(vit: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a timm ViT that shape its weights or its function, read back from the model.
+
+    `num_heads` changes no weight's shape, only the function: a rebuild that got it wrong would
+    load the weights and compute something else, so it is compared like the others.
+    """
+    args: dict[str, Any] = {
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "class_token": vit.cls_token is not None,
+        "reg_tokens": int(getattr(vit, "num_reg_tokens", 0)),
+    }
+    block = vit.blocks[0] if len(vit.blocks) else None
+    attn = getattr(block, "attn", None)
+    if isinstance(getattr(attn, "num_heads", None), int):
+        args["num_heads"] = attn.num_heads
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        args["qkv_bias"] = attn.qkv.bias is not None
+    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+    if isinstance(fc1, nn.Linear):
+        args["mlp_ratio"] = fc1.out_features / args["embed_dim"]
+    return args
+
+
 def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, Any]:
     """timm's `config.json` for the base model, from public attributes only (any timm >= 1.0.20).
 
     `model_args` records what changes the architecture (`num_classes`, `in_chans`, the pooling,
-    `img_size` for models with a fixed input size, a ViT's `patch_size`); `save_folder` then
-    proves that timm rebuilds exactly these keys and shapes from the file before writing anything.
+    `img_size` for models with a fixed input size, a ViT's `patch_size`, and its `embed_dim`,
+    `depth`, `num_heads`, `mlp_ratio`, `qkv_bias`, `class_token`, `reg_tokens` where they differ
+    from what the architecture's name builds); `save_folder` then proves that timm rebuilds exactly
+    these keys and shapes (and a ViT's arguments) from the file before writing anything.
     """
     base = model._inner_model  # through a DistributedDataParallel, the model it wraps
     num_classes = int(model.num_classes)
@@ -174,6 +202,16 @@ def _timm_config(model: RobustPatchClassifier, architecture: str) -> dict[str, A
         model_args["img_size"] = [int(v) for v in built] if isinstance(built, (tuple, list)) and len(built) == 2 else [h, w]
     if _is_timm_vit(base):  # a ViT built with another patch size (small images) has other patch_embed and pos_embed shapes
         model_args["patch_size"] = [int(v) for v in base.patch_embed.patch_size]
+        # ... and one built with another width, depth, heads or MLP (timm.create_model(arch, embed_dim=96, depth=2)):
+        # record what differs from what the architecture's name builds.
+        import timm
+
+        try:
+            with torch.device("meta"):
+                default = _vit_args(timm.create_model(architecture, **model_args))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a builder that computes on tensors: record them all
+            default = {}
+        model_args.update({k: v for k, v in _vit_args(base).items() if default.get(k) != v})
     config: dict[str, Any] = {"architecture": architecture, "num_classes": num_classes}
     if isinstance(getattr(base, "num_features", None), int):
         config["num_features"] = base.num_features
@@ -224,6 +262,11 @@ def _check_timm_rebuild(config: dict[str, Any], base: nn.Module) -> None:
             except Exception as e:  # noqa: BLE001 - any failure means the saved repo could not be loaded
                 raise ValueError(f"cannot save this {config['architecture']} base model: {call} fails ({type(e).__name__}: {e})") from e
     theirs, ours = _shapes(rebuilt.state_dict()), _shapes(base.state_dict())
+    if theirs == ours and _is_timm_vit(base) and _vit_args(rebuilt) != _vit_args(base):
+        raise ValueError(
+            f"cannot save this {config['architecture']} base model: {call} builds a ViT of other arguments "
+            f"({_vit_args(rebuilt)}, the model has {_vit_args(base)}), so the saved repo would compute something else"
+        )
     if theirs != ours:
         raise ValueError(
             f"cannot save this {config['architecture']} base model: {call} builds other weights than it has "
@@ -378,8 +421,43 @@ def hub_config(model: RobustPatchClassifier) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise TypeError(f"pretrained_info must be JSON-serialisable (saved under robustwrap.info): {e}") from None
     config, base = _base_config(model)
+    info = _measured_info(model, warn=True)
     config["robustwrap"] = {"format_version": FORMAT_VERSION, **_jsonable(settings), "base": base, "info": _jsonable(info)}
     return config
+
+
+def _measured_info(model: RobustPatchClassifier, warn: bool = False) -> dict[str, Any]:
+    """`model.pretrained_info` without measured figures that belong to other weights or settings.
+
+    A figure is a measurement of one defended function: `pretrained_info["metrics"]` travels to
+    a config or a card only when its `fingerprint` (see `CertificationReport.metrics`) is the
+    model's fingerprint now. After `fit_masking`, `model.model = other`, an edit of a weight or a
+    changed setting it is left out, since a card must never claim what other weights scored;
+    figures without a fingerprint cannot be checked and are left out too.
+    """
+    from .dataset import model_fingerprint  # the dataset layer sits above the defended model and hub's loading
+
+    info = getattr(model, "pretrained_info", None) or {}
+    if "metrics" not in info:
+        return info
+    metrics = info["metrics"]
+    measured_on = metrics.get("fingerprint") if isinstance(metrics, dict) else None
+    now = model_fingerprint(model)
+    if measured_on == now:
+        return info
+    if warn:
+        why = (
+            f"were measured on other weights or settings (fingerprint {measured_on}, the model's is now {now})"
+            if measured_on
+            else "carry no fingerprint of the weights and settings they were measured on"
+        )
+        warnings.warn(
+            f"pretrained_info['metrics'] {why}: they are left out of config.json and the model card. Certify this model "
+            "(report = robustwrap.certify_dataset(model, data)) and set model.pretrained_info['metrics'] = report.metrics(split=...)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {k: v for k, v in info.items() if k != "metrics"}
 
 
 def _threat(settings: dict[str, Any]) -> str:
@@ -399,7 +477,9 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
 
     Its metadata (`model-index`) carries the accuracies in `model.pretrained_info["metrics"]`
     (`vanilla_accuracy`, `clean_accuracy`, `certified_accuracy`, `split`) for
-    `pretrained_info["dataset"]`, each named with the defense and the threat model.
+    `pretrained_info["dataset"]`, each named with the defense and the threat model, when they
+    were measured on this model's weights and settings (their `fingerprint`, see
+    `CertificationReport.metrics`); figures of other weights are left out.
 
     Args:
         model: a defended model.
@@ -411,7 +491,7 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
         A `huggingface_hub.ModelCard`.
     """
     settings = model.settings()
-    info = getattr(model, "pretrained_info", None) or {}
+    info = _measured_info(model)
     metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
     dataset = info.get("dataset")
     threat = _threat(settings)
@@ -452,6 +532,7 @@ def model_card(model: RobustPatchClassifier, repo_id: str | None = None, **kwarg
         else "# a torchvision base model: load it with robustwrap.from_pretrained(...).model"
     )
     settings_json = json.dumps(_jsonable({k: v for k, v in settings.items() if k != "mask_set"}))
+    measured_on = f" (on the weights and settings with fingerprint `{metrics['fingerprint']}`)" if metrics else ""
     body = f"""
 # {repo_id or architecture}: certifiably patch-robust {architecture}
 
@@ -461,7 +542,7 @@ patch of the threat model below can change a certified prediction.
 - Threat model: {threat}{f"; {views} views per image (full evaluation)" if views else ""}
 - Settings: `{settings_json}`
 - Fine-tuning: {info.get("strategy") or "not recorded"}
-- Measured: {metrics.get("command", "not recorded")}
+- Measured: {metrics.get("command", "not recorded")}{measured_on}
 
 | metric | value |
 |---|---|
@@ -476,7 +557,57 @@ model = robustwrap.from_pretrained("hf-hub:{name}").eval()   # the defended mode
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str | None = None, card_kwargs: dict[str, Any] | None = None) -> None:
+def _is_robustwrap_save(folder: Path) -> bool:
+    """Whether `folder/config.json` is a robustwrap model's (a JSON object with a `"robustwrap"` section)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: someone else's file
+        return False
+    return isinstance(config, dict) and isinstance(config.get("robustwrap"), dict)
+
+
+def check_save_folder(folder: str | Path, *, overwrite: bool = False, argument: str = "save_directory") -> None:
+    """Refuse a folder that a model must not be written into: the one rule of `save_pretrained` and the CLI's `--out`.
+
+    A model may be written into a folder that does not exist, an empty folder, or an earlier
+    robustwrap save (its `config.json` has a `"robustwrap"` section), whose `config.json`,
+    `model.safetensors` and `README.md` are then replaced, as `huggingface_hub`'s
+    `save_pretrained` replaces an earlier save.
+
+    Args:
+        folder: where the model would be written.
+        overwrite: write into any other folder too (its `config.json`, `model.safetensors` and
+            `README.md` are replaced, its other files kept).
+        argument: how the caller names the folder in the error (`"--out"` for the CLI).
+
+    Raises:
+        FileExistsError: for a path that is a file, or (without `overwrite`) a non-empty folder
+            that is not a robustwrap save: writing there would overwrite someone's
+            `config.json` or `README.md` and leave a folder that mixes two things.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{argument} {folder} is a file, not a folder")
+    if overwrite or not folder.exists() or _is_robustwrap_save(folder):
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries:
+        how = "" if argument.startswith("--") else ", or pass overwrite=True to write into it anyway"  # the CLI has no such switch
+        raise FileExistsError(
+            f"{argument} {folder} is neither empty nor an earlier robustwrap save (it holds {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}): writing a model there would overwrite or mix with those files; "
+            f"choose a new or empty folder{how}"
+        )
+
+
+def save_folder(
+    model: RobustPatchClassifier,
+    folder: str | Path,
+    repo_id: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Write `config.json`, `model.safetensors` and `README.md` for `model` into `folder`.
 
     Everything is built and checked before anything is written; if writing fails, a folder that
@@ -484,14 +615,18 @@ def save_folder(model: RobustPatchClassifier, folder: str | Path, repo_id: str |
 
     Args:
         model: a defended model.
-        folder: where to write (created if missing).
+        folder: where to write: a new or empty folder, or an earlier robustwrap save (see
+            `check_save_folder`).
         repo_id: the Hub repo the model card names.
         card_kwargs: more arguments for `model.generate_model_card`.
+        overwrite: write into any other folder too (see `check_save_folder`).
 
     Raises:
+        FileExistsError: for a folder that holds other files (see `check_save_folder`).
         TypeError, ValueError: see `hub_config`.
     """
     folder = Path(folder)
+    check_save_folder(folder, overwrite=overwrite)
     config = hub_config(model)
     card_kwargs = {**(card_kwargs or {}), "repo_id": repo_id}
     card = model.generate_model_card(**card_kwargs) if hasattr(model, "generate_model_card") else model_card(model, **card_kwargs)
@@ -517,25 +652,30 @@ def save_pretrained(
     repo_id: str | None = None,
     push_to_hub: bool = False,
     model_card_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
     **push_to_hub_kwargs: Any,
 ) -> str | None:
     """`model.save_pretrained`: the model's files into a folder, optionally pushed to the Hub.
 
     Args:
         model: a defended model.
-        save_directory: the folder.
+        save_directory: the folder: a new or empty one, or an earlier robustwrap save, whose
+            files are replaced (the rule of `robustwrap train --out`, see `check_save_folder`).
         config: not supported: `config.json` is written from `model.settings()` so that it can
             never disagree with the model; free-form information goes into
             `model.pretrained_info` (saved under `robustwrap.info`).
         repo_id: the Hub repo (named in the model card; the push target with `push_to_hub`).
         push_to_hub: also push the files to `repo_id`.
         model_card_kwargs: passed to `model.generate_model_card`.
+        overwrite: write into a folder that holds other files too (its `config.json`,
+            `model.safetensors` and `README.md` are replaced, its other files kept).
         **push_to_hub_kwargs: passed to `push_to_hub`.
 
     Returns:
         The commit URL when pushing, else None.
 
     Raises:
+        FileExistsError: for a folder that holds other files, without `overwrite`.
         TypeError: for `config=...`, or a model that cannot be saved (see `hub_config`); nothing
             is written then.
     """
@@ -547,10 +687,10 @@ def save_pretrained(
     if push_to_hub:
         if repo_id is None:
             repo_id = Path(save_directory).name
-        save_folder(model, save_directory, repo_id=repo_id, card_kwargs=model_card_kwargs)
+        save_folder(model, save_directory, repo_id=repo_id, card_kwargs=model_card_kwargs, overwrite=overwrite)
         return model.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
     card_kwargs = dict(model_card_kwargs or {})
-    save_folder(model, save_directory, repo_id=card_kwargs.pop("repo_id", repo_id), card_kwargs=card_kwargs)
+    save_folder(model, save_directory, repo_id=card_kwargs.pop("repo_id", repo_id), card_kwargs=card_kwargs, overwrite=overwrite)
     return None
 
 
@@ -642,7 +782,8 @@ def load_folder(
 
     Args:
         folder: a folder with `config.json` and `model.safetensors`.
-        weights: load `model.safetensors` (False: random weights, like `pretrained=False`).
+        weights: load `model.safetensors` (False: random weights, like `pretrained=False`,
+            without the saved figures, which measured the saved weights).
         expected_sha256: refuse the weights unless the file has this sha256 (the zoo's record).
         device: where to put the model.
         expect: a defense class the model must be an instance of (`PatchCleanser.from_pretrained`
@@ -703,7 +844,8 @@ def load_folder(
         model = cls.from_settings(base, settings, **{**saved_runtime, **runtime})
     except ValueError as e:  # untrusted values: say which file
         raise ValueError(f"{where}: {e}") from None
-    model.pretrained_info = info
+    # Random weights (weights=False) are not the weights the saved figures measured.
+    model.pretrained_info = info if weights else {k: v for k, v in info.items() if k != "metrics"}
     return model.to(device).eval()
 
 
@@ -770,6 +912,26 @@ def _unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+def _download_command(repo_id: str, filename: str | None = None) -> str:
+    """The shell command that puts a Hub file (or repo) into the Hugging Face cache, for the installed huggingface_hub.
+
+    huggingface_hub 0.34 added the `hf` command and 1.0 removed `huggingface-cli`, so a message
+    that names only one of them is wrong for someone: this names the one installed here.
+
+    Args:
+        repo_id: `<org>/<name>`.
+        filename: one file of the repo (None: all of it).
+
+    Returns:
+        e.g. `"hf download timm/vit_base_patch16_224.augreg_in21k_ft_in1k model.safetensors"`.
+    """
+    import huggingface_hub
+    from packaging.version import Version
+
+    program = "hf" if Version(huggingface_hub.__version__) >= Version("0.34") else "huggingface-cli"
+    return " ".join([program, "download", repo_id, *([filename] if filename else [])])
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
@@ -807,7 +969,7 @@ def download(
         reason = _unreachable()
         offline = reason is not None
     kwargs = {"revision": revision, "cache_dir": cache, "force_download": force_download and not offline, "local_files_only": offline, "token": token}
-    get = f"download it once where the Hub can be reached (robustwrap.from_pretrained({name!r}) or `hf download {repo_id}`), or copy a Hugging Face cache that has it into {cache}"
+    get = f"download it once where the Hub can be reached (robustwrap.from_pretrained({name!r}) or `{_download_command(repo_id)}`), or copy a Hugging Face cache that has it into {cache}"
     try:
         config = hf_hub_download(repo_id, CONFIG_NAME, **kwargs)
     except LocalEntryNotFoundError:

@@ -398,6 +398,34 @@ class CertificationReport:
         rows += [("views per image", views), ("speed", f"{_number(self.images_per_second, '.1f')} images/s per process")]
         return _table(rows, title="robustwrap certification report")
 
+    def metrics(self, split: str | None = None, command: str | None = None) -> dict[str, Any]:
+        """The measured accuracies as a saved model carries them: `model.pretrained_info["metrics"]`.
+
+        They keep the report's `fingerprint`: `save_pretrained` and `push_to_hub` write them into
+        `config.json` and the model card only while the model still has the weights and settings
+        they were measured on, so a card never claims what other weights scored.
+
+        Args:
+            split: the data set's split (`"val"`, `"test"`), named in the card's metadata.
+            command: how to measure them again (e.g. a `robustwrap certify` command line).
+
+        Returns:
+            `vanilla_accuracy`, `clean_accuracy`, `certified_accuracy` (rounded to 4 digits),
+            `num_images`, `fingerprint`, and `split` and `command` when given.
+        """
+        metrics: dict[str, Any] = {
+            "vanilla_accuracy": round(self.vanilla_accuracy, 4),
+            "clean_accuracy": round(self.clean_accuracy, 4),
+            "certified_accuracy": round(self.certified_accuracy, 4),
+            "num_images": self.num_images,
+        }
+        if split is not None:
+            metrics["split"] = split
+        if command is not None:
+            metrics["command"] = command
+        metrics["fingerprint"] = self.fingerprint
+        return metrics
+
     # ------------------------------------------------------------------------------------ JSON
     def to_document(self) -> dict:
         """The report as a JSON-ready dict (what `to_json` writes)."""

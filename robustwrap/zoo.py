@@ -186,7 +186,7 @@ def _timm_weights(
         raise FileNotFoundError(
             f"zoo model {entry['name']!r} needs the network once: its weights are timm's Hub repo {repo} ({hub.WEIGHTS_NAME}), "
             f"which is not in the Hugging Face cache ({cache}) and {reason}; where the Hub can be reached run "
-            f"`huggingface-cli download {repo} {hub.WEIGHTS_NAME}` (then HF_HUB_OFFLINE=1 loads it from the cache), "
+            f"`{hub._download_command(repo, hub.WEIGHTS_NAME)}` (then HF_HUB_OFFLINE=1 loads it from the cache), "
             f"or copy a Hugging Face cache that has it into {cache}"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:

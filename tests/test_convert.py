@@ -348,8 +348,13 @@ def test_cli_import_writes_a_folder_that_certify_loads(tmp_path, capsys):
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         _same(loaded.model(x), theirs(x))
-    assert main(["import", str(path), "--format", "patchcleanser", "--out", str(out), "--model", "test_vit"]) == 1  # never overwrites
-    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("mine")
+    # --out follows save_pretrained's rule: never a folder of other files; an earlier save is replaced
+    assert main(["import", str(path), "--format", "patchcleanser", "--out", str(tmp_path / "project"), "--model", "test_vit"]) == 1
+    assert "is neither empty nor an earlier robustwrap save" in capsys.readouterr().err
+    assert main(["import", str(path), "--format", "patchcleanser", "--out", str(out), "--model", "test_vit"]) == 0
+    assert len(robustwrap.from_pretrained(out).mask_set) == 36  # the default masks replaced --num-masks 3's
 
 
 def test_cli_import_refuses_another_defenses_option(tmp_path, capsys):

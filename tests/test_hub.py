@@ -21,6 +21,8 @@ from torch import nn
 
 import robustwrap
 from robustwrap import hub
+from robustwrap.cli import main as cli_main
+from robustwrap.dataset import model_fingerprint
 from robustwrap.defenses.base import RobustPatchClassifier
 from robustwrap.defenses.patchcleanser import PatchCleanser
 from robustwrap.geometry import MaskSet
@@ -42,8 +44,10 @@ def tiny_timm(seed=0, num_classes=5):
 
 
 def robust(seed=0, **options):
+    """A defended tiny model whose figures carry its fingerprint, as `CertificationReport.metrics` gives them."""
     model = robustwrap.wrap(tiny_timm(seed), image_size=32, patch=0.02, batch_size=64, **options).eval()
     model.pretrained_info = json.loads(json.dumps(INFO))
+    model.pretrained_info["metrics"]["fingerprint"] = model_fingerprint(model)
     return model
 
 
@@ -120,7 +124,7 @@ def test_section_is_version_2_with_the_settings_exactly(tmp_path):
     section = json.loads((tmp_path / "config.json").read_text())["robustwrap"]
     assert section["format_version"] == 2 and section["defense"] == "patchcleanser"
     assert {k: v for k, v in section.items() if k not in ("format_version", "base", "info")} == json.loads(json.dumps(model.settings()))
-    assert section["precision"] == "bfloat16" and section["info"] == INFO
+    assert section["precision"] == "bfloat16" and section["info"] == model.pretrained_info
     assert section["base"] == {"library": "timm", "architecture": "test_resnet"}
     loaded = robustwrap.from_pretrained(str(tmp_path))
     assert loaded.precision == "bfloat16" and loaded.settings() == model.settings()
@@ -129,7 +133,8 @@ def test_section_is_version_2_with_the_settings_exactly(tmp_path):
 def test_info_cannot_shadow_a_setting(tmp_path):
     """Issue 9.6: free-form pretrained_info is nested under its own key."""
     model = robust()
-    model.pretrained_info = {**INFO, "fill": 9.0, "mask_set": "junk", "precision": "float16", "defense": "smoothing", "format_version": 7}
+    shadows = {"fill": 9.0, "mask_set": "junk", "precision": "float16", "defense": "smoothing", "format_version": 7}
+    model.pretrained_info = {**model.pretrained_info, **shadows}
     model.save_pretrained(tmp_path)
     loaded = robustwrap.from_pretrained(str(tmp_path))
     same_model(loaded, model)
@@ -268,6 +273,28 @@ def test_vit_with_another_patch_size_round_trips(tmp_path):
     same_model(robustwrap.from_pretrained(str(tmp_path)), model, x)
 
 
+@pytest.mark.parametrize(
+    "changed",
+    [{"embed_dim": 96, "depth": 2}, {"num_heads": 4}, {"embed_dim": 96, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "qkv_bias": False}],
+)
+def test_vit_built_with_other_arguments_round_trips(tmp_path, changed):
+    """Issue 23.16: a ViT built with another width, depth, heads or MLP saves what timm needs to rebuild it.
+
+    `num_heads` changes no weight's shape: a repo that did not record it would load and compute something else.
+    """
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, **changed)
+    model = robustwrap.wrap(base, patch=0.02).eval()
+    model.save_pretrained(tmp_path)
+    model_args = json.loads((tmp_path / "config.json").read_text())["model_args"]
+    assert {k: model_args[k] for k in changed} == changed and "class_token" not in model_args  # only what differs from the name's
+    x = torch.randn(2, 3, 32, 32)
+    same_model(robustwrap.from_pretrained(tmp_path), model, x)
+    if TIMM_LOADS_LOCAL_SAFETENSORS:
+        with torch.no_grad():
+            assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(x), base(x))
+
+
 def test_edited_head_is_refused_at_save_and_leaves_no_folder(tmp_path):
     """Issue 9.6: saving refuses what loading cannot rebuild (checked on the meta device)."""
     base = tiny_timm()
@@ -315,6 +342,53 @@ def test_failed_write_removes_the_folder_it_created(tmp_path, monkeypatch):
     assert (tmp_path / "kept").is_dir()  # a folder the user had stays
 
 
+def test_save_pretrained_refuses_a_folder_of_other_files(tmp_path):
+    """Issue 23.16: one rule for save_pretrained and the CLI's --out: a new or empty folder, or an earlier save."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "README.md").write_text("my project")
+    refusal = r"save_directory .*project is neither empty nor an earlier robustwrap save \(it holds README.md\).*overwrite=True"
+    with pytest.raises(FileExistsError, match=refusal):
+        robust().save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"] and (folder / "README.md").read_text() == "my project"
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        robust().save_pretrained(folder / "README.md")
+
+    robust().save_pretrained(folder, overwrite=True)
+    same_model(robustwrap.from_pretrained(folder), robust())
+
+    # An earlier save is replaced, as huggingface_hub's save_pretrained replaces one; its other files stay.
+    (tmp_path / "saved").mkdir()
+    robust(seed=0).save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "notes.txt").write_text("epoch 1")
+    robust(seed=3).save_pretrained(tmp_path / "saved")
+    same_model(robustwrap.from_pretrained(tmp_path / "saved"), robust(seed=3))
+    assert (tmp_path / "saved" / "notes.txt").read_text() == "epoch 1"
+
+
+def test_cli_out_follows_the_save_pretrained_rule(tmp_path, capsys):
+    """Issue 23.16: `robustwrap train --out` refuses (before training) what save_pretrained refuses, and takes what it takes."""
+    from PIL import Image
+
+    for c in "01":
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(tmp_path / "train" / c / "a.png")
+    argv = ["train", "--model", "timm:test_resnet", "--image-size", "32", "--num-classes", "2", "--num-masks", "3"]
+    argv += ["--workers", "0", "--no-progress", "--epochs", "1", "--data", str(tmp_path / "train"), "--out"]
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError) as python_refusal:
+        hub.check_save_folder(tmp_path / "project", argument="--out")
+    assert cli_main([*argv, str(tmp_path / "project")]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == f"robustwrap train: error: {python_refusal.value}\n" and "epoch" not in printed.out
+    assert (tmp_path / "project" / "config.json").read_text() == "{}"
+
+    robust().save_pretrained(tmp_path / "earlier")
+    assert cli_main([*argv, str(tmp_path / "earlier")]) == 0, capsys.readouterr().err
+    assert robustwrap.from_pretrained(tmp_path / "earlier").num_classes == 2  # the trained model replaced the earlier save
+
+
 def test_save_pretrained_config_argument_is_refused(tmp_path):
     """Issue 10.8: config= is not silently ignored: it raises, and nothing is written."""
     with pytest.raises(TypeError, match=r"save_pretrained\(config=...\) is not supported.*pretrained_info"):
@@ -336,6 +410,109 @@ def test_model_card_metadata(tmp_path):
     assert card.data.library_name == "timm" and "robustwrap" in card.data.tags and "patchcleanser" in card.data.tags
     assert card.data.eval_results[0].dataset_name == "mnist"
     assert "github.com/robustwrap" not in card.text  # no made-up URLs
+
+
+def noise_digits(n=6, seed=2):
+    """`n` noise images of the tiny model's shape with labels cycling over its 5 classes."""
+    images = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.TensorDataset(images, torch.arange(n) % 5)
+
+
+def figures(folder: Path) -> tuple[dict | None, list]:
+    """`(the metrics config.json carries, the card's model-index results)` of a saved folder."""
+    info = json.loads((folder / "config.json").read_text())["robustwrap"]["info"]
+    return info.get("metrics"), ModelCard.load(folder / "README.md").data.eval_results or []
+
+
+def one_training_step(model):
+    loader = torch.utils.data.DataLoader(noise_digits(4), batch_size=4)
+    robustwrap.fit_masking(model, loader, strategy="none", epochs=1, lr=0.5, progress=False)
+    model.eval()
+
+
+def assign_another_model(model):
+    model.model = tiny_timm(seed=1)
+
+
+def edit_a_weight(model):
+    with torch.no_grad():
+        model.model.conv1[0].weight[0, 0, 0, 0] += 1.0
+
+
+def change_a_setting(model):
+    model.fill = 0.5
+
+
+@pytest.mark.parametrize("change", [one_training_step, assign_another_model, edit_a_weight, change_a_setting])
+def test_measured_figures_never_travel_to_other_weights(tmp_path, change):
+    """Issue 23.2: a card and a config claim only what was measured on the weights and settings they hold."""
+    model = robustwrap.wrap(tiny_timm(), image_size=32, patch=0.02).eval()
+    report = robustwrap.certify_dataset(model, noise_digits(), progress=False)
+    model.pretrained_info = {"dataset": "noise", "metrics": report.metrics(split="val", command="python measure.py")}
+    model.save_pretrained(tmp_path / "measured")
+    metrics, results = figures(tmp_path / "measured")
+    assert metrics == report.metrics(split="val", command="python measure.py") and metrics["fingerprint"] == report.fingerprint
+    assert {r.metric_value for r in results} == {metrics[k] for k in ("vanilla_accuracy", "clean_accuracy", "certified_accuracy")}
+    assert report.fingerprint in (tmp_path / "measured" / "README.md").read_text()
+
+    # Loading and saving again keeps them: the same weights and settings.
+    loaded = robustwrap.from_pretrained(tmp_path / "measured")
+    loaded.save_pretrained(tmp_path / "again")
+    assert figures(tmp_path / "again") == (metrics, results)
+
+    change(loaded)
+    with pytest.warns(UserWarning, match=r"measured on other weights or settings.*left out of config.json and the model card"):
+        loaded.save_pretrained(tmp_path / "changed")
+    metrics, results = figures(tmp_path / "changed")
+    assert metrics is None and results == []
+    assert "certified accuracy" not in (tmp_path / "changed" / "README.md").read_text()
+    assert robustwrap.from_pretrained(tmp_path / "changed").pretrained_info == {"dataset": "noise"}
+    # Measuring the changed model again gives figures that travel with it.
+    loaded.pretrained_info["metrics"] = robustwrap.certify_dataset(loaded, noise_digits(), progress=False).metrics()
+    loaded.save_pretrained(tmp_path / "remeasured")
+    assert figures(tmp_path / "remeasured")[0] == loaded.pretrained_info["metrics"]
+
+
+def test_random_weights_of_a_saved_model_carry_no_figures(tmp_path):
+    """`weights=False` (`pretrained=False`) builds random weights: the saved figures are not theirs."""
+    robust().save_pretrained(tmp_path)
+    random_init = hub.load_folder(tmp_path, weights=False)
+    assert "metrics" not in random_init.pretrained_info and random_init.pretrained_info["dataset"] == INFO["dataset"]
+    assert hub.load_folder(tmp_path).pretrained_info["metrics"]["certified_accuracy"] == INFO["metrics"]["certified_accuracy"]
+
+
+def test_figures_without_a_fingerprint_are_left_out(tmp_path):
+    """Typed-in accuracies cannot be checked against the weights: the card does not claim them."""
+    model = robust()
+    del model.pretrained_info["metrics"]["fingerprint"]
+    with pytest.warns(UserWarning, match="carry no fingerprint"):
+        model.save_pretrained(tmp_path)
+    assert figures(tmp_path) == (None, [])
+
+
+def test_trained_figures_belong_to_the_saved_weights(tmp_path, capsys):
+    """Issue 23.2: `robustwrap train` records figures of the weights it saves; training them further drops them."""
+    from PIL import Image
+
+    for split, n in (("train", 2), ("val", 1)):
+        for c in "012":
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+                Image.fromarray(pixels.numpy()).save(tmp_path / split / c / f"{i}.png")
+    out = tmp_path / "trained"
+    argv = ["train", "--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--num-masks", "3"]
+    argv += ["--workers", "0", "--no-progress", "--epochs", "1", "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    argv += ["--out", str(out)]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    trained = robustwrap.from_pretrained(out)
+    metrics, results = figures(out)
+    assert metrics["fingerprint"] == model_fingerprint(trained) and len(results) == 3
+    images = torch.utils.data.TensorDataset(torch.rand(3, 3, 32, 32), torch.arange(3))
+    robustwrap.fit_masking(trained, torch.utils.data.DataLoader(images, batch_size=3), strategy="none", epochs=1, progress=False)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        trained.eval().save_pretrained(tmp_path / "further")
+    assert figures(tmp_path / "further") == (None, [])
 
 
 def test_pushed_card_names_the_real_repo_id(monkeypatch):
@@ -361,6 +538,14 @@ def test_pushed_card_names_the_real_repo_id(monkeypatch):
     assert "<org>" not in card and seen == ["someone/digits"]
     assert ModelCard(card).data.model_name == "someone/digits"
     assert sorted(pushed["someone/digits"]) == ["README.md", "config.json", "model.safetensors"]
+    assert len(ModelCard(card).data.eval_results) == 3
+
+    # Issue 23.2: a push of changed weights carries none of the old figures.
+    edit_a_weight(model)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        model.push_to_hub("digits")
+    assert ModelCard(pushed["someone/digits"]["README.md"]).data.eval_results is None
+    assert "metrics" not in json.loads(pushed["someone/digits"]["config.json"])["robustwrap"]["info"]
 
 
 # ------------------------------------------------------------------- names and the HF cache

@@ -172,7 +172,9 @@ def test_out_must_be_a_new_folder(data, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     code, _, err = run(["train", *TINY, "--data", data / "train", "--out", tmp_path / "m"], capsys)
-    assert (code, err) == (cli.EXIT_ERROR, f"robustwrap train: error: --out {tmp_path / 'm'} exists and is not an empty folder: choose a new one\n")
+    refusal = f"--out {tmp_path / 'm'} is neither empty nor an earlier robustwrap save (it holds config.json): writing a model there would"
+    assert code == cli.EXIT_ERROR and err.startswith(f"robustwrap train: error: {refusal}")
+    assert err.endswith("choose a new or empty folder\n") and err.count("\n") == 1
     assert (tmp_path / "m" / "config.json").read_text() == "{}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 import robustwrap
 from robustwrap import hub, zoo
 from robustwrap.cli import main
+from robustwrap.dataset import model_fingerprint
 from robustwrap.defenses.base import DEFAULT_MARGIN
 from robustwrap.defenses.patchcleanser import PatchCleanser
 from robustwrap.geometry import MaskSet
@@ -103,6 +105,28 @@ def test_resaved_default_round_trips_as_version_2(default_model, tmp_path):
     assert again.pretrained_info == default_model.pretrained_info
 
 
+@pytest.mark.parametrize("name", [e["name"] for e in zoo._manifest()["models"] if e.get("embedded")])
+def test_embedded_figures_belong_to_the_embedded_weights(name):
+    """Issue 23.2: the figures a zoo folder carries are fingerprinted with its weights and settings (so a
+    re-save keeps them); a change of a defense's settings() must re-measure or re-fingerprint them."""
+    model = robustwrap.create_model(name)
+    assert model.pretrained_info["metrics"]["fingerprint"] == model_fingerprint(model)
+
+
+def test_fine_tuned_default_does_not_claim_the_zoo_figures(tmp_path):
+    """Issue 23.2's reproduction: fine-tune the zoo's model, save: its card must not claim the zoo's 66%."""
+    model = robustwrap.create_model(zoo.DEFAULT_MODEL)
+    claimed = model.pretrained_info["metrics"]["certified_accuracy"]
+    x, y = heldout(model, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    robustwrap.fit_masking(model, loader, epochs=1, lr=0.5, progress=False)
+    with pytest.warns(UserWarning, match="measured on other weights"):
+        model.eval().save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "model-index" not in card and f"value: {claimed}" not in card
+    assert "metrics" not in json.loads((tmp_path / "config.json").read_text())["robustwrap"]["info"]
+
+
 @pytest.mark.skipif(
     tuple(int(v) for v in timm.__version__.split(".")[:3]) < (1, 0, 26),
     reason="timm < 1.0.26 reads a local-dir: checkpoint with torch.load, which cannot read safetensors",
@@ -182,7 +206,7 @@ def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
         masks = MaskSet.square(entry["image_size"], entry["settings"]["patch"], num_masks=entry["settings"]["num_masks"])
         assert masks.describe() == entry["threat_model"] and len(masks) == entry["num_masks"] and entry["patch"] == [32, 32]
         card = zoo.model_card(name)
-        assert entry["measure_with"] in card and f"huggingface-cli download {cfg.hf_hub_id}" in card and "HF_HUB_OFFLINE=1" in card
+        assert entry["measure_with"] in card and f"hf download {cfg.hf_hub_id}" in card and "huggingface_hub < 0.34: huggingface-cli download" in card and "HF_HUB_OFFLINE=1" in card
         assert "**Reported by the paper's authors**" in card and entry["paper"]["claims"]
         for claim in entry["paper"]["claims"]:
             assert claim["reported_by"] == "the paper's authors" and claim["source"] in card
@@ -207,7 +231,7 @@ def test_hub_backed_entries_are_the_papers_timm_weights_and_settings():
 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch):
-    """A hand-built, offline Hugging Face cache, laid out as `huggingface-cli download` leaves it."""
+    """A hand-built, offline Hugging Face cache, laid out as `hf download` leaves it."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf-cache"
@@ -267,12 +291,30 @@ def test_hub_backed_entry_checks_the_sha256_the_manifest_records(hf_cache, tiny_
         robustwrap.create_model("tiny_paper_model")
 
 
+def installed_download_command() -> str:
+    """`hf download` or `huggingface-cli download`: whichever console script the installed huggingface_hub ships."""
+    scripts = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    return "hf download" if "hf" in scripts else "huggingface-cli download"
+
+
+@pytest.mark.parametrize(("version", "program"), [("0.23.0", "huggingface-cli"), ("0.33.4", "huggingface-cli"), ("0.34.0", "hf"), ("1.0.0", "hf"), ("2.4.0", "hf")])
+def test_download_command_is_the_installed_huggingface_hubs(hf_cache, tiny_paper_entry, monkeypatch, version, program):
+    """Issue 23.16: huggingface_hub 0.34 added `hf` and 1.0 removed `huggingface-cli`: messages name what is installed."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "__version__", version)
+    with pytest.raises(FileNotFoundError, match=rf"`{program} download timm/test_vit.r160_in1k model.safetensors`"):
+        robustwrap.create_model("tiny_paper_model")
+    with pytest.raises(FileNotFoundError, match=rf"`{program} download acme/never-downloaded`"):
+        robustwrap.from_pretrained("hf-hub:acme/never-downloaded")
+
+
 def test_uncached_hub_backed_entry_fails_in_one_line(hf_cache, tiny_paper_entry):
     with pytest.raises(FileNotFoundError) as error:
         robustwrap.create_model("tiny_paper_model")
     message = str(error.value)
     assert "\n" not in message and "needs the network once" in message and "HF_HUB_OFFLINE is set" in message
-    assert "huggingface-cli download timm/test_vit.r160_in1k model.safetensors" in message and "HF_HUB_OFFLINE=1" in message
+    assert f"`{installed_download_command()} timm/test_vit.r160_in1k model.safetensors`" in message and "HF_HUB_OFFLINE=1" in message
 
 
 def test_cli_certifies_a_hub_backed_entry(hf_cache, tiny_paper_entry, tmp_path, capsys):
@@ -296,7 +338,7 @@ def test_cli_uncached_hub_backed_entry_is_one_line(hf_cache, tiny_paper_entry, t
     (tmp_path / "val" / "0").mkdir(parents=True)
     assert main(["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs the network once" in err and "huggingface-cli download timm/test_vit.r160_in1k" in err
+    assert err.count("\n") == 1 and "needs the network once" in err and f"{installed_download_command()} timm/test_vit.r160_in1k" in err
 
 
 def test_models_command_marks_embedded_and_network_entries(capsys):

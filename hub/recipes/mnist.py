@@ -95,14 +95,7 @@ def main() -> None:
     model.pretrained_info = {
         "strategy": "multisize_greedy",
         "dataset": DATASET,
-        "metrics": {
-            "vanilla_accuracy": round(report.vanilla_accuracy, 4),
-            "clean_accuracy": round(report.clean_accuracy, 4),
-            "certified_accuracy": round(report.certified_accuracy, 4),
-            "num_images": report.num_images,
-            "split": "heldout",
-            "command": command,
-        },
+        "metrics": report.metrics(split="heldout", command=command),
     }
 
     folder = ZOO / NAME

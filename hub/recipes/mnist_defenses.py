@@ -178,15 +178,7 @@ def main() -> None:
     report = robustwrap.certify_dataset(model, heldout, batch_size=100, progress=False)
     print(report.summary(), flush=True)
     strategy = history.strategy
-    metrics = {
-        "vanilla_accuracy": round(report.vanilla_accuracy, 4),
-        "clean_accuracy": round(report.clean_accuracy, 4),
-        "certified_accuracy": round(report.certified_accuracy, 4),
-        "views_per_image": round(report.views_per_image, 2),
-        "num_images": report.num_images,
-        "split": "heldout",
-        "command": command,
-    }
+    metrics = {**report.metrics(split="heldout", command=command), "views_per_image": round(report.views_per_image, 2)}
     model.pretrained_info = {"strategy": strategy, "dataset": DATASET, "metrics": metrics}
 
     folder = ZOO / name

@@ -34,7 +34,9 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("file", type=Path, metavar="FILE", help="the checkpoint (.pth / .pt)")
     parser.add_argument("--format", required=True, choices=tuple(IMPORT_FORMATS), help="whose code saved it")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="the folder to write: new, empty, or an earlier robustwrap save (replaced)"
+    )
     parser.add_argument("--model", help="timm architecture of the network (default: from the file name)")
     parser.add_argument("--num-classes", type=_positive, metavar="N", help="classes of the head (default: from the file name's data set)")
     parser.add_argument("--image-size", type=_image_size, help="H or HxW input size (default: the authors')")
@@ -48,10 +50,9 @@ def register(commands, common: argparse.ArgumentParser) -> None:
 
 def _import(args: argparse.Namespace) -> None:
     from ..convert import import_checkpoint
-    from ..hub import save_folder
+    from ..hub import check_save_folder, save_folder
 
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise ValueError(f"--out {args.out} already exists and is not an empty folder")
+    check_save_folder(args.out, argument="--out")
     defense = IMPORT_FORMATS[args.format]
     options = _check_defense_options(args, defense, defense)
     options.update({k: getattr(args, k) for k in ("precision", "margin") if getattr(args, k) is not None})

@@ -82,14 +82,14 @@ def _train(args: argparse.Namespace) -> None:
 
     from ..dataset import certify_dataset
     from ..fit import STRATEGIES, fit_masking
+    from ..hub import check_save_folder
 
     if args.strategy is not None and args.strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too")
-    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        # Checked before hours of training, not when the model is written.
-        raise ValueError(f"--out {args.out} exists and is not an empty folder: choose a new one")
+    if args.out is not None:
+        check_save_folder(args.out, argument="--out")  # before hours of training, not when the model is written
     rank, world, started = _start_distributed(args)
     try:
         torch.manual_seed(args.seed)
@@ -179,14 +179,7 @@ def _trained_info(args: argparse.Namespace, history, report: CertificationReport
     if args.class_map is not None:
         command += ["--class-map", args.class_map]
     info["dataset"] = args.dataset_name or Path(val_name).name
-    info["metrics"] = {
-        "vanilla_accuracy": round(report.vanilla_accuracy, 4),
-        "clean_accuracy": round(report.clean_accuracy, 4),
-        "certified_accuracy": round(report.certified_accuracy, 4),
-        "num_images": report.num_images,
-        "split": "val",
-        "command": shlex.join(command),
-    }
+    info["metrics"] = report.metrics(split="val", command=shlex.join(command))
     return info
 
 
