@@ -11,13 +11,16 @@ all tokens, main, ...) so that load drift on a shared machine hits all alike:
   issue 26 a view was built full size and all its tokens embedded);
 - `tree`: `drop_tokens=True` in this tree (each image embedded once, a view re-embeds only the
   tokens it keeps partly);
-- `all_tokens`: `drop_tokens=False` in this tree (pixel ablation, every token).
+- `all_tokens`: `drop_tokens=False` in this tree (pixel ablation, every token);
+- `art` (with `--art`, where IBM's adversarial-robustness-toolbox is installed): ART's
+  `PyTorchDeRandomizedSmoothing` on the same weights, tokens dropped (column and row ablations
+  at stride 1 only: ART's blocks take every position).
 
 Prints one JSON line per setting: best seconds per image of each, the ratios, and whether the
 vote counts of `main` and `tree` are identical:
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/tokens.py [--commit 290696d] [--models vit_tiny_patch16_224,vit_small_patch16_224]
-        [--ablations column,block] [--images 1] [--repeats 3] [--threads 1]
+        [--ablations column,block] [--images 1] [--repeats 3] [--threads 1] [--art]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ torch.set_num_threads(int(sys.argv[4]))
 import robustwrap
 name, settings, images, drop = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "1"
 torch.manual_seed(0)
-base = timm.create_model(name, num_classes=10).eval()
+base = timm.create_model(name).eval()  # 1000 classes: ART rebuilds the architecture with its default head
 x = torch.randn(images, 3, 224, 224)
 y = torch.zeros(images, dtype=torch.long)
 model = robustwrap.wrap(base, patch=0.02, defense="smoothing", drop_tokens=drop, **settings).eval()
@@ -55,6 +58,27 @@ result = model.certify(x, y, early_exit=False)
 seconds = time.perf_counter() - start
 counts = result.counts.cpu().numpy().tobytes()
 print(json.dumps({"seconds": seconds, "views": int(result.num_views.sum()), "counts": hashlib.sha256(counts).hexdigest()[:16]}))
+"""
+
+# IBM ART's PyTorchDeRandomizedSmoothing on the same weights (columns and rows only: its blocks take
+# every position, stride 1), one pass per view position over all the images, tokens dropped.
+ART_CHILD = r"""
+import json, sys, time
+import timm, torch
+torch.set_num_threads(int(sys.argv[4]))
+from art.estimators.certification.derandomized_smoothing import PyTorchDeRandomizedSmoothing
+name, settings, images = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+base = timm.create_model(name).eval()  # 1000 classes: ART rebuilds the architecture with its default head
+x = torch.randn(images, 3, 224, 224)
+art = PyTorchDeRandomizedSmoothing(
+    model=base, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 224, 224), nb_classes=1000, ablation_type=settings["ablation"],
+    ablation_size=settings["size"], replace_last_layer=False, load_pretrained=False, verbose=False, device_type="cpu",
+)
+art.eval_and_certify(x[:1].numpy(), torch.zeros(1, dtype=torch.long).numpy(), size_to_certify=32, batch_size=images, verbose=False)
+start = time.perf_counter()
+art.eval_and_certify(x.numpy(), torch.zeros(images, dtype=torch.long).numpy(), size_to_certify=32, batch_size=images, verbose=False)
+print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
@@ -67,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-all-tokens", action="store_true", help="only main against the tree")
+    parser.add_argument("--art", action="store_true", help="also IBM ART on the same weights (column and row ablations at stride 1)")
     args = parser.parse_args()
     import timm
     import torch
@@ -89,20 +114,25 @@ def main() -> None:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(main_tree)], input=archive, check=True)
         (tmp / "child.py").write_text(CHILD)
+        (tmp / "art_child.py").write_text(ART_CHILD)
         variants = {"main": (main_tree, "1"), "tree": (ROOT, "1")}
         if not args.skip_all_tokens:
             variants["all_tokens"] = (ROOT, "0")
         for name in args.models.split(","):
             for ablation in args.ablations.split(","):
-                runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+                settings = ABLATIONS[ablation]
+                run_variants = dict(variants)
+                if args.art and settings["ablation"] != "block" and settings["stride"] == 1:
+                    run_variants["art"] = (ROOT, "art")
+                runs: dict[str, list[dict]] = {variant: [] for variant in run_variants}
                 for _ in range(args.repeats):
-                    for variant, (tree, drop) in variants.items():
+                    for variant, (tree, drop) in run_variants.items():
                         env = dict(os.environ, PYTHONPATH=str(tree), OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
                         command = [
                             sys.executable,
-                            str(tmp / "child.py"),
+                            str(tmp / ("art_child.py" if drop == "art" else "child.py")),
                             name,
-                            json.dumps(ABLATIONS[ablation]),
+                            json.dumps(settings),
                             str(args.images),
                             str(args.threads),
                             drop,
@@ -119,8 +149,9 @@ def main() -> None:
                     "speedup_vs_main": round(best["main"] / best["tree"], 2),
                     "same_counts_as_main": runs["main"][0]["counts"] == runs["tree"][0]["counts"],
                 }
-                if "all_tokens" in best:
-                    row["speedup_vs_all_tokens"] = round(best["all_tokens"] / best["tree"], 2)
+                for other in ("all_tokens", "art"):
+                    if other in best:
+                        row[f"speedup_vs_{other}"] = round(best[other] / best["tree"], 2)
                 print(json.dumps(row), flush=True)
 
 
