@@ -698,10 +698,14 @@ class PatchGuard(RobustPatchClassifier):
     def _feature_size(self) -> tuple[int, int]:
         cached = self.__dict__.get("_map_size")
         if cached is None or cached[0] is not self._inner_model:
-            blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
-            with eval_mode(self._inner_model), torch.no_grad():
-                self._local_logits(self._prepare(blank))
+            self._blank_pass()
         return self.__dict__["_map_size"][1]
+
+    def _blank_pass(self) -> None:
+        """One blank image through the base model: records its map size and class count."""
+        blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
+        with eval_mode(self._inner_model), torch.no_grad():
+            self._local_logits(self._prepare(blank))
 
     @property
     def num_classes(self) -> int:
@@ -709,8 +713,8 @@ class PatchGuard(RobustPatchClassifier):
         attr = getattr(self._inner_model, "num_classes", None)
         if isinstance(attr, int) and not isinstance(attr, bool):
             return attr
-        if self._num_classes is None:
-            self._feature_size()
+        if self._num_classes is None:  # also after `m.model = m.model`, whose map size is still known
+            self._blank_pass()
         return self._num_classes
 
     @num_classes.setter
