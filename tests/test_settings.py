@@ -357,7 +357,15 @@ def test_a_declaration_is_not_kept_for_another_model_even_of_the_same_geometry()
         pg.set_model(_timm("bagnet_tiny", 1, num_classes=3, in_chans=1), receptive_field=7)
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         pg.set_model("resnet")
+    with pytest.raises(TypeError, match="already a RobustPatchClassifier"):
+        pg.set_model(pg, receptive_field=5)
     assert pg.model is bagnet
+    # A deep copy's declaration belongs to its own copy of the model.
+    pg.set_model(twin, **_CNN)
+    twin_copy = copy.deepcopy(pg)
+    assert twin_copy.model is not twin and twin_copy.receptive_field == (5, 5)
+    twin_copy.model = twin_copy.model
+    assert twin_copy.settings() == pg.settings()
 
 
 def test_a_declared_geometry_the_model_violates_is_refused_at_wrap_and_when_assigned():

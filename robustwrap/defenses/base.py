@@ -182,6 +182,14 @@ def _require_two_classes(count: int) -> None:
         )
 
 
+def _check_base_model(value: Any) -> None:
+    """A TypeError unless `value` is an `nn.Module` that is not already defended."""
+    if isinstance(value, RobustPatchClassifier):
+        raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+
+
 class RobustPatchClassifier(
     nn.Module,
     PyTorchModelHubMixin,
@@ -285,10 +293,7 @@ class RobustPatchClassifier(
         """Assign the base model: check it as `wrap` does, re-derive what is read from it, and
         let the defense re-validate its own derived settings (`_model_changed`); on any error the
         previous model stays."""
-        if isinstance(value, RobustPatchClassifier):
-            raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
-        if not isinstance(value, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+        _check_base_model(value)
         fill = self.__dict__.get("_fill")
         in_chans = _infer_in_chans(value)
         if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:

@@ -28,7 +28,7 @@ from .._args import as_image_size, as_pair, positive_int
 from .._dist import inner_module
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode, model_device_dtype
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, _check_base_model, resolve_image_size
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
 # window's worth of local logits, so rounding changes add up. On the zoo's BagNet in float32 the
@@ -643,8 +643,7 @@ class PatchGuard(RobustPatchClassifier):
             ValueError: a value missing, invalid or contradicting the model's own attribute, a
                 declaration the model is seen to violate, or anything `m.model = model` refuses.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_base_model(model)
         inner = inner_module(model)
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
         previous = self._declared_geometry
