@@ -402,3 +402,103 @@ def test_from_settings_refuses_unknown_runtime_arguments():
     model, net = make()
     with pytest.raises(TypeError, match=r"unexpected arguments \['fill'\]"):
         PatchCleanser.from_settings(net, model.settings(), fill=1.0)
+
+
+# ------------------------------------------------------------- what every defense refuses (issue 23, item 16)
+class OneLogit(nn.Module):
+    """A binary classifier written with one logit (class 1 where it is > 0), no num_classes attribute."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).amax((2, 3))
+
+
+class TwoLogits(nn.Module):
+    """The same classifier with two logits `[0, z]`: the form the error message asks for."""
+
+    def __init__(self, one: nn.Module):
+        super().__init__()
+        self.one = one
+
+    def forward(self, x):
+        z = self.one(x)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+class OneLocalLogit(nn.Module):
+    """Local logits of one class (r=3, s=1, o=0)."""
+
+    def __init__(self, classes=1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, classes, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+_OPTIONS = {
+    "patchcleanser": {"patch": 3, "num_masks": 3, "image_size": 16},
+    "smoothing": {"patch": 3, "defense": "smoothing", "size": 4, "image_size": 16},
+    "patchguard": {"patch": 3, "defense": "patchguard", "image_size": 16, "receptive_field": 3, "feature_stride": 1, "feature_offset": 0},
+}
+
+
+def _one_and_two_class_models(defense):
+    if defense == "patchguard":
+        return OneLocalLogit(1), OneLocalLogit(2)
+    one = OneLogit()
+    return one, TwoLogits(one)
+
+
+@pytest.mark.parametrize("defense", sorted(_OPTIONS))
+def test_a_one_logit_model_is_refused_at_wrap_and_when_assigned(defense):
+    options = _OPTIONS[defense]
+    one, two = _one_and_two_class_models(defense)
+    how = r"num_classes must be at least 2, got 1.*always class 0.*two logits.*torch.cat\(\[torch.zeros_like\(z\), z\], dim=1\)"
+    with pytest.raises(ValueError, match=how):
+        robustwrap.wrap(one, **options)  # used to certify every image labelled 0
+    with pytest.raises(ValueError, match=how):
+        robustwrap.wrap(two, num_classes=1, **options)
+    timm_one = timm.create_model("bagnet_tiny" if defense == "patchguard" else "test_resnet", num_classes=1, in_chans=3)
+    with pytest.raises(ValueError, match=how):
+        robustwrap.wrap(timm_one, **{k: v for k, v in options.items() if not k.startswith("feature") and k != "receptive_field"})
+    # The same classifier with two logits is certified like any other; a one-logit model assigned to it is refused.
+    defended = robustwrap.wrap(two, **options).eval()
+    x = images(4)
+    result = defended.certify(x, defended.predict(x))
+    assert defended.num_classes == 2 and result.certified.dtype == torch.bool
+    with pytest.raises(ValueError, match=how):
+        if defense == "patchguard":  # a model that does not carry its geometry is declared with it
+            defended.set_model(one, receptive_field=3, feature_stride=1, feature_offset=0)
+        else:
+            defended.model = one
+    assert defended.model is two and defended.num_classes == 2
+    with pytest.raises(ValueError, match=how):
+        defended.model = timm_one
+    assert defended.model is two
+
+
+_TIMM_OPTIONS = {
+    "patchcleanser": ("test_resnet", {"patch": 3, "num_masks": 3, "image_size": 16}),
+    "smoothing": ("test_resnet", {"patch": 3, "defense": "smoothing", "size": 4, "image_size": 16}),
+    "patchguard": ("bagnet_tiny", {"patch": 3, "defense": "patchguard"}),
+}
+
+
+@pytest.mark.parametrize("defense", sorted(_TIMM_OPTIONS))
+def test_the_defense_of_a_defended_model_cannot_be_assigned(defense, tmp_path):
+    name, options = _TIMM_OPTIONS[defense]
+    torch.manual_seed(0)
+    m = robustwrap.wrap(timm.create_model(name, num_classes=3, in_chans=1 if name == "bagnet_tiny" else 3), **options).eval()
+    other = "smoothing" if defense != "smoothing" else "patchguard"
+    with pytest.raises(AttributeError, match=rf"defense is the class of this defended model .*{defense}.*robustwrap.wrap\(m.model, defense=\.\.\."):
+        m.defense = other  # used to be accepted, and save_pretrained then wrote a folder that could not be loaded
+    assert m.defense == defense and "defense" not in vars(m) and m.settings()["defense"] == defense
+    m.save_pretrained(tmp_path / "saved")
+    loaded = robustwrap.from_pretrained(str(tmp_path / "saved"))
+    assert type(loaded) is type(m) and loaded.settings() == m.settings()

@@ -323,12 +323,16 @@ def test_certified_images_survive_every_patch_and_a_smaller_window_does_not():
     assert bool(result.certified.any()) and float(result.margin[result.certified].min()) < 0.5  # some barely
     broken = _patch_search(guard.predict, x, p)
     assert not bool((broken & result.certified).any()), "a certified image was broken by a patch"
-    # Declaring r = 1 (what a model that looked only at its own pixel would have) makes the window
-    # one smaller: that certificate is wrong, and the same search proves it.
-    small = PatchGuard(model, p, image_size=20, receptive_field=1, feature_stride=2, feature_offset=0).eval()
-    assert small.window == (2, 2)
-    wrong = small.certify(x, y)
-    broken_small = _patch_search(small.predict, x, p)
+    # Declaring r = 1 (what a model that looked only at its own pixel would have) would make the
+    # window one smaller: that certificate is wrong, and the same search proves it. So the model
+    # is probed when a geometry is declared for it, and that declaration is refused.
+    with pytest.raises(ValueError, match=r"declared for this model \(receptive_field=\(1, 1\).*does not hold.*reach \(3, 3\) pixels"):
+        PatchGuard(model, p, image_size=20, receptive_field=1, feature_stride=2, feature_offset=0)
+    window = feature_window(20, p, 1, 2, 0, 9)
+    assert window == (2, 2)
+    with torch.no_grad():
+        wrong = masking_certificate(model(x), y, window)
+        broken_small = _patch_search(lambda v: robust_masking(model(v), window).argmax(1), x, p)
     assert bool((broken_small & wrong.certified).any())
 
 

@@ -60,8 +60,10 @@ def _base_options(defense: str) -> tuple[nn.Module, dict]:
         return LocalPeak(), {"patch": 3, "num_masks": 4, "image_size": 16, "margin": 0.0}
     if defense == "smoothing":
         return LocalPeak(), {"patch": 3, "size": 4, "image_size": 16, "margin": 0.0}
-    # an undeclared local-logit model: its geometry is given to wrap (r=3, s=2, o=0 is what it sees)
-    return nn.Conv2d(2, 3, 3, stride=2), {"patch": 3, "image_size": 16, "receptive_field": 3, "feature_stride": 2, "feature_offset": 0, "margin": 0.0}
+    # An undeclared local-logit model whose geometry is given to wrap. It sees r=3, s=2, o=0; the
+    # declaration is looser (r=9, o=6: windows [2a - 6, 2a + 3) hold [2a, 2a + 3)) so that each
+    # geometry keyword has another value the model keeps to (declarations are probed on the model).
+    return nn.Conv2d(2, 3, 3, stride=2), {"patch": 3, "image_size": 16, "receptive_field": 9, "feature_stride": 2, "feature_offset": 6, "margin": 0.0}
 
 
 _MASK_SET = "m.mask_set = robustwrap.MaskSet.square"
@@ -96,10 +98,10 @@ DECISIONS = {
         **_COMMON,
     },
     "patchguard": {
-        "patch": ("assignable", 5),
-        "receptive_field": ("assignable", 5),
-        "feature_stride": ("assignable", (2, 1)),
-        "feature_offset": ("assignable", 1),
+        "patch": ("assignable", 2),
+        "receptive_field": ("assignable", 10),
+        "feature_stride": ("assignable", (2, 3)),
+        "feature_offset": ("assignable", 5),
         "threshold": ("assignable", 0.2),
         "clip": ("assignable", 0.5),
         **_COMMON,
@@ -273,25 +275,141 @@ def test_patchguard_asks_for_all_missing_geometry_at_once():
     # A new model that does not declare what the previous one did is refused, naming all of it.
     pg = robustwrap.wrap(_timm("bagnet_tiny", 0, num_classes=3, in_chans=1), patch=3, defense="patchguard")
     old = pg.model
-    with pytest.raises(ValueError, match=r"receptive_field, feature_stride, feature_offset.*robustwrap.wrap\(model, defense='patchguard'"):
+    with pytest.raises(ValueError, match=r"receptive_field, feature_stride, feature_offset.*m.set_model\(model, receptive_field=\.\.\., feature_stride=\.\.\., feature_offset=\.\.\.\)"):
         pg.model = nn.Conv2d(1, 3, 3)
     assert pg.model is old and pg.window == (4, 4)
 
 
-def test_patchguard_declarations_of_an_undeclared_model_stay_until_a_model_says_otherwise():
-    pg = robustwrap.wrap(nn.Conv2d(1, 3, 3), patch=3, defense="patchguard", image_size=16, receptive_field=3, feature_stride=1, feature_offset=0)
-    other = nn.Conv2d(1, 3, 3)
-    pg.model = other  # undeclared too: the declarations given to wrap still apply
-    assert pg.receptive_field == (3, 3) and pg.model is other
-    with pytest.raises(ValueError, match="local logits"):
-        pg.model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(2), nn.Linear(196, 1), nn.Flatten(1))  # (B, 3) logits
-    assert pg.model is other
-    with pytest.raises(ValueError, match="whole"):
-        pg.patch = 16
-    assert pg.patch == (3, 3)
+# --------------------------------------- a declared geometry belongs to its model (issue 23, item 1)
+class LocalCNN(nn.Module):
+    """A small local-logit CNN that declares nothing: two 3x3 convolutions, the second with stride 2 (r=5, s=2, o=0)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Blur5(nn.Module):
+    """`model` behind a 5x5 box blur (padding 2), declaring nothing: with LocalCNN it sees r=9, s=2, o=2."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.blur = nn.Conv2d(1, 1, 5, padding=2, bias=False)
+        nn.init.constant_(self.blur.weight, 1 / 25)
+        self.model = model
+
+    def forward(self, x):
+        return self.model(self.blur(x))
+
+
+_CNN = {"receptive_field": 5, "feature_stride": 2, "feature_offset": 0}
+_BLURRED = {"receptive_field": 9, "feature_stride": 2, "feature_offset": 2}
+
+
+def test_issue_reproduction_a_declared_geometry_does_not_follow_the_model_it_was_declared_for():
+    cnn = LocalCNN().eval()
+    blurred = Blur5(cnn).eval()
+    assert check_receptive_field(blurred, 16, **_BLURRED).tight  # what the blurred model really sees
+    pg = robustwrap.wrap(cnn, patch=3, defense="patchguard", image_size=28, margin=0.0, **_CNN).eval()
+    before = (pg.settings(), pg.window)
+    # Used to be accepted, keeping the window (4, 4) of r=5 for a model that sees 9 pixels.
+    with pytest.raises(ValueError, match=r"does not carry over to another one\): m.set_model\(model, receptive_field=\.\.\."):
+        pg.model = blurred
+    assert pg.model is cnn and (pg.settings(), pg.window) == before
+    # Declared with the model: the old numbers are probed on it and refused, the true ones taken.
+    with pytest.raises(ValueError, match=r"declared for this model \(receptive_field=\(5, 5\), .*does not hold.*unsound"):
+        pg.set_model(blurred, **_CNN)
+    assert pg.model is cnn and (pg.settings(), pg.window) == before
+    pg.set_model(blurred, **_BLURRED)
+    fresh = robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, margin=0.0, **_BLURRED).eval()
+    assert pg.window == fresh.window == (6, 6) != before[1]
+    x = _images(1, n=4, size=28)
+    assert_same_function(pg, fresh, x)
+    # What a saved config rebuilds (a custom model cannot be saved to the Hub format itself).
+    assert_same_function(robustwrap.RobustPatchClassifier.from_settings(blurred, pg.settings()).eval(), fresh, x)
+
+
+def test_a_declaration_is_not_kept_for_another_model_even_of_the_same_geometry():
+    cnn = LocalCNN(seed=0).eval()
+    pg = robustwrap.wrap(cnn, patch=3, defense="patchguard", image_size=28, **_CNN)
+    twin = LocalCNN(seed=1).eval()  # the same geometry: only the rule, not the probe, can refuse it
+    with pytest.raises(ValueError, match="does not carry over"):
+        pg.model = twin
+    assert pg.model is cnn
+    pg.model = cnn  # the same model keeps what was declared for it
+    assert pg.receptive_field == (5, 5)
+    pg.set_model(twin, **_CNN)
+    assert pg.model is twin and pg.receptive_field == (5, 5)
+    # A model with the attributes brings its own geometry; the declaration for `twin` is dropped.
+    bagnet = _timm("bagnet_tiny", 0, num_classes=3, in_chans=1)
+    pg.model = bagnet
+    assert (pg.receptive_field, pg.feature_stride, pg.feature_offset) == ((5, 5), (2, 2), (0, 0))
+    with pytest.raises(ValueError, match="does not carry over"):
+        pg.model = twin
+    # set_model refuses what wrap refuses, and changes nothing then.
+    with pytest.raises(ValueError, match=r"needs the base model's feature_offset.*pass feature_offset="):
+        pg.set_model(twin, receptive_field=5, feature_stride=2)
+    with pytest.raises(ValueError, match="contradicts the model's own receptive_field=5"):
+        pg.set_model(_timm("bagnet_tiny", 1, num_classes=3, in_chans=1), receptive_field=7)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        pg.set_model("resnet")
+    with pytest.raises(TypeError, match="already a RobustPatchClassifier"):
+        pg.set_model(pg, receptive_field=5)
+    assert pg.model is bagnet
+    # A deep copy's declaration belongs to its own copy of the model.
+    pg.set_model(twin, **_CNN)
+    twin_copy = copy.deepcopy(pg)
+    assert twin_copy.model is not twin and twin_copy.receptive_field == (5, 5)
+    twin_copy.model = twin_copy.model
+    assert twin_copy.settings() == pg.settings()
+
+
+def test_a_declared_geometry_the_model_violates_is_refused_at_wrap_and_when_assigned():
+    blurred = Blur5(LocalCNN()).eval()
+    with pytest.raises(ValueError, match=r"declared for this model .*does not hold.*reach \(9, 9\) pixels"):
+        robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, **_CNN)
+    pg = robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, **_BLURRED)
+    before = pg.settings()
+    with pytest.raises(ValueError, match="does not hold"):
+        pg.receptive_field = 7
+    with pytest.raises(ValueError, match="does not hold"):
+        pg.feature_offset = 1
+    assert pg.settings() == before
+    pg.receptive_field = 11  # a looser declaration is sound (and certifies less)
+    assert pg.settings()["receptive_field"] == [11, 11]
     clone = copy.copy(pg)
-    clone.receptive_field = 5  # a shallow copy's declaration is its own
-    assert clone.receptive_field == (5, 5) and pg.receptive_field == (3, 3)
+    clone.receptive_field = 13  # a shallow copy's declaration is its own
+    assert clone.receptive_field == (13, 13) and pg.receptive_field == (11, 11)
+    # A saved declaration is probed again when it is loaded onto a model.
+    settings = {**pg.settings(), "receptive_field": [5, 5], "feature_offset": [0, 0]}
+    with pytest.raises(ValueError, match="does not hold"):
+        robustwrap.RobustPatchClassifier.from_settings(blurred, settings)
+
+
+def test_a_declaration_too_costly_to_probe_at_the_image_size_is_probed_small_else_not_with_a_warning(monkeypatch):
+    from robustwrap import models
+    from robustwrap.defenses import patchguard
+
+    sizes = []
+    check = models.check_receptive_field
+    monkeypatch.setattr(models, "check_receptive_field", lambda model, size, **kw: sizes.append(size) or check(model, size, **kw))
+    blurred = Blur5(LocalCNN()).eval()
+    # The small probe has a few features per axis: r + 2s + 2|o| pixels (9 for _CNN, 17 for _BLURRED).
+    cost = {n: patchguard._probe_flops(blurred, 1, (n, n)) * n * n for n in (28, 17, 9)}
+    assert cost[28] > cost[17] > cost[9]
+    monkeypatch.setattr(patchguard, "_CHECK_FLOPS", cost[17])
+    with pytest.raises(ValueError, match="does not hold: on 9x9 probe images"):
+        robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, **_CNN)
+    robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, **_BLURRED)
+    assert sizes == [(9, 9), (17, 17)]
+    monkeypatch.setattr(patchguard, "_CHECK_FLOPS", cost[9] - 1)
+    with pytest.warns(UserWarning, match=r"declared for this model \(receptive_field=\(5, 5\).*not verified.*check_receptive_field"):
+        unchecked = robustwrap.wrap(blurred, patch=3, defense="patchguard", image_size=28, **_CNN)
+    assert len(sizes) == 2 and unchecked.receptive_field == (5, 5)
 
 
 # ------------------------------------------------------------------------- modes (issue 18, item 5)

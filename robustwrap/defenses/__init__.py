@@ -89,4 +89,6 @@ def wrap(
             if owners:
                 raise ValueError(f"{name}= is an option of defense {' / '.join(repr(o) for o in owners)}, not of {defense!r}")
             raise TypeError(f"wrap() got an unexpected option {name}= for defense {defense!r}; its options: {', '.join(sorted(accepted))}")
-    return cls.from_patch(model, patch, **options)
+    defended = cls.from_patch(model, patch, **options)
+    defended._check_num_classes()  # once every option is checked: a model of one class certifies nothing
+    return defended

@@ -9,7 +9,7 @@ with its own typed signature and implements `_robust_forward`, `predict`, `certi
 Every setting is read where it is used: assigning `m.fill`, `m.batch_size`, `m.precision`,
 `m.margin` or `m.model` takes effect in the next call and in `m.settings()` alike (a new base
 model is checked as `wrap` checks it, and what is read from it follows it), and assigning what
-cannot change (`image_size`, `in_chans`, `num_classes`, a defense's `_not_assignable` keywords)
+cannot change (`image_size`, `in_chans`, `num_classes`, `defense`, a defense's `_not_assignable` keywords)
 raises an error that says how to change it (the Concepts page, `docs/concepts.md#settings`, has
 the table of every `wrap` keyword). Precision and margin are
 explained at `docs/concepts.md#precision` and `docs/concepts.md#margin`, the fill at
@@ -170,6 +170,26 @@ def _infer_in_chans(model: nn.Module) -> int | None:
     return _first_conv_channels(model)
 
 
+def _require_two_classes(count: int) -> None:
+    """Refuse fewer than two classes: the prediction is an argmax, which for one logit is always
+    class 0, so every image labelled 0 would be "certified" whatever the model computes."""
+    if count < 2:
+        raise ValueError(
+            f"num_classes must be at least 2, got {count}: the prediction is the argmax of the logits, which for a single logit "
+            "is always class 0, so every image of class 0 would be certified whatever the model says. Give a binary "
+            "classifier two logits, e.g. timm.create_model(..., num_classes=2), or for a one-logit model z return "
+            "torch.cat([torch.zeros_like(z), z], dim=1) (class 1 where z > 0, as with a sigmoid)"
+        )
+
+
+def _check_base_model(value: Any) -> None:
+    """A TypeError unless `value` is an `nn.Module` that is not already defended."""
+    if isinstance(value, RobustPatchClassifier):
+        raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+
+
 class RobustPatchClassifier(
     nn.Module,
     PyTorchModelHubMixin,
@@ -208,7 +228,9 @@ class RobustPatchClassifier(
 
     Raises:
         TypeError: if `model` is not an `nn.Module` or is already a `RobustPatchClassifier`.
-        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`.
+        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`, and for
+            a model with fewer than two classes (given, its attribute or its logits): the argmax of
+            one logit is always class 0, a certificate of nothing.
     """
 
     defense: ClassVar[str] = ""
@@ -253,24 +275,33 @@ class RobustPatchClassifier(
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._not_assignable:
             raise AttributeError(self._not_assignable[name])
+        if name == "defense":
+            # The class is the defense: an instance attribute would only rename it, and the saved
+            # folder would name a defense whose settings it does not hold (it could not be loaded).
+            raise AttributeError(
+                f"defense is the class of this defended model ({type(self).__name__}, {self.defense!r}) and cannot be assigned; "
+                "for another defense of the same base model call robustwrap.wrap(m.model, defense=..., ...)"
+            )
         if name == "model" and "_modules" in self.__dict__:
             self._set_model(value)
             return
+        if name == "_num_classes" and value is not None:  # given, or learnt from the model's logits wherever a defense first sees them
+            _require_two_classes(value)
         super().__setattr__(name, value)
 
     def _set_model(self, value: nn.Module) -> None:
         """Assign the base model: check it as `wrap` does, re-derive what is read from it, and
         let the defense re-validate its own derived settings (`_model_changed`); on any error the
         previous model stays."""
-        if isinstance(value, RobustPatchClassifier):
-            raise TypeError(f"model is already a RobustPatchClassifier ({type(value).__name__}); use its .model as the base model")
-        if not isinstance(value, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+        _check_base_model(value)
         fill = self.__dict__.get("_fill")
         in_chans = _infer_in_chans(value)
         if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:
             raise ValueError(f"the new model takes {in_chans} channels but fill has {len(fill)} values; set fill first")
         resolve_image_size(value, self._image_size)  # a timm model with a fixed input size must take this one
+        said = getattr(inner_module(value), "num_classes", None)
+        if isinstance(said, int) and not isinstance(said, bool):
+            _require_two_classes(said)  # a model that says it has one class: refused before any forward pass
         previous = self._modules.get("model")
         saved = (self.__dict__.get("_model_in_chans"), self._num_classes)
         nn.Module.__setattr__(self, "model", value)
@@ -280,6 +311,7 @@ class RobustPatchClassifier(
             return
         try:
             self._model_changed()
+            self._check_num_classes()
         except BaseException:
             nn.Module.__setattr__(self, "model", previous)
             self._model_in_chans, self._num_classes = saved
@@ -287,6 +319,12 @@ class RobustPatchClassifier(
 
     def _model_changed(self) -> None:
         """Re-validate what the defense derives from a newly assigned base model (raise to refuse it)."""
+
+    def _check_num_classes(self) -> None:
+        """Refuse a base model with fewer than two classes, now: one blank forward pass if it does not
+        say how many (`wrap`, `from_settings` and `m.model = ...` call it once the defense has checked
+        its settings; elsewhere the count is checked when it is first learnt)."""
+        _require_two_classes(self.num_classes)
 
     @property
     def _inner_model(self) -> nn.Module:
@@ -460,6 +498,7 @@ class RobustPatchClassifier(
         defended = cls(model, **options, **common, **runtime)
         if defended.image_size != image_size:
             raise ValueError(f"settings image_size {list(image_size)} disagrees with the {cls.defense} geometry's {list(defended.image_size)}")
+        defended._check_num_classes()
         return defended
 
     def _defense_settings(self) -> dict[str, Any]:

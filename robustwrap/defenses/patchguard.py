@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from .. import models  # noqa: F401 - PatchGuard's BagNets, registered with timm: timm.create_model("bagnet17") next to wrap(defense="patchguard")
+from .. import models  # check_receptive_field; importing it also registers the BagNets with timm (timm.create_model("bagnet17"))
 from .._args import as_image_size, as_pair, positive_int
+from .._dist import inner_module
 from ..geometry import feature_window, patch_pixels
-from ..views import call_model, eval_mode
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from ..views import call_model, eval_mode, model_device_dtype
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, _check_base_model, resolve_image_size
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
 # window's worth of local logits, so rounding changes add up. On the zoo's BagNet in float32 the
@@ -315,6 +318,12 @@ def _as_clip(value) -> float | None:
 # The geometry a PatchGuard base model declares, with each value's minimum (None: any int).
 _GEOMETRY = {"receptive_field": 1, "feature_stride": 1, "feature_offset": None}
 
+# A geometry declared for a model is verified with `models.check_receptive_field` when that costs
+# at most this many floating-point operations of the model (torch's FlopCounterMode, summed over the
+# probes): about a second in float64 on one CPU core, where the check runs (1.6 to 3 GFLOP/s measured
+# on BagNet-sized models, 0.3 on a two-layer CNN whose probes are mostly overhead).
+_CHECK_FLOPS = 2e9
+
 
 def _missing_geometry(missing: Sequence[str], how: str) -> str:
     return (
@@ -322,6 +331,75 @@ def _missing_geometry(missing: Sequence[str], how: str) -> str:
         "(receptive_field r, feature_stride s and feature_offset o say that local logit (a, b) sees only input rows "
         "[s*a - o, s*a - o + r) and columns likewise; robustwrap.models.bagnet17 and friends carry them)"
     )
+
+
+def _redeclare(missing: Sequence[str]) -> str:
+    """How to give a newly assigned model the geometry it does not carry."""
+    keywords = ", ".join(f"{name}=..." for name in missing)
+    return (
+        "declare it for this model (a geometry declared for the previous model does not carry over to another one): "
+        f"m.set_model(model, {keywords}), or give the model those attributes (model.{missing[0]} = ...)"
+    )
+
+
+def _model_geometry(model: nn.Module, name: str) -> tuple[int, int] | None:
+    """`model`'s own declaration of `name` (checked), or None if it has no such attribute."""
+    attr = getattr(model, name, None)
+    return None if attr is None else _geometry(attr, f"the model's {name}", _GEOMETRY[name])
+
+
+def _declarations(model: nn.Module, given: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The geometry declared for `model`: the given values (None: not given) it does not carry itself.
+
+    Raises:
+        ValueError: a value that is not an int or pair (of the minimum), one that contradicts the
+            model's own attribute, or a value neither given nor carried by the model.
+    """
+    missing = [name for name, value in given.items() if value is None and _model_geometry(model, name) is None]
+    if missing:
+        raise ValueError(_missing_geometry(missing, "pass " + ", ".join(f"{name}=" for name in missing)))
+    declared = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        pair, own = _geometry(value, name, _GEOMETRY[name]), _model_geometry(model, name)
+        if own is None:
+            declared[name] = pair
+        elif pair != own:
+            raise ValueError(
+                f"{name}={value!r} contradicts the model's own {name}={getattr(model, name)!r}; the geometry is read from the model: "
+                f"leave {name} unset to use the model's, or change the model's attribute if it is wrong"
+            )
+    return declared
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """Geometry declared to a PatchGuard for one base model: it holds for that model only.
+
+    Attributes:
+        model: the base model (the module a `DistributedDataParallel` wraps) it was declared for.
+        geometry: name -> `(rows, columns)`, for the names the model does not carry itself.
+    """
+
+    model: nn.Module | None
+    geometry: dict[str, tuple[int, int]]
+
+    def of(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """The declarations made for `model` (none for any other model)."""
+        return self.geometry if self.model is model else {}
+
+
+def _probe_flops(model: nn.Module, in_chans: int, size: tuple[int, int]) -> int | None:
+    """Floating-point operations of one forward pass of a blank `size` image, or None if the model cannot take it."""
+    device, dtype = model_device_dtype(model)
+    blank = torch.zeros(1, in_chans, *size, device=device, dtype=dtype)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        try:
+            out = model(blank)
+        except Exception:  # noqa: BLE001  (whatever a model raises for a size it cannot take: try another size)
+            return None
+    return counter.get_total_flops() if isinstance(out, torch.Tensor) and out.ndim == 4 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -360,8 +438,10 @@ class PatchGuard(RobustPatchClassifier):
             in (0, 1)), or `(ph, pw)`.
         image_size: `H` or `(H, W)` of the inputs.
         receptive_field: `r` (int or `(rh, rw)`, >= 1), for a model without a `receptive_field`
-            attribute; the model's own attribute is read at every use (so it follows
-            `m.model = other`), and a value that contradicts it is refused.
+            attribute: declared for this model only (another model assigned later brings its
+            own attribute or is declared with `set_model`) and verified on it where that is cheap
+            (`models.check_receptive_field`); the model's own attribute is read at every use (so
+            it follows `m.model = other`), and a value that contradicts it is refused.
         feature_stride: `s` (int or pair, >= 1); likewise `model.feature_stride`.
         feature_offset: `o` (int or pair; 0 for unpadded models); likewise `model.feature_offset`.
         threshold: the detection threshold `T` in `[0, 1)` (default 0: always mask).
@@ -375,8 +455,12 @@ class PatchGuard(RobustPatchClassifier):
     Raises:
         TypeError: if `model` is not an `nn.Module` or is already defended.
         ValueError: a missing or invalid geometry (the message says how to declare it), a
-            declaration that contradicts the model's attributes, `threshold` outside [0, 1), a
-            bad `clip` or patch.
+            declaration that contradicts the model's attributes or that the model is seen to
+            violate, `threshold` outside [0, 1), a bad `clip` or patch.
+
+    Warns:
+        UserWarning: a declared geometry too costly to verify on this model (the message says
+            how to verify it once).
     """
 
     defense = "patchguard"
@@ -399,46 +483,80 @@ class PatchGuard(RobustPatchClassifier):
         margin: float = DEFAULT_EVIDENCE_MARGIN,
         num_classes: int | None = None,
     ):
-        super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
-        missing = [name for name, value in given.items() if value is None and getattr(self._inner_model, name, None) is None]
-        if missing:
-            raise ValueError(_missing_geometry(missing, "pass " + ", ".join(f"{name}=" for name in missing)))
-        # Declarations for what the model does not say itself; the model's own attributes are read
-        # at every use, so they follow `m.model = other` and in-place changes alike.
-        self._declared_geometry: dict[str, tuple[int, int]] = {}
-        for name, value in given.items():
-            if value is not None:
-                self._declare(name, value)
+        # Checked before the base class's blank forward pass; a non-module is refused there.
+        declared = _declarations(inner_module(model), given) if isinstance(model, nn.Module) else {}
+        super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        # Declarations for what the model does not say itself, bound to this model: the model's own
+        # attributes are read at every use (they follow in-place changes), and another model
+        # assigned later must bring its own geometry or be declared anew (`set_model`).
+        self._declared_geometry = _Declared(self._inner_model, declared)
         self._patch = patch_pixels(patch, self.image_size)
         self.threshold = threshold
         self.clip = clip
+        self._verify_declared()
 
     # ------------------------------------------------------------------------------ geometry
-    def _model_geometry(self, name: str) -> tuple[int, int] | None:
-        """The model's own declaration of `name` (checked), or None if it has no such attribute."""
-        attr = getattr(self._inner_model, name, None)
-        return None if attr is None else _geometry(attr, f"the model's {name}", _GEOMETRY[name])
-
     def _geometry_of(self, name: str) -> tuple[int, int]:
-        declared = self._model_geometry(name)
-        return self._declared_geometry[name] if declared is None else declared
-
-    def _declare(self, name: str, value) -> None:
-        """Record a declaration of `name`; one that contradicts the model's own attribute is refused."""
-        pair = _geometry(value, name, _GEOMETRY[name])
-        declared = self._model_geometry(name)
-        if declared is None:
-            self._declared_geometry = {**self._declared_geometry, name: pair}  # a new dict: a shallow copy keeps its own
-        elif pair != declared:
-            raise ValueError(
-                f"{name}={value!r} contradicts the model's own {name}={getattr(self._inner_model, name)!r}; the geometry is read from the model: "
-                f"leave {name} unset to use the model's, or change the model's attribute if it is wrong"
-            )
+        own = _model_geometry(self._inner_model, name)
+        if own is not None:
+            return own
+        declared = self._declared_geometry.of(self._inner_model)
+        if name not in declared:  # the model lost its attribute after it was checked
+            raise ValueError(_missing_geometry([name], _redeclare([name])))
+        return declared[name]
 
     def _set_geometry(self, name: str, value) -> None:
+        model = self._inner_model
         with self._window_kept_possible("_declared_geometry"):
-            self._declare(name, value)
+            declared = {**self._declared_geometry.of(model), **_declarations(model, {name: value})}
+            self._declared_geometry = _Declared(model, declared)  # a new object: a shallow copy keeps its own
+            self._verify_declared()
+
+    def _verify_declared(self) -> None:
+        """Refuse a declared geometry the model violates, found by `models.check_receptive_field`.
+
+        A receptive field declared smaller than what the model sees makes every certificate
+        unsound, so whatever was declared for the model (at `wrap`, by assignment, `set_model`, or
+        read back from a saved config) is probed: at the image size if that is cheap, else on a
+        small image (a few features per axis), else not at all, with a warning saying how to run
+        the check. The geometry the model carries as attributes is the model's own claim (its
+        author's, as for `robustwrap.models`' BagNets) and is not probed unless something is declared.
+        """
+        if not self._declared_geometry.of(self._inner_model):
+            return
+        self.window  # noqa: B018  (the declaration must first fit the model's map)
+        model, in_chans = self._inner_model, self.in_chans or 3
+        r, s, o = self.receptive_field, self.feature_stride, self.feature_offset
+        geometry = f"receptive_field={r}, feature_stride={s}, feature_offset={o}"
+        small = tuple(min(n, ri + 2 * si + 2 * abs(oi)) for n, ri, si, oi in zip(self.image_size, r, s, o))
+        cost = None
+        for size in dict.fromkeys([self.image_size, small]):  # the image size first: the map certificates use
+            flops = _probe_flops(model, in_chans, size)
+            if flops is None:
+                continue
+            cost = flops * size[0] * size[1]
+            if cost > _CHECK_FLOPS:
+                continue
+            report = models.check_receptive_field(model, size, receptive_field=r, feature_stride=s, feature_offset=o, in_chans=in_chans, trials=1, strict=False)
+            if not report.ok:
+                raise ValueError(
+                    f"the geometry declared for this model ({geometry}) does not hold: on {size[0]}x{size[1]} probe images a pixel outside "
+                    f"a feature's declared window changed that feature ({report.violations} (feature, pixel) pairs, e.g. feature (a, b), "
+                    f"pixel (row, col): {list(report.examples[:3])}; the model is seen to reach {report.observed_receptive_field} pixels). "
+                    "A receptive field declared smaller than what the model sees makes every certificate unsound: declare what the model "
+                    "really sees (robustwrap.models.check_receptive_field(model, size, receptive_field=..., feature_stride=..., "
+                    "feature_offset=...) tests a geometry)"
+                )
+            return
+        why = "the model could not be probed" if cost is None else f"checking it would take about {cost:.2g} floating-point operations"
+        warnings.warn(
+            f"the geometry declared for this model ({geometry}) was not verified ({why}); a receptive field declared too small "
+            "makes every certificate unsound: verify it once with robustwrap.models.check_receptive_field(model, size, ...) on a "
+            "small image, then give the model the attributes receptive_field, feature_stride and feature_offset",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @contextlib.contextmanager
     def _window_kept_possible(self, attribute: str) -> Iterator[None]:
@@ -454,10 +572,11 @@ class PatchGuard(RobustPatchClassifier):
 
     @property
     def receptive_field(self) -> tuple[int, int]:
-        """`r` per axis: the model's `receptive_field` attribute (read at every use), else the declared one.
+        """`r` per axis: the model's `receptive_field` attribute (read at every use), else the one declared for this model.
 
-        Assigning is accepted where the model does not say, or says the same; a value that
-        contradicts the model is refused, as at `wrap`.
+        Assigning declares it for the current model, as at `wrap`: accepted where the model does
+        not say (and, where cheap, the model is seen to keep to it), or says the same; a value
+        that contradicts the model or that the model is seen to violate is refused.
         """
         return self._geometry_of("receptive_field")
 
@@ -484,21 +603,56 @@ class PatchGuard(RobustPatchClassifier):
         self._set_geometry("feature_offset", value)
 
     def _model_changed(self) -> None:
-        """A new base model: its own geometry is used from now on; what it does not declare must
-        have been declared for the wrapper, and the window must exist for it (one blank pass)."""
-        missing = [name for name in _GEOMETRY if self._model_geometry(name) is None and name not in self._declared_geometry]
+        """A new base model: its own geometry is used from now on; what it does not carry must have
+        been declared for it (`set_model`), not for a previous model; the window must exist for it
+        (one blank pass) and what is declared must hold (`_verify_declared`)."""
+        model = self._inner_model
+        declared = self._declared_geometry.of(model)
+        missing = [name for name in _GEOMETRY if _model_geometry(model, name) is None and name not in declared]
         if missing:
-            raise ValueError(
-                _missing_geometry(
-                    missing,
-                    "give the model those attributes, or wrap it anew: robustwrap.wrap(model, defense='patchguard', "
-                    + ", ".join(f"{name}=..." for name in missing)
-                    + ")",
-                )
-            )
+            raise ValueError(_missing_geometry(missing, _redeclare(missing)))
         self.window  # noqa: B018
-        # What the model says itself is no longer declared for it: a later model must say it again.
-        self._declared_geometry = {name: pair for name, pair in self._declared_geometry.items() if self._model_geometry(name) is None}
+        self._verify_declared()
+        # Only what this model does not say itself stays declared (and no reference to an old model).
+        self._declared_geometry = _Declared(model, {name: pair for name, pair in declared.items() if _model_geometry(model, name) is None})
+
+    def set_model(
+        self,
+        model: nn.Module,
+        *,
+        receptive_field: int | Sequence[int] | None = None,
+        feature_stride: int | Sequence[int] | None = None,
+        feature_offset: int | Sequence[int] | None = None,
+    ) -> None:
+        """Assign a new base model together with the geometry declared for it.
+
+        `m.model = other` takes the geometry from `other`'s attributes; a geometry declared for
+        the previous model (at `wrap` or by assignment) belongs to that model and never carries
+        over, so a model without those attributes is declared here, as `wrap` declares it. The
+        declaration is verified on the model where that is cheap (as at `wrap`); everything else
+        is checked as `m.model = other` checks it. On any error nothing changes.
+
+        Args:
+            model: the new local-logit model.
+            receptive_field: `r`, if `model` has no `receptive_field` attribute.
+            feature_stride: `s`, if `model` has no `feature_stride` attribute.
+            feature_offset: `o`, if `model` has no `feature_offset` attribute.
+
+        Raises:
+            TypeError: `model` is not an `nn.Module`, or is already defended.
+            ValueError: a value missing, invalid or contradicting the model's own attribute, a
+                declaration the model is seen to violate, or anything `m.model = model` refuses.
+        """
+        _check_base_model(model)
+        inner = inner_module(model)
+        given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
+        previous = self._declared_geometry
+        self._declared_geometry = _Declared(inner, _declarations(inner, given))
+        try:
+            self.model = model
+        except BaseException:
+            self._declared_geometry = previous
+            raise
 
     # ------------------------------------------------------------------------------ settings
     @property
@@ -543,10 +697,14 @@ class PatchGuard(RobustPatchClassifier):
     def _feature_size(self) -> tuple[int, int]:
         cached = self.__dict__.get("_map_size")
         if cached is None or cached[0] is not self._inner_model:
-            blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
-            with eval_mode(self._inner_model), torch.no_grad():
-                self._local_logits(self._prepare(blank))
+            self._blank_pass()
         return self.__dict__["_map_size"][1]
+
+    def _blank_pass(self) -> None:
+        """One blank image through the base model: records its map size and class count."""
+        blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
+        with eval_mode(self._inner_model), torch.no_grad():
+            self._local_logits(self._prepare(blank))
 
     @property
     def num_classes(self) -> int:
@@ -554,8 +712,8 @@ class PatchGuard(RobustPatchClassifier):
         attr = getattr(self._inner_model, "num_classes", None)
         if isinstance(attr, int) and not isinstance(attr, bool):
             return attr
-        if self._num_classes is None:
-            self._feature_size()
+        if self._num_classes is None:  # also after `m.model = m.model`, whose map size is still known
+            self._blank_pass()
         return self._num_classes
 
     @num_classes.setter
