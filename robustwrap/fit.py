@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
 from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
-from ._dist import barrier, gather_objects, inner_module, rank_and_world, sum_across
+from ._dist import average_running_statistics, barrier, gather_objects, inner_module, rank_and_world, sum_across
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
@@ -266,6 +266,8 @@ def fit_masking(
         _check_distributed_sampler(train_loader, world)
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
+        if world > 1:
+            _check_same_on_every_rank(val_loader, world)
 
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -352,6 +354,9 @@ def fit_masking(
                 total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not loop.progress, dynamic_ncols=True
             ) as bar:
                 stats = _train_epoch(loop, train_loader, epoch, sum(e.steps for e in history.epochs), bar)
+                # One model again before anything runs it in eval mode or saves it: the searches of the
+                # next epoch, validation and rank 0's checkpoint (from which every process resumes).
+                average_running_statistics(loop.base, world)
                 if val_loader is not None:
                     certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
                     _validate(stats, loop, val_loader, certifier if certify else None)
@@ -758,6 +763,24 @@ def _check_distributed_sampler(loader, world: int) -> None:
         f"but it is {got}, so every process would train on all of them; build it as "
         "DataLoader(dataset, batch_size=<per process>, sampler=torch.utils.data.DistributedSampler(dataset)) "
         "(without shuffle=True: the sampler shuffles, and fit_masking calls its set_epoch every epoch)"
+    )
+
+
+def _check_same_on_every_rank(loader, world: int) -> None:
+    """A validation loader without a DistributedSampler is split by batches, so every rank must yield the same batches.
+
+    A shuffling sampler draws its order from each process's own random state: the ranks would
+    evaluate other images than their share (some twice, some never) and report a wrong accuracy.
+    """
+    if _distributed_sampler(loader) is not None or not isinstance(loader, DataLoader):
+        return
+    if not isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler), RandomSampler):
+        return
+    raise ValueError(
+        f"val_loader must yield the same batches in each of the {world} processes of torch.distributed (which then share "
+        f"them out), or give each process its own share, but it is a DataLoader with a RandomSampler (shuffle=True), whose "
+        "order differs between processes, so some images would be counted twice and others never; build it without "
+        "shuffle=True, or as DataLoader(dataset, batch_size=..., sampler=torch.utils.data.DistributedSampler(dataset, shuffle=False))"
     )
 
 

@@ -65,7 +65,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         help="masking strategy: multisize_greedy, greedy, grid, random_mask, random_cutout (PatchCleanser), random_ablation "
         "(smoothing), provable_adversarial (PatchGuard), or none (clean fine-tuning); default: the defense's own",
     )
-    fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness and a random initialisation (default 0)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness (seed + rank under torchrun) and a random initialisation (default 0)")
     fit.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="write a resumable checkpoint here after every epoch")
     fit.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir from its last epoch (same weights as an uninterrupted run)")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} exists and is not an empty folder: choose a new one")
     rank, world, started = _start_distributed(args)
     try:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same random initialisation in every process
         model, model_name = _load_model(args)
         if args.crop_pct is not None:
             from ..defenses import RobustPatchClassifier
@@ -107,6 +107,9 @@ def _train(args: argparse.Namespace) -> None:
         # same seed on every rank, so the shards never overlap.
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers)
+        # The strategies' random masks (and views) come from torch's global generator: each process
+        # draws its own, as its images are its own, rather than every process the same sequence.
+        torch.manual_seed(args.seed + rank)
         history = fit_masking(
             defended,
             loader,
