@@ -166,7 +166,9 @@ def fit_masking(
     every update, rank 0 alone writes checkpoints and shows progress, and validation is shared out
     between the processes. With a deterministic strategy (`"greedy"`, `"multisize_greedy"`,
     `"grid"`) and a model without BatchNorm, `N` processes with batches of `B` images end with
-    the weights of one process with batches of `N * B` (to float rounding). See the guide,
+    the weights of one process with batches of `N * B` (to float rounding) when the number of
+    images is divisible by `N`. BatchNorm running statistics are averaged over the processes after
+    every epoch, so that searches, validation and checkpoints use one model. See the guide,
     docs/guides/fine-tune.md#training-on-several-gpus.
 
     Args:
@@ -206,8 +208,8 @@ def fit_masking(
         val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
             Under `torch.distributed` the processes share the work and report the same numbers:
             a loader with a `DistributedSampler` is each process's share (the duplicates the
-            sampler pads with are not counted); any other loader is taken to be the same in
-            every process, which evaluates every `world_size`-th batch of it.
+            sampler pads with are not counted); any other loader must be the same in every
+            process, which evaluates every `world_size`-th batch of it (a shuffling one is refused).
         certify_every: with `val_loader`, also certify it every this many epochs and after the
             last one (certification runs up to `K(K + 1) / 2` views per image).
         device: move the model to this device and train there (default: where the model is).
@@ -242,7 +244,8 @@ def fit_masking(
             a run is never overwritten by mistake), a checkpoint made with other settings (strategy,
             clean ratio, mask set, fill or precision), an empty loader, or batches without labels
             or with labels outside `[0, num_classes)`. Under `torch.distributed`: a `train_loader`
-            without a `DistributedSampler` (every process would train on all images), a checkpoint
+            without a `DistributedSampler` (every process would train on all images), a `val_loader`
+            that shuffles without one (each process would evaluate other images), a checkpoint
             written by another number of processes, processes that see different checkpoints, or
             `device` for a model already wrapped in `DistributedDataParallel` elsewhere.
     """
