@@ -70,6 +70,8 @@ class EpochStats:
         robust_accuracy: accuracy of the defended (double-masking) prediction on `val_loader`,
             in the epochs that certify.
         certified_accuracy: certified accuracy on `val_loader`, in the epochs that certify.
+        predicted_classes: how many classes the model predicted on the epoch's training images (as
+            trained); 1 means it collapsed to one class (see `fit_masking`'s warning).
     """
 
     epoch: int
@@ -81,6 +83,19 @@ class EpochStats:
     val_accuracy: float | None = None
     robust_accuracy: float | None = None
     certified_accuracy: float | None = None
+    predicted_classes: int | None = None
+
+    def collapse_warning(self) -> str | None:
+        """What it means when the epoch's training predictions were all one class (`None` if they were not).
+
+        `fit_masking` warns with it, and `robustwrap train` prints it under the epoch.
+        """
+        if self.predicted_classes != 1:
+            return None
+        return (
+            f"in epoch {self.epoch} the model predicts one class for every training image (accuracy {self.accuracy:.4f}, that "
+            "class's share): it has collapsed, and certified so its certified accuracy is at most the class share"
+        )
 
 
 @dataclass
@@ -278,7 +293,7 @@ def fit_masking(
         raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
     augment, strategy_name = _make_strategy(strategy, target, search_batch_size)
     loss_fn, scores = target.training_loss(strategy_name)
-    loss_fn = _DeadRunWatch(loss_fn, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
+    loss_fn = _DeadRunWatch(loss_fn, scores, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
 
     if device is not None:
         if target.ddp is not None and torch.device(device) != model_device_dtype(base)[0]:
@@ -364,9 +379,8 @@ def fit_masking(
                     certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
                     _validate(stats, loop, val_loader, certifier if certify else None)
                 bar.set_postfix(_postfix(stats))
+            loss_fn.end_epoch(stats, world, warn=rank == 0)  # one warning per run, not one per process
             history.epochs.append(stats)
-            if rank == 0:  # one warning per run, not one per process
-                loss_fn.warn(epoch + 1)
             if checkpoint_dir is not None:
                 rngs = gather_objects(_rng_state(generators), world, device)  # every rank's own random state
                 if rank == 0:
@@ -495,13 +509,19 @@ class _DeadRunWatch:
 
     It notes, on the device (no synchronisation per batch), whether some batch's loss differed
     from `ln(num_classes)` (equal scores for every class: with a constant output no gradient
-    reaches the model) and, for PatchGuard's local logits, whether any local logit was positive
-    (else all clipped evidence is 0). `warn` says so after an epoch where either never happened.
+    reaches the model), which classes the model predicted (one class for every image: it
+    collapsed, whatever the loss) and, for PatchGuard's local logits, whether any local logit was
+    positive (else all clipped evidence is 0). `warn` says so after an epoch where that happened.
     """
 
-    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], local_logits: bool) -> None:
-        self.loss, self.local_logits = loss, local_logits
-        self.num_classes, self.moved, self.evidence = 0, None, None
+    def __init__(
+        self,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        scores: Callable[[torch.Tensor], torch.Tensor],
+        local_logits: bool,
+    ) -> None:
+        self.loss, self.scores, self.local_logits = loss, scores, local_logits
+        self.num_classes, self.moved, self.evidence, self.predicted = 0, None, None, None
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss(output, labels)
@@ -510,13 +530,24 @@ class _DeadRunWatch:
             level = math.log(self.num_classes)
             moved = (loss.detach().double() - level).abs() > 1e-6 * level
             self.moved = moved if self.moved is None else self.moved | moved
+            predicted = torch.bincount(self.scores(output.detach()).argmax(1), minlength=self.num_classes)
+            self.predicted = predicted if self.predicted is None else self.predicted + predicted
             if self.local_logits:
                 positive = (output.detach() > 0).any()
                 self.evidence = positive if self.evidence is None else self.evidence | positive
         return loss
 
-    def warn(self, epoch: int) -> None:
-        """Warn about epoch `epoch` if it was dead, then start watching the next one."""
+    def end_epoch(self, stats: EpochStats, world: int, warn: bool) -> None:
+        """Set `stats.predicted_classes` (over every process's images: every rank calls this), warn (if `warn`)
+        about an epoch that was dead or collapsed, then start watching the next one."""
+        if self.predicted is not None:
+            stats.predicted_classes = int((sum_across(self.predicted, world) > 0).sum())
+        if warn:
+            self._warn(stats)
+        self.moved = self.evidence = self.predicted = None
+
+    def _warn(self, stats: EpochStats) -> None:
+        epoch = stats.epoch
         if self.moved is not None and self.num_classes > 1 and not bool(self.moved):
             warnings.warn(
                 f"fit_masking: the loss of every batch of epoch {epoch} was exactly ln({self.num_classes}) = "
@@ -525,7 +556,14 @@ class _DeadRunWatch:
                 "Restart from the weights before this run with a lower lr, and check that the model's output depends "
                 "on its input",
                 UserWarning,
-                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+                stacklevel=5,  # the caller of fit_masking (through end_epoch and refuses_amp's wrapper)
+            )
+        elif stats.collapse_warning() is not None:
+            warnings.warn(
+                f"fit_masking: {stats.collapse_warning()}. Restart from the weights before this run with a lower lr, "
+                "or check the labels and the model's output",
+                UserWarning,
+                stacklevel=5,
             )
         if self.evidence is not None and not bool(self.evidence):
             warnings.warn(
@@ -534,9 +572,8 @@ class _DeadRunWatch:
                 "loss still raises the true class's local logits, so later epochs can recover; if they do not, restart "
                 "from the weights before this run with a lower lr, or train with strategy='none' first",
                 UserWarning,
-                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+                stacklevel=5,  # the caller of fit_masking (through end_epoch and refuses_amp's wrapper)
             )
-        self.moved = self.evidence = None
 
 
 # --------------------------------------------------------------------------------- resolution

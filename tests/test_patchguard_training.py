@@ -144,3 +144,40 @@ def test_a_bare_model_stuck_at_ln_c_warns():
         fit_masking(net, train_loader(), mask_set=mask_set, strategy="none", epochs=1, progress=False)
     assert record[0].filename == __file__  # points at the caller
     assert not any("local logit" in str(w.message) for w in record)  # not a PatchGuard model
+
+
+# ---------------------------------------------------------------------------------- collapse
+def collapsed(local: bool) -> nn.Module:
+    """A model whose output depends on its input but whose class 1 wins on every image by far:
+    the loss is not ln C (the old watch saw nothing), yet every prediction is one class."""
+    net = local_cnn(seed=3)
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.tensor([0.0, 30.0, 0.0, 0.0]))
+    if local:
+        return net
+    return nn.Sequential(net, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("defense", ["bare", "patchcleanser", "smoothing", "patchguard"])
+def test_an_epoch_whose_predictions_are_one_class_warns_for_every_defense(defense):
+    net = collapsed(local=defense == "patchguard")
+    model = {
+        "bare": net,
+        "patchcleanser": lambda: robustwrap.wrap(net, patch=2, image_size=SIZE, num_classes=NUM_CLASSES),
+        "smoothing": lambda: robustwrap.wrap(net, patch=2, defense="smoothing", size=4, image_size=SIZE, num_classes=NUM_CLASSES),
+        "patchguard": lambda: guard(net),
+    }[defense]
+    model = model if defense == "bare" else model()
+    options = {"mask_set": MaskSet.square(SIZE, 2, num_masks=3)} if defense == "bare" else {}
+    with pytest.warns(UserWarning, match=r"in epoch 1 the model predicts one class for every training image \(accuracy 0\.2500") as record:
+        history = fit_masking(model, train_loader(), epochs=1, lr=1e-6, progress=False, **options)
+    assert record[0].filename == __file__
+    assert not any("exactly ln" in str(w.message) for w in record)  # a collapse, not a constant output
+    assert history.final.predicted_classes == 1 and history.final.accuracy == 0.25
+    assert "certified accuracy is at most the class share" in history.final.collapse_warning()
+
+
+def test_a_learning_run_counts_its_predicted_classes_and_does_not_warn_of_collapse():
+    history, warned = fit(guard(local_cnn()), epochs=1)
+    assert history.final.predicted_classes > 1 and history.final.collapse_warning() is None
+    assert warned == []

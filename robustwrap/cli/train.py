@@ -197,6 +197,8 @@ def _write_trained(args: argparse.Namespace, model: RobustPatchClassifier, histo
     """Print the epochs and the report, then save to --out or push to --push (rank 0 only)."""
     for stats in history.epochs:
         print(f"epoch {stats.epoch}/{len(history)}: loss {stats.loss:.4f}, accuracy on masked images {_accuracy(stats.accuracy)}, lr {stats.lr:g}, {stats.seconds:.1f} s")
+        if stats.collapse_warning() is not None:
+            print(f"  warning: {stats.collapse_warning()}")
     print(f"{world} process(es) x {args.batch_size} images per step; {_describe(model)}")
     if report is not None:
         print(report.summary())
