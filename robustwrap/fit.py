@@ -530,7 +530,8 @@ class _DeadRunWatch:
             level = math.log(self.num_classes)
             moved = (loss.detach().double() - level).abs() > 1e-6 * level
             self.moved = moved if self.moved is None else self.moved | moved
-            predicted = torch.bincount(self.scores(output.detach()).argmax(1), minlength=self.num_classes)
+            # one_hot, not bincount: bincount has no deterministic CUDA kernel (torch.use_deterministic_algorithms)
+            predicted = F.one_hot(self.scores(output.detach()).argmax(1), self.num_classes).sum(0)
             self.predicted = predicted if self.predicted is None else self.predicted + predicted
             if self.local_logits:
                 positive = (output.detach() > 0).any()
