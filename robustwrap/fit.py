@@ -46,6 +46,11 @@ STRATEGIES = ("none", *_AUGMENTATIONS)
 """Strategy names of `fit_masking`: `"none"` (clean fine-tuning) and those of `create_augmentation`."""
 
 _CONVNET_LR, _TRANSFORMER_LR = 0.01, 0.001
+# PatchGuard's provable adversarial training: the authors' rate on ImageNet and Imagenette. At 0.01 a
+# model that cannot yet certify its images shrinks its output towards a constant (the loss of a
+# constant output, ln C, is below its own) and can collapse to one class within 3 epochs
+# (benchmarks/patchguard_collapse.py); at 0.001 it keeps its predictions apart while the loss falls.
+_PROVABLE_LR = 0.001
 _WEIGHTS, _STATE = "model.safetensors", "training_state.pt"
 _DEFAULT_STRATEGY = "multisize_greedy"  # PatchCleanser's: Multi-size Greedy Cutout (Saha et al., TMLR 2023)
 _SMOOTHING_STRATEGIES = ("none", "random_ablation")  # (De)Randomized Smoothing: one random ablated view per image
@@ -164,7 +169,9 @@ def fit_masking(
     or 0.001 for a transformer. A model counts as a transformer when a submodule is an
     `nn.MultiheadAttention` or has `Attention` or `PatchEmbed` in its class name (timm's ViT,
     DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
-    where that rule is wrong for your model.
+    where that rule is wrong for your model. PatchGuard's provable adversarial training starts at
+    0.001 for any model, the authors' rate on ImageNet: at 0.01 a model that cannot yet certify
+    its training images drifts to a constant output and can end predicting one class.
 
     The base model is trained in place, at the defended model's `precision` (the autocast that
     prediction and certification use too; float16 adds loss scaling), with its `fill`.
@@ -214,7 +221,7 @@ def fit_masking(
         fill: value of masked pixels in the model's input space; default the classifier's fill,
             or 0.0 for a bare model.
         epochs: total number of epochs, a resumed run's finished ones included.
-        lr: learning rate of the default SGD optimizer (default: 0.01 or 0.001 by the rule above).
+        lr: learning rate of the default SGD optimizer (default: 0.01 or 0.001 by the rules above).
         optimizer: your own optimizer over the model's parameters, instead of the default SGD.
         scheduler: your own learning-rate scheduler, stepped once per epoch; a timm scheduler is
             also stepped after every update (`step_update`), as timm's train script does. Default:
@@ -304,7 +311,7 @@ def fit_masking(
         base.to(device)
     device, dtype = model_device_dtype(base)
     if optimizer is None:
-        lr = _default_lr(base) if lr is None else float(lr)
+        lr = target.lrs.get(strategy_name, _default_lr(base)) if lr is None else float(lr)
         optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         if scheduler is None:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[(epochs + 1) // 2], gamma=0.1)
@@ -592,6 +599,7 @@ class _Target:
     mask_set: MaskSet | None = None
     encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     ddp: DistributedDataParallel | None = None  # the user's own wrapper around `base`, trained through
+    lrs: dict[str, float] = field(default_factory=dict)  # a strategy's own default learning rate, where it has one
 
     def __post_init__(self) -> None:
         if isinstance(self.base, DistributedDataParallel):
@@ -635,7 +643,13 @@ def _resolve_defense(model, mask_set, fill) -> _Target:
         if getattr(model, "defense", None) == "patchguard":  # no masking: the loss makes it robust
             settings = model.settings()
             geometry = {"guard": {k: v for k, v in settings.items() if k not in ("fill", "precision", "margin")}}
-            return _Target(**common, strategies=_PATCHGUARD_STRATEGIES, default="provable_adversarial", geometry=geometry)
+            return _Target(
+                **common,
+                strategies=_PATCHGUARD_STRATEGIES,
+                default="provable_adversarial",
+                geometry=geometry,
+                lrs={"provable_adversarial": _PROVABLE_LR},
+            )
         return _Target(**common, strategies=("none",), default=None, geometry={"defense": getattr(model, "defense", "")})
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a RobustPatchClassifier, got {type(model).__name__}")

@@ -181,3 +181,30 @@ def test_a_learning_run_counts_its_predicted_classes_and_does_not_warn_of_collap
     history, warned = fit(guard(local_cnn()), epochs=1)
     assert history.final.predicted_classes > 1 and history.final.collapse_warning() is None
     assert warned == []
+
+
+def test_the_default_recipe_keeps_learning_on_a_weak_plain_trained_digit_model():
+    """The reproduction of a dead run (benchmarks/patchguard_collapse.py --seed 1): a plain-trained
+    3-layer local-logit CNN (receptive field 7) on 360 real digits. At lr 0.01 the default recipe
+    ended predicting one class after 3 epochs; at its default rate it keeps learning."""
+    from robustwrap.zoo import builtin_dataset
+
+    digits = builtin_dataset("mnist-heldout")
+    x = digits.images[:360].float().unsqueeze(1) / 255.0
+    train = TensorDataset((x - x.mean()) / x.std(), digits.labels[:360])
+    loader = lambda seed: DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 3))
+    net.receptive_field, net.feature_stride, net.feature_offset = 7, 1, 0
+    model = robustwrap.wrap(net, patch=2, defense="patchguard", image_size=28)
+    fit_masking(model, loader(1), strategy="none", epochs=10, lr=0.1, progress=False)  # plain training
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit_masking(model, loader(2), epochs=3, progress=False)
+    losses = [e.loss for e in history.epochs]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == 3  # the loss falls every epoch
+    assert all(e.predicted_classes >= 3 for e in history.epochs)
+    assert not any("predicts one class" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert len(model.eval().predict(train.tensors[0]).unique()) >= 3
+    assert history.strategy == "provable_adversarial" and history.lr == 0.001
