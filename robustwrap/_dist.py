@@ -45,6 +45,33 @@ def sum_across(values: torch.Tensor, world: int) -> torch.Tensor:
     return values
 
 
+def average_running_statistics(model: nn.Module, world: int) -> None:
+    """Make every process's normalisation running statistics their mean over the processes, in place.
+
+    Under `DistributedDataParallel` each process updates its BatchNorm running statistics on its
+    own batches, so after an epoch the copies differ, and a search or validation in eval mode, or a
+    checkpoint (written by rank 0), would depend on the process. Averaging them (as timm's
+    `distribute_bn` does) gives every process the same model again. Only statistics that training
+    updates are averaged: a normalisation layer frozen in eval mode keeps its own.
+    """
+    if world == 1:
+        return
+    stats = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var)
+        if buffer is not None
+    ]
+    if not stats:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in stats])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for buffer, mean in zip(stats, flat.split([b.numel() for b in stats])):
+        buffer.copy_(mean.view_as(buffer))
+
+
 def gather_objects(obj: Any, world: int, device: torch.device) -> list[Any]:
     """Every process's `obj`, in rank order, on every process.
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
 from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
-from ._dist import barrier, gather_objects, inner_module, rank_and_world, sum_across
+from ._dist import average_running_statistics, barrier, gather_objects, inner_module, rank_and_world, sum_across
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
@@ -46,6 +46,11 @@ STRATEGIES = ("none", *_AUGMENTATIONS)
 """Strategy names of `fit_masking`: `"none"` (clean fine-tuning) and those of `create_augmentation`."""
 
 _CONVNET_LR, _TRANSFORMER_LR = 0.01, 0.001
+# PatchGuard's provable adversarial training: the authors' rate on ImageNet and Imagenette. At 0.01 a
+# model that cannot yet certify its images shrinks its output towards a constant (the loss of a
+# constant output, ln C, is below its own) and can collapse to one class within 3 epochs
+# (benchmarks/patchguard_collapse.py); at 0.001 it keeps its predictions apart while the loss falls.
+_PROVABLE_LR = 0.001
 _WEIGHTS, _STATE = "model.safetensors", "training_state.pt"
 _DEFAULT_STRATEGY = "multisize_greedy"  # PatchCleanser's: Multi-size Greedy Cutout (Saha et al., TMLR 2023)
 _SMOOTHING_STRATEGIES = ("none", "random_ablation")  # (De)Randomized Smoothing: one random ablated view per image
@@ -70,6 +75,8 @@ class EpochStats:
         robust_accuracy: accuracy of the defended (double-masking) prediction on `val_loader`,
             in the epochs that certify.
         certified_accuracy: certified accuracy on `val_loader`, in the epochs that certify.
+        predicted_classes: how many classes the model predicted on the epoch's training images (as
+            trained); 1 means it collapsed to one class (see `fit_masking`'s warning).
     """
 
     epoch: int
@@ -81,6 +88,19 @@ class EpochStats:
     val_accuracy: float | None = None
     robust_accuracy: float | None = None
     certified_accuracy: float | None = None
+    predicted_classes: int | None = None
+
+    def collapse_warning(self) -> str | None:
+        """What it means when the epoch's training predictions were all one class (`None` if they were not).
+
+        `fit_masking` warns with it, and `robustwrap train` prints it under the epoch.
+        """
+        if self.predicted_classes != 1:
+            return None
+        return (
+            f"in epoch {self.epoch} the model predicts one class for every training image (accuracy {self.accuracy:.4f}, that "
+            "class's share): it has collapsed, and certified so its certified accuracy is at most the class share"
+        )
 
 
 @dataclass
@@ -149,7 +169,9 @@ def fit_masking(
     or 0.001 for a transformer. A model counts as a transformer when a submodule is an
     `nn.MultiheadAttention` or has `Attention` or `PatchEmbed` in its class name (timm's ViT,
     DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
-    where that rule is wrong for your model.
+    where that rule is wrong for your model. PatchGuard's provable adversarial training starts at
+    0.001 for any model, the authors' rate on ImageNet: at 0.01 a model that cannot yet certify
+    its training images drifts to a constant output and can end predicting one class.
 
     The base model is trained in place, at the defended model's `precision` (the autocast that
     prediction and certification use too; float16 adds loss scaling), with its `fill`.
@@ -166,7 +188,9 @@ def fit_masking(
     every update, rank 0 alone writes checkpoints and shows progress, and validation is shared out
     between the processes. With a deterministic strategy (`"greedy"`, `"multisize_greedy"`,
     `"grid"`) and a model without BatchNorm, `N` processes with batches of `B` images end with
-    the weights of one process with batches of `N * B` (to float rounding). See the guide,
+    the weights of one process with batches of `N * B` (to float rounding) when the number of
+    images is divisible by `N`. BatchNorm running statistics are averaged over the processes after
+    every epoch, so that searches, validation and checkpoints use one model. See the guide,
     docs/guides/fine-tune.md#training-on-several-gpus.
 
     Args:
@@ -197,7 +221,7 @@ def fit_masking(
         fill: value of masked pixels in the model's input space; default the classifier's fill,
             or 0.0 for a bare model.
         epochs: total number of epochs, a resumed run's finished ones included.
-        lr: learning rate of the default SGD optimizer (default: 0.01 or 0.001 by the rule above).
+        lr: learning rate of the default SGD optimizer (default: 0.01 or 0.001 by the rules above).
         optimizer: your own optimizer over the model's parameters, instead of the default SGD.
         scheduler: your own learning-rate scheduler, stepped once per epoch; a timm scheduler is
             also stepped after every update (`step_update`), as timm's train script does. Default:
@@ -206,8 +230,8 @@ def fit_masking(
         val_loader: `(images, labels)` batches to measure clean accuracy on after every epoch.
             Under `torch.distributed` the processes share the work and report the same numbers:
             a loader with a `DistributedSampler` is each process's share (the duplicates the
-            sampler pads with are not counted); any other loader is taken to be the same in
-            every process, which evaluates every `world_size`-th batch of it.
+            sampler pads with are not counted); any other loader must be the same in every
+            process, which evaluates every `world_size`-th batch of it (a shuffling one is refused).
         certify_every: with `val_loader`, also certify it every this many epochs and after the
             last one (certification runs up to `K(K + 1) / 2` views per image).
         device: move the model to this device and train there (default: where the model is).
@@ -242,7 +266,8 @@ def fit_masking(
             a run is never overwritten by mistake), a checkpoint made with other settings (strategy,
             clean ratio, mask set, fill or precision), an empty loader, or batches without labels
             or with labels outside `[0, num_classes)`. Under `torch.distributed`: a `train_loader`
-            without a `DistributedSampler` (every process would train on all images), a checkpoint
+            without a `DistributedSampler` (every process would train on all images), a `val_loader`
+            that shuffles without one (each process would evaluate other images), a checkpoint
             written by another number of processes, processes that see different checkpoints, or
             `device` for a model already wrapped in `DistributedDataParallel` elsewhere.
     """
@@ -266,6 +291,8 @@ def fit_masking(
         _check_distributed_sampler(train_loader, world)
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
+        if world > 1:
+            _check_same_on_every_rank(val_loader, world)
 
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -273,7 +300,7 @@ def fit_masking(
         raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
     augment, strategy_name = _make_strategy(strategy, target, search_batch_size)
     loss_fn, scores = target.training_loss(strategy_name)
-    loss_fn = _DeadRunWatch(loss_fn, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
+    loss_fn = _DeadRunWatch(loss_fn, scores, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
 
     if device is not None:
         if target.ddp is not None and torch.device(device) != model_device_dtype(base)[0]:
@@ -284,7 +311,7 @@ def fit_masking(
         base.to(device)
     device, dtype = model_device_dtype(base)
     if optimizer is None:
-        lr = _default_lr(base) if lr is None else float(lr)
+        lr = target.lrs.get(strategy_name, _default_lr(base)) if lr is None else float(lr)
         optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         if scheduler is None:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[(epochs + 1) // 2], gamma=0.1)
@@ -352,13 +379,15 @@ def fit_masking(
                 total=_length(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not loop.progress, dynamic_ncols=True
             ) as bar:
                 stats = _train_epoch(loop, train_loader, epoch, sum(e.steps for e in history.epochs), bar)
+                # One model again before anything runs it in eval mode or saves it: the searches of the
+                # next epoch, validation and rank 0's checkpoint (from which every process resumes).
+                average_running_statistics(loop.base, world)
                 if val_loader is not None:
                     certify = certify_every is not None and ((epoch + 1) % certify_every == 0 or epoch + 1 == epochs)
                     _validate(stats, loop, val_loader, certifier if certify else None)
                 bar.set_postfix(_postfix(stats))
+            loss_fn.end_epoch(stats, world, warn=rank == 0)  # one warning per run, not one per process
             history.epochs.append(stats)
-            if rank == 0:  # one warning per run, not one per process
-                loss_fn.warn(epoch + 1)
             if checkpoint_dir is not None:
                 rngs = gather_objects(_rng_state(generators), world, device)  # every rank's own random state
                 if rank == 0:
@@ -487,13 +516,19 @@ class _DeadRunWatch:
 
     It notes, on the device (no synchronisation per batch), whether some batch's loss differed
     from `ln(num_classes)` (equal scores for every class: with a constant output no gradient
-    reaches the model) and, for PatchGuard's local logits, whether any local logit was positive
-    (else all clipped evidence is 0). `warn` says so after an epoch where either never happened.
+    reaches the model), which classes the model predicted (one class for every image: it
+    collapsed, whatever the loss) and, for PatchGuard's local logits, whether any local logit was
+    positive (else all clipped evidence is 0). `warn` says so after an epoch where that happened.
     """
 
-    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], local_logits: bool) -> None:
-        self.loss, self.local_logits = loss, local_logits
-        self.num_classes, self.moved, self.evidence = 0, None, None
+    def __init__(
+        self,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        scores: Callable[[torch.Tensor], torch.Tensor],
+        local_logits: bool,
+    ) -> None:
+        self.loss, self.scores, self.local_logits = loss, scores, local_logits
+        self.num_classes, self.moved, self.evidence, self.predicted = 0, None, None, None
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss(output, labels)
@@ -502,13 +537,25 @@ class _DeadRunWatch:
             level = math.log(self.num_classes)
             moved = (loss.detach().double() - level).abs() > 1e-6 * level
             self.moved = moved if self.moved is None else self.moved | moved
+            # one_hot, not bincount: bincount has no deterministic CUDA kernel (torch.use_deterministic_algorithms)
+            predicted = F.one_hot(self.scores(output.detach()).argmax(1), self.num_classes).sum(0)
+            self.predicted = predicted if self.predicted is None else self.predicted + predicted
             if self.local_logits:
                 positive = (output.detach() > 0).any()
                 self.evidence = positive if self.evidence is None else self.evidence | positive
         return loss
 
-    def warn(self, epoch: int) -> None:
-        """Warn about epoch `epoch` if it was dead, then start watching the next one."""
+    def end_epoch(self, stats: EpochStats, world: int, warn: bool) -> None:
+        """Set `stats.predicted_classes` (over every process's images: every rank calls this), warn (if `warn`)
+        about an epoch that was dead or collapsed, then start watching the next one."""
+        if self.predicted is not None:
+            stats.predicted_classes = int((sum_across(self.predicted, world) > 0).sum())
+        if warn:
+            self._warn(stats)
+        self.moved = self.evidence = self.predicted = None
+
+    def _warn(self, stats: EpochStats) -> None:
+        epoch = stats.epoch
         if self.moved is not None and self.num_classes > 1 and not bool(self.moved):
             warnings.warn(
                 f"fit_masking: the loss of every batch of epoch {epoch} was exactly ln({self.num_classes}) = "
@@ -517,7 +564,14 @@ class _DeadRunWatch:
                 "Restart from the weights before this run with a lower lr, and check that the model's output depends "
                 "on its input",
                 UserWarning,
-                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+                stacklevel=5,  # the caller of fit_masking (through end_epoch and refuses_amp's wrapper)
+            )
+        elif stats.collapse_warning() is not None:
+            warnings.warn(
+                f"fit_masking: {stats.collapse_warning()}. Restart from the weights before this run with a lower lr, "
+                "or check the labels and the model's output",
+                UserWarning,
+                stacklevel=5,
             )
         if self.evidence is not None and not bool(self.evidence):
             warnings.warn(
@@ -526,9 +580,8 @@ class _DeadRunWatch:
                 "loss still raises the true class's local logits, so later epochs can recover; if they do not, restart "
                 "from the weights before this run with a lower lr, or train with strategy='none' first",
                 UserWarning,
-                stacklevel=4,  # the caller of fit_masking (through refuses_amp's wrapper)
+                stacklevel=5,  # the caller of fit_masking (through end_epoch and refuses_amp's wrapper)
             )
-        self.moved = self.evidence = None
 
 
 # --------------------------------------------------------------------------------- resolution
@@ -546,6 +599,7 @@ class _Target:
     mask_set: MaskSet | None = None
     encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     ddp: DistributedDataParallel | None = None  # the user's own wrapper around `base`, trained through
+    lrs: dict[str, float] = field(default_factory=dict)  # a strategy's own default learning rate, where it has one
 
     def __post_init__(self) -> None:
         if isinstance(self.base, DistributedDataParallel):
@@ -589,7 +643,13 @@ def _resolve_defense(model, mask_set, fill) -> _Target:
         if getattr(model, "defense", None) == "patchguard":  # no masking: the loss makes it robust
             settings = model.settings()
             geometry = {"guard": {k: v for k, v in settings.items() if k not in ("fill", "precision", "margin")}}
-            return _Target(**common, strategies=_PATCHGUARD_STRATEGIES, default="provable_adversarial", geometry=geometry)
+            return _Target(
+                **common,
+                strategies=_PATCHGUARD_STRATEGIES,
+                default="provable_adversarial",
+                geometry=geometry,
+                lrs={"provable_adversarial": _PROVABLE_LR},
+            )
         return _Target(**common, strategies=("none",), default=None, geometry={"defense": getattr(model, "defense", "")})
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a RobustPatchClassifier, got {type(model).__name__}")
@@ -758,6 +818,24 @@ def _check_distributed_sampler(loader, world: int) -> None:
         f"but it is {got}, so every process would train on all of them; build it as "
         "DataLoader(dataset, batch_size=<per process>, sampler=torch.utils.data.DistributedSampler(dataset)) "
         "(without shuffle=True: the sampler shuffles, and fit_masking calls its set_epoch every epoch)"
+    )
+
+
+def _check_same_on_every_rank(loader, world: int) -> None:
+    """A validation loader without a DistributedSampler is split by batches, so every rank must yield the same batches.
+
+    A shuffling sampler draws its order from each process's own random state: the ranks would
+    evaluate other images than their share (some twice, some never) and report a wrong accuracy.
+    """
+    if _distributed_sampler(loader) is not None or not isinstance(loader, DataLoader):
+        return
+    if not isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler), RandomSampler):
+        return
+    raise ValueError(
+        f"val_loader must yield the same batches in each of the {world} processes of torch.distributed (which then share "
+        f"them out), or give each process its own share, but it is a DataLoader with a RandomSampler (shuffle=True), whose "
+        "order differs between processes, so some images would be counted twice and others never; build it without "
+        "shuffle=True, or as DataLoader(dataset, batch_size=..., sampler=torch.utils.data.DistributedSampler(dataset, shuffle=False))"
     )
 
 

@@ -391,6 +391,14 @@ class CertificationReport:
             rows.append(("cases I / II / III", " / ".join(str(cases[c]) for c in CASE_NAMES)))
         else:
             rows += [(f"{name} (mean)", f"{value:.3g}") for name, value in self._extras_means().items()]
+        predicted = {r.prediction for r in self.records}
+        if n > 1 and len(predicted) == 1:
+            share = sum(r.label in predicted for r in self.records)
+            warning = (
+                f"the model predicts one class ({predicted.pop()}) for every image: clean accuracy = class share ({_pct(share / n)}), "
+                "which bounds the certified accuracy; the model has not learnt the task"
+            )
+            rows.append(("warning", warning))
         views = _number(self.views_per_image, ".1f")
         if self.full_views:
             formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
@@ -497,7 +505,9 @@ class CertificationReport:
                 full_views=full_views,
             )
         except (KeyError, TypeError) as error:
-            raise ValueError(f"not a robustwrap report: a field is missing or has the wrong type ({type(error).__name__}: {error})") from None
+            raise ValueError(
+                f"not a robustwrap report: a field is missing or has the wrong type ({type(error).__name__}: {error})"
+            ) from None
 
     @classmethod
     def from_json(cls, text: str) -> CertificationReport:

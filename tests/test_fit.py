@@ -460,3 +460,31 @@ def test_classifier_and_mask_set_are_exclusive():
     robust = robustwrap.wrap(PeakNet(), mask_set=SET9)
     with pytest.raises(ValueError, match="not both"):
         fit_masking(robust, loader(data()), mask_set=SET9, progress=False)
+
+
+# ------------------------------------------------------------------------------------ collapse
+def test_robustwrap_train_shows_a_collapsed_model(tmp_path, capsys):
+    """A model that predicts class 1 for every image, trained and certified by `robustwrap train`:
+    the epoch line and the certification report both say that it predicts one class."""
+    import numpy as np
+    from PIL import Image
+
+    from robustwrap.cli import main
+
+    rng = np.random.default_rng(0)
+    for c in "012":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", img_size=32, num_classes=3)
+    with torch.no_grad():
+        vit.head.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+    robustwrap.wrap(vit, mask_set=MaskSet.square(32, 5, num_masks=3)).save_pretrained(tmp_path / "start")
+    data = str(tmp_path / "data")
+    argv = ["train", "--model", str(tmp_path / "start"), "--data", data, "--val-data", data, "--epochs", "1", "--lr", "1e-6"]
+    code = main([*argv, "--strategy", "random_mask", "--workers", "0", "--no-progress", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "  warning: in epoch 1 the model predicts one class for every training image (accuracy 0.3333" in printed
+    assert "the model predicts one class (1) for every image: clean accuracy = class share (33.33%)" in printed

@@ -14,12 +14,15 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -66,6 +69,9 @@ def data(n: int, seed: int) -> TensorDataset:
 
 
 TRAIN, VAL = data(4 * B, 0), data(7, 1)  # 2 steps of 2B images; 7 validation images do not split evenly
+# `robustwrap train` on a tiny ViT and a folder of 3 classes x 4 random images: 3 steps of 2 images per process.
+CLI = ["--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--num-masks", "3", "--strategy", "random_mask",
+       "--batch-size", "2", "--workers", "0", "--no-progress"]  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -163,11 +169,67 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         else:
             out["no_sampler"] = "no error"
 
+        # A shuffled validation loader (the same loader object, another order on each rank).
+        try:
+            val = DataLoader(VAL, batch_size=2, shuffle=True)
+            fit_masking(TinyNet(), DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), val_loader=val, **options)
+        except ValueError as error:
+            out["shuffled_val"] = str(error)
+        else:
+            out["shuffled_val"] = "no error"
+
+        out["batchnorm"] = _batchnorm_resume(rank, Path(folder) / "bn_checkpoints")
+        out["cli"] = _cli_masks_and_resume(rank, Path(folder))
         out["augment"] = _augment_in_a_users_ddp_loop(rank)
         out["tokens"] = _token_dropping_training(rank)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _batchnorm_resume(rank: int, checkpoints: Path) -> dict:
+    """A BatchNorm model with a searching strategy: straight, and interrupted in epoch 2 then resumed.
+
+    Each rank updates its running statistics on its own images; the search of the next epoch runs
+    in eval mode with them, and rank 0's checkpoint is what every rank resumes from.
+    """
+    options = {"mask_set": SET9, "strategy": "greedy", "epochs": 3, "lr": LR, "progress": False}
+    loader = lambda cls=DataLoader: cls(TRAIN, batch_size=B, sampler=DistributedSampler(TRAIN, seed=5))
+    straight = BNNet()
+    expected = fit_masking(straight, loader(), **options)
+    first = BNNet()
+    with contextlib.suppress(Interrupted):
+        fit_masking(first, loader(InterruptingLoader), checkpoint_dir=checkpoints, **options)
+    dist.barrier()
+    resumed = BNNet()
+    history = fit_masking(resumed, loader(), checkpoint_dir=checkpoints, resume=True, **options)
+    return {"straight": (weights(straight), strip(expected)), "resumed": (weights(resumed), strip(history))}
+
+
+def _cli_masks_and_resume(rank: int, folder: Path) -> dict:
+    """`robustwrap train` in the two processes with a random strategy: the masks each rank drew, and resume."""
+    from robustwrap.augment import RandomMaskCutout
+    from robustwrap.cli import main
+
+    drawn = []
+    draw = RandomMaskCutout.__call__
+
+    def recording(self, x, y=None, *, return_indices=False):
+        masked, indices = draw(self, x, y, return_indices=True)
+        drawn.append(indices.clone())
+        return (masked, indices) if return_indices else masked
+
+    RandomMaskCutout.__call__ = recording
+    common = ["train", *CLI, "--data", str(folder / "images"), "--checkpoint-dir"]
+    try:
+        codes = [main([*common, str(folder / "cli_straight"), "--epochs", "2", "--out", str(folder / "cli_straight_model")])]
+        masks = list(drawn)
+        codes.append(main([*common, str(folder / "cli_resumed"), "--epochs", "1", "--out", str(folder / "cli_first_model")]))
+        dist.barrier()
+        codes.append(main([*common, str(folder / "cli_resumed"), "--epochs", "2", "--resume", "--out", str(folder / "cli_resumed_model")]))
+    finally:
+        RandomMaskCutout.__call__ = draw
+    return {"codes": codes, "masks": masks}
 
 
 def _augment_in_a_users_ddp_loop(rank: int) -> dict:
@@ -222,6 +284,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("distributed")
+    rng = np.random.default_rng(0)
+    for c in "012":
+        (folder / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "images" / c / f"{i}.png")
     mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
@@ -333,3 +400,42 @@ def test_token_dropping_views_train_one_model_across_processes(ranks):
     assert any(not torch.equal(first["before"][k], v) for k, v in first["after"].items())  # it trained
     for k, v in first["after"].items():
         assert torch.equal(v, second["after"][k]), k
+
+
+def test_a_shuffled_validation_loader_is_refused(ranks):
+    """Each rank would shuffle the same loader its own way and evaluate other images than its share."""
+    _, seen = ranks
+    for rank in (0, 1):
+        message = seen[rank]["shuffled_val"]
+        assert message.startswith("val_loader must yield the same batches in each of the 2 processes of torch.distributed")
+        assert "a DataLoader with a RandomSampler (shuffle=True)" in message and "DistributedSampler(dataset, shuffle=False)" in message
+
+
+def test_resume_with_batchnorm_continues_to_the_same_weights_and_statistics(ranks):
+    """The running statistics are averaged over the ranks after every epoch: the searches of the next
+    epoch, validation and rank 0's checkpoint all see the one model that every rank resumes."""
+    _, seen = ranks
+    for rank in (0, 1):
+        straight, expected = seen[rank]["batchnorm"]["straight"]
+        resumed, history = seen[rank]["batchnorm"]["resumed"]
+        assert history == expected
+        for name, value in straight.items():
+            assert torch.equal(resumed[name], value), name
+    first, second = seen[0]["batchnorm"]["straight"][0], seen[1]["batchnorm"]["straight"][0]
+    assert not torch.equal(first["features.1.running_mean"], BNNet().state_dict()["features.1.running_mean"])  # it trained them
+    for name, value in first.items():  # one model on both ranks, running statistics included
+        assert torch.equal(second[name], value), name
+
+
+def test_robustwrap_train_draws_other_masks_on_each_rank_and_resumes_exactly(ranks):
+    folder, seen = ranks
+    for rank in (0, 1):
+        assert seen[rank]["cli"]["codes"] == [0, 0, 0]
+    first, second = seen[0]["cli"]["masks"], seen[1]["cli"]["masks"]
+    assert len(first) == len(second) == 6  # 2 epochs of 3 steps
+    assert not torch.equal(torch.cat(first), torch.cat(second))  # each rank its own random masks (seed + rank)
+    straight = load_file(folder / "cli_straight_model" / "model.safetensors")
+    resumed = load_file(folder / "cli_resumed_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name

@@ -144,3 +144,67 @@ def test_a_bare_model_stuck_at_ln_c_warns():
         fit_masking(net, train_loader(), mask_set=mask_set, strategy="none", epochs=1, progress=False)
     assert record[0].filename == __file__  # points at the caller
     assert not any("local logit" in str(w.message) for w in record)  # not a PatchGuard model
+
+
+# ---------------------------------------------------------------------------------- collapse
+def collapsed(local: bool) -> nn.Module:
+    """A model whose output depends on its input but whose class 1 wins on every image by far:
+    the loss is not ln C (the old watch saw nothing), yet every prediction is one class."""
+    net = local_cnn(seed=3)
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.tensor([0.0, 30.0, 0.0, 0.0]))
+    if local:
+        return net
+    return nn.Sequential(net, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("defense", ["bare", "patchcleanser", "smoothing", "patchguard"])
+def test_an_epoch_whose_predictions_are_one_class_warns_for_every_defense(defense):
+    net = collapsed(local=defense == "patchguard")
+    model = {
+        "bare": net,
+        "patchcleanser": lambda: robustwrap.wrap(net, patch=2, image_size=SIZE, num_classes=NUM_CLASSES),
+        "smoothing": lambda: robustwrap.wrap(net, patch=2, defense="smoothing", size=4, image_size=SIZE, num_classes=NUM_CLASSES),
+        "patchguard": lambda: guard(net),
+    }[defense]
+    model = model if defense == "bare" else model()
+    options = {"mask_set": MaskSet.square(SIZE, 2, num_masks=3)} if defense == "bare" else {}
+    with pytest.warns(UserWarning, match=r"in epoch 1 the model predicts one class for every training image \(accuracy 0\.2500") as record:
+        history = fit_masking(model, train_loader(), epochs=1, lr=1e-6, progress=False, **options)
+    assert record[0].filename == __file__
+    assert not any("exactly ln" in str(w.message) for w in record)  # a collapse, not a constant output
+    assert history.final.predicted_classes == 1 and history.final.accuracy == 0.25
+    assert "certified accuracy is at most the class share" in history.final.collapse_warning()
+
+
+def test_a_learning_run_counts_its_predicted_classes_and_does_not_warn_of_collapse():
+    history, warned = fit(guard(local_cnn()), epochs=1)
+    assert history.final.predicted_classes > 1 and history.final.collapse_warning() is None
+    assert warned == []
+
+
+def test_the_default_recipe_keeps_learning_on_a_weak_plain_trained_digit_model():
+    """The reproduction of a dead run (benchmarks/patchguard_collapse.py --seed 1): a plain-trained
+    3-layer local-logit CNN (receptive field 7) on 360 real digits. At lr 0.01 the default recipe
+    ended predicting one class after 3 epochs; at its default rate it keeps learning."""
+    from robustwrap.zoo import builtin_dataset
+
+    digits = builtin_dataset("mnist-heldout")
+    x = digits.images[:360].float().unsqueeze(1) / 255.0
+    train = TensorDataset((x - x.mean()) / x.std(), digits.labels[:360])
+    loader = lambda seed: DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 3))
+    net.receptive_field, net.feature_stride, net.feature_offset = 7, 1, 0
+    model = robustwrap.wrap(net, patch=2, defense="patchguard", image_size=28)
+    fit_masking(model, loader(1), strategy="none", epochs=10, lr=0.1, progress=False)  # plain training
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit_masking(model, loader(2), epochs=3, progress=False)
+    losses = [e.loss for e in history.epochs]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == 3  # the loss falls every epoch
+    assert all(e.predicted_classes >= 3 for e in history.epochs)
+    assert not any("predicts one class" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert len(model.eval().predict(train.tensors[0]).unique()) >= 3
+    assert history.strategy == "provable_adversarial" and history.lr == 0.001

@@ -8,8 +8,13 @@ import math
 import pickle
 
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
+import robustwrap
 from robustwrap import MaskSet
+from robustwrap.dataset import certify_dataset
 from robustwrap.report import CertificationReport, ImageRecord, sweep_table
 
 MASKS = MaskSet.square(16, 3, num_masks=3)  # 9 masks: 45 views in a full grid
@@ -75,6 +80,30 @@ def test_summary_table_names_every_number():
         "2.0 images/s",
     ]:
         assert expected in text
+
+
+def test_summary_warns_when_every_prediction_is_one_class():
+    """A collapsed model is "certified" on the images of the class it always predicts: say so."""
+    records = [record(i, label, 2, certified=label == 2) for i, label in enumerate([0, 2, 1, 2, 3])]
+    text = make_report(records=records).summary()
+    assert "certified accuracy      40.00%  (2/5)" in text
+    assert "warning                 the model predicts one class (2) for every image: clean accuracy = class share (40.00%)" in text
+    mixed = [*records[:-1], record(4, 3, 3)]
+    assert "warning" not in make_report(records=mixed).summary()
+    assert "warning" not in make_report(records=records[1:2]).summary()  # one image: one prediction says nothing
+
+
+def test_a_collapsed_model_certified_by_certify_dataset_is_flagged():
+    """Through the user's path: a model that always says class 1, certified on a dataset."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        net[0].bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0]))
+    model = robustwrap.wrap(net, mask_set=MASKS, num_classes=4).eval()
+    images = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 4)
+    report = certify_dataset(model, images, progress=False)
+    assert report.clean_accuracy == 0.25
+    assert "the model predicts one class (1) for every image: clean accuracy = class share (25.00%)" in report.summary()
 
 
 @pytest.mark.parametrize(

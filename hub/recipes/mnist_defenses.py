@@ -17,7 +17,7 @@ a 2% patch (5x5 px on 32x32).
 - `--defense patchguard`: `bagnet_tiny` from `robustwrap.models` (receptive field 5 px, stride 2,
   14x14 local logits at 32 px, 20k parameters; registered with timm so the Hub format rebuilds
   it by name), trained with clean cross-entropy of the mean local logits (`--base-epochs`), then
-  with `fit_masking`'s default for PatchGuard, provable adversarial training (`--fit-epochs`).
+  with `fit_masking`'s default for PatchGuard, provable adversarial training (`--fit-epochs`, lr 0.01).
 
 Each run certifies the 1,000 held-out digits, writes the model (Hub format, safetensors) into the
 package's zoo folder (`--dry-run`) or publishes it (`--push <org>/<name>`), and writes its zoo
@@ -99,7 +99,8 @@ def train(defense: str, data, args, size: int | None = None, epochs: int | None 
         history = robustwrap.fit_masking(model, loader(data, args.seed), epochs=epochs or args.epochs, lr=lr, progress=False)
     else:
         robustwrap.fit_masking(model, loader(data, args.seed), strategy="none", epochs=args.base_epochs, lr=args.lr, progress=False)
-        history = robustwrap.fit_masking(model, loader(data, args.seed + 1), epochs=args.fit_epochs, progress=False)
+        # lr 0.01, as the zoo's models were fine-tuned (fit_masking's provable adversarial training defaults to 0.001)
+        history = robustwrap.fit_masking(model, loader(data, args.seed + 1), epochs=args.fit_epochs, lr=0.01, progress=False)
     return model.eval(), history, time.time() - start
 
 

@@ -58,14 +58,14 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     fit = train.add_argument_group("training")
     fit.add_argument("--epochs", type=_positive, default=10, metavar="N", help="epochs (default 10, the papers'; the learning rate drops x0.1 after half)")
     fit.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="training images per step and process (default 64; under torchrun a step trains N x the number of processes)")
-    fit.add_argument("--lr", type=_positive_float, metavar="LR", help="learning rate of SGD with momentum 0.9 (default 0.01 for a convolutional network, 0.001 for a transformer)")
+    fit.add_argument("--lr", type=_positive_float, metavar="LR", help="learning rate of SGD with momentum 0.9 (default 0.01 for a convolutional network, 0.001 for a transformer or PatchGuard's provable adversarial training)")
     fit.add_argument(
         "--strategy",
         metavar="NAME",
         help="masking strategy: multisize_greedy, greedy, grid, random_mask, random_cutout (PatchCleanser), random_ablation "
         "(smoothing), provable_adversarial (PatchGuard), or none (clean fine-tuning); default: the defense's own",
     )
-    fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness and a random initialisation (default 0)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness (seed + rank under torchrun) and a random initialisation (default 0)")
     fit.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="write a resumable checkpoint here after every epoch")
     fit.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir from its last epoch (same weights as an uninterrupted run)")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> None:
         check_save_folder(args.out, argument="--out")  # before hours of training, not when the model is written
     rank, world, started = _start_distributed(args)
     try:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same random initialisation in every process
         model, model_name = _load_model(args)
         if args.crop_pct is not None:
             from ..defenses import RobustPatchClassifier
@@ -107,6 +107,9 @@ def _train(args: argparse.Namespace) -> None:
         # same seed on every rank, so the shards never overlap.
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers)
+        # The strategies' random masks (and views) come from torch's global generator: each process
+        # draws its own, as its images are its own, rather than every process the same sequence.
+        torch.manual_seed(args.seed + rank)
         history = fit_masking(
             defended,
             loader,
@@ -187,6 +190,8 @@ def _write_trained(args: argparse.Namespace, model: RobustPatchClassifier, histo
     """Print the epochs and the report, then save to --out or push to --push (rank 0 only)."""
     for stats in history.epochs:
         print(f"epoch {stats.epoch}/{len(history)}: loss {stats.loss:.4f}, accuracy on masked images {_accuracy(stats.accuracy)}, lr {stats.lr:g}, {stats.seconds:.1f} s")
+        if stats.collapse_warning() is not None:
+            print(f"  warning: {stats.collapse_warning()}")
     print(f"{world} process(es) x {args.batch_size} images per step; {_describe(model)}")
     if report is not None:
         print(report.summary())
