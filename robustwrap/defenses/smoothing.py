@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
+from .._unwrap import joins_processes
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
 from ..tokens import SUPPORTED, TokenGrid, axis_token_keep, forward_kept, supports_token_dropping, token_grid, views_per_pass
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
@@ -293,12 +293,12 @@ class RandomAblation:
 
         Raises:
             ValueError: `drop_tokens` and `model`'s token grid cannot be read.
-            TypeError: `drop_tokens` and `model` is a `DistributedDataParallel` (whose forward
-                these views would bypass).
+            TypeError: `drop_tokens` and `model` is (or wraps) a `DistributedDataParallel` (whose
+                forward these views would bypass).
         """
         if not self.drop_tokens:
             return model(views)
-        if isinstance(model, DistributedDataParallel):
+        if joins_processes(model):
             raise TypeError(
                 "token-dropping views run the ViT's parts, not its forward, so a DistributedDataParallel around it would not "
                 "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
