@@ -19,20 +19,22 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustwrap
+import robustwrap.models  # registers the BagNets with timm
 from robustwrap._unwrap import local_module, unwrap
 from robustwrap.defenses.smoothing import RandomAblation
 from robustwrap.fit import fit_masking
 
 
 class Compiled:
-    """`torch.compile` with a backend that counts the calls of the code it compiled."""
+    """`torch.compile` with a backend that counts the calls of the code it compiled (and those without gradients)."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls = self.no_grad_calls = 0
 
     def backend(self, graph: torch.fx.GraphModule, example_inputs) -> object:
         def run(*args):
             self.calls += 1
+            self.no_grad_calls += not torch.is_grad_enabled()
             return graph.forward(*args)
 
         return run
@@ -117,9 +119,9 @@ def test_a_compiled_timm_model_certifies_and_trains_through_its_compiled_code(ki
     # fit_masking: the searches and the training steps run the compiled code, as the uncompiled model trains
     for model, folder in ((plain, None), (defended, tmp_path)):
         torch.manual_seed(3)  # the share of clean images is drawn at random
-        before = compiled.calls
+        before = compiled.calls, compiled.no_grad_calls
         fit_masking(model, loader, epochs=1, lr=0.05, progress=False, checkpoint_dir=folder)
-    assert compiled.calls > before
+    assert compiled.no_grad_calls > before[1] and compiled.calls - compiled.no_grad_calls > before[0] - before[1]
     for (name, a), b in zip(plain.model.state_dict().items(), net.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     defended.eval(), plain.eval()
@@ -151,6 +153,35 @@ def test_data_parallel_keeps_token_dropping_on():
     views, view = augment(x, return_indices=True)
     with torch.no_grad():
         assert torch.equal(augment.logits(DataParallel(plain.model), views, view), augment.logits(plain.model, views, view))
+
+
+def bagnet() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("bagnet_tiny", num_classes=3, in_chans=1).eval()  # declares receptive_field 5, stride 2
+
+
+DEFENSES = {
+    "patchcleanser": (cnn, 1, {"patch": 5, "image_size": 32}),
+    "patchguard": (bagnet, 1, {"defense": "patchguard", "patch": 5}),
+    "smoothing": (vit, 3, SMOOTHING),
+}
+
+
+@pytest.mark.parametrize("defense", sorted(DEFENSES))
+def test_a_data_parallel_base_model_gives_the_same_defended_model(defense):
+    """Classes, channels, PatchGuard's declared geometry, timm's config and the results fingerprint
+    are read through the wrapper, which has none of them."""
+    from robustwrap.dataset import model_fingerprint
+
+    build, channels, options = DEFENSES[defense]
+    x, y = batch(channels, n=4)
+    plain = robustwrap.wrap(build(), **options).eval()
+    wrapped = robustwrap.wrap(DataParallel(build()), **options).eval()
+    assert wrapped.settings() == plain.settings() and (wrapped.num_classes, wrapped.in_chans) == (3, channels)
+    assert model_fingerprint(wrapped) == model_fingerprint(plain)
+    got, want = wrapped.certify(x, y), plain.certify(x, y)
+    assert torch.equal(got.prediction, want.prediction) and torch.equal(got.certified, want.certified)
+    assert torch.equal(wrapped.predict_vanilla(x), plain.predict_vanilla(x))
 
 
 def test_a_compiled_vit_drops_tokens_and_saves_its_own_keys(tmp_path):
