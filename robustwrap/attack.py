@@ -407,6 +407,11 @@ class _SmoothingObjective(_DefendedObjective):
             self.target = counts.scatter(1, self.y[:, None], -1).argmax(1)
         self.against = ~self.votes[rows, :, self.y] if not self.targeted else self.votes[rows, :, self.goal]
 
+    @property
+    def base(self) -> nn.Module:
+        # token dropping runs the ViT's parts, never a compiled or DataParallel wrapper's forward
+        return self.model._inner_model if self.tokens is not None else self.model._local_model
+
     def _affected(self, loc: torch.Tensor) -> torch.Tensor:
         """`(T, V)` bool: the views whose kept band or block meets the patch at each position."""
         rows, cols = self.axis_keep

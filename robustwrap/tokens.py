@@ -22,8 +22,6 @@ from timm.layers import PatchEmbed
 from timm.models import VisionTransformer
 from torch import nn
 
-from ._unwrap import unwrap
-
 __all__ = ["SUPPORTED", "TokenGrid", "axis_token_keep", "forward_kept", "supports_token_dropping", "token_grid", "views_per_pass"]
 
 SUPPORTED = "timm's VisionTransformer family with a plain patch embedding (ViT, DeiT, DeiT distilled, ViT with registers, any img_size)"
@@ -64,15 +62,13 @@ def token_grid(model: nn.Module, image_size: tuple[int, int]) -> TokenGrid | Non
     Readable for a timm `VisionTransformer` (and the models built on it) whose `patch_embed` is
     timm's `PatchEmbed` with a convolution whose kernel and stride are the patch size and no
     padding: then each token sees exactly its own `ph x pw` pixels, so "a token meets the
-    retained region" is a statement about pixels. A hybrid (CNN-stem) embedding is not. A
-    DistributedDataParallel, DataParallel or compiled model is read through to the ViT it wraps.
+    retained region" is a statement about pixels. A hybrid (CNN-stem) embedding is not.
 
     Raises:
         ValueError: `image_size` is not a multiple of the token size, or differs from the
             size the model was built for (without `dynamic_img_size`): the model could not
             take these images whole, so no token can be dropped from them exactly.
     """
-    model = unwrap(model)
     if not isinstance(model, VisionTransformer) or not isinstance(getattr(model, "patch_embed", None), PatchEmbed):
         return None
     embed = model.patch_embed
@@ -141,9 +137,7 @@ def forward_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: To
     `patch_drop` (if any) still applies, as in its ordinary forward.
 
     Args:
-        model: a timm `VisionTransformer` (`token_grid(model, ...)` is not `None`), or a wrapper
-            around one: the ViT's parts run, never a wrapper's forward (a compiled ViT's views
-            run eagerly, a DataParallel one's on the ViT's own device).
+        model: a timm `VisionTransformer` (`token_grid(model, ...)` is not `None`).
         x: `(N, C, H, W)` views, already ablated (or encoded) as the model takes them.
         keep: `(N, gh, gw)` bool: the patch tokens each view keeps.
         grid: `token_grid(model, (H, W))`.
@@ -151,7 +145,6 @@ def forward_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: To
     Returns:
         `(N, num_classes)` logits.
     """
-    model = unwrap(model)
     n = x.shape[0]
     keep = keep.reshape(n, -1)
     counts = keep.sum(1)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
-from .._unwrap import joins_processes
+from .._unwrap import joins_processes, unwrap
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
 from ..tokens import SUPPORTED, TokenGrid, axis_token_keep, forward_kept, supports_token_dropping, token_grid, views_per_pass
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
@@ -304,6 +304,7 @@ class RandomAblation:
                 "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
                 "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
             )
+        model = unwrap(model)  # a compiled or DataParallel ViT: its parts run, never the wrapper's forward
         grid = token_grid(model, self.ablation_set.image_size)
         if grid is None:
             raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
