@@ -11,8 +11,6 @@ import contextlib
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -26,16 +24,6 @@ def barrier(world: int) -> None:
     """Wait until every process gets here (nothing to wait for in a single process)."""
     if world > 1:
         torch.distributed.barrier()
-
-
-def inner_module(model: nn.Module) -> nn.Module:
-    """The module a `DistributedDataParallel` wraps, or `model` itself.
-
-    Calling the wrapper joins the other processes (it synchronises BatchNorm buffers and arms the
-    gradient reduction), so whatever runs the model in one process only, such as a mask search
-    on this rank's images or a validation shard, calls the inner module.
-    """
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def sum_across(values: torch.Tensor, world: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_labels, positive_int
+from ._unwrap import local_module, unwrap
 from .geometry import patch_pixels
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
@@ -125,7 +126,7 @@ def input_bounds(model: nn.Module, bounds: tuple | None = None, channels: int | 
         ValueError: when neither `bounds` nor a mean/std is known (an attack without a range
             would leave the space of real images), or for an empty or inverted range.
     """
-    base = getattr(model, "model", model) if _defense_of(model) else model
+    base = unwrap(getattr(model, "model", model) if _defense_of(model) else model)
     if bounds is None:
         cfg = getattr(base, "pretrained_cfg", None)
         if not (isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None):
@@ -165,8 +166,9 @@ class _Counter:
         self.calls = 0
         self.images = 0
         self._inside = 0
-        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._hook, always_call=True)]
-        embed = getattr(module, "patch_embed", None)
+        run = local_module(module)  # what the objectives call (not a DistributedDataParallel)
+        self._handles = [run.register_forward_pre_hook(self._enter), run.register_forward_hook(self._hook, always_call=True)]
+        embed = getattr(unwrap(module), "patch_embed", None)
         if isinstance(embed, nn.Module):
             self._handles.append(embed.register_forward_hook(self._embed_hook))
 
@@ -282,7 +284,7 @@ class _BaseModelObjective(_Objective):
 class _DefendedObjective(_Objective):
     @property
     def base(self) -> nn.Module:
-        return self.model._inner_model  # the attack needs no gradient sync: through a DistributedDataParallel, the model it wraps
+        return self.model._local_model  # the attack needs no gradient sync: through a DistributedDataParallel, the model it wraps
 
     def autocast(self) -> contextlib.AbstractContextManager:
         autocast = getattr(self.model, "autocast", None)
@@ -404,6 +406,11 @@ class _SmoothingObjective(_DefendedObjective):
         else:
             self.target = counts.scatter(1, self.y[:, None], -1).argmax(1)
         self.against = ~self.votes[rows, :, self.y] if not self.targeted else self.votes[rows, :, self.goal]
+
+    @property
+    def base(self) -> nn.Module:
+        # token dropping runs the ViT's parts, never a compiled or DataParallel wrapper's forward
+        return self.model._inner_model if self.tokens is not None else self.model._local_model
 
     def _affected(self, loc: torch.Tensor) -> torch.Tensor:
         """`(T, V)` bool: the views whose kept band or block meets the patch at each position."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_fill, as_labels, as_pair, check_label_range, positive_int
-from ._dist import inner_module
+from ._unwrap import local_module
 from .defenses import RobustPatchClassifier
 from .geometry import MaskSet
 from .views import ViewRunner, eval_mode, fill_like, mask_images, model_device_dtype, triangle_pairs
@@ -228,8 +228,9 @@ class _MaskSearch(_MaskSetAugmentation):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         # Each process searches its own images: through a DistributedDataParallel wrapper every
-        # forward would sync BatchNorm buffers with the other processes, which search other images.
-        self.model = inner_module(model)
+        # forward would sync BatchNorm buffers with the other processes, which search other images
+        # (a compiled model still runs compiled).
+        self.model = local_module(model)
         self.batch_size = positive_int(batch_size, "batch_size")
         self._keep: dict[torch.device, torch.Tensor] = {}
 

@@ -224,7 +224,7 @@ def _vanilla_prediction(model: RobustPatchClassifier, x: torch.Tensor) -> torch.
     else:
         device, dtype = model_device_dtype(model._inner_model)
         with torch.no_grad(), model.autocast():
-            labels = model._inner_model(x.to(device=device, dtype=dtype)).argmax(1)
+            labels = model._local_model(x.to(device=device, dtype=dtype)).argmax(1)
     if tuple(labels.shape) != (x.shape[0],):
         raise RuntimeError(f"the {model.defense!r} model's vanilla prediction has shape {tuple(labels.shape)}, expected ({x.shape[0]},): one label per image")
     return labels.cpu()

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from tqdm.auto import tqdm
 
 from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
-from ._dist import average_running_statistics, barrier, gather_objects, inner_module, rank_and_world, sum_across
+from ._dist import average_running_statistics, barrier, gather_objects, rank_and_world, sum_across
+from ._unwrap import joins_processes, local_module, unwrap
 from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
@@ -598,12 +599,12 @@ class _Target:
     geometry: dict  # what decides the training views, recorded in checkpoints
     mask_set: MaskSet | None = None
     encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
-    ddp: DistributedDataParallel | None = None  # the user's own wrapper around `base`, trained through
+    ddp: nn.Module | None = None  # the user's own DistributedDataParallel (or a wrapper of one) around `base`, trained through
     lrs: dict[str, float] = field(default_factory=dict)  # a strategy's own default learning rate, where it has one
 
     def __post_init__(self) -> None:
-        if isinstance(self.base, DistributedDataParallel):
-            self.ddp, self.base = self.base, inner_module(self.base)
+        if joins_processes(self.base):
+            self.ddp, self.base = self.base, local_module(self.base)
 
     def training_loss(self, strategy: str) -> tuple[Callable, Callable]:
         """`(loss(output, labels), scores(output) -> (B, num_classes))` for the base model's output."""
@@ -706,7 +707,7 @@ def _default_lr(model: nn.Module) -> float:
 def _known_num_classes(classifier, base) -> int | None:
     if classifier is not None:
         return classifier.num_classes
-    value = getattr(base, "num_classes", None)
+    value = getattr(unwrap(base), "num_classes", None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -933,7 +934,7 @@ def _save_checkpoint(directory: Path, loop: _Loop, rngs: list[dict], history: Fi
     final = directory / f"epoch_{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
     try:
-        safetensors.torch.save_model(loop.base, str(tmp / _WEIGHTS), metadata={"format": "pt", "epoch": str(epoch)})
+        safetensors.torch.save_model(unwrap(loop.base), str(tmp / _WEIGHTS), metadata={"format": "pt", "epoch": str(epoch)})
         state = {
             "epoch": epoch,
             "optimizer": loop.optimizer.state_dict(),
@@ -976,7 +977,7 @@ def _load_checkpoint(path: Path, loop: _Loop, generators: list[torch.Generator],
     if (state["scheduler"] is None) != (loop.scheduler is None):
         how = "without" if state["scheduler"] is None else "with"
         raise ValueError(f"the checkpoint in {str(path)!r} was trained {how} a scheduler; resume the same way")
-    safetensors.torch.load_model(loop.base, str(path / _WEIGHTS), strict=True, device=str(loop.device))
+    safetensors.torch.load_model(unwrap(loop.base), str(path / _WEIGHTS), strict=True, device=str(loop.device))
     loop.optimizer.load_state_dict(state["optimizer"])
     if loop.scheduler is not None:
         loop.scheduler.load_state_dict(state["scheduler"])

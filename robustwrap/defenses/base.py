@@ -31,7 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
-from .._dist import inner_module
+from .._unwrap import local_module, unwrap
 from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
 
 __all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN"]
@@ -85,9 +85,9 @@ def timm_input(model: nn.Module) -> tuple[int, tuple[int, int], bool] | None:
     `timm.data.resolve_model_data_config` do not reflect: they describe the pretrained source)
     and whether that size is fixed (a ViT's position embeddings). On older timm the patch
     embedding's `img_size` and the model's `in_chans` correct `resolve_model_data_config`.
-    A `DistributedDataParallel` is read through to the model it wraps (`inner_module`).
+    A DistributedDataParallel, DataParallel or compiled model is read through to the model it wraps (`unwrap`).
     """
-    model = inner_module(model)
+    model = unwrap(model)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
     import timm.data
@@ -111,7 +111,7 @@ def timm_input(model: nn.Module) -> tuple[int, tuple[int, int], bool] | None:
 
 def timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The normalisation mean and std a timm model expects (timm's public data config), else `None`."""
-    model = inner_module(model)
+    model = unwrap(model)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
     import timm.data
@@ -153,7 +153,7 @@ def _infer_in_chans(model: nn.Module) -> int | None:
     is created with `in_chans=1`, so the model's own `in_chans` is asked first; the first
     registered `Conv2d` is only a fallback, since it need not be the stem.
     """
-    model = inner_module(model)
+    model = unwrap(model)
     if isinstance(getattr(model, "in_chans", None), int) and not isinstance(model.in_chans, bool):
         return model.in_chans
     stem = getattr(model, "pretrained_cfg", {}).get("first_conv") if isinstance(getattr(model, "pretrained_cfg", None), dict) else None
@@ -299,7 +299,7 @@ class RobustPatchClassifier(
         if isinstance(fill, tuple) and in_chans is not None and len(fill) != in_chans:
             raise ValueError(f"the new model takes {in_chans} channels but fill has {len(fill)} values; set fill first")
         resolve_image_size(value, self._image_size)  # a timm model with a fixed input size must take this one
-        said = getattr(inner_module(value), "num_classes", None)
+        said = getattr(unwrap(value), "num_classes", None)
         if isinstance(said, int) and not isinstance(said, bool):
             _require_two_classes(said)  # a model that says it has one class: refused before any forward pass
         previous = self._modules.get("model")
@@ -328,15 +328,24 @@ class RobustPatchClassifier(
 
     @property
     def _inner_model(self) -> nn.Module:
-        """The base model itself: `model`, or the module it wraps when `model` is a `DistributedDataParallel`.
+        """The base model itself: `model` inside any DistributedDataParallel, DataParallel or compiled wrapper.
 
         Everything the defense derives from its model (`num_classes`, `in_chans`, timm's data
-        config, PatchGuard's geometry, a ViT's token grid) is read here, at every use: the wrapper
-        has none of the model's attributes. Inference (eval mode, no gradient) runs it too, in
-        this process alone, since calling the wrapper joins the other processes. Training
-        (`forward` in train mode) goes through `model`, whose wrapper averages the gradients.
+        config, PatchGuard's geometry, a ViT's token grid) is read here, at every use: a wrapper
+        has none of the model's attributes. Token dropping runs its parts (robustwrap.tokens).
         """
-        return inner_module(self.model)
+        return unwrap(self.model)
+
+    @property
+    def _local_model(self) -> nn.Module:
+        """What inference (eval mode, no gradient) runs: `model`, or the module inside its DistributedDataParallel.
+
+        A compiled model runs compiled and a DataParallel one on its devices; a
+        DistributedDataParallel is left out since calling it joins the other processes, and
+        inference runs in this process alone. Training (`forward` in train mode) goes through
+        `model`, whose wrapper averages the gradients.
+        """
+        return local_module(self.model)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -416,7 +425,7 @@ class RobustPatchClassifier(
         if self._num_classes is None:
             blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
             with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
-                logits = self._inner_model(self._prepare(blank))
+                logits = self._local_model(self._prepare(blank))
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"the base model must map (N, C, H, W) images to (N, num_classes) logits; for 1 image it returned {shape}")
@@ -538,18 +547,19 @@ class RobustPatchClassifier(
         In float32 on the CPU, the base model's inference copy (`robustwrap.views.InferenceCopy`:
         BatchNorm folded into the convolutions, `channels_last` weights), used only while it
         provably computes the model's current function (every state the forward may read is
-        compared at each call; docs/concepts.md#inference-copy), else the model itself. At a
+        compared at each call; docs/concepts.md#inference-copy), else the model itself
+        (`_local_model`: a compiled or DataParallel model is never copied, it runs itself). At a
         lower precision the model runs itself: its folded weights round differently, moving
         logits by far more than the margin absorbs (0.34 on the embedded default in bfloat16;
         benchmarks/precision_margin.py).
         `example`: the call's images, to check a new copy on.
         """
         if self.precision != "float32":
-            return self._inner_model
+            return self._local_model
         cache = self.__dict__.get("_inference_copy")
         if cache is None:
             cache = self.__dict__["_inference_copy"] = InferenceCopy()
-        return cache.module(self._inner_model, example)
+        return cache.module(self._local_model, example)
 
     # ------------------------------------------------------------------------------ precision
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import models  # check_receptive_field; importing it also registers the BagNets with timm (timm.create_model("bagnet17"))
 from .._args import as_image_size, as_pair, positive_int
-from .._dist import inner_module
+from .._unwrap import unwrap
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode, model_device_dtype
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, _check_base_model, resolve_image_size
@@ -485,7 +485,7 @@ class PatchGuard(RobustPatchClassifier):
     ):
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
         # Checked before the base class's blank forward pass; a non-module is refused there.
-        declared = _declarations(inner_module(model), given) if isinstance(model, nn.Module) else {}
+        declared = _declarations(unwrap(model), given) if isinstance(model, nn.Module) else {}
         super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
         # Declarations for what the model does not say itself, bound to this model: the model's own
         # attributes are read at every use (they follow in-place changes), and another model
@@ -644,7 +644,7 @@ class PatchGuard(RobustPatchClassifier):
                 declaration the model is seen to violate, or anything `m.model = model` refuses.
         """
         _check_base_model(model)
-        inner = inner_module(model)
+        inner = unwrap(model)
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
         previous = self._declared_geometry
         self._declared_geometry = _Declared(inner, _declarations(inner, given))

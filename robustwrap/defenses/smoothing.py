@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
+from .._unwrap import joins_processes, unwrap
 from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
 from ..tokens import (
     SUPPORTED,
@@ -337,17 +337,18 @@ class RandomAblation:
 
         Raises:
             ValueError: `drop_tokens` and `model`'s token grid cannot be read.
-            TypeError: `drop_tokens` and `model` is a `DistributedDataParallel` (whose forward
-                these views would bypass).
+            TypeError: `drop_tokens` and `model` is (or wraps) a `DistributedDataParallel` (whose
+                forward these views would bypass).
         """
         if not self.drop_tokens:
             return model(views)
-        if isinstance(model, DistributedDataParallel):
+        if joins_processes(model):
             raise TypeError(
                 "token-dropping views run the ViT's parts, not its forward, so a DistributedDataParallel around it would not "
                 "synchronise their gradients: call logits(model.module, ...) inside the forward of a module that your "
                 "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
             )
+        model = unwrap(model)  # a compiled or DataParallel ViT: its parts run, never the wrapper's forward
         grid = token_grid(model, self.ablation_set.image_size)
         if grid is None:
             raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
