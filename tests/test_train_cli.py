@@ -21,11 +21,13 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.datasets import ImageFolder
 
 import robustwrap
 from robustwrap import cli
 from robustwrap.cli import main
 from robustwrap.dataset import certify_dataset
+from robustwrap.report import CertificationReport
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--workers", "0", "--no-progress"]
@@ -294,3 +296,35 @@ def test_crop_pct_is_saved_with_the_model_and_used_by_certify(data, tmp_path, ca
         main(["train", *TINY, "--data", str(data / "train"), "--crop-pct", "1.5", "--out", str(tmp_path / "n")])
     assert exit_.value.code == 2
     assert "argument --crop-pct: expected a fraction in (0, 1], got '1.5'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ class order
+def test_train_records_the_class_order_and_certify_checks_it(tmp_path, capsys):
+    """Folders 0..11 get torchvision's ImageFolder ids (sorted as strings); the trained model records
+    them as timm's label_names, so certify maps a subset by name and refuses folders it does not name."""
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "train" / str(c)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "train" / str(c) / "0.png")
+    tiny = [a if a != "3" else "12" for a in TINY]  # 12 classes
+    out = tmp_path / "m"
+    code, _, err = run(["train", *tiny, "--num-masks", "3", "--epochs", "1", "--data", tmp_path / "train", "--out", out], capsys)
+    assert code == 0, err
+    names = ImageFolder(str(tmp_path / "train")).classes
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["label_names"] == names
+    assert robustwrap.from_pretrained(str(out)).model.pretrained_cfg["label_names"] == names
+    subset = tmp_path / "subset"
+    for c in ("10", "3"):
+        (subset / c).mkdir(parents=True)
+        Image.open(tmp_path / "train" / c / "0.png").save(subset / c / "0.png")
+    code, _, err = run(["certify", "--model", out, "--data", subset, "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    records = sorted(CertificationReport.load(tmp_path / "r.json").records, key=lambda r: r.index)
+    assert [r.label for r in records] == [names.index("10"), names.index("3")] == [2, 5]
+    renamed = tmp_path / "renamed"
+    for c in range(12):
+        (renamed / f"class{c}").mkdir(parents=True)
+        Image.open(tmp_path / "train" / str(c) / "0.png").save(renamed / f"class{c}" / "0.png")
+    code, _, err = run(["certify", "--model", out, "--data", renamed, "--no-progress"], capsys)
+    assert code == cli.EXIT_ERROR and err.count("\n") == 1
+    assert "none of its class folders (class0, class1, class10, class11, class2, ...) is a label name of the model (0, 1, 10, 11, 2, ...)" in err

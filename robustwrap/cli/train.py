@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._format import _accuracy
-from ._loading import _describe, _device, _load_data, _load_model, _preprocessing, _with_settings
+from ._loading import _describe, _device, _folder_label_names, _load_data, _load_model, _preprocessing, _record_label_names, _with_settings
 from ._options import _count, _crop_pct, _model_options, _positive, _positive_float
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
@@ -100,6 +100,10 @@ def _train(args: argparse.Namespace) -> None:
             _set_crop_pct(model.model if isinstance(model, RobustPatchClassifier) else model, args.crop_pct)
         defended = _with_settings(model, (args.patch or [None])[0], args)
         train_set, _ = _load_data(args.data, args.class_map, model_name, defended)
+        names = _folder_label_names(train_set, defended.num_classes)
+        if names is not None:
+            # Saved with the model, so that --val-data now and certify later map their folders by name.
+            _record_label_names(defended, names)
         if args.augment:
             train_set.transform = _preprocessing(defended, training=True)[0]
         val_set, val_name = _load_data(args.val_data, args.class_map, model_name, defended) if args.val_data is not None else (None, None)
