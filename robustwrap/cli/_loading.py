@@ -371,9 +371,10 @@ def _class_ids(folders: list[str], model: RobustPatchClassifier, class_map: dict
         # The model records which class each id is: folders it does not name are refused rather than
         # numbered in sorted order, which would certify a model against another labelling.
         unknown = [f for f in folders if f not in names]
-        which = f"the class folders {', '.join(known[:3])} are label names of the model but {', '.join(unknown[:3])} are not" if known else (
-            f"none of its class folders ({shown}) is a label name of the model ({', '.join(names[:5])}{', ...' if n > 5 else ''})"
-        )
+        if known:
+            which = f"the class folders {', '.join(known[:3])} are label names of the model but {', '.join(unknown[:3])} are not"
+        else:
+            which = f"none of its class folders ({shown}) is a label name of the model ({', '.join(names[:5])}{', ...' if n > 5 else ''})"
         raise ValueError(f"--data {spec}: {which}; pass --class-map name=id,... to say which class each folder is")
     if len(folders) == n:
         # torchvision's ImageFolder numbering, as in the Python guides: names sorted as strings
