@@ -138,21 +138,95 @@ def test_resume_continues_to_the_same_weights(data, tmp_path, capsys):
     assert not all(torch.equal(whole[k], v) for k, v in load_file(tmp_path / "first" / "model.safetensors").items())
 
 
-def test_push_sends_the_model_with_the_command_that_measures_it(data, tmp_path, capsys, monkeypatch):
-    pushed = []
+@pytest.fixture
+def hub(monkeypatch):
+    """A Hub that answers without a network: reachable, logged in as `me` (member of `org`) with a
+    write token, and a push that records what it was sent (or fails with `hub.fail`)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    state = type("Hub", (), {"pushed": [], "fail": None, "user": {"name": "me", "orgs": [{"name": "org"}], "auth": {"accessToken": {"role": "write"}}}})
 
     def push_to_hub(self, repo_id, **kwargs):
-        pushed.append((repo_id, self.pretrained_info))
+        if state.fail is not None:
+            raise state.fail
+        state.pushed.append((repo_id, self.pretrained_info))
         return f"https://huggingface.co/{repo_id}"
 
+    def whoami(self, *args, **kwargs):
+        if isinstance(state.user, Exception):
+            raise state.user
+        return state.user
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(robustwrap.hub, "_unreachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", whoami)
     monkeypatch.setattr(robustwrap.RobustPatchClassifier, "push_to_hub", push_to_hub)
+    return state
+
+
+def test_push_sends_the_model_with_the_command_that_measures_it(data, tmp_path, capsys, monkeypatch, hub):
+    monkeypatch.chdir(tmp_path)
     argv = ["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--val-data", data / "val", "--dataset-name", "tiny3", "--push", "org/tiny"]
     code, printed, err = run(argv, capsys)
     assert code == 0, err
-    [(repo, info)] = pushed
+    [(repo, info)] = hub.pushed
     assert repo == "org/tiny" and info["dataset"] == "tiny3"
     assert info["metrics"]["command"] == f"robustwrap certify --model hf-hub:org/tiny --data {data / 'val'}"
     assert "pushed to https://huggingface.co/org/tiny" in printed
+    assert list(tmp_path.iterdir()) == []  # the folder that guards against a failed push is gone after a good one
+
+
+def test_a_failed_push_keeps_the_trained_model_on_disk(data, tmp_path, capsys, monkeypatch, hub):
+    """Issue 23.7: the model is written before the push; when the push fails, the folder is named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # taken: the model goes to tiny-2
+    hub.fail = ConnectionError("403 Forbidden: you cannot write to org/tiny")
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny"], capsys)
+    assert code == cli.EXIT_ERROR and "epoch 1/1:" in printed and err.count("\n") == 1
+    assert "--push org/tiny failed (403 Forbidden: you cannot write to org/tiny); the trained model is saved in tiny-2/" in err
+    assert robustwrap.from_pretrained(str(tmp_path / "tiny-2")).pretrained_info["training"]["epochs"] == 1
+    # With --out as well, the model is in --out, pushed or not.
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny", "--out", tmp_path / "o"], capsys)
+    assert code == cli.EXIT_ERROR and f"saved in {tmp_path / 'o'}/" in err and (tmp_path / "o" / "model.safetensors").is_file()
+    hub.fail = None
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny", "--out", tmp_path / "p"], capsys)
+    assert code == 0, err
+    assert f"saved to {tmp_path / 'p'}/" in printed and "pushed to" in printed and (tmp_path / "p" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("repo", "setup", "message"),
+    [
+        ("org/bad name", None, "--push 'org/bad name' is not a Hub repo id (ORG/NAME or NAME)"),
+        ("a/b/c", None, "--push 'a/b/c' is not a Hub repo id"),
+        ("org/tiny", "offline", "--push org/tiny: the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set); train with --out DIR"),
+        ("org/tiny", "unreachable", "--push org/tiny: the Hugging Face Hub cannot be reached (huggingface.co:443 cannot be reached (timed out))"),
+        ("org/tiny", "no login", "--push org/tiny: not logged in to the Hugging Face Hub (LocalTokenNotFoundError); run `hf auth login`"),
+        ("org/tiny", "read token", "--push org/tiny: the Hugging Face token of me is read-only"),
+        ("other/tiny", None, "--push other/tiny: me cannot write to 'other' (writable: me, org)"),
+    ],
+)
+def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, capsys, monkeypatch, hub, repo, setup, message):
+    """Issue 23.7: a bad repo id, no network, no login or no write access fail in one line before the first epoch."""
+    import robustwrap.fit
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    if setup == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elif setup == "unreachable":
+        monkeypatch.setattr(robustwrap.hub, "_unreachable", lambda: "huggingface.co:443 cannot be reached (timed out)")
+    elif setup == "no login":
+        hub.user = LocalTokenNotFoundError("Token is required")
+    elif setup == "read token":
+        hub.user = {**hub.user, "auth": {"accessToken": {"role": "read"}}}
+    monkeypatch.setattr(robustwrap.fit, "fit_masking", lambda *a, **k: pytest.fail("trained before refusing --push"))
+    monkeypatch.chdir(tmp_path)
+    code, printed, err = run(["train", *TINY, "--data", data / "train", "--push", repo], capsys)
+    assert (code, printed) == (cli.EXIT_ERROR, "") and err.count("\n") == 1
+    assert err.startswith(f"robustwrap train: error: {message}"), err
+    assert list(tmp_path.iterdir()) == [] and hub.pushed == []
 
 
 @pytest.mark.parametrize(
@@ -170,6 +244,12 @@ def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, mo
     assert not (tmp_path / "m").exists()
 
 
+def test_the_trained_model_must_go_somewhere(data, capsys):
+    code, printed, err = run(["train", *TINY, "--data", data / "train"], capsys)
+    assert (code, printed) == (cli.EXIT_ERROR, "")
+    assert err == "robustwrap train: error: pass --out DIR (a new folder), --push ORG/NAME (a Hub repo) or both: where should the trained model go?\n"
+
+
 def test_out_must_be_a_new_folder(data, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
@@ -181,8 +261,6 @@ def test_out_must_be_a_new_folder(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--data", "d"], "one of the arguments --out --push is required"),
-        (["--data", "d", "--out", "o", "--push", "a/b"], "argument --push: not allowed with argument --out"),
         (["--out", "o"], "the following arguments are required: --data"),
     ],
 )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._format import _accuracy
+from ._format import _accuracy, _one_line
 from ._loading import _describe, _device, _folder_label_names, _load_data, _load_model, _preprocessing, _record_label_names, _with_settings
 from ._options import _count, _crop_pct, _model_options, _positive, _positive_float
 
@@ -69,9 +70,14 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     fit.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="write a resumable checkpoint here after every epoch")
     fit.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir from its last epoch (same weights as an uninterrupted run)")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    output = train.add_argument_group("output (one of them is required)").add_mutually_exclusive_group(required=True)
+    output = train.add_argument_group("output (one of them, or both)")
     output.add_argument("--out", type=Path, metavar="DIR", help="write the trained model to a new folder in the Hub format (robustwrap.from_pretrained(DIR) loads it)")
-    output.add_argument("--push", metavar="ORG/NAME", help="push the trained model to this Hugging Face Hub repo")
+    output.add_argument(
+        "--push",
+        metavar="ORG/NAME",
+        help="push the trained model to this Hugging Face Hub repo; the repo id, the network and your login's write access are checked "
+        "before training, and the model is written to --out (or a new folder, kept and named if the push fails) before the push",
+    )
     train.set_defaults(run=_train)
 
 
@@ -87,9 +93,13 @@ def _train(args: argparse.Namespace) -> None:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too")
+    # Everything that could keep the trained model from being written is checked before hours of training.
+    if args.out is None and args.push is None:
+        raise ValueError("pass --out DIR (a new folder), --push ORG/NAME (a Hub repo) or both: where should the trained model go?")
     if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        # Checked before hours of training, not when the model is written.
         raise ValueError(f"--out {args.out} exists and is not an empty folder: choose a new one")
+    if args.push is not None:
+        _check_push(args.push)
     rank, world, started = _start_distributed(args)
     try:
         torch.manual_seed(args.seed)
@@ -203,9 +213,64 @@ def _write_trained(args: argparse.Namespace, model: RobustPatchClassifier, histo
         print(report.summary())
     else:
         print("no --val-data: nothing was certified, the model card records no accuracy")
-    if args.push is not None:
+    # Written to disk before the push, so that a failed push (network, permissions) loses no training.
+    folder = args.out if args.out is not None else _new_folder(Path(args.push.split("/")[-1]))
+    model.save_pretrained(folder)
+    if args.push is None:
+        print(f"saved to {folder}/; robustwrap.from_pretrained('{folder}') loads it")
+        return
+    try:
         url = model.push_to_hub(args.push)
-        print(f"pushed to {url}; robustwrap.from_pretrained('hf-hub:{args.push}') loads it")
+    except Exception as error:  # whatever failed, the model is safe on disk: say where, in one line
+        raise OSError(
+            f"--push {args.push} failed ({_one_line(error)}); the trained model is saved in {folder}/: "
+            f"push it with robustwrap.from_pretrained('{folder}').push_to_hub('{args.push}')"
+        ) from error
+    if args.out is None:
+        shutil.rmtree(folder)  # only kept to survive a failed push
     else:
-        model.save_pretrained(args.out)
-        print(f"saved to {args.out}/; robustwrap.from_pretrained('{args.out}') loads it")
+        print(f"saved to {folder}/; robustwrap.from_pretrained('{folder}') loads it")
+    print(f"pushed to {url}; robustwrap.from_pretrained('hf-hub:{args.push}') loads it")
+
+
+def _new_folder(name: Path) -> Path:
+    """`name`, or `name-2`, `name-3`, ... : the first that does not exist yet."""
+    folder, n = name, 1
+    while folder.exists():
+        n += 1
+        folder = name.with_name(f"{name.name}-{n}")
+    return folder
+
+
+def _check_push(repo_id: str) -> None:
+    """Refuse `--push repo_id` before training when the push could not succeed.
+
+    Raises:
+        ValueError: for a repo id the Hub would refuse (checked by huggingface_hub's `validate_repo_id`).
+        OSError: when the Hub cannot be reached (`HF_HUB_OFFLINE`, no network), nobody is logged in,
+            or the login cannot write to the repo's namespace: found after training, each would
+            leave the trained model nowhere.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from ..hub import _unreachable
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--push {repo_id!r} is not a Hub repo id (ORG/NAME or NAME): {_one_line(error)}") from None
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable()
+    if reason is not None:
+        raise OSError(f"--push {repo_id}: the Hugging Face Hub cannot be reached ({reason}); train with --out DIR and push the folder later")
+    try:
+        me = HfApi().whoami()
+    except OSError as error:  # no saved token (LocalTokenNotFoundError), or one the Hub refuses (HTTP 401)
+        raise OSError(f"--push {repo_id}: not logged in to the Hugging Face Hub ({type(error).__name__}); run `hf auth login` or set HF_TOKEN") from None
+    role = me.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise OSError(f"--push {repo_id}: the Hugging Face token of {me.get('name')} is read-only; log in with a write token (`hf auth login`)")
+    namespace = repo_id.split("/")[0] if "/" in repo_id else me.get("name")
+    writable = {me.get("name"), *(org.get("name") for org in me.get("orgs", []))}
+    if namespace not in writable:
+        raise OSError(f"--push {repo_id}: {me.get('name')} cannot write to {namespace!r} (writable: {', '.join(sorted(n for n in writable if n))})")
