@@ -209,9 +209,10 @@ def test_a_failed_push_keeps_the_trained_model_on_disk(data, tmp_path, capsys, m
 )
 def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, capsys, monkeypatch, hub, repo, setup, message):
     """Issue 23.7: a bad repo id, no network, no login or no write access fail in one line before the first epoch."""
-    import robustwrap.fit
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalTokenNotFoundError
+
+    import robustwrap.fit
 
     if setup == "offline":
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
