@@ -77,6 +77,13 @@ def test_summary_table_names_every_number():
         assert expected in text
 
 
+@pytest.mark.parametrize(("seconds", "speed"), [(0.5, "2.0 images/s"), (83.3, "83.3 s/image"), (1234.4, "1234 s/image"), (1.0, "1.0 images/s")])
+def test_slow_speeds_are_not_printed_as_zero(seconds, speed):
+    """A large model on a CPU certifies an image in minutes: seconds per image, never "0.0 images/s"."""
+    report = make_report(records=[record(i, 1, 1, seconds=seconds) for i in range(2)])
+    assert f"speed                   {speed} per process" in report.summary()
+
+
 @pytest.mark.parametrize(
     "report",
     [
