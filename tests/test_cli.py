@@ -1129,3 +1129,21 @@ def test_a_grey_model_rebuilt_for_colour_images_gets_its_normalisation_on_every_
     assert mode == "RGB" and torch.allclose(x[:, 0, 0], (torch.tensor([200, 100, 0]) / 255 - mean) / std, atol=1e-6)
     code, _, err = run(["certify", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--no-progress"], capsys)
     assert code == 0, err
+
+
+def test_built_in_grey_digits_are_converted_to_a_colour_model_channels(tmp_path, capsys):
+    """`certify --data mnist-heldout` with a 3-channel model: the grey digits become RGB, as the grey
+    PNGs of an image folder do, and are certified as such (not an internal error)."""
+    torch.manual_seed(0)
+    base = timm.create_model("bagnet_tiny", num_classes=10, in_chans=3).eval()
+    robustwrap.wrap(base, defense="patchguard", patch=3).eval().save_pretrained(tmp_path / "m")
+    argv = ["certify", "--model", tmp_path / "m", "--data", "mnist-heldout", "--limit", "2", "--no-progress", "--report", tmp_path / "r.json"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    loaded = robustwrap.from_pretrained(str(tmp_path / "m")).eval()
+    transform, mode = cli._loading._preprocessing(loaded)
+    digits = [robustwrap.zoo.builtin_dataset("mnist-heldout")[i] for i in range(2)]
+    x = torch.stack([transform(image.convert(mode)) for image, _ in digits])
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert mode == "RGB" and x.shape[1] == 3
+    assert [(r.label, r.prediction) for r in report.records] == list(zip([label for _, label in digits], loaded.predict(x).tolist()))

@@ -310,14 +310,14 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
         spec = zoo.zoo_entry(model_name)["dataset"]
         if spec not in builtin:
             raise ValueError(f"--data is required for --model {model_name}: its data set ({spec}) is not shipped with robustwrap; pass --data FOLDER (your copy, in class folders)")
-        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        return _builtin_dataset(spec, model), spec
     path = Path(spec)
     if spec in builtin:
         if path.exists():
             raise ValueError(f"--data {spec!r} is both a built-in data set and a folder here; write ./{spec} for the folder")
         if class_map is not None:
             raise ValueError("--class-map goes with an image folder, not a built-in data set")
-        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        return _builtin_dataset(spec, model), spec
     if not path.exists():
         known = f" (built-in: {', '.join(builtin)})" if builtin else ""
         raise FileNotFoundError(f"--data {spec}: no such folder, and not a built-in data set{known}")
@@ -333,6 +333,19 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
     except FileNotFoundError as error:
         raise FileNotFoundError(f"--data {spec}: {error} (expected class folders of images, as torchvision's ImageFolder)") from None
     return dataset, spec
+
+
+def _builtin_dataset(name: str, model: RobustPatchClassifier):
+    """A built-in data set in the model's preprocessing, its images converted to the model's channels
+    first (grey digits for a 3-channel model), as `_read_image` converts an image folder's files."""
+    import functools
+
+    transform, mode = _preprocessing(model)
+    return _zoo().builtin_dataset(name, transform=functools.partial(_converted, transform=transform, mode=mode))
+
+
+def _converted(image, transform, mode: str):
+    return transform(image.convert(mode))
 
 
 def _class_ids(folders: list[str], model: RobustPatchClassifier, class_map: dict[str, int] | list[str] | None, spec: str) -> dict[str, int]:
