@@ -136,6 +136,13 @@ def test_resume_continues_to_the_same_weights(data, tmp_path, capsys):
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not all(torch.equal(whole[k], v) for k, v in load_file(tmp_path / "first" / "model.safetensors").items())
+    # --resume on a folder without a checkpoint says so, and starts from epoch 1 (the same weights as "first").
+    (tmp_path / "empty").mkdir()
+    code, printed, err = run([*common, "--epochs", "1", "--checkpoint-dir", tmp_path / "empty", "--resume", "--out", tmp_path / "fresh"], capsys)
+    assert code == 0, err
+    assert printed.startswith(f"--resume: {tmp_path / 'empty'} holds no checkpoint yet; training starts at epoch 1\n")
+    first, fresh = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "fresh" / "model.safetensors")
+    assert all(torch.equal(first[k], fresh[k]) for k in first)
 
 
 @pytest.fixture
@@ -234,6 +241,7 @@ def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, cap
     ("more", "message"),
     [
         (["--resume"], "--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too"),
+        (["--resume", "--checkpoint-dir", "no/such/dir"], "--resume: --checkpoint-dir no/such/dir does not exist; leave out --resume"),
         (["--strategy", "cutout"], "--strategy must be one of none, "),
         (["--defense", "smoothing", "--num-masks", "3"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
     ],

@@ -87,12 +87,15 @@ def _train(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ..dataset import certify_dataset
-    from ..fit import STRATEGIES, fit_masking
+    from ..fit import STRATEGIES, _latest_checkpoint, fit_masking
 
     if args.strategy is not None and args.strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too")
+    if args.resume and not args.checkpoint_dir.is_dir():
+        # A mistyped folder would otherwise start a new run from scratch without a word.
+        raise FileNotFoundError(f"--resume: --checkpoint-dir {args.checkpoint_dir} does not exist; leave out --resume to start a new run there")
     # Everything that could keep the trained model from being written is checked before hours of training.
     if args.out is None and args.push is None:
         raise ValueError("pass --out DIR (a new folder), --push ORG/NAME (a Hub repo) or both: where should the trained model go?")
@@ -121,6 +124,8 @@ def _train(args: argparse.Namespace) -> None:
         # same seed on every rank, so the shards never overlap.
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers)
+        if args.resume and rank == 0 and _latest_checkpoint(args.checkpoint_dir) is None:
+            print(f"--resume: {args.checkpoint_dir} holds no checkpoint yet; training starts at epoch 1")
         history = fit_masking(
             defended,
             loader,
