@@ -246,7 +246,8 @@ def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, cap
         (["--defense", "smoothing", "--num-masks", "3"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
     ],
 )
-def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, more, message):
+def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, monkeypatch, more, message):
+    monkeypatch.chdir(tmp_path)  # relative paths of `more` land here if a regression writes them
     code, printed, err = run(["train", *TINY, "--data", data / "train", "--out", tmp_path / "m", *more], capsys)
     assert code == cli.EXIT_ERROR and printed == ""
     assert err.startswith(f"robustwrap train: error: {message}") and err.count("\n") == 1
