@@ -416,3 +416,16 @@ def test_command_line_rewrap_keeps_drop_tokens():
     model = robustwrap.wrap(MODELS["vit"](), 3, defense="smoothing", size=6, drop_tokens=False)
     again = cli._loading._with_settings(model, 4, cli._parser().parse_args(["predict", "x.png", "--patch", "4"]))
     assert again.patch == (4, 4) and again.model is model.model and again.drop_tokens is False
+
+
+def test_a_vit_built_for_partial_tokens_ablates_pixels_by_default():
+    """Issue 23.17: a ViT built for 36x36 images of 8x8 tokens (timm drops the last 4 pixel rows and
+    columns) cannot drop tokens exactly: drop_tokens=None ablates pixels, True still refuses."""
+    base = _vit(depth=1, img_size=36)
+    model = robustwrap.wrap(base, patch=3, defense="smoothing", size=6).eval()
+    assert not model.drop_tokens and model.settings()["drop_tokens"] is False
+    x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    pixels = robustwrap.wrap(base, patch=3, defense="smoothing", size=6, drop_tokens=False).eval()
+    assert torch.equal(model.certify(x, torch.tensor([0, 1])).counts, pixels.certify(x, torch.tensor([0, 1])).counts)
+    with pytest.raises(ValueError, match="multiple of the model's 8x8 tokens"):
+        robustwrap.wrap(base, patch=3, defense="smoothing", size=6, drop_tokens=True)
