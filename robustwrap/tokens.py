@@ -22,7 +22,7 @@ from timm.layers import PatchEmbed
 from timm.models import VisionTransformer
 from torch import nn
 
-__all__ = ["SUPPORTED", "TokenGrid", "axis_token_keep", "forward_kept", "supports_token_dropping", "token_grid", "views_per_pass"]
+__all__ = ["SUPPORTED", "TokenGrid", "axis_token_keep", "forward_kept", "merge_distilled", "supports_token_dropping", "token_grid", "views_per_pass"]
 
 SUPPORTED = "timm's VisionTransformer family with a plain patch embedding (ViT, DeiT, DeiT distilled, ViT with registers, any img_size)"
 """The models whose token grid `token_grid` can read, as error messages name them."""
@@ -46,6 +46,15 @@ class TokenGrid:
     def num_tokens(self) -> int:
         """Tokens of an image with nothing dropped (prefix tokens included)."""
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+
+def merge_distilled(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The logits of a model's output: for a timm distilled ViT in distilled-training mode, whose
+    train-mode forward returns `(class head, distillation head)`, their mean, which is what it
+    returns in eval mode (training fits the function that is certified); else `output` unchanged."""
+    if isinstance(output, tuple) and len(output) == 2 and all(isinstance(o, torch.Tensor) for o in output):
+        return (output[0] + output[1]) / 2
+    return output
 
 
 def _pair(value) -> tuple[int, int] | None:
@@ -158,7 +167,7 @@ def forward_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: To
         tokens = model._pos_embed(model.patch_embed(x[members]))
         tokens = tokens.gather(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
         tokens = model.norm(model.blocks(model.norm_pre(model.patch_drop(tokens))))
-        logits = model.forward_head(tokens)
+        logits = merge_distilled(model.forward_head(tokens))
         if out is None:
             out = logits.new_empty((n, *logits.shape[1:]))
         out[members] = logits
