@@ -242,7 +242,8 @@ def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, cap
     [
         (["--resume"], "--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too"),
         (["--resume", "--checkpoint-dir", "no/such/dir"], "--resume: --checkpoint-dir no/such/dir does not exist; leave out --resume"),
-        (["--strategy", "cutout"], "--strategy must be one of none, "),
+        (["--strategy", "cutout"], "--strategy must be one of patchcleanser: multisize_greedy, greedy, grid, random_mask, random_cutout, none; "),
+        (["--defense", "smoothing", "--ablation-size", "8", "--strategy", "greedy"], "--strategy greedy does not train defense 'smoothing'; its strategies: random_ablation, none"),
         (["--defense", "smoothing", "--num-masks", "3"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
     ],
 )
@@ -258,6 +259,38 @@ def test_the_trained_model_must_go_somewhere(data, capsys):
     code, printed, err = run(["train", *TINY, "--data", data / "train"], capsys)
     assert (code, printed) == (cli.EXIT_ERROR, "")
     assert err == "robustwrap train: error: pass --out DIR (a new folder), --push ORG/NAME (a Hub repo) or both: where should the trained model go?\n"
+
+
+def test_help_lists_the_strategies_fit_masking_takes_for_each_defense(capsys):
+    """Issue 23.17: --help lists, per defense, exactly the strategies that train it (its default first)."""
+    from robustwrap.fit import _resolve_defense
+
+    vit = timm.create_model("test_vit", img_size=32, num_classes=3)
+    models = {
+        "patchcleanser": robustwrap.wrap(vit, patch=4, num_masks=3),
+        "smoothing": robustwrap.wrap(vit, patch=4, defense="smoothing", size=8),
+        "patchguard": robustwrap.wrap(robustwrap.models.bagnet_tiny(num_classes=3), patch=3, defense="patchguard"),
+    }
+    for defense, model in models.items():
+        target = _resolve_defense(model, None, None)
+        listed = cli.train._STRATEGIES[defense]
+        assert (sorted(listed), listed[0]) == (sorted(target.strategies), target.default), defense
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "smoothing: random_ablation, none; patchguard: provable_adversarial, none" in text
+
+
+@pytest.mark.parametrize(
+    ("defense", "strategy"),
+    [(["--defense", "smoothing", "--ablation-size", "8", "--patch", "4"], "random_ablation"), (["--defense", "patchguard", "--patch", "3"], "provable_adversarial")],
+)
+def test_each_defense_trains_with_the_strategies_help_lists(data, tmp_path, capsys, defense, strategy):
+    bagnet = ["--model", "timm:bagnet_tiny", "--in-chans", "3", "--num-classes", "3", "--workers", "0", "--no-progress"]
+    tiny = bagnet if "patchguard" in defense else TINY  # PatchGuard needs local logits
+    code, printed, err = run(["train", *tiny, *defense, "--strategy", strategy, "--epochs", "1", "--data", data / "train", "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    assert robustwrap.from_pretrained(str(tmp_path / "m")).pretrained_info["strategy"] == strategy
 
 
 def test_out_must_be_a_new_folder(data, tmp_path, capsys):

@@ -17,6 +17,15 @@ if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not p
     from ..report import CertificationReport
 
 
+# The strategies fit_masking takes for each defense, as --help lists them (a test holds them equal).
+_STRATEGIES = {
+    "patchcleanser": ("multisize_greedy", "greedy", "grid", "random_mask", "random_cutout", "none"),
+    "smoothing": ("random_ablation", "none"),
+    "patchguard": ("provable_adversarial", "none"),
+}
+_STRATEGY_HELP = "; ".join(f"{defense}: {', '.join(names)}" for defense, names in _STRATEGIES.items()) + " (none: clean fine-tuning)"
+
+
 def register(commands, common: argparse.ArgumentParser) -> None:
     """`robustwrap train`: certify's model, threat-model and defense options, plus data, training and output."""
     train = commands.add_parser(
@@ -63,8 +72,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--strategy",
         metavar="NAME",
-        help="masking strategy: multisize_greedy, greedy, grid, random_mask, random_cutout (PatchCleanser), random_ablation "
-        "(smoothing), provable_adversarial (PatchGuard), or none (clean fine-tuning); default: the defense's own",
+        help=f"training strategy of the chosen defense (default: its own, listed first): {_STRATEGY_HELP}",
     )
     fit.add_argument("--seed", type=int, default=0, help="seed of the shuffling, the strategies' randomness and a random initialisation (default 0)")
     fit.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="write a resumable checkpoint here after every epoch")
@@ -87,10 +95,10 @@ def _train(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ..dataset import certify_dataset
-    from ..fit import STRATEGIES, _latest_checkpoint, fit_masking
+    from ..fit import _latest_checkpoint, fit_masking
 
-    if args.strategy is not None and args.strategy not in STRATEGIES:
-        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
+    if args.strategy is not None and not any(args.strategy in names for names in _STRATEGIES.values()):
+        raise ValueError(f"--strategy must be one of {_STRATEGY_HELP}; got {args.strategy!r}")
     if args.resume and args.checkpoint_dir is None:
         raise ValueError("--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too")
     if args.resume and not args.checkpoint_dir.is_dir():
@@ -112,6 +120,9 @@ def _train(args: argparse.Namespace) -> None:
 
             _set_crop_pct(model.model if isinstance(model, RobustPatchClassifier) else model, args.crop_pct)
         defended = _with_settings(model, (args.patch or [None])[0], args)
+        strategies = _STRATEGIES.get(defended.defense, ("none",))
+        if args.strategy is not None and args.strategy not in strategies:
+            raise ValueError(f"--strategy {args.strategy} does not train defense {defended.defense!r}; its strategies: {', '.join(strategies)}")
         train_set, _ = _load_data(args.data, args.class_map, model_name, defended)
         names = _folder_label_names(train_set, defended.num_classes)
         if names is not None:
