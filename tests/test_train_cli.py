@@ -288,7 +288,7 @@ def test_help_lists_the_strategies_fit_masking_takes_for_each_defense(capsys):
 def test_each_defense_trains_with_the_strategies_help_lists(data, tmp_path, capsys, defense, strategy):
     bagnet = ["--model", "timm:bagnet_tiny", "--in-chans", "3", "--num-classes", "3", "--workers", "0", "--no-progress"]
     tiny = bagnet if "patchguard" in defense else TINY  # PatchGuard needs local logits
-    code, printed, err = run(["train", *tiny, *defense, "--strategy", strategy, "--epochs", "1", "--data", data / "train", "--out", tmp_path / "m"], capsys)
+    code, _, err = run(["train", *tiny, *defense, "--strategy", strategy, "--epochs", "1", "--data", data / "train", "--out", tmp_path / "m"], capsys)
     assert code == 0, err
     assert robustwrap.from_pretrained(str(tmp_path / "m")).pretrained_info["strategy"] == strategy
 
