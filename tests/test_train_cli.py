@@ -92,6 +92,11 @@ def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     assert info["strategy"] == "greedy"
     assert info["training"]["lr"] == 0.037 and ", lr 0.037, " in printed  # --lr reaches the optimizer (default 0.001 for a ViT)
     assert "nothing was certified" in printed and "certification report" not in printed
+    # --dataset-name names the data set in the config and the card even when nothing is certified on it
+    code, _, err = run([*argv[:-1], tmp_path / "named", "--dataset-name", "tiny3"], capsys)
+    assert code == 0, err
+    assert robustwrap.from_pretrained(str(tmp_path / "named")).pretrained_info["dataset"] == "tiny3"
+    assert "datasets:\n- tiny3\n" in (tmp_path / "named" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("switch", ["--no-drop-tokens", "--drop-tokens"])

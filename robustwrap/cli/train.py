@@ -49,7 +49,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     data.add_argument("--data", required=True, help="training images: an image folder laid out like torchvision's ImageFolder, or a built-in data set name")
     data.add_argument("--val-data", help="validation images, certified after training; the accuracies go into the model card (default: none, nothing is certified)")
     data.add_argument("--class-map", metavar="MAP", help="class ids of the class folders of --data and --val-data, as for certify")
-    data.add_argument("--dataset-name", metavar="NAME", help="the data set's name in the model card (default: the --val-data folder's name)")
+    data.add_argument("--dataset-name", metavar="NAME", help="the data set's name in the model card, with or without --val-data (default: the --val-data folder's name)")
     data.add_argument(
         "--augment",
         action="store_true",
@@ -202,6 +202,8 @@ def _trained_info(args: argparse.Namespace, history, report: CertificationReport
             "final_masked_accuracy": round(final.accuracy, 4),
         },
     }
+    if args.dataset_name is not None:  # named in the card whether or not anything is certified on it
+        info["dataset"] = args.dataset_name
     if report is None:
         return info
     model = f"hf-hub:{args.push}" if args.push is not None else str(args.out)
