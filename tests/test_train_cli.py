@@ -298,6 +298,13 @@ def test_each_defense_trains_with_the_strategies_help_lists(data, tmp_path, caps
     assert robustwrap.from_pretrained(str(tmp_path / "m")).pretrained_info["strategy"] == strategy
 
 
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (16, 4)])
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch, cores, workers):
+    """Issue 23.17: on a 2-core machine the default is 2 workers, not 4 (torch's DataLoader warns above its cores)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert cli._parser().parse_args(["train", "--data", "d", "--out", "o"]).workers == workers
+
+
 def test_out_must_be_a_new_folder(data, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")

@@ -64,7 +64,14 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         "as the papers do for CIFAR-10); saved in the model's pretrained_cfg, so certify preprocesses the same way "
         "(default: the model's own)",
     )
-    data.add_argument("--workers", type=_count, default=4, metavar="N", help="data-loading worker processes per training process (default 4; 0 loads in the main process)")
+    data.add_argument(
+        "--workers",
+        type=_count,
+        default=_default_workers(),
+        metavar="N",
+        help="data-loading worker processes per training process (default: 4, or fewer where this process may use fewer CPU cores; "
+        "0 loads in the main process)",
+    )
     fit = train.add_argument_group("training")
     fit.add_argument("--epochs", type=_positive, default=10, metavar="N", help="epochs (default 10, the papers'; the learning rate drops x0.1 after half)")
     fit.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="training images per step and process (default 64; under torchrun a step trains N x the number of processes)")
@@ -87,6 +94,13 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         "before training, and the model is written to --out (or a new folder, kept and named if the push fails) before the push",
     )
     train.set_defaults(run=_train)
+
+
+def _default_workers() -> int:
+    """4 data-loading workers, or as many as the CPU cores this process may run on, as torch's DataLoader
+    counts them (more makes it warn on every run)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, cores or 1)
 
 
 def _train(args: argparse.Namespace) -> None:
