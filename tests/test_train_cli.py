@@ -214,7 +214,8 @@ def test_a_failed_push_keeps_the_trained_model_on_disk(data, tmp_path, capsys, m
         ("a/b/c", None, "--push 'a/b/c' is not a Hub repo id"),
         ("org/tiny", "offline", "--push org/tiny: the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set); train with --out DIR"),
         ("org/tiny", "unreachable", "--push org/tiny: the Hugging Face Hub cannot be reached (huggingface.co:443 cannot be reached (timed out))"),
-        ("org/tiny", "no login", "--push org/tiny: not logged in to the Hugging Face Hub (LocalTokenNotFoundError); run `hf auth login`"),
+        ("org/tiny", "no login", "--push org/tiny: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN"),
+        ("org/tiny", "refused token", "--push org/tiny: the Hugging Face Hub did not confirm your login (401 Unauthorized: invalid token)"),
         ("org/tiny", "read token", "--push org/tiny: the Hugging Face token of me is read-only"),
         ("other/tiny", None, "--push other/tiny: me cannot write to 'other' (writable: me, org)"),
     ],
@@ -232,6 +233,8 @@ def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, cap
         monkeypatch.setattr(robustwrap.hub, "_unreachable", lambda: "huggingface.co:443 cannot be reached (timed out)")
     elif setup == "no login":
         hub.user = LocalTokenNotFoundError("Token is required")
+    elif setup == "refused token":
+        hub.user = ConnectionRefusedError("401 Unauthorized: invalid token")
     elif setup == "read token":
         hub.user = {**hub.user, "auth": {"accessToken": {"role": "read"}}}
     monkeypatch.setattr(robustwrap.fit, "fit_masking", lambda *a, **k: pytest.fail("trained before refusing --push"))
@@ -392,7 +395,8 @@ def test_each_preset_runs_its_first_step_on_a_tiny_stand_in(preset, data, tmp_pa
     options[options.index("--model") + 1] = "timm:test_vit"
     options.remove("--pretrained")
     monkeypatch.setitem(PAPERS.PRESETS, preset, options)
-    tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12"]
+    # 3 class folders of a 10- or 1000-class model: which classes they are is said, not guessed
+    tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12", "--class-map", "0=0,1=1,2=2"]
     if preset.endswith("_cifar10"):
         tiny += ["--patch", "2%"]  # 35 px is the papers' patch on 224 px; later options override the preset's
     code = PAPERS.main([preset, *tiny, "--data", str(data / "train"), "--val-data", str(data / "val"), "--out", str(tmp_path / "m")])

@@ -284,6 +284,7 @@ def _check_push(repo_id: str) -> None:
             leave the trained model nowhere.
     """
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import LocalTokenNotFoundError
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from ..hub import _unreachable
@@ -297,8 +298,10 @@ def _check_push(repo_id: str) -> None:
         raise OSError(f"--push {repo_id}: the Hugging Face Hub cannot be reached ({reason}); train with --out DIR and push the folder later")
     try:
         me = HfApi().whoami()
-    except OSError as error:  # no saved token (LocalTokenNotFoundError), or one the Hub refuses (HTTP 401)
-        raise OSError(f"--push {repo_id}: not logged in to the Hugging Face Hub ({type(error).__name__}); run `hf auth login` or set HF_TOKEN") from None
+    except LocalTokenNotFoundError:
+        raise OSError(f"--push {repo_id}: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN") from None
+    except OSError as error:  # a token the Hub refuses (HTTP 401), or the network failing now
+        raise OSError(f"--push {repo_id}: the Hugging Face Hub did not confirm your login ({_one_line(error)}); check it with `hf auth whoami`") from None
     role = me.get("auth", {}).get("accessToken", {}).get("role")
     if role == "read":
         raise OSError(f"--push {repo_id}: the Hugging Face token of {me.get('name')} is read-only; log in with a write token (`hf auth login`)")
