@@ -35,8 +35,8 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         description=(
             "Fine-tune a model for certification (robustwrap.fit_masking, the defense's own strategy by default: Multi-size "
             "Greedy Cutout for PatchCleanser), certify --val-data with the trained model (robustwrap.certify_dataset), "
-            "record the measured accuracies and the class names (the --data folders) in its config and model card, and write a "
-            "Hub-format folder (--out), push it (--push), or both. The model, threat-model and defense options are certify's."
+            "record the measured accuracies in its config and model card and the class names (the --data folders) in its config, "
+            "and write a Hub-format folder (--out), push it (--push), or both. The model, threat-model and defense options are certify's."
         ),
         epilog=(
             "Many processes: 'torchrun --nproc_per_node N -m robustwrap train ...' trains one model on N processes (NCCL, "
