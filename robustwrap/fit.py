@@ -39,6 +39,7 @@ from .augment import _NAMES as _AUGMENTATIONS
 from .augment import create_augmentation
 from .defenses import RobustPatchClassifier, wrap
 from .geometry import MaskSet
+from .tokens import merge_distilled
 from .views import eval_mode, model_device_dtype
 
 __all__ = ["fit_masking", "FitHistory", "EpochStats", "STRATEGIES"]
@@ -451,7 +452,7 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
         with loop.autocast():
             x, y = loop.batch(batch, "train_loader")
             x, view = _mask_batch(loop.augment, loop.encode, x, y, loop.clean_ratio)
-            logits = loop.trained(x) if view is None else loop.trained(x, view)
+            logits = merge_distilled(loop.trained(x) if view is None else loop.trained(x, view))
             loss = loop.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

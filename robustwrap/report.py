@@ -403,7 +403,7 @@ class CertificationReport:
         if self.full_views:
             formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
             views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
-        rows += [("views per image", views), ("speed", f"{_number(self.images_per_second, '.1f')} images/s per process")]
+        rows += [("views per image", views), ("speed", f"{_speed(self.images_per_second)} per process")]
         return _table(rows, title="robustwrap certification report")
 
     def metrics(self, split: str | None = None, command: str | None = None) -> dict[str, Any]:
@@ -680,6 +680,15 @@ def _pct(value: float) -> str:
 def _number(value: float, spec: str) -> str:
     """`value` formatted, or "-" where there is none (a report without images), as `_pct` writes it."""
     return "-" if math.isnan(value) else format(value, spec)
+
+
+def _speed(images_per_second: float) -> str:
+    """Images per second, or seconds per image below one image a second (a large model on a CPU),
+    where one decimal of images/s would print 0.0."""
+    if math.isnan(images_per_second) or images_per_second >= 1:
+        return f"{_number(images_per_second, '.1f')} images/s"
+    seconds = 1 / images_per_second
+    return f"{seconds:.3g} s/image" if seconds < 100 else f"{seconds:.0f} s/image"
 
 
 def _table(rows: Sequence[tuple[str, str]], title: str) -> str:

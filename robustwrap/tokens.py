@@ -29,6 +29,7 @@ __all__ = [
     "embed_patches",
     "forward_ablated",
     "forward_kept",
+    "merge_distilled",
     "supports_token_dropping",
     "token_grid",
     "views_per_pass",
@@ -56,6 +57,15 @@ class TokenGrid:
     def num_tokens(self) -> int:
         """Tokens of an image with nothing dropped (prefix tokens included)."""
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+
+def merge_distilled(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The logits of a model's output: for a timm distilled ViT in distilled-training mode, whose
+    train-mode forward returns `(class head, distillation head)`, their mean, which is what it
+    returns in eval mode (training fits the function that is certified); else `output` unchanged."""
+    if isinstance(output, tuple) and len(output) == 2 and all(isinstance(o, torch.Tensor) for o in output):
+        return (output[0] + output[1]) / 2
+    return output
 
 
 def _pair(value) -> tuple[int, int] | None:
@@ -208,7 +218,7 @@ def _forward_tokens(model: nn.Module, flat: torch.Tensor, keep: torch.Tensor, gr
         first = table[:prefix].expand(members.numel(), -1, -1) if table is not None else embedded[members, :prefix]
         tokens = torch.cat([first, flat[starts[members, None] + torch.arange(count, device=flat.device)]], 1)
         tokens = model.norm(model.blocks(model.norm_pre(model.patch_drop(tokens))))
-        logits = model.forward_head(tokens)
+        logits = merge_distilled(model.forward_head(tokens))
         if out is None:
             out = logits.new_empty((n, *logits.shape[1:]))
         out[members] = logits

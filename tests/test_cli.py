@@ -280,11 +280,28 @@ def test_class_map_and_integer_folders(files, tmp_path, capsys):
     assert code == 1 and "outside the model's 0..2" in err
     code, _, err = run([*argv, "--class-map", "x=0"], capsys)
     assert code == 1 and "does not name the class folders b" in err
+    # Folders named by number are names like any other: a subset of them is as ambiguous as cat/dog.
     numbered = tmp_path / "numbered"
     subset_folder(files, numbered, {"2": "a", "1": "b"})
-    code, _, err = run(["certify", *timm_args(files, "--patch", "10%"), "--data", numbered / "subset", "--no-progress", "--report", tmp_path / "n.json"], capsys)
+    code, _, err = run(["certify", *timm_args(files, "--patch", "10%"), "--data", numbered / "subset", "--no-progress"], capsys)
+    assert code == 1 and "2 class folders (1, 2) for a model of 3 classes" in err and "ambiguous; pass --class-map" in err
+
+
+def test_folders_named_by_number_get_torchvision_imagefolder_class_ids(tmp_path, capsys):
+    """Folders 0..11 are numbered as torchvision's ImageFolder (and the Python guides) number them:
+    sorted as strings, so folder "10" is class 2, not class 10."""
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "data" / str(c) / "0.png")
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit", img_size=32, num_classes=12).state_dict(), tmp_path / "vit.safetensors")
+    argv = ["certify", "--model", "timm:test_vit", "--image-size", "32", "--checkpoint", tmp_path / "vit.safetensors", "--patch", "4"]
+    code, _, err = run([*argv, "--num-masks", "2", "--data", tmp_path / "data", "--no-progress", "--report", tmp_path / "r.json"], capsys)
     assert code == 0, err
-    assert [r.label for r in CertificationReport.load(tmp_path / "n.json").records] == [1, 1, 1, 2, 2, 2]
+    records = sorted(CertificationReport.load(tmp_path / "r.json").records, key=lambda r: r.index)
+    expected = ImageFolder(str(tmp_path / "data")).targets
+    assert [r.label for r in records] == expected and expected[2] == 2 and ImageFolder(str(tmp_path / "data")).classes[2] == "10"
 
 
 def test_an_ambiguous_subset_folder_is_refused(files, timm_folder, tmp_path, capsys):
@@ -1112,3 +1129,21 @@ def test_a_grey_model_rebuilt_for_colour_images_gets_its_normalisation_on_every_
     assert mode == "RGB" and torch.allclose(x[:, 0, 0], (torch.tensor([200, 100, 0]) / 255 - mean) / std, atol=1e-6)
     code, _, err = run(["certify", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--no-progress"], capsys)
     assert code == 0, err
+
+
+def test_built_in_grey_digits_are_converted_to_a_colour_model_channels(tmp_path, capsys):
+    """`certify --data mnist-heldout` with a 3-channel model: the grey digits become RGB, as the grey
+    PNGs of an image folder do, and are certified as such (not an internal error)."""
+    torch.manual_seed(0)
+    base = timm.create_model("bagnet_tiny", num_classes=10, in_chans=3).eval()
+    robustwrap.wrap(base, defense="patchguard", patch=3).eval().save_pretrained(tmp_path / "m")
+    argv = ["certify", "--model", tmp_path / "m", "--data", "mnist-heldout", "--limit", "2", "--no-progress", "--report", tmp_path / "r.json"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    loaded = robustwrap.from_pretrained(str(tmp_path / "m")).eval()
+    transform, mode = cli._loading._preprocessing(loaded)
+    digits = [robustwrap.zoo.builtin_dataset("mnist-heldout")[i] for i in range(2)]
+    x = torch.stack([transform(image.convert(mode)) for image, _ in digits])
+    report = CertificationReport.load(tmp_path / "r.json")
+    assert mode == "RGB" and x.shape[1] == 3
+    assert [(r.label, r.prediction) for r in report.records] == list(zip([label for _, label in digits], loaded.predict(x).tolist()))

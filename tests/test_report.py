@@ -106,6 +106,13 @@ def test_a_collapsed_model_certified_by_certify_dataset_is_flagged():
     assert "the model predicts one class (1) for every image: clean accuracy = class share (25.00%)" in report.summary()
 
 
+@pytest.mark.parametrize(("seconds", "speed"), [(0.5, "2.0 images/s"), (83.3, "83.3 s/image"), (1234.4, "1234 s/image"), (1.0, "1.0 images/s")])
+def test_slow_speeds_are_not_printed_as_zero(seconds, speed):
+    """A large model on a CPU certifies an image in minutes: seconds per image, never "0.0 images/s"."""
+    report = make_report(records=[record(i, 1, 1, seconds=seconds) for i in range(2)])
+    assert f"speed                   {speed} per process" in report.summary()
+
+
 @pytest.mark.parametrize(
     "report",
     [

@@ -416,3 +416,36 @@ def test_command_line_rewrap_keeps_drop_tokens():
     model = robustwrap.wrap(MODELS["vit"](), 3, defense="smoothing", size=6, drop_tokens=False)
     again = cli._loading._with_settings(model, 4, cli._parser().parse_args(["predict", "x.png", "--patch", "4"]))
     assert again.patch == (4, 4) and again.model is model.model and again.drop_tokens is False
+
+
+def test_a_vit_built_for_partial_tokens_ablates_pixels_by_default():
+    """Issue 23.17: a ViT built for 36x36 images of 8x8 tokens (timm drops the last 4 pixel rows and
+    columns) cannot drop tokens exactly: drop_tokens=None ablates pixels, True still refuses."""
+    base = _vit(depth=1, img_size=36)
+    model = robustwrap.wrap(base, patch=3, defense="smoothing", size=6).eval()
+    assert not model.drop_tokens and model.settings()["drop_tokens"] is False
+    x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    pixels = robustwrap.wrap(base, patch=3, defense="smoothing", size=6, drop_tokens=False).eval()
+    assert torch.equal(model.certify(x, torch.tensor([0, 1])).counts, pixels.certify(x, torch.tensor([0, 1])).counts)
+    with pytest.raises(ValueError, match="multiple of the model's 8x8 tokens"):
+        robustwrap.wrap(base, patch=3, defense="smoothing", size=6, drop_tokens=True)
+
+
+@pytest.mark.parametrize(("defense", "options"), [("smoothing", {"size": 8}), ("patchcleanser", {"num_masks": 3})])
+def test_a_distilled_deit_in_distilled_training_mode_trains_on_its_eval_logits(defense, options):
+    """Issue 23.17: timm's distilled DeiT with set_distilled_training(True) returns (class head,
+    distillation head) in train mode; training fits their mean, the function it certifies."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    base = _vit(2, name="deit_tiny_distilled_patch16_224", depth=1, num_classes=3)
+    base.set_distilled_training(True)
+    x, y = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(base.eval()(x), y).item()  # eval mode: the mean of both heads
+    before = copy.deepcopy(base.state_dict())
+    model = robustwrap.wrap(base, patch=4, defense=defense, **options)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    clean = robustwrap.fit_masking(model, loader, strategy="none", epochs=1, lr=1e-9, progress=False)
+    assert clean.final.loss == pytest.approx(expected, rel=1e-5)  # one step: the loss before the update
+    robustwrap.fit_masking(model, loader, epochs=1, progress=False)  # the defense's own strategy, through its views
+    assert any(not torch.equal(before[k], v) for k, v in base.state_dict().items())

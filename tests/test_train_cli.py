@@ -21,11 +21,13 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.datasets import ImageFolder
 
 import robustwrap
 from robustwrap import cli
 from robustwrap.cli import main
 from robustwrap.dataset import certify_dataset
+from robustwrap.report import CertificationReport
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "timm:test_vit", "--image-size", "32", "--num-classes", "3", "--workers", "0", "--no-progress"]
@@ -90,6 +92,11 @@ def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     assert info["strategy"] == "greedy"
     assert info["training"]["lr"] == 0.037 and ", lr 0.037, " in printed  # --lr reaches the optimizer (default 0.001 for a ViT)
     assert "nothing was certified" in printed and "certification report" not in printed
+    # --dataset-name names the data set in the config and the card even when nothing is certified on it
+    code, _, err = run([*argv[:-1], tmp_path / "named", "--dataset-name", "tiny3"], capsys)
+    assert code == 0, err
+    assert robustwrap.from_pretrained(str(tmp_path / "named")).pretrained_info["dataset"] == "tiny3"
+    assert "datasets:\n- tiny3\n" in (tmp_path / "named" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("switch", ["--no-drop-tokens", "--drop-tokens"])
@@ -134,38 +141,171 @@ def test_resume_continues_to_the_same_weights(data, tmp_path, capsys):
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not all(torch.equal(whole[k], v) for k, v in load_file(tmp_path / "first" / "model.safetensors").items())
+    # --resume on a folder without a checkpoint says so, and starts from epoch 1 (the same weights as "first").
+    (tmp_path / "empty").mkdir()
+    code, printed, err = run([*common, "--epochs", "1", "--checkpoint-dir", tmp_path / "empty", "--resume", "--out", tmp_path / "fresh"], capsys)
+    assert code == 0, err
+    assert printed.startswith(f"--resume: {tmp_path / 'empty'} holds no checkpoint yet; training starts at epoch 1\n")
+    first, fresh = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "fresh" / "model.safetensors")
+    assert all(torch.equal(first[k], fresh[k]) for k in first)
 
 
-def test_push_sends_the_model_with_the_command_that_measures_it(data, tmp_path, capsys, monkeypatch):
-    pushed = []
+@pytest.fixture
+def hub(monkeypatch):
+    """A Hub that answers without a network: reachable, logged in as `me` (member of `org`) with a
+    write token, and a push that records what it was sent (or fails with `hub.fail`)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    state = type("Hub", (), {"pushed": [], "fail": None, "user": {"name": "me", "orgs": [{"name": "org"}], "auth": {"accessToken": {"role": "write"}}}})
 
     def push_to_hub(self, repo_id, **kwargs):
-        pushed.append((repo_id, self.pretrained_info))
+        if state.fail is not None:
+            raise state.fail
+        state.pushed.append((repo_id, self.pretrained_info))
         return f"https://huggingface.co/{repo_id}"
 
+    def whoami(self, *args, **kwargs):
+        if isinstance(state.user, Exception):
+            raise state.user
+        return state.user
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(robustwrap.hub, "_unreachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", whoami)
     monkeypatch.setattr(robustwrap.RobustPatchClassifier, "push_to_hub", push_to_hub)
+    return state
+
+
+def test_push_sends_the_model_with_the_command_that_measures_it(data, tmp_path, capsys, monkeypatch, hub):
+    monkeypatch.chdir(tmp_path)
     argv = ["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--val-data", data / "val", "--dataset-name", "tiny3", "--push", "org/tiny"]
     code, printed, err = run(argv, capsys)
     assert code == 0, err
-    [(repo, info)] = pushed
+    [(repo, info)] = hub.pushed
     assert repo == "org/tiny" and info["dataset"] == "tiny3"
     assert info["metrics"]["command"] == f"robustwrap certify --model hf-hub:org/tiny --data {data / 'val'}"
     assert "pushed to https://huggingface.co/org/tiny" in printed
+    assert list(tmp_path.iterdir()) == []  # the folder that guards against a failed push is gone after a good one
+
+
+def test_a_failed_push_keeps_the_trained_model_on_disk(data, tmp_path, capsys, monkeypatch, hub):
+    """Issue 23.7: the model is written before the push; when the push fails, the folder is named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # taken: the model goes to tiny-2
+    hub.fail = ConnectionError("403 Forbidden: you cannot write to org/tiny")
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny"], capsys)
+    assert code == cli.EXIT_ERROR and "epoch 1/1:" in printed and err.count("\n") == 1
+    assert "--push org/tiny failed (403 Forbidden: you cannot write to org/tiny); the trained model is saved in tiny-2/" in err
+    assert robustwrap.from_pretrained(str(tmp_path / "tiny-2")).pretrained_info["training"]["epochs"] == 1
+    # With --out as well, the model is in --out, pushed or not.
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny", "--out", tmp_path / "o"], capsys)
+    assert code == cli.EXIT_ERROR and f"saved in {tmp_path / 'o'}/" in err and (tmp_path / "o" / "model.safetensors").is_file()
+    hub.fail = None
+    code, printed, err = run(["train", *TINY, "--num-masks", "3", "--epochs", "1", "--data", data / "train", "--push", "org/tiny", "--out", tmp_path / "p"], capsys)
+    assert code == 0, err
+    assert f"saved to {tmp_path / 'p'}/" in printed and "pushed to" in printed and (tmp_path / "p" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("repo", "setup", "message"),
+    [
+        ("org/bad name", None, "--push 'org/bad name' is not a Hub repo id (ORG/NAME or NAME)"),
+        ("a/b/c", None, "--push 'a/b/c' is not a Hub repo id"),
+        ("org/tiny", "offline", "--push org/tiny: the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set); train with --out DIR"),
+        ("org/tiny", "unreachable", "--push org/tiny: the Hugging Face Hub cannot be reached (huggingface.co:443 cannot be reached (timed out))"),
+        ("org/tiny", "no login", "--push org/tiny: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN"),
+        ("org/tiny", "refused token", "--push org/tiny: the Hugging Face Hub did not confirm your login (401 Unauthorized: invalid token)"),
+        ("org/tiny", "read token", "--push org/tiny: the Hugging Face token of me is read-only"),
+        ("other/tiny", None, "--push other/tiny: me cannot write to 'other' (writable: me, org)"),
+    ],
+)
+def test_push_that_cannot_succeed_is_refused_before_training(data, tmp_path, capsys, monkeypatch, hub, repo, setup, message):
+    """Issue 23.7: a bad repo id, no network, no login or no write access fail in one line before the first epoch."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    import robustwrap.fit
+
+    if setup == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elif setup == "unreachable":
+        monkeypatch.setattr(robustwrap.hub, "_unreachable", lambda: "huggingface.co:443 cannot be reached (timed out)")
+    elif setup == "no login":
+        hub.user = LocalTokenNotFoundError("Token is required")
+    elif setup == "refused token":
+        hub.user = ConnectionRefusedError("401 Unauthorized: invalid token")
+    elif setup == "read token":
+        hub.user = {**hub.user, "auth": {"accessToken": {"role": "read"}}}
+    monkeypatch.setattr(robustwrap.fit, "fit_masking", lambda *a, **k: pytest.fail("trained before refusing --push"))
+    monkeypatch.chdir(tmp_path)
+    code, printed, err = run(["train", *TINY, "--data", data / "train", "--push", repo], capsys)
+    assert (code, printed) == (cli.EXIT_ERROR, "") and err.count("\n") == 1
+    assert err.startswith(f"robustwrap train: error: {message}"), err
+    assert list(tmp_path.iterdir()) == [] and hub.pushed == []
 
 
 @pytest.mark.parametrize(
     ("more", "message"),
     [
         (["--resume"], "--resume continues the run in --checkpoint-dir; pass --checkpoint-dir DIR too"),
-        (["--strategy", "cutout"], "--strategy must be one of none, "),
+        (["--resume", "--checkpoint-dir", "no/such/dir"], "--resume: --checkpoint-dir no/such/dir does not exist; leave out --resume"),
+        (["--strategy", "cutout"], "--strategy must be one of patchcleanser: multisize_greedy, greedy, grid, random_mask, random_cutout, none; "),
+        (["--defense", "smoothing", "--ablation-size", "8", "--strategy", "greedy"], "--strategy greedy does not train defense 'smoothing'; its strategies: random_ablation, none"),
         (["--defense", "smoothing", "--num-masks", "3"], "--num-masks is an option of defense 'patchcleanser', not of 'smoothing'"),
     ],
 )
-def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, more, message):
+def test_bad_options_fail_in_one_line_before_training(data, tmp_path, capsys, monkeypatch, more, message):
+    monkeypatch.chdir(tmp_path)  # relative paths of `more` land here if a regression writes them
     code, printed, err = run(["train", *TINY, "--data", data / "train", "--out", tmp_path / "m", *more], capsys)
     assert code == cli.EXIT_ERROR and printed == ""
     assert err.startswith(f"robustwrap train: error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_the_trained_model_must_go_somewhere(data, capsys):
+    code, printed, err = run(["train", *TINY, "--data", data / "train"], capsys)
+    assert (code, printed) == (cli.EXIT_ERROR, "")
+    assert err == "robustwrap train: error: pass --out DIR (a new folder), --push ORG/NAME (a Hub repo) or both: where should the trained model go?\n"
+
+
+def test_help_lists_the_strategies_fit_masking_takes_for_each_defense(capsys):
+    """Issue 23.17: --help lists, per defense, exactly the strategies that train it (its default first)."""
+    from robustwrap.fit import _resolve_defense
+
+    vit = timm.create_model("test_vit", img_size=32, num_classes=3)
+    models = {
+        "patchcleanser": robustwrap.wrap(vit, patch=4, num_masks=3),
+        "smoothing": robustwrap.wrap(vit, patch=4, defense="smoothing", size=8),
+        "patchguard": robustwrap.wrap(robustwrap.models.bagnet_tiny(num_classes=3), patch=3, defense="patchguard"),
+    }
+    for defense, model in models.items():
+        target = _resolve_defense(model, None, None)
+        listed = cli.train._STRATEGIES[defense]
+        assert (sorted(listed), listed[0]) == (sorted(target.strategies), target.default), defense
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "smoothing: random_ablation, none; patchguard: provable_adversarial, none" in text
+
+
+@pytest.mark.parametrize(
+    ("defense", "strategy"),
+    [(["--defense", "smoothing", "--ablation-size", "8", "--patch", "4"], "random_ablation"), (["--defense", "patchguard", "--patch", "3"], "provable_adversarial")],
+)
+def test_each_defense_trains_with_the_strategies_help_lists(data, tmp_path, capsys, defense, strategy):
+    bagnet = ["--model", "timm:bagnet_tiny", "--in-chans", "3", "--num-classes", "3", "--workers", "0", "--no-progress"]
+    tiny = bagnet if "patchguard" in defense else TINY  # PatchGuard needs local logits
+    code, _, err = run(["train", *tiny, *defense, "--strategy", strategy, "--epochs", "1", "--data", data / "train", "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    assert robustwrap.from_pretrained(str(tmp_path / "m")).pretrained_info["strategy"] == strategy
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (16, 4)])
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch, cores, workers):
+    """Issue 23.17: on a 2-core machine the default is 2 workers, not 4 (torch's DataLoader warns above its cores)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert cli._parser().parse_args(["train", "--data", "d", "--out", "o"]).workers == workers
 
 
 def test_out_must_be_a_new_folder(data, tmp_path, capsys):
@@ -181,8 +321,6 @@ def test_out_must_be_a_new_folder(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--data", "d"], "one of the arguments --out --push is required"),
-        (["--data", "d", "--out", "o", "--push", "a/b"], "argument --push: not allowed with argument --out"),
         (["--out", "o"], "the following arguments are required: --data"),
     ],
 )
@@ -259,7 +397,8 @@ def test_each_preset_runs_its_first_step_on_a_tiny_stand_in(preset, data, tmp_pa
     options[options.index("--model") + 1] = "timm:test_vit"
     options.remove("--pretrained")
     monkeypatch.setitem(PAPERS.PRESETS, preset, options)
-    tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12"]
+    # 3 class folders of a 10- or 1000-class model: which classes they are is said, not guessed
+    tiny = ["--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "12", "--class-map", "0=0,1=1,2=2"]
     if preset.endswith("_cifar10"):
         tiny += ["--patch", "2%"]  # 35 px is the papers' patch on 224 px; later options override the preset's
     code = PAPERS.main([preset, *tiny, "--data", str(data / "train"), "--val-data", str(data / "val"), "--out", str(tmp_path / "m")])
@@ -296,3 +435,35 @@ def test_crop_pct_is_saved_with_the_model_and_used_by_certify(data, tmp_path, ca
         main(["train", *TINY, "--data", str(data / "train"), "--crop-pct", "1.5", "--out", str(tmp_path / "n")])
     assert exit_.value.code == 2
     assert "argument --crop-pct: expected a fraction in (0, 1], got '1.5'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ class order
+def test_train_records_the_class_order_and_certify_checks_it(tmp_path, capsys):
+    """Folders 0..11 get torchvision's ImageFolder ids (sorted as strings); the trained model records
+    them as timm's label_names, so certify maps a subset by name and refuses folders it does not name."""
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "train" / str(c)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "train" / str(c) / "0.png")
+    tiny = [a if a != "3" else "12" for a in TINY]  # 12 classes
+    out = tmp_path / "m"
+    code, _, err = run(["train", *tiny, "--num-masks", "3", "--epochs", "1", "--data", tmp_path / "train", "--out", out], capsys)
+    assert code == 0, err
+    names = ImageFolder(str(tmp_path / "train")).classes
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["label_names"] == names
+    assert robustwrap.from_pretrained(str(out)).model.pretrained_cfg["label_names"] == names
+    subset = tmp_path / "subset"
+    for c in ("10", "3"):
+        (subset / c).mkdir(parents=True)
+        Image.open(tmp_path / "train" / c / "0.png").save(subset / c / "0.png")
+    code, _, err = run(["certify", "--model", out, "--data", subset, "--no-progress", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    records = sorted(CertificationReport.load(tmp_path / "r.json").records, key=lambda r: r.index)
+    assert [r.label for r in records] == [names.index("10"), names.index("3")] == [2, 5]
+    renamed = tmp_path / "renamed"
+    for c in range(12):
+        (renamed / f"class{c}").mkdir(parents=True)
+        Image.open(tmp_path / "train" / str(c) / "0.png").save(renamed / f"class{c}" / "0.png")
+    code, _, err = run(["certify", "--model", out, "--data", renamed, "--no-progress"], capsys)
+    assert code == cli.EXIT_ERROR and err.count("\n") == 1
+    assert "none of its class folders (class0, class1, class10, class11, class2, ...) is a label name of the model (0, 1, 10, 11, 2, ...)" in err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -311,14 +310,14 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
         spec = zoo.zoo_entry(model_name)["dataset"]
         if spec not in builtin:
             raise ValueError(f"--data is required for --model {model_name}: its data set ({spec}) is not shipped with robustwrap; pass --data FOLDER (your copy, in class folders)")
-        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        return _builtin_dataset(spec, model), spec
     path = Path(spec)
     if spec in builtin:
         if path.exists():
             raise ValueError(f"--data {spec!r} is both a built-in data set and a folder here; write ./{spec} for the folder")
         if class_map is not None:
             raise ValueError("--class-map goes with an image folder, not a built-in data set")
-        return zoo.builtin_dataset(spec, transform=_preprocessing(model)[0]), spec
+        return _builtin_dataset(spec, model), spec
     if not path.exists():
         known = f" (built-in: {', '.join(builtin)})" if builtin else ""
         raise FileNotFoundError(f"--data {spec}: no such folder, and not a built-in data set{known}")
@@ -336,8 +335,25 @@ def _load_data(spec: str | None, class_map: str | None, model_name: str, model: 
     return dataset, spec
 
 
+def _builtin_dataset(name: str, model: RobustPatchClassifier):
+    """A built-in data set in the model's preprocessing, its images converted to the model's channels
+    first (grey digits for a 3-channel model), as `_read_image` converts an image folder's files."""
+    import functools
+
+    transform, mode = _preprocessing(model)
+    return _zoo().builtin_dataset(name, transform=functools.partial(_converted, transform=transform, mode=mode))
+
+
+def _converted(image, transform, mode: str):
+    return transform(image.convert(mode))
+
+
 def _class_ids(folders: list[str], model: RobustPatchClassifier, class_map: dict[str, int] | list[str] | None, spec: str) -> dict[str, int]:
     """The model's class id of each class folder of `--data` (see `--class-map`).
+
+    In this order: the class map; the model's label names (timm's `pretrained_cfg["label_names"]`,
+    which `robustwrap train` records), matched by name; else torchvision's `ImageFolder` numbering,
+    the folder names sorted as strings, when there is one folder per class.
 
     Raises:
         ValueError: for folders that the class map or the model's label names do not name, ids
@@ -361,28 +377,44 @@ def _class_ids(folders: list[str], model: RobustPatchClassifier, class_map: dict
     if len(folders) > n:
         raise ValueError(f"--data {spec} has {len(folders)} class folders but the model has {n} classes")
     names = _label_names(model)
-    if names is not None:
-        if len(set(names)) != len(names):
-            names = None  # duplicated names cannot identify a class
+    if names is not None and len(set(names)) == len(names):  # duplicated names cannot identify a class
+        known = [f for f in folders if f in names]
+        if len(known) == len(folders):
+            return {f: names.index(f) for f in folders}
+        # The model records which class each id is: folders it does not name are refused rather than
+        # numbered in sorted order, which would certify a model against another labelling.
+        unknown = [f for f in folders if f not in names]
+        if known:
+            which = f"the class folders {', '.join(known[:3])} are label names of the model but {', '.join(unknown[:3])} are not"
         else:
-            known = [f for f in folders if f in names]
-            if len(known) == len(folders):
-                return {f: names.index(f) for f in folders}
-            if known:
-                unknown = [f for f in folders if f not in names]
-                raise ValueError(
-                    f"--data {spec}: the class folders {', '.join(known[:3])} are label names of the model but "
-                    f"{', '.join(unknown[:3])} are not; pass --class-map name=id,... to say which class each folder is"
-                )
-    if all(re.fullmatch(r"\d+", f) and int(f) < n for f in folders):
-        return {f: int(f) for f in folders}  # folders named by class id (0, 1, ..., 10, 11: not sorted as strings)
+            which = f"none of its class folders ({shown}) is a label name of the model ({', '.join(names[:5])}{', ...' if n > 5 else ''})"
+        raise ValueError(f"--data {spec}: {which}; pass --class-map name=id,... to say which class each folder is")
     if len(folders) == n:
-        return {f: i for i, f in enumerate(folders)}  # torchvision's ImageFolder numbering: sorted names
+        # torchvision's ImageFolder numbering, as in the Python guides: names sorted as strings
+        # (folders 0..11 give "10" class 2), never read as numbers.
+        return {f: i for i, f in enumerate(folders)}
     raise ValueError(
-        f"--data {spec} has {len(folders)} class folders ({shown}) for a model of {n} classes, and "
-        f"{'none of them is a label name of the model' if names else 'the model has no label names to match them'}: "
-        "which classes they are is ambiguous; pass --class-map name=id,... (or a JSON file)"
+        f"--data {spec} has {len(folders)} class folders ({shown}) for a model of {n} classes, and the model has no label "
+        "names to match them: which classes they are is ambiguous; pass --class-map name=id,... (or a JSON file)"
     )
+
+
+def _folder_label_names(dataset, num_classes: int) -> list[str] | None:
+    """The class folder name of each class id `0..num_classes - 1` of an image folder from `_load_data`
+    (None for a built-in data set, or folders that are not one per class)."""
+    class_to_idx = getattr(dataset, "class_to_idx", None)
+    if not isinstance(class_to_idx, dict) or sorted(class_to_idx.values()) != list(range(num_classes)):
+        return None
+    return sorted(class_to_idx, key=class_to_idx.__getitem__)
+
+
+def _record_label_names(model: RobustPatchClassifier, names: list[str]) -> None:
+    """Record `names` as the model's class names in timm's `pretrained_cfg["label_names"]`, which the
+    saved config carries, so that certifying a folder later maps its classes by name."""
+    base = model.model
+    if isinstance(getattr(base, "pretrained_cfg", None), dict):
+        # timm keeps label names only with the num_classes they describe
+        base.pretrained_cfg = {**base.pretrained_cfg, "num_classes": model.num_classes, "label_names": list(names)}
 
 
 def _image_folder(path: Path, class_to_idx: dict[str, int], transform, mode: str):

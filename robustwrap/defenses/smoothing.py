@@ -430,6 +430,17 @@ def _check_levine_fill(fill) -> None:
         raise ValueError(f"fill has no effect with encoding='levine2020' (ablated pixels are 0 in both channels); got fill={fill!r}")
 
 
+def _built_for_partial_tokens(model: nn.Module, image_size: tuple[int, int]) -> bool:
+    """Whether `model` is a ViT built for `image_size` inputs that are not a whole number of its
+    tokens: timm's strict `PatchEmbed` then takes them, and its convolution leaves the last pixel
+    rows or columns out of every token."""
+    embed = getattr(model, "patch_embed", None)
+    patch, built = getattr(embed, "patch_size", None), getattr(embed, "img_size", None)
+    if not getattr(embed, "strict_img_size", False) or not isinstance(patch, (tuple, list)) or not isinstance(built, (tuple, list)):
+        return False
+    return tuple(built) == tuple(image_size) and (image_size[0] % patch[0] != 0 or image_size[1] % patch[1] != 0)
+
+
 def _check_certifiable(ablation_set: AblationSet, patch: tuple[int, int]) -> None:
     """Raise when `2Δ >= V`: the vote margin needed exceeds what any image can reach."""
     delta, views = ablation_set.delta(patch), len(ablation_set)
@@ -472,8 +483,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         drop_tokens: run each view of a vision transformer on the tokens that meet its retained
             region only (plus the class, distillation and register tokens), as Smoothed ViT does
             (docs/concepts.md#token-dropping). `None` (default): on for timm's ViT family
-            (`VisionTransformer` and the models built on it), off for other models; it changes
-            the defended function, so it is recorded in `settings()`.
+            (`VisionTransformer` and the models built on it), off for other models and for a ViT
+            built for images that are not a whole number of its tokens (views ablate pixels); it
+            changes the defended function, so it is recorded in `settings()`.
         fill: ablated pixel value in the model's input space (`"fill"` encoding only).
         batch_size: views per forward pass (default `None`: chosen for the model, image size and
             device, `robustwrap.views.auto_batch_size`); views of several images share a pass.
@@ -635,7 +647,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         """Whether each view runs on the tokens that meet its retained region only (a ViT).
 
         Assigned `None` (the default), it follows the base model at every read: on for timm's
-        ViT family, off otherwise, so `m.model = other` re-derives it; assigned `True` or
+        ViT family (off for a ViT built for images that are not a whole number of its tokens),
+        off otherwise, so `m.model = other` re-derives it; assigned `True` or
         `False`, it is that. `settings()` records the value read here.
         """
         return self._token_grid() is not None
@@ -661,7 +674,15 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         """
         if self._drop_tokens is False:
             return None
-        grid = token_grid(self._inner_model, self.image_size)
+        try:
+            grid = token_grid(self._inner_model, self.image_size)
+        except ValueError:
+            if self._drop_tokens or not _built_for_partial_tokens(self._inner_model, self.image_size):
+                raise
+            # None follows the model: a ViT built for images that are not a multiple of its tokens
+            # (its last pixel rows or columns meet no token) cannot drop tokens exactly, so its views
+            # ablate pixels, as any other model's do.
+            return None
         if grid is None and self._drop_tokens:
             raise ValueError(
                 f"drop_tokens=True needs a model whose token grid can be read: {SUPPORTED}; "
