@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def rank_and_world() -> tuple[int, int]:
