@@ -60,6 +60,9 @@ def _base_options(defense: str) -> tuple[nn.Module, dict]:
         return LocalPeak(), {"patch": 3, "num_masks": 4, "image_size": 16, "margin": 0.0}
     if defense == "smoothing":
         return LocalPeak(), {"patch": 3, "size": 4, "image_size": 16, "margin": 0.0}
+    if defense == "patchcure":  # a local-logit model that declares its geometry (SRF-only: no LRF)
+        torch.manual_seed(0)
+        return timm.create_model("bagnet_tiny", num_classes=3, in_chans=2), {"patch": 3, "image_size": 16, "margin": 0.0}
     # an undeclared local-logit model: its geometry is given to wrap (r=3, s=2, o=0 is what it sees)
     return nn.Conv2d(2, 3, 3, stride=2), {"patch": 3, "image_size": 16, "receptive_field": 3, "feature_stride": 2, "feature_offset": 0, "margin": 0.0}
 
@@ -102,6 +105,15 @@ DECISIONS = {
         "feature_offset": ("assignable", 1),
         "threshold": ("assignable", 0.2),
         "clip": ("assignable", 0.5),
+        **_COMMON,
+    },
+    "patchcure": {
+        "patch": ("assignable", 2),
+        "mask_stride": ("assignable", 2),
+        "lrf": ("refused", "lrf is part of the base model"),
+        # window and split are assignable on a ViT split (tests/test_patchcure.py); this base has none
+        "window": ("refused", "window is a setting of a ViT split"),
+        "split": ("refused", "split is a setting of a ViT split"),
         **_COMMON,
     },
 }

@@ -19,7 +19,7 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -247,7 +247,13 @@ def predict_views(
 
 
 def certify_views(
-    runner: ViewRunner, x: torch.Tensor, y: torch.Tensor, one_mask: torch.Tensor, one_logits: torch.Tensor, margin: float, early_exit: bool = True
+    runner: ViewRunner,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    one_mask: torch.Tensor,
+    one_logits: torch.Tensor,
+    margin: float,
+    early_exit: bool = True,
 ) -> PatchCleanserResult:
     """Certify a batch whose one-mask views are known: the schedule of `PatchCleanser.certify`.
 
