@@ -242,6 +242,13 @@ def test_srf_only_certificates_equal_float64_sums_of_bagnet_local_logits():
     assert mismatches == {"views": 0, "prediction": 0, "case": 0, "certified": 0, "early_exit": 0}
     full = model.certify(x, y, early_exit=False)
     assert 0 < int(full.certified.sum()) < 10
+    # Robust logits of a Case I image: the float64 mean of its one-mask sums (up to the inference copy's folded BatchNorm).
+    logits = model(x)
+    assert logits.dtype == torch.float64
+    local = bagnet(x).double()
+    for b in (full.case == 1).nonzero()[:, 0].tolist():
+        sums = torch.stack([(local[b] * _kept(local.shape[2:], [box])).sum((1, 2)) for box in _cell_boxes(model)])
+        assert torch.allclose(logits[b], sums.mean(0), rtol=1e-5, atol=1e-5)
     assert model.predict_vanilla(x).tolist() == bagnet(x).double().sum((2, 3)).argmax(1).tolist()
 
 
