@@ -14,7 +14,7 @@ import types
 import pytest
 import timm
 import torch
-from conftest import brute_force_certified, brute_force_decide
+from conftest import ViewCounter, brute_force_certified, brute_force_decide
 from torch import nn
 
 import robustwrap
@@ -23,6 +23,7 @@ from robustwrap.defenses import patchcleanser, patchcure
 from robustwrap.defenses.patchcure import PatchCURE, PatchCUREResult, SplitModel
 from robustwrap.geometry import MaskSet
 from robustwrap.models import check_receptive_field
+from robustwrap.views import auto_batch_size
 
 
 # ------------------------------------------------------------------------------- toy models
@@ -331,6 +332,11 @@ def test_feature_mask_set_covers_every_patch_and_describes_cells_and_pixels():
     assert model.feature_mask_set.mask_size == (4, 4) and model.feature_mask_set.grid == (2, 2)
     assert _uncovered_positions(model) == 0
     assert model.settings()["mask_stride"] == [3, 3]
+    # The geometry is the SRF's, read at every use: a wider receptive field widens the window.
+    model.mask_stride = 1
+    model.srf.receptive_field = 8
+    assert model.feature_window == (3, 3) and model.feature_mask_set.mask_size == (3, 3)
+    assert _uncovered_positions(model) == 0
 
 
 def test_a_patch_whose_cells_cover_the_grid_is_refused_and_the_old_patch_kept():
@@ -401,11 +407,31 @@ def test_options_are_checked_by_name():
 
 
 def test_forward_in_train_mode_is_the_undefended_split_model():
-    model = _pair().train()
+    model = _pair()
     x = torch.randn(2, 1, 16, 16)
+    robust = model.predict(x)
+    model.train()
     kept = torch.ones(2, 4, 4, dtype=torch.bool)
     assert torch.equal(model(x), model.lrf(model.srf(x), kept))
     assert model.predict_vanilla(x).tolist() == model.lrf(model.srf(x), kept).argmax(1).tolist()
+    assert torch.equal(model.predict(x), robust) and model.training  # predict is robust in either mode
+
+
+def test_pixel_checks_apply_to_the_images_and_lrf_passes_hold_batch_size_views():
+    model = _pair(batch_size=5)
+    with pytest.raises(ValueError, match="1 channels"):
+        model.predict(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="16x16"):
+        model.predict(torch.randn(2, 1, 4, 4))  # the grid's size is not the input's
+    with pytest.warns(UserWarning, match="0-255"):
+        model.predict(torch.rand(1, 1, 16, 16) * 255)
+    counter = ViewCounter(model.lrf)
+    result = model.certify(torch.randn(3, 1, 16, 16), torch.zeros(3, dtype=torch.long), early_exit=False)
+    counter.remove()
+    assert counter.images == int(result.num_views.sum()) and counter.images <= 5 * counter.calls
+    # Views per pass when not given: as many as images of the input size (never counted in grid cells).
+    model.batch_size = None
+    assert model.batch_size == auto_batch_size(model.model, (16, 16))
 
 
 def test_default_margins_and_views_per_pass():
