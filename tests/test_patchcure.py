@@ -19,6 +19,7 @@ from torch import nn
 
 import robustwrap
 import robustwrap.models
+from robustwrap._args import as_pair
 from robustwrap.defenses import patchcleanser, patchcure
 from robustwrap.defenses.patchcure import PatchCURE, PatchCUREResult, SplitModel
 from robustwrap.geometry import MaskSet
@@ -175,14 +176,14 @@ def _patch_search(predict, x: torch.Tensor, p: int) -> torch.Tensor:
 
 def _cells_touched(model: PatchCURE, top: int, left: int) -> tuple[range, range]:
     """The cells a patch at `(top, left)` can change, from the declared geometry (rows, columns)."""
-    r, s, o = (getattr(model.srf, n) for n in ("receptive_field", "feature_stride", "feature_offset"))
+    r, s, o = (as_pair(getattr(model.srf, n), n) for n in ("receptive_field", "feature_stride", "feature_offset"))
     (ph, pw), (gh, gw) = model.patch, model.feature_mask_set.image_size
 
-    def touched(start: int, p: int, n: int) -> range:
-        cells = [a for a in range(n) if s * a - o < start + p and s * a - o + r > start]
+    def touched(axis: int, start: int, p: int, n: int) -> range:
+        cells = [a for a in range(n) if s[axis] * a - o[axis] < start + p and s[axis] * a - o[axis] + r[axis] > start]
         return range(min(cells), max(cells) + 1)
 
-    return touched(top, ph, gh), touched(left, pw, gw)
+    return touched(0, top, ph, gh), touched(1, left, pw, gw)
 
 
 def _uncovered_positions(model: PatchCURE) -> int:
@@ -492,3 +493,40 @@ def test_a_vit_split_asks_split_vit_at_every_call_and_stores_window_and_split(mo
     assert len(calls) == n + 1  # split anew for the call
     rebuilt = PatchCURE.from_settings(vit, model.settings())
     assert rebuilt.settings() == model.settings()
+
+
+# ------------------------------------------------------------------------------- the real ViT split
+def _tiny_vit(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=12, num_heads=2, num_classes=4, **kwargs
+    ).eval()
+
+
+@pytest.mark.parametrize("pool,split", [("token", 1), ("avg", 2), ("token", 3)])
+def test_every_view_of_a_vit_split_equals_masked_features_through_its_lrf(pool, split):
+    windows = pytest.importorskip("robustwrap.windows")  # the ViT split (robustwrap/windows.py)
+    vit = _tiny_vit(**({"class_token": False, "global_pool": "avg"} if pool == "avg" else {}))
+    model = robustwrap.wrap(vit, patch=5, defense="patchcure", window=(2, 2), split=split, margin=0.0).eval()
+    assert (
+        model.describe()
+        == "patch 5x5 px (2.44% of 32x32); 3x3 masks of 2x2 cells (16x16 px) on a 4x4 grid, mask stride 1x1 cells; 45 views"
+    )
+    assert (model.lrf is None) == (split == 3) and _uncovered_positions(model) == 0
+    srf, lrf = windows.split_vit(vit, (2, 2), split)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(split))
+    mismatches = _check_against_reference(model, x, torch.arange(4), srf, lrf)
+    assert mismatches == {"views": 0, "prediction": 0, "case": 0, "certified": 0, "early_exit": 0}
+
+
+def test_a_timm_vit_state_dict_loads_and_the_hub_round_trips_window_and_split(tmp_path):
+    pytest.importorskip("robustwrap.windows")
+    vit = timm.create_model("test_vit", num_classes=4, img_size=64).eval()
+    model = robustwrap.wrap(vit, patch=10, defense="patchcure", window=(2, 1), split=3).eval()
+    fresh = timm.create_model("test_vit", num_classes=4, img_size=64).state_dict()
+    assert not model.model.load_state_dict(fresh, strict=True).missing_keys  # no new parameters
+    model.save_pretrained(tmp_path)
+    loaded = robustwrap.from_pretrained(str(tmp_path))
+    assert loaded.settings() == model.settings() and (loaded.window, loaded.split) == ((2, 1), 3)
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
