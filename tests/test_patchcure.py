@@ -530,3 +530,9 @@ def test_a_timm_vit_state_dict_loads_and_the_hub_round_trips_window_and_split(tm
     assert loaded.settings() == model.settings() and (loaded.window, loaded.split) == ((2, 1), 3)
     x = torch.randn(3, 3, 64, 64)
     assert torch.equal(loaded(x), model(x))
+    # Train mode trains the split model (windowed first blocks), not the ViT's global forward.
+    model.train()
+    with torch.enable_grad():
+        trained = model(x)
+    split = model.lrf(model.srf(x), torch.ones(3, 2, 4, dtype=torch.bool))
+    assert torch.allclose(trained, split, atol=1e-6) and not torch.allclose(trained, vit(x), atol=1e-3)
