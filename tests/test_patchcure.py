@@ -364,26 +364,27 @@ def test_masked_cells_are_zero_whatever_the_image():
 
 
 # ------------------------------------------------------------------------------- memory
-def test_srf_only_sums_are_chunked_by_a_count_of_gathered_logits(monkeypatch):
-    budget = 4 * 3 * 4 * 4  # four views of 3 classes on a 4x4 grid per pass
+def test_srf_only_sums_are_chunked_by_a_count_of_numbers_per_pass(monkeypatch):
+    budget = 4 * (3 + 4 * 4)  # four views of 3 classes on a 4x4 grid: their kept cells and sums
     monkeypatch.setattr(patchcure, "_SUM_ELEMENTS", budget)
     passes = []
     original = patchcure._LocalSums.run
 
     def counted(self, x, image, i, j, fill=None):
-        passes.append(image.numel() * x[0].numel())
-        return original(self, x, image, i, j, fill)
+        out = original(self, x, image, i, j, fill)
+        passes.append(image.numel() * (x.shape[2] * x.shape[3]) + out.numel())  # kept cells + sums held at once
+        return out
 
     monkeypatch.setattr(patchcure._LocalSums, "run", counted)
     model = robustwrap.wrap(LocalLogits(), patch=3, defense="patchcure", image_size=16).eval()
     x = torch.randn(3, 1, 16, 16)
     result = model.certify(x, torch.zeros(3, dtype=torch.long), early_exit=False)
-    assert max(passes) <= budget  # never more than the budget of float64 logits at once
-    assert len(passes) >= int(result.num_views.sum()) // 4 and sum(passes) == int(result.num_views.sum()) * 3 * 16
-    # BagNet-33 at 224 px: 289 masks, 41,905 views per image, 7 per pass of 1,000 classes on 24x24 cells.
+    assert max(passes) <= budget  # never more than the budget of float64 numbers at once
+    assert len(passes) >= int(result.num_views.sum()) // 4 and sum(passes) == int(result.num_views.sum()) * (16 + 3)
+    # BagNet-33 at 224 px: 289 masks, 41,905 views per image, 166 per pass of 1,000 classes on 24x24 cells.
     big = patchcure._cell_masks((24, 24), (8, 8), (1, 1))
     assert len(big) == 289 and len(big) * (len(big) + 1) // 2 == 41905
-    assert (1 << 22) // (1000 * 24 * 24) == 7
+    assert (1 << 18) // (1000 + 24 * 24) == 166
 
 
 # ------------------------------------------------------------------------------- settings and user path
