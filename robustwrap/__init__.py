@@ -26,7 +26,19 @@ if TYPE_CHECKING:
     from .attack import AttackResult, AuditReport, attack, audit
     from .augment import GreedyCutout, GridCutout, MultiSizeGreedyCutout, RandomCutout, RandomMaskCutout
     from .dataset import certify_dataset
-    from .defenses import DEFENSES, CertifyResult, DerandomizedSmoothing, PatchCleanser, PatchCleanserResult, PatchGuard, PatchGuardResult, RobustPatchClassifier, wrap
+    from .defenses import (
+        DEFENSES,
+        CertifyResult,
+        DerandomizedSmoothing,
+        PatchCleanser,
+        PatchCleanserResult,
+        PatchCURE,
+        PatchCUREResult,
+        PatchGuard,
+        PatchGuardResult,
+        RobustPatchClassifier,
+        wrap,
+    )
     from .fit import FitHistory, fit_masking
     from .geometry import MaskSet
     from .report import CertificationReport
@@ -42,9 +54,11 @@ _LAZY = {
     "PatchCleanser": "defenses",
     "DerandomizedSmoothing": "defenses",
     "PatchGuard": "defenses",
+    "PatchCURE": "defenses",
     "CertifyResult": "defenses",
     "PatchCleanserResult": "defenses",
     "PatchGuardResult": "defenses",
+    "PatchCUREResult": "defenses",
     "MaskSet": "geometry",
     "attack": "attack",
     "AttackResult": "attack",

@@ -355,9 +355,9 @@ def observe_forward(callback: Callable[[int], None]) -> Iterator[None]:
         _OBSERVERS.reset(token)
 
 
-def call_model(model: nn.Module, x: torch.Tensor):
-    """`model(x)`, then every observer of `observe_forward` is told about the `len(x)` inputs."""
-    out = model(x)
+def call_model(model: nn.Module, x: torch.Tensor, *inputs: torch.Tensor):
+    """`model(x, *inputs)`, then every observer of `observe_forward` is told about the `len(x)` inputs."""
+    out = model(x, *inputs)
     for callback in _OBSERVERS.get():
         callback(int(x.shape[0]))
     return out
@@ -471,6 +471,11 @@ class PairOutcome:
 @dataclass(frozen=True)
 class ViewRunner:
     """Runs masked views of a batch through `model`; built per call, it keeps nothing between calls.
+
+    `run` says what a view is: here, pixels of the images outside masks `i` and `j` through the
+    base model. The scheduling (`one_mask`, `evaluate_pairs`) only calls `run`, so a subclass
+    that overrides it evaluates other views on the same schedule (PatchCURE's views are cells of
+    a feature grid).
 
     Attributes:
         model: the base classifier, `(N, C, H, W) -> (N, num_classes)`.

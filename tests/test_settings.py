@@ -60,6 +60,9 @@ def _base_options(defense: str) -> tuple[nn.Module, dict]:
         return LocalPeak(), {"patch": 3, "num_masks": 4, "image_size": 16, "margin": 0.0}
     if defense == "smoothing":
         return LocalPeak(), {"patch": 3, "size": 4, "image_size": 16, "margin": 0.0}
+    if defense == "patchcure":  # a local-logit model that declares its geometry (SRF-only: no LRF)
+        torch.manual_seed(0)
+        return timm.create_model("bagnet_tiny", num_classes=3, in_chans=2), {"patch": 3, "image_size": 16, "margin": 0.0}
     # An undeclared local-logit model whose geometry is given to wrap. It sees r=3, s=2, o=0; the
     # declaration is looser (r=9, o=6: windows [2a - 6, 2a + 3) hold [2a, 2a + 3)) so that each
     # geometry keyword has another value the model keeps to (declarations are probed on the model).
@@ -104,6 +107,15 @@ DECISIONS = {
         "feature_offset": ("assignable", 5),
         "threshold": ("assignable", 0.2),
         "clip": ("assignable", 0.5),
+        **_COMMON,
+    },
+    "patchcure": {
+        "patch": ("assignable", 2),
+        "mask_stride": ("assignable", 2),
+        "lrf": ("refused", "lrf is part of the base model"),
+        # window and split are assignable on a ViT split (tests/test_patchcure.py); this base has none
+        "window": ("refused", "window is a setting of a ViT split"),
+        "split": ("refused", "split is a setting of a ViT split"),
         **_COMMON,
     },
 }

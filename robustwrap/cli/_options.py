@@ -22,7 +22,7 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 # The keys of robustwrap.DEFENSES, written out so that `robustwrap --help` does not import torch
 # (tests/test_cli.py checks that they agree).
-DEFENSE_NAMES = ("patchcleanser", "smoothing", "patchguard")
+DEFENSE_NAMES = ("patchcleanser", "smoothing", "patchguard", "patchcure")
 
 # Each defense's own command-line options: argparse dest -> (defense, the option's name in
 # `robustwrap.wrap` / the defense's `from_patch`). Smoothing's and PatchGuard's `threshold=` are

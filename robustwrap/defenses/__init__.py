@@ -15,15 +15,17 @@ from torch import nn
 
 from .base import CertifyResult, RobustPatchClassifier
 from .patchcleanser import PatchCleanser, PatchCleanserResult
+from .patchcure import PatchCURE, PatchCUREResult
 from .patchguard import PatchGuard, PatchGuardResult
 from .smoothing import DerandomizedSmoothing, SmoothingResult
 
-__all__ = ["RobustPatchClassifier", "CertifyResult", "PatchCleanser", "PatchCleanserResult", "DerandomizedSmoothing", "SmoothingResult", "PatchGuard", "PatchGuardResult", "DEFENSES", "wrap"]
+__all__ = ["RobustPatchClassifier", "CertifyResult", "PatchCleanser", "PatchCleanserResult", "DerandomizedSmoothing", "SmoothingResult", "PatchGuard", "PatchGuardResult", "PatchCURE", "PatchCUREResult", "DEFENSES", "wrap"]
 
 DEFENSES: dict[str, type[RobustPatchClassifier]] = {
     "patchcleanser": PatchCleanser,
     "smoothing": DerandomizedSmoothing,
     "patchguard": PatchGuard,
+    "patchcure": PatchCURE,
 }
 
 

@@ -725,8 +725,12 @@ class RobustPatchClassifier(
                     stacklevel=2,
                 )
             with self.autocast():
-                return self.model(x)
+                return self._train_forward(x)
         return self._robust_forward(x)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The train-mode forward: the base model's (a defense that certifies another function of it, a ViT split, overrides it)."""
+        return self.model(x)
 
     def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The defense's robust logits for `x` (eval mode)."""

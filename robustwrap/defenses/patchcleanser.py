@@ -19,7 +19,7 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -204,6 +204,122 @@ class PatchCleanserResult(CertifyResult):
     case: torch.Tensor
     one_mask: torch.Tensor
     grid: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- scheduling
+# The rule and the certificate above only read labels; these two functions decide which views to
+# evaluate. They run over any `ViewRunner`, whatever a view is: PatchCleanser's runner masks
+# pixels and runs the base model, PatchCURE's masks cells of a feature grid and runs the rest of
+# the network (or sums local logits). `x` is what the runner's views are cut from.
+def predict_views(
+    runner: ViewRunner, x: torch.Tensor, one_mask: torch.Tensor, one_logits: torch.Tensor, need_logits: bool
+) -> tuple[Decision, torch.Tensor | None]:
+    """The double-masking decision of a batch whose one-mask views are known.
+
+    Only the two-mask rows of the masks that disagree with the majority are evaluated, and a
+    row stops as soon as it cannot change a Case II decision (`rows_to_cancel`).
+
+    Args:
+        runner: the view runner of the call.
+        x: `(B, ...)` what the runner's views are cut from (images, or a feature grid).
+        one_mask: `(B, K)` one-mask labels, from `runner.one_mask(x)`.
+        one_logits: `(B, K, C)` their logits.
+        need_logits: also return the robust logits (`docs/concepts.md#double-masking`).
+
+    Returns:
+        `(decision, robust logits or None)`.
+    """
+    k = len(runner)
+    row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
+    pairs, owners = row_pairs(row_image, row_mask, k)
+    outcome = runner.evaluate_pairs(
+        x,
+        pairs,
+        owners,
+        one_mask[row_image, row_mask],
+        on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed, x.shape[0]),
+        need_logits=need_logits,
+    )
+    decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
+    if not need_logits:
+        return decision, None
+    return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
+
+
+def certify_views(
+    runner: ViewRunner,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    one_mask: torch.Tensor,
+    one_logits: torch.Tensor,
+    margin: float,
+    early_exit: bool = True,
+) -> PatchCleanserResult:
+    """Certify a batch whose one-mask views are known: the schedule of `PatchCleanser.certify`.
+
+    With `early_exit`, only images whose every one-mask view (surely) shows `y` go on to their
+    off-diagonal views, the likeliest to disagree first, each image stopping at its first failing
+    view; the others get the rows of their disagreeing masks, to predict. Without it, every view
+    `i <= j` of every image is evaluated. The result is the same; only `num_views` differs.
+
+    Args:
+        runner: the view runner of the call.
+        x: `(B, ...)` what the runner's views are cut from (images, or a feature grid).
+        y: `(B,)` labels, on `x`'s device.
+        one_mask: `(B, K)` one-mask labels, from `runner.one_mask(x)`.
+        one_logits: `(B, K, C)` their logits.
+        margin: the certificate margin (`docs/concepts.md#margin`).
+        early_exit: skip views that cannot change the result.
+
+    Returns:
+        A `PatchCleanserResult`; `num_views` counts the `K` one-mask views and the two-mask views evaluated.
+    """
+    b, k = one_mask.shape
+    one_margin = label_margins(one_logits, y[:, None].expand(b, k))  # (B, K): how surely mask i shows y
+    # The margin guard (docs/concepts.md#margin): a view counts for y only if it shows y by more than `margin`.
+    one_sure = one_margin > margin if margin > 0 else one_mask == y[:, None]
+    if early_exit:
+        # Only images whose every one-mask view (surely) shows y can be certified: check
+        # their off-diagonal views, those likeliest to disagree first (fail fast). Others
+        # need the rows of their disagreeing masks to predict.
+        candidate = one_sure.all(1)
+        cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
+        row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
+        rpairs, rowners = row_pairs(row_image, row_mask, k)
+        n_cert = int(candidate.sum())
+        pairs = torch.cat([cert_pairs, rpairs])
+        owners = torch.cat([cert_owners, torch.where(rowners >= 0, rowners + n_cert, -1)])
+        expect = torch.cat([y[candidate], one_mask[row_image, row_mask]])
+        guard = torch.arange(expect.shape[0], device=x.device) < n_cert
+        # rows keep their order (priority 0 after the certificate views' sums of margins)
+        priority = torch.cat([pair_priority(one_margin, cert_pairs), torch.zeros(rpairs.shape[0], device=x.device)])
+
+        def on_step(done, failed):
+            cancel = torch.zeros_like(done)
+            cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:], b)
+            return cancel
+
+        outcome = runner.evaluate_pairs(x, pairs, owners, expect, on_step=on_step, priority=priority, guard=guard, margin=margin)
+    else:
+        pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
+        guard = torch.ones(b, dtype=torch.bool, device=x.device)
+        outcome = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False, guard=guard, margin=margin)
+    grid = _grid(one_mask, pairs, outcome.labels)
+    decision = decide(one_mask, grid)
+    is_certified = certified(grid, y)
+    if margin > 0:
+        unsure = torch.bincount(pairs[~outcome.sure, 0], minlength=b) > 0
+        is_certified &= one_sure.all(1) & ~unsure
+    evaluated = pairs[outcome.labels >= 0, 0]
+    num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
+    return PatchCleanserResult(
+        prediction=decision.label,
+        certified=is_certified,
+        num_views=num_views,
+        case=decision.case,
+        one_mask=one_mask,
+        grid=grid,
+    )
 
 
 class PatchCleanser(RobustPatchClassifier):
@@ -399,23 +515,8 @@ class PatchCleanser(RobustPatchClassifier):
     def _infer(self, x: torch.Tensor, need_logits: bool) -> tuple[Decision, torch.Tensor | None]:
         x = self._check_images(x)
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
-            runner = self._runner(x)
-            k = len(runner)
-            runner, one_mask, one_logits = self._one_mask(runner, x)
-            row_image, row_mask = disagreers(one_mask).nonzero(as_tuple=True)
-            pairs, owners = row_pairs(row_image, row_mask, k)
-            outcome = runner.evaluate_pairs(
-                x,
-                pairs,
-                owners,
-                one_mask[row_image, row_mask],
-                on_step=lambda done, failed: rows_to_cancel(row_image, row_mask, done, failed, x.shape[0]),
-                need_logits=need_logits,
-            )
-            decision = decide(one_mask, _grid(one_mask, pairs, outcome.labels))
-            if not need_logits:
-                return decision, None
-            return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
+            runner, one_mask, one_logits = self._one_mask(self._runner(x), x)
+            return predict_views(runner, x, one_mask, one_logits, need_logits)
 
     def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchCleanserResult:
         """Certify a batch against every patch of the threat model.
@@ -441,53 +542,6 @@ class PatchCleanser(RobustPatchClassifier):
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
-        margin = self.margin
-        b, k = x.shape[0], len(self._keep)
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
-            runner = self._runner(x)
-            runner, one_mask, one_logits = self._one_mask(runner, x)
-            one_margin = label_margins(one_logits, y[:, None].expand(b, k))  # (B, K): how surely mask i shows y
-            # The margin guard (docs/concepts.md#margin): a view counts for y only if it shows y by more than `margin`.
-            one_sure = one_margin > margin if margin > 0 else one_mask == y[:, None]
-            if early_exit:
-                # Only images whose every one-mask view (surely) shows y can be certified: check
-                # their off-diagonal views, those likeliest to disagree first (fail fast). Others
-                # need the rows of their disagreeing masks to predict.
-                candidate = one_sure.all(1)
-                cert_pairs, cert_owners = triangle_pairs(candidate.nonzero()[:, 0], k)
-                row_image, row_mask = (disagreers(one_mask) & ~candidate[:, None]).nonzero(as_tuple=True)
-                rpairs, rowners = row_pairs(row_image, row_mask, k)
-                n_cert = int(candidate.sum())
-                pairs = torch.cat([cert_pairs, rpairs])
-                owners = torch.cat([cert_owners, torch.where(rowners >= 0, rowners + n_cert, -1)])
-                expect = torch.cat([y[candidate], one_mask[row_image, row_mask]])
-                guard = torch.arange(expect.shape[0], device=x.device) < n_cert
-                # rows keep their order (priority 0 after the certificate views' sums of margins)
-                priority = torch.cat([pair_priority(one_margin, cert_pairs), torch.zeros(rpairs.shape[0], device=x.device)])
-
-                def on_step(done, failed):
-                    cancel = torch.zeros_like(done)
-                    cancel[n_cert:] = rows_to_cancel(row_image, row_mask, done[n_cert:], failed[n_cert:], b)
-                    return cancel
-
-                outcome = runner.evaluate_pairs(x, pairs, owners, expect, on_step=on_step, priority=priority, guard=guard, margin=margin)
-            else:
-                pairs, owners = triangle_pairs(torch.arange(b, device=x.device), k)
-                guard = torch.ones(b, dtype=torch.bool, device=x.device)
-                outcome = runner.evaluate_pairs(x, pairs, owners, y, early_exit=False, guard=guard, margin=margin)
-        grid = _grid(one_mask, pairs, outcome.labels)
-        decision = decide(one_mask, grid)
-        is_certified = certified(grid, y)
-        if margin > 0:
-            unsure = torch.bincount(pairs[~outcome.sure, 0], minlength=b) > 0
-            is_certified &= one_sure.all(1) & ~unsure
-        evaluated = pairs[outcome.labels >= 0, 0]
-        num_views = torch.full((b,), k, dtype=torch.long, device=x.device) + torch.bincount(evaluated, minlength=b)
-        return PatchCleanserResult(
-            prediction=decision.label,
-            certified=is_certified,
-            num_views=num_views,
-            case=decision.case,
-            one_mask=one_mask,
-            grid=grid,
-        )
+            runner, one_mask, one_logits = self._one_mask(self._runner(x), x)
+            return certify_views(runner, x, y, one_mask, one_logits, self.margin, early_exit)

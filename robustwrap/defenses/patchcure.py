@@ -1,0 +1,688 @@
+"""PatchCURE: PatchCleanser's double masking on the feature grid of a small-receptive-field model.
+
+Xiang, Wu, Dai, Petit, Jana, Mittal, "PatchCURE", USENIX Security 2024. The network is split in
+two: a small-receptive-field part (the SRF), whose feature cell `(a, b)` sees only a window of
+pixels, and the rest (the LRF). A patch can only change the cells of one `wh x ww` block of the
+grid (`geometry.feature_window`), so PatchCleanser's rule and certificate hold for views that
+set the cells of two masks to 0: the SRF runs once per image, the LRF once per masked view. A
+model that returns local logits needs no LRF: a view's logits are the sum of the local logits
+over its kept cells, in float64. The proof obligations (the SRF is local, every patch's cells lie
+inside one mask, a masked cell does not depend on the input, then PatchCleanser's argument
+applies) are on the Concepts page (docs/concepts.md#patchcure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._args import as_image_size, positive_int
+from ..geometry import MaskSet, patch_pixels
+from ..views import ViewRunner, auto_sync_every, call_model, eval_mode
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, RobustPatchClassifier, resolve_image_size
+from .patchcleanser import PatchCleanserResult, certify_views, predict_views
+from .patchguard import _GEOMETRY, DEFAULT_EVIDENCE_MARGIN, _geometry, _window
+
+__all__ = ["PatchCURE", "PatchCUREResult", "SplitModel"]
+
+# float64 numbers held per pass of SRF-only views (each view's kept cells and its class sums), 2 MiB:
+# BagNet-33 at 224 px with 1,000 classes (24x24 cells) takes 166 of its 41,905 views per image per
+# pass, never a K x K x classes tensor. Each view is a matrix product with its image's local logits,
+# which are not copied per view: gathering them (1,000 x 576 per view) made every view cost as much
+# memory traffic as a pass of the local logits: certifying one image took 171 s on one CPU core, now 5 s.
+_SUM_ELEMENTS = 1 << 18
+# The SRF's locality is verified at construction by probing every pixel (`models.check_receptive_field`,
+# one trial: H*W passes of one image in float64) when that costs at most this many FLOPs, counted
+# on one blank pass (`torch.utils.flop_counter`), and the image at most _LOCALITY_PROBE_PIXELS:
+# toy and MNIST-sized SRFs are checked at every wrap (bagnet_tiny at 32 px would take 1e11 FLOPs, 14 s
+# on one CPU core, so it is not), larger ones are the user's to check once.
+_LOCALITY_PROBE_FLOPS = 1e9
+_LOCALITY_PROBE_PIXELS = 64 * 64
+
+
+# ------------------------------------------------------------------------------- the split
+class SplitModel(nn.Module):
+    """A user's SRF and LRF held as one base model, so that they move, train and save together.
+
+    `forward(x)` is the undefended model: `lrf(srf(x), kept)` with every cell kept.
+
+    Args:
+        srf: `(B, C, H, W)` images to features `(B, C', h, w)`; declares `receptive_field`,
+            `feature_stride` and `feature_offset`.
+        lrf: `(features (N, C', h, w), kept (N, h, w) bool)` to logits `(N, num_classes)`.
+    """
+
+    def __init__(self, srf: nn.Module, lrf: nn.Module):
+        super().__init__()
+        self.srf = srf
+        self.lrf = lrf
+
+    @property
+    def in_chans(self) -> int | None:
+        """The SRF's `in_chans`, if it says."""
+        value = getattr(self.srf, "in_chans", None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The LRF's `num_classes`, if it says."""
+        value = getattr(self.lrf, "num_classes", None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.srf(x)
+        return self.lrf(features, torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool, device=features.device))
+
+
+def _check_lrf(lrf) -> None:
+    """Refuse an LRF that cannot take `(features, kept)`, before any forward pass.
+
+    Raises:
+        TypeError: `lrf` is not an `nn.Module`, or its forward cannot take two arguments; the
+            message shows how to adapt a one-argument module.
+    """
+    if not isinstance(lrf, nn.Module):
+        raise TypeError(f"lrf must be a torch.nn.Module mapping (features, kept) to logits, got {type(lrf).__name__}")
+    try:
+        signature = inspect.signature(lrf.forward)
+    except (TypeError, ValueError):  # a builtin forward: nothing to check before calling it
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"lrf must take two arguments, lrf(features, kept): masked features (N, C', h, w) with masked cells at 0, and "
+            f"kept (N, h, w) bool, True for the cells not masked; {type(lrf).__name__}.forward{signature} does not. An LRF "
+            "that needs only the features can ignore kept: def forward(self, features, kept): return self.body(features)"
+        ) from None
+
+
+def _srf_geometry(srf: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """`(r, s, o)` the SRF declares (PatchGuard's contract: cell `(a, b)` sees rows `[s*a - o, s*a - o + r)`).
+
+    Raises:
+        ValueError: a declaration is missing or invalid (the message says how to declare it).
+    """
+    missing = [name for name in _GEOMETRY if getattr(srf, name, None) is None]
+    if missing:
+        raise ValueError(
+            f"PatchCURE needs the SRF's {', '.join(missing)}: {type(srf).__name__} has no such attribute, so no patch can be bounded "
+            "to a block of cells. Declare them on the module (srf.receptive_field = r, srf.feature_stride = s, srf.feature_offset = o: "
+            "cell (a, b) sees only input rows [s*a - o, s*a - o + r) and columns likewise); robustwrap.models.bagnet17 and friends, "
+            "and robustwrap.windows.split_vit, declare them. For a timm ViT pass window= and split="
+        )
+    return tuple(_geometry(getattr(srf, name), f"the SRF's {name}", minimum) for name, minimum in _GEOMETRY.items())
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_masks(grid: tuple[int, int], window: tuple[int, int], mask_stride: tuple[int, int]) -> MaskSet:
+    """The feature mask set: PatchCleanser's mask set on the `grid` of cells for a `window`-cell "patch".
+
+    Masks of `window + stride - 1` cells at `mask_stride` cells (the last flush with the edge), so
+    every `window` block of cells lies inside one mask (`MaskSet` checks it exhaustively).
+    """
+    return MaskSet.rect(grid, window, stride=mask_stride)
+
+
+def _lrf_logits(lrf: nn.Module, features: torch.Tensor, kept: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """`lrf(features, kept)`, checked to be `(N, num_classes)` logits."""
+    logits = call_model(lrf, features, kept)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != features.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the LRF must map (N, C', h, w) features and (N, h, w) kept cells to (N, num_classes) logits; for {features.shape[0]} views it returned {shape}"
+        )
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"the LRF returned {logits.shape[1]} classes, expected num_classes={num_classes}")
+    return logits
+
+
+@dataclass(frozen=True)
+class _FeatureViews(ViewRunner):
+    """Views of a feature grid: the cells of masks `i` and `j` set to 0, the rest through the LRF (`model`)."""
+
+    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
+        kept = keep[i] & keep[j]
+        # A masked cell is the constant 0 whatever the image (proof obligation P3).
+        views = torch.where(kept.unsqueeze(1), x[image], torch.zeros((), dtype=x.dtype, device=x.device))
+        return _lrf_logits(self.model, views, kept, self.num_classes)
+
+
+@dataclass(frozen=True)
+class _LocalSums(ViewRunner):
+    """Views of a local-logit map `(B, C, h, w)` (float64): the sum of the local logits over the cells kept.
+
+    No model runs (`model` is unused). A pass of `batch_size` views holds their kept cells and
+    their sums; each image's views are one product of their kept cells with its local logits.
+    """
+
+    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
+        kept = (keep[i] & keep[j]).flatten(1).to(x.dtype)  # (n, h*w), exactly 0 or 1
+        local = x.flatten(2)  # (B, C, h*w), not copied
+        sums = torch.empty(image.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would multiply in half precision
+            for b in torch.unique(image).tolist():
+                views = (image == b).nonzero()[:, 0]
+                sums[views] = kept[views] @ local[b].T
+        return sums
+
+
+# ----------------------------------------------------------------------------- classifier
+@dataclass(frozen=True)
+class PatchCUREResult(PatchCleanserResult):
+    """Per-image outcome of `PatchCURE.certify`: PatchCleanser's fields on feature views.
+
+    Attributes:
+        prediction: `(B,)` the robust (double-masking) prediction.
+        certified: `(B,)` bool: no patch of the threat model can change the prediction, and it
+            equals the label.
+        num_views: `(B,)` masked views evaluated per image: LRF passes, or local-logit sums for
+            an SRF-only model (no LRF).
+        case: `(B,)` 1, 2 or 3: the double-masking case that gave the prediction.
+        one_mask: `(B, K)` the one-mask labels `P_i` of the feature mask set.
+        grid: `(B, K, K)` the two-mask labels `P_ij`, `-1` where early exit skipped a view.
+        srf_passes: `(B,)` passes of the image through the SRF: 1.
+    """
+
+    srf_passes: torch.Tensor
+
+
+class PatchCURE(RobustPatchClassifier):
+    """A classifier defended by PatchCURE (Xiang et al., USENIX Security 2024): double masking on a feature grid.
+
+    Three ways in, each with its own base model:
+
+    - a timm vision transformer and `window=(wh, ww)` tokens, `split=k`: blocks `[0, k)` attend
+      inside windows only (the SRF, one cell per window), blocks `[k, depth)` are the model's
+      own (the LRF); `split = depth` leaves no LRF (`robustwrap.windows.split_vit`);
+    - a model returning local logits `(B, num_classes, h, w)` that declares `receptive_field`,
+      `feature_stride` and `feature_offset` (a BagNet of `robustwrap.models`): no LRF, a view's
+      logits are the float64 sum of the local logits over its kept cells;
+    - your own pair, `PatchCURE(srf, lrf, patch=..., image_size=...)`: `srf` maps images to
+      features `(B, C', h, w)` and declares the geometry; `lrf(features, kept)` maps features
+      whose masked cells are 0, and `kept` `(N, h, w)` bool (True for the cells not masked), to
+      logits `(N, num_classes)`. They are held together as a `SplitModel`.
+
+    The SRF runs once per image; PatchCleanser's rule and certificate (and its schedule: early
+    exit, one view for `(i, j)` and `(j, i)`, views of many images per pass) run on the feature
+    mask set: masks of `feature_window + mask_stride - 1` cells at `mask_stride` cells. Every
+    setting and everything derived from the model (the split, the geometry, the grid) is read
+    at every call. In eval mode `forward` returns robust logits; in train mode the undefended
+    split model's forward (`lrf(srf(x))` with every cell kept, or the local logits).
+
+    Args:
+        model: the SRF of a pair, a local-logit model, or a timm ViT (with `window` and `split`).
+        lrf: the LRF of a pair (default None).
+        patch: the patch: side in pixels (int), fraction of the image area (float in (0, 1)), or `(ph, pw)`.
+        image_size: `H` or `(H, W)` of the inputs.
+        window: `(wh, ww)` tokens per window of a ViT split (an int for a square window).
+        split: the number of windowed ViT blocks `k`.
+        mask_stride: the feature masks' stride in cells, an int or `(sh, sw)` (default 1).
+        fill: as for every defense; unused (masked cells are 0, no pixel is masked).
+        batch_size: LRF views (and SRF images) per forward pass; `None` picks as many as full
+            images of this size (an LRF view costs at most one pass of the whole model).
+        precision: `"float32"`, `"bfloat16"` or `"float16"` autocast of the SRF and LRF.
+        margin: certificate margin, a float >= 0; `None` (default) gives `DEFAULT_MARGIN` with an
+            LRF and `DEFAULT_EVIDENCE_MARGIN` for sums of local logits (PatchGuard's, for the
+            same sums).
+        num_classes: classes, if the model does not say.
+
+    Raises:
+        TypeError: a model that is not an `nn.Module`, an LRF that cannot take `(features, kept)`.
+        ValueError: a missing or invalid SRF geometry, a geometry that does not fit the feature
+            grid, an SRF that sees outside its declared window (checked on inputs of up to 64x64
+            pixels), a patch whose cells could cover the whole grid, `window` without `split`
+            (or with an `lrf`), a bad `mask_stride` or patch.
+    """
+
+    defense = "patchcure"
+    _geometry_name = "PatchCURE model"
+    _not_assignable: ClassVar[dict[str, str]] = {
+        "lrf": "lrf is part of the base model: assign a new pair, m.model = robustwrap.defenses.patchcure.SplitModel(m.srf, lrf)",
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lrf: nn.Module | None = None,
+        *,
+        patch: int | float | Sequence[int],
+        image_size: int | Sequence[int],
+        window: int | Sequence[int] | None = None,
+        split: int | None = None,
+        mask_stride: int | Sequence[int] = 1,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int | None = None,
+        precision: str = "float32",
+        margin: float | None = None,
+        num_classes: int | None = None,
+    ):
+        if lrf is not None:
+            if window is not None or split is not None:
+                raise ValueError(
+                    "window= and split= split a timm ViT into SRF and LRF; with your own lrf, pass its SRF as model and neither"
+                )
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model (the SRF) must be a torch.nn.Module, got {type(model).__name__}")
+            _check_lrf(lrf)
+            model = SplitModel(model, lrf)
+        if (window is None) != (split is None):
+            raise ValueError(
+                f"window= and split= go together (the ViT split: windows of wh x ww tokens for the first k blocks), got window={window!r}, split={split!r}"
+            )
+        super().__init__(
+            model,
+            image_size=image_size,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=DEFAULT_MARGIN if margin is None else margin,
+            num_classes=num_classes,
+        )
+        self._patch = patch_pixels(patch, self.image_size)
+        self._window_tokens = None if window is None else _geometry(window, "window", 1)
+        self._split = None if split is None else _as_split(split)
+        self._mask_stride = _geometry(mask_stride, "mask_stride", 1)
+        self._check(locality=True)
+        if margin is None and self.lrf is None:
+            self.margin = DEFAULT_EVIDENCE_MARGIN
+
+    # ------------------------------------------------------------------------------ the split
+    @property
+    def srf(self) -> nn.Module:
+        """The small-receptive-field part of the current base model (split anew at every read)."""
+        return self._parts()[0]
+
+    @property
+    def lrf(self) -> nn.Module | None:
+        """The rest of the network, evaluated per masked view; `None` for a model that returns local logits."""
+        return self._parts()[1]
+
+    def _parts(self) -> tuple[nn.Module, nn.Module | None]:
+        inner = self._inner_model
+        if self._split is not None:
+            from ..windows import split_vit  # the ViT split is token code, imported only for a ViT
+
+            return split_vit(inner, self._window_tokens, self._split)
+        if isinstance(inner, SplitModel):
+            return inner.srf, inner.lrf
+        return inner, None
+
+    @contextlib.contextmanager
+    def _inference(self, srf: nn.Module, lrf: nn.Module | None) -> Iterator[None]:
+        """Eval mode for the base model and both parts (a split builds modules of its own), no gradients, `precision`."""
+        with contextlib.ExitStack() as stack:
+            for module in (self._inner_model, srf, lrf):
+                if module is not None:
+                    stack.enter_context(eval_mode(module))
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(self.autocast())
+            yield
+
+    def _srf_features(self, srf: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The SRF's features of prepared images, `batch_size` at a time (through the inference copy when the SRF is the whole model)."""
+        module = self._inference_model(x) if srf is self._inner_model else srf
+        outs = []
+        for chunk in x.split(self.batch_size):
+            out = call_model(module, chunk)
+            if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != chunk.shape[0]:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"PatchCURE needs an SRF that returns a feature grid (B, C', h, w), or local logits (B, num_classes, h, w) without an "
+                    f"LRF; for {chunk.shape[0]} images it returned {shape}. A classifier with (B, num_classes) logits sees the whole image in "
+                    "every logit: use defense='patchcleanser' for it, or split a timm ViT with window= and split="
+                )
+            outs.append(out)
+        return torch.cat(outs)
+
+    def _probe(self) -> tuple[tuple[int, int], int]:
+        """`(grid (h, w), classes)` from one blank image through the current split (once per model and split)."""
+        key = (self._inner_model, self._window_tokens, self._split)
+        cached = self.__dict__.get("_probed")
+        if cached is None or cached[0] != key:
+            srf, lrf = self._parts()
+            blank = self._prepare(torch.zeros(1, self.in_chans or 3, *self.image_size))
+            with self._inference(srf, lrf):
+                features = self._srf_features(srf, blank)
+                grid = (int(features.shape[2]), int(features.shape[3]))
+                classes = (
+                    features.shape[1]
+                    if lrf is None
+                    else _lrf_logits(lrf, features, torch.ones(1, *grid, dtype=torch.bool, device=features.device), None).shape[1]
+                )
+            cached = self.__dict__["_probed"] = (key, grid, int(classes))
+        return cached[1], cached[2]
+
+    def _cell_mask_set(self, srf: nn.Module, grid: tuple[int, int]) -> MaskSet:
+        r, s, o = _srf_geometry(srf)
+        return _cell_masks(grid, _window(self.image_size, self.patch, r, s, o, grid), self.mask_stride)
+
+    def _check(self, locality: bool = False) -> None:
+        """Refuse settings and models that give no sound feature mask set (one blank pass per new model or split).
+
+        With `locality`, where probing every pixel is cheap (`_LOCALITY_PROBE_FLOPS`), it is done
+        (`models.check_receptive_field`): an SRF that sees outside its declared window is refused.
+        """
+        srf = self.srf
+        grid, _ = self._probe()
+        self._cell_mask_set(srf, grid)
+        h, w = self.image_size
+        if locality and h * w <= _LOCALITY_PROBE_PIXELS:
+            blank = self._prepare(torch.zeros(1, self.in_chans or 3, h, w))
+            with self._inference(srf, None), FlopCounterMode(display=False) as counter:
+                srf(blank)
+            if counter.get_total_flops() * h * w <= _LOCALITY_PROBE_FLOPS:
+                from ..models import check_receptive_field
+
+                check_receptive_field(srf, self.image_size, in_chans=self.in_chans or 3, trials=1)
+
+    def _model_changed(self) -> None:
+        self._check(locality=True)
+
+    @contextlib.contextmanager
+    def _kept_valid(self, attribute: str, locality: bool = False) -> Iterator[None]:
+        """Give `attribute` its previous value back when the assignment inside the block fails `_check`."""
+        previous = self.__dict__[attribute]
+        try:
+            yield
+            self._check(locality)
+        except BaseException:
+            self.__dict__[attribute] = previous
+            raise
+
+    # ------------------------------------------------------------------------------ settings
+    @property
+    def patch(self) -> tuple[int, int]:
+        """`(ph, pw)` in pixels: the patch of the threat model (assign pixels, a pair or an area fraction)."""
+        return self._patch
+
+    @patch.setter
+    def patch(self, value: int | float | Sequence[int]) -> None:
+        with self._kept_valid("_patch"):
+            self._patch = patch_pixels(value, self.image_size)
+
+    @property
+    def mask_stride(self) -> tuple[int, int]:
+        """`(sh, sw)`: the feature masks' stride in cells (1: masks of exactly `feature_window` cells)."""
+        return self._mask_stride
+
+    @mask_stride.setter
+    def mask_stride(self, value: int | Sequence[int]) -> None:
+        with self._kept_valid("_mask_stride"):
+            self._mask_stride = _geometry(value, "mask_stride", 1)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """`(wh, ww)` tokens per window of a ViT split, `None` for another base model."""
+        return self._window_tokens
+
+    @window.setter
+    def window(self, value: int | Sequence[int]) -> None:
+        if self._split is None:
+            raise AttributeError(
+                "window is a setting of a ViT split; this PatchCURE has none: wrap the ViT with robustwrap.wrap(vit, defense='patchcure', window=..., split=...)"
+            )
+        with self._kept_valid("_window_tokens", locality=True):
+            self._window_tokens = _geometry(value, "window", 1)
+
+    @property
+    def split(self) -> int | None:
+        """The number of windowed ViT blocks `k` (the SRF), `None` for another base model."""
+        return self._split
+
+    @split.setter
+    def split(self, value: int) -> None:
+        if self._split is None:
+            raise AttributeError(
+                "split is a setting of a ViT split; this PatchCURE has none: wrap the ViT with robustwrap.wrap(vit, defense='patchcure', window=..., split=...)"
+            )
+        with self._kept_valid("_split", locality=True):
+            self._split = _as_split(value)
+
+    @property
+    def feature_window(self) -> tuple[int, int]:
+        """`(wh, ww)`: the most cells per axis one patch can touch (`geometry.feature_window` of the SRF's geometry)."""
+        return self._window_and_masks()[1]
+
+    @property
+    def feature_mask_set(self) -> MaskSet:
+        """The feature mask set: a `MaskSet` whose "pixels" are the cells of the feature grid."""
+        return self._window_and_masks()[2]
+
+    @property
+    def full_views(self) -> int:
+        """Views of a full evaluation of one image: `K(K+1)/2` for `K` feature masks."""
+        k = len(self.feature_mask_set)
+        return k * (k + 1) // 2
+
+    def _window_and_masks(self) -> tuple[tuple[int, int], tuple[int, int], MaskSet]:
+        srf = self.srf
+        grid, _ = self._probe()
+        masks = self._cell_mask_set(srf, grid)
+        return grid, masks.patch_size, masks
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the model's `num_classes`, else one blank pass through the split)."""
+        attr = getattr(self._inner_model, "num_classes", None)
+        if isinstance(attr, int) and not isinstance(attr, bool):
+            return attr
+        if self._num_classes is None:
+            self._num_classes = self._probe()[1]
+        return self._num_classes
+
+    @num_classes.setter
+    def num_classes(self, value) -> None:
+        raise AttributeError("num_classes is read from the base model; assign m.model to change it")
+
+    def describe(self) -> str:
+        """One line: the patch in pixels, the feature mask set in cells and pixels, the grid and the views.
+
+        E.g. `patch 32x32 px (2.04% of 224x224); 1x6 masks of 1x2 cells (224x64 px) on a 1x7 grid, mask stride 1x1 cells; 21 views`.
+        """
+        grid, _, masks = self._window_and_masks()
+        r, s, _ = _srf_geometry(self.srf)
+        (h, w), (ph, pw) = self.image_size, self.patch
+        mh, mw = masks.mask_size
+        # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
+        px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
+        return (
+            f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
+            f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {self.mask_stride[0]}x{self.mask_stride[1]} cells; {self.full_views} views"
+        )
+
+    def _defense_settings(self) -> dict[str, Any]:
+        return {
+            "patch": list(self.patch),
+            "window": None if self.window is None else list(self.window),
+            "split": self.split,
+            "mask_stride": list(self.mask_stride),
+        }
+
+    @classmethod
+    def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        keys = ("patch", "window", "split", "mask_stride")
+        missing = [k for k in keys if k not in settings]
+        if missing:
+            raise ValueError(f"patchcure settings lack {', '.join(missing)} (keys: {sorted(settings)})")
+        for key in ("patch", "mask_stride") + (("window",) if settings["window"] is not None else ()):
+            value = settings[key]
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ValueError(f"settings {key} must be a pair [rows, columns] of ints, got {value!r}")
+        image_size = settings.get("image_size")
+        if not isinstance(image_size, (list, tuple)):
+            raise ValueError(f"settings image_size must be [H, W], got {image_size!r}")
+        options = {
+            "image_size": as_image_size(tuple(image_size)),
+            "patch": tuple(positive_int(v, "patch") for v in settings["patch"]),
+            "window": None if settings["window"] is None else _geometry(list(settings["window"]), "window", 1),
+            "split": None if settings["split"] is None else _as_split(settings["split"]),
+            "mask_stride": _geometry(list(settings["mask_stride"]), "mask_stride", 1),
+        }
+        return options, keys
+
+    @classmethod
+    def from_patch(
+        cls,
+        model: nn.Module,
+        patch: int | float | Sequence[int] | None = None,
+        *,
+        lrf: nn.Module | None = None,
+        window: int | Sequence[int] | None = None,
+        split: int | None = None,
+        mask_stride: int | Sequence[int] = 1,
+        image_size: int | Sequence[int] | None = None,
+        fill: float | Sequence[float] = 0.0,
+        batch_size: int | None = None,
+        precision: str = "float32",
+        margin: float | None = None,
+        num_classes: int | None = None,
+    ) -> PatchCURE:
+        """PatchCURE for a threat model: what `robustwrap.wrap(model, patch, defense="patchcure", ...)` calls.
+
+        Args:
+            model: a timm ViT (with `window` and `split`), a local-logit model, or the SRF of a pair.
+            patch: side in pixels (int), fraction of the image area (float in (0, 1); default
+                0.02), or `(ph, pw)`.
+            lrf: the LRF of a pair, `lrf(features, kept) -> logits`.
+            window: `(wh, ww)` tokens per window of a ViT split.
+            split: windowed ViT blocks `k` (`depth`: every block, no LRF).
+            mask_stride: feature mask stride in cells (default 1, the paper's).
+            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            fill: as for every defense (unused: no pixel is masked).
+            batch_size: LRF views and SRF images per forward pass (default `None`: chosen for the
+                image size and device).
+            precision: autocast precision of the SRF and LRF (default `"float32"`).
+            margin: certificate margin; `None` (default): `DEFAULT_MARGIN` (1e-3) with an LRF,
+                `DEFAULT_EVIDENCE_MARGIN` (0.1) for sums of local logits.
+            num_classes: classes, if the model does not say.
+
+        Returns:
+            The defended model, in the same train/eval mode as `model`.
+
+        Raises:
+            TypeError, ValueError: as `PatchCURE`.
+        """
+        size = resolve_image_size(model, image_size)
+        return cls(
+            model,
+            lrf,
+            patch=DEFAULT_PATCH if patch is None else patch,
+            image_size=size,
+            window=window,
+            split=split,
+            mask_stride=mask_stride,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
+        )
+
+    def extra_repr(self) -> str:
+        split = f"window={self.window}, split={self.split}, " if self.split is not None else ""
+        return f"patch={self.patch}, {split}mask_stride={self.mask_stride}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+
+    # ----------------------------------------------------------------------------- inference
+    def _views(self, srf: nn.Module, lrf: nn.Module | None, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor]:
+        """The call's view runner and what its views are cut from: the SRF's features of `x` (one pass per image).
+
+        Without an LRF the features are local logits, cast to float64 for the sums.
+        """
+        features = self._srf_features(srf, x)
+        grid = (int(features.shape[2]), int(features.shape[3]))
+        keep = self._cell_mask_set(srf, grid).keep_masks(features.device)
+        sync = auto_sync_every(features.device)
+        if lrf is None:
+            features = features.to(torch.float64)
+            per_view = features.shape[1] + grid[0] * grid[1]
+            return _LocalSums(
+                None, keep, 0.0, max(1, _SUM_ELEMENTS // per_view), num_classes=features.shape[1], channels_last=False, sync_every=sync
+            ), features
+        return _FeatureViews(lrf, keep, 0.0, self.batch_size, num_classes=self.num_classes, channels_last=False, sync_every=sync), features
+
+    def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust logits: the mean of the logits of the feature views that voted for the robust label (float32 or wider)."""
+        return self._infer(x, need_logits=True)[1]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Robust labels `(B,)` by double masking on the feature grid (in either mode; the model runs in eval mode)."""
+        return self._infer(x, need_logits=False)[0].label
+
+    def _infer(self, x: torch.Tensor, need_logits: bool):
+        x = self._check_images(x)
+        srf, lrf = self._parts()
+        with self._inference(srf, lrf):
+            runner, features = self._views(srf, lrf, x)
+            one_mask, one_logits = runner.one_mask(features)
+            return predict_views(runner, features, one_mask, one_logits, need_logits)
+
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchCUREResult:
+        """Certify a batch against every patch of the threat model.
+
+        The SRF runs once per image; an image is certified iff all `K(K+1)/2` feature views
+        `P_ij`, `i <= j`, show its label by more than the model's `margin`, PatchCleanser's
+        certificate on the feature mask set (docs/concepts.md#patchcure). With `early_exit` only
+        images whose one-mask views all show `y` go on to the two-mask views, each stopping at
+        its first failing view; the result is the same, only `num_views` is smaller.
+
+        Args:
+            x: `(B, C, H, W)` images, floating, as the model expects them.
+            y: `(B,)` integer labels in `[0, num_classes)`.
+            early_exit: skip views that cannot change the result (default True).
+
+        Returns:
+            A `PatchCUREResult`.
+
+        Raises:
+            TypeError, ValueError: for bad images or labels, before any forward pass.
+        """
+        x = self._check_images(x)
+        y = self._check_labels(y, x.shape[0]).to(x.device)
+        srf, lrf = self._parts()
+        with self._inference(srf, lrf):
+            runner, features = self._views(srf, lrf, x)
+            one_mask, one_logits = runner.one_mask(features)
+            result = certify_views(runner, features, y, one_mask, one_logits, self.margin, early_exit)
+        srf_passes = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
+        return PatchCUREResult(**{f.name: getattr(result, f.name) for f in fields(result)}, srf_passes=srf_passes)
+
+    def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
+        """The undefended prediction `(B,)`: every cell kept (the LRF on all features, or the sum of all local logits)."""
+        x = self._check_images(x)
+        srf, lrf = self._parts()
+        with self._inference(srf, lrf):
+            features = self._srf_features(srf, x)
+            if lrf is None:
+                return features.to(torch.float64).sum((-2, -1)).argmax(1)
+            kept = torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool, device=features.device)
+            return torch.cat(
+                [_lrf_logits(lrf, f, k, self.num_classes) for f, k in zip(features.split(self.batch_size), kept.split(self.batch_size))]
+            ).argmax(1)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The undefended split model (a ViT's own forward is not the function this defense certifies)."""
+        if self._split is None:
+            return self.model(x)
+        srf, lrf = self._parts()
+        features = srf(x)
+        if lrf is None:
+            return features
+        return lrf(features, torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool, device=features.device))
+
+
+def _as_split(value) -> int:
+    """`split` as an int >= 0 (the windowed blocks; `split_vit` checks it against the depth)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"split (the number of windowed ViT blocks) must be an int >= 0, got {value!r}")
+    return value
