@@ -10,10 +10,10 @@ authors' public code):
 
 | format | files | what they hold |
 | --- | --- | --- |
-| `patchcleanser` | `{model}_{dataset}.pth`, `{model}_cutout2_128_{dataset}.pth` | `{"model_state_dict": ...}` saved through `DataParallel` (`module.` keys); ImageNet cutout files `{"state_dict": ...}` |
+| `patchcleanser` | `{model}_{dataset}.pth`, `{model}_cutout2_128_{dataset}.pth`; MAE's `mae_finetuned_vit_base[_imagenet].pth` | `{"state_dict": ...}` (train_model.py, saved through `DataParallel`: `module.` keys); MAE's `{"model": ...}` for a ViT-B with `global_pool="avg"` |
 | `patchguard` | `bagnet17_nette.pth`, `bagnet17_192_cifar.pth`, `bagnet17_net.pth` | `{"model_state_dict": ...}` or `{"net": ...}`, `module.` keys, the head a linear layer |
-| `drs` | `imagenet_one_band_..._model_resnet50_..._band_25_epoch_N.pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
-| `smoothed-vit` | `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys, the input normaliser's mean and std as buffers |
+| `drs` | `imagenet_one_band_lr_{lr}_regularization_{wd}[_model_{model}_]_band_{b}_epoch_{N}[_resume_{file}].pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
+| `smoothed-vit` | `{model}_k19.pt`, `{model}_block_k75[.pt]` (their README's), `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys (`module.model.` for a CNN), the input normaliser's mean and std as buffers |
 
 Smoothed ViT's models drop tokens (their code does with `--drop-tokens`, which their README's
 training and certification commands pass; a checkpoint does not record it), and so does the
@@ -30,7 +30,11 @@ batch, where robustwrap's `RandomAblation` draws one per image; certification is
 their certification runs every image of a batch on the same view.
 
 The file name carries the settings where the authors' scripts put them there (model, data set and
-so classes, input size and preprocessing, cutout training, band size); every one can be overridden.
+so classes, input size and preprocessing, cutout training, band or block size); the weights say the
+rest (a ViT's size, the head's classes, the normaliser's data set); every one can be overridden.
+Preprocessing is the authors' certification's, recorded as timm's data config: patchSmoothing's
+`Resize((299, 299))` is `crop_mode="squash"`, the robustness library's `Resize(256)` and
+`CenterCrop(224)` are `crop_pct=0.875` with bilinear resizing.
 Files are read with `torch.load(weights_only=True)` only: a file that needs pickle code (any class
 beyond tensors and plain containers) is refused, since unpickling can run arbitrary code.
 """
