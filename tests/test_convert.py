@@ -73,6 +73,18 @@ def test_patchcleanser_cifar_cutout_names_settings_and_logits(tmp_path):
     assert loaded.settings() == model.settings()
 
 
+def test_patchcleanser_high_resolution_defaults(tmp_path):
+    # ImageNette, ImageNet, Flowers: timm's own preprocessing, the paper's 32 px (2%) patch, 6x6 masks
+    _, path = _patchcleanser_file(tmp_path, "vit_base_patch16_224_imagenette.pth", "test_vit", 10)
+    model = import_checkpoint(path, "patchcleanser", model="test_vit")
+    assert model.mask_set.patch_sizes == ((32, 32),) and model.mask_set.grid == (6, 6)
+    assert model.model.pretrained_cfg["crop_pct"] == timm.create_model("test_vit").pretrained_cfg["crop_pct"]
+    assert (
+        model.pretrained_info["dataset"] == "imagenette"
+        and model.pretrained_info["strategy"] == "plain fine-tuning (the authors' training)"
+    )
+
+
 def test_patchcleanser_name_maps_to_timm_0412_default_tags(tmp_path):
     # Without --model the name decides the architecture: today's tag for timm 0.4.12's default weights.
     torch.save({"model_state_dict": {"module.x": torch.zeros(1)}}, tmp_path / "resmlp_24_distilled_224_imagenette.pth")
@@ -197,6 +209,24 @@ def test_patchguard_cifar_bagnet17(tmp_path):
     with torch.no_grad():
         _same(loaded.model(x), model.model(x))
     assert loaded.image_size == (64, 64) and loaded.patch == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "dataset", "interpolation", "crop", "patch"),
+    [("bagnet17_nette.pth", 224, "imagenette", "bilinear", 0.875, 32), ("bagnet17_160_cifar.pth", 160, "cifar", "bicubic", 1.0, 30)],
+)
+def test_patchguard_settings_from_the_name(tmp_path, capsys, name, side, dataset, interpolation, crop, patch):
+    # mask_bn_imagenet.py (ImageNette: Resize(256), CenterCrop(224)) and mask_bn_cifar.py (Resize(side), no crop)
+    torch.manual_seed(0)
+    theirs = _TheirBagNet()
+    theirs.fc = nn.Linear(theirs.fc.in_features, 10)
+    path = tmp_path / name
+    torch.save({"model_state_dict": torch.nn.DataParallel(theirs).state_dict()}, path)
+    assert main(["import", str(path), "--format", "patchguard", "--out", str(tmp_path / "pg")]) == 0, capsys.readouterr().err
+    loaded = robustwrap.from_pretrained(tmp_path / "pg")
+    cfg = loaded.model.pretrained_cfg
+    assert loaded.num_classes == 10 and loaded.pretrained_info["dataset"] == dataset and loaded.image_size == (side, side)
+    assert (cfg["interpolation"], cfg["crop_pct"], loaded.patch) == (interpolation, crop, (patch, patch))
 
 
 # ------------------------------------------------------------------------ (De)Randomized Smoothing
@@ -465,7 +495,10 @@ def test_smoothed_vit_wide_resnet_name(tmp_path):
         import_checkpoint(path, "smoothed-vit")
 
 
-@pytest.mark.parametrize(("name", "ablation", "size"), [("deit_tiny_block_k75", "block", 75), ("deit_tiny_k19.pt", "column", 19)])
+@pytest.mark.parametrize(
+    ("name", "ablation", "size"),
+    [("deit_tiny_block_k75", "block", 75), ("deit_tiny_k19.pt", "column", 19), ("checkpoint.pt.best", "column", 19)],
+)
 def test_smoothed_vit_readme_vits_read_the_ablation_from_the_name(tmp_path, name, ablation, size):
     from robustwrap.cli._loading import _preprocessing
 
