@@ -471,7 +471,7 @@ def import_checkpoint(
 
     if not timm.is_model(plan.arch):
         raise ValueError(f"model {plan.arch!r} is not a timm architecture (timm {timm.__version__})")
-    plan.num_classes = num_classes or _head_classes(plan.arch, state) or plan.num_classes
+    plan.num_classes = num_classes if num_classes is not None else _head_classes(plan.arch, state) or plan.num_classes
     if not plan.num_classes:
         raise ValueError(f"{path.name} does not say its number of classes: pass num_classes=")
     plan.data_config.update(overrides)
