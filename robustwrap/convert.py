@@ -10,10 +10,10 @@ authors' public code):
 
 | format | files | what they hold |
 | --- | --- | --- |
-| `patchcleanser` | `{model}_{dataset}.pth`, `{model}_cutout2_128_{dataset}.pth` | `{"model_state_dict": ...}` saved through `DataParallel` (`module.` keys); ImageNet cutout files `{"state_dict": ...}` |
+| `patchcleanser` | `{model}_{dataset}.pth`, `{model}_cutout2_128_{dataset}.pth`; MAE's `mae_finetuned_vit_base[_imagenet].pth` | `{"state_dict": ...}` (train_model.py, saved through `DataParallel`: `module.` keys); MAE's `{"model": ...}` for a ViT-B with `global_pool="avg"` |
 | `patchguard` | `bagnet17_nette.pth`, `bagnet17_192_cifar.pth`, `bagnet17_net.pth` | `{"model_state_dict": ...}` or `{"net": ...}`, `module.` keys, the head a linear layer |
-| `drs` | `imagenet_one_band_..._model_resnet50_..._band_25_epoch_N.pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
-| `smoothed-vit` | `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys, the input normaliser's mean and std as buffers |
+| `drs` | `imagenet_one_band_lr_{lr}_regularization_{wd}[_model_{model}_]_band_{b}_epoch_{N}[_resume_{file}].pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
+| `smoothed-vit` | `{model}_k19.pt`, `{model}_block_k75[.pt]` (their README's), `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys (`module.model.` for a CNN), the input normaliser's mean and std as buffers |
 
 Smoothed ViT's models drop tokens (their code does with `--drop-tokens`, which their README's
 training and certification commands pass; a checkpoint does not record it), and so does the
@@ -30,7 +30,11 @@ batch, where robustwrap's `RandomAblation` draws one per image; certification is
 their certification runs every image of a batch on the same view.
 
 The file name carries the settings where the authors' scripts put them there (model, data set and
-so classes, input size and preprocessing, cutout training, band size); every one can be overridden.
+so classes, input size and preprocessing, cutout training, band or block size); the weights say the
+rest (a ViT's size, the head's classes, the normaliser's data set); every one can be overridden.
+Preprocessing is the authors' certification's, recorded as timm's data config: patchSmoothing's
+`Resize((299, 299))` is `crop_mode="squash"`, the robustness library's `Resize(256)` and
+`CenterCrop(224)` are `crop_pct=0.875` with bilinear resizing.
 Files are read with `torch.load(weights_only=True)` only: a file that needs pickle code (any class
 beyond tensors and plain containers) is refused, since unpickling can run arbitrary code.
 """
@@ -92,6 +96,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as file:
+        head = file.read(16)
+    # torch.save writes a zip archive (PyTorch >= 1.6) or, with the legacy format, a pickle (first byte
+    # 0x80, its protocol marker); torch's reader fails on anything else with internal errors (KeyError, ...).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        found = "an empty file" if not head else f"a file starting with {head[:8]!r}"
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: expected a file written by torch.save (a zip archive or a pickle), got {found}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -103,10 +116,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} needs pickle code to load{name}: robustwrap reads checkpoints with torch.load(weights_only=True) only, "
             "since unpickling can run arbitrary code; nothing was written"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-        ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        # a damaged archive or pickle: torch's reader fails with whatever it met first
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {text})") from None
 
 
 def _state_dict(checkpoint: Any, keys: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
@@ -132,12 +145,22 @@ _PC_MODELS = {
 }
 _PC_DATASETS = {"imagenet": 1000, "imagenette": 10, "flower102": 102, "cifar": 10, "cifar100": 100, "svhn": 10}
 _PC_NAME = re.compile(rf"({'|'.join(_PC_MODELS)})(?:_cutout(\d+)_(\d+))?_({'|'.join(_PC_DATASETS)})\.pth?")
+# MAE's fine-tuned ViT-B (facebookresearch/mae), which PatchCleanser's README has renamed with `_imagenet.pth`.
+_PC_MAE_NAME = re.compile(r"mae_finetuned_vit_base(?:_imagenet)?\.pth?")
 
 
 def _patchcleanser(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
-    """PatchCleanser's `train_model.py`: `{model}[_cutout{holes}_{size}]_{dataset}.pth`."""
-    found = _PC_NAME.fullmatch(path.name)
+    """PatchCleanser's `train_model.py`: `{model}[_cutout{holes}_{size}]_{dataset}.pth`; MAE's ViT-B."""
     plan = _Plan(arch="", num_classes=0, defense="patchcleanser", patch=0.02, options={"num_masks": 6})
+    if _PC_MAE_NAME.fullmatch(path.name):
+        # utils/setup.py: timm's ViT-B with global_pool="avg" (MAE's fc_norm), ImageNet's mean and std
+        # (it deletes the ViT's own), crop 224/256, and MAE's own `{"model": ...}` checkpoint.
+        plan.arch, plan.num_classes, plan.dataset, plan.patch = "vit_base_patch16_224", 1000, "imagenet", 32
+        plan.model_args = {"global_pool": "avg"}
+        plan.data_config = {"crop_pct": 224 / 256, "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD}
+        plan.strategy = "MAE pre-training and fine-tuning (facebookresearch/mae)"
+        return plan, _state_dict(checkpoint, ("model",), path)
+    found = _PC_NAME.fullmatch(path.name)
     if found:
         model, holes, size, dataset = found.groups()
         plan.arch, plan.num_classes, plan.dataset = _PC_MODELS[model], _PC_DATASETS[dataset], dataset
@@ -149,7 +172,8 @@ def _patchcleanser(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.
             plan.data_config, plan.patch = {"crop_pct": 1.0}, 35
         else:
             plan.patch = 32
-    return plan, _state_dict(checkpoint, ("model_state_dict", "state_dict"), path)
+    # train_model.py saves {"state_dict": ...}; "model" is MAE's key, for its checkpoints under other names
+    return plan, _state_dict(checkpoint, ("state_dict", "model_state_dict", "model"), path)
 
 
 _PG_NAME = re.compile(r"(bagnet9|bagnet17|bagnet33)(?:_(\d+))?_(nette|cifar|net)\.pth?")
@@ -190,13 +214,35 @@ def _patchguard(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Ten
     return plan, checkpoint_filter_fn(state, None)  # the linear head becomes robustwrap's 1x1 conv head
 
 
-_DRS_NAME = re.compile(r"(cifar|imagenet|mnist)_one_band_.*?model_(\w+?)_+band_(\d+)_epoch_\d+.*\.pth?")
+# train_imagenet_band.py names a new run `..._model_{model}__band_{b}_epoch_{N}.pth` and a resumed one
+# `..._band_{b}_epoch_{N}_resume_{previous file}.pth` (no model: theirs are published under such names).
+_DRS_NAME = re.compile(
+    r"(cifar|imagenet|mnist)_one_band_lr_[^_]+_regularization_[^_]+_(?:model_(\w+?)_+)?band_(\d+)_epoch_\d+(?:_resume_.+)?\.pth?"
+)
 
 
 def _drs(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
-    """Levine & Feizi's patchSmoothing: `imagenet_one_band_lr_..._model_resnet50__band_25_epoch_N.pth`."""
+    """Levine & Feizi's patchSmoothing: `imagenet_one_band_lr_..._band_25_epoch_N[_resume_...].pth`.
+
+    Only their ImageNet ResNets can be imported, so every file is read with their ImageNet
+    certification's settings (certify_imagenet_band.py): images squashed to 299x299 without
+    cropping (`Resize((299, 299))`, bilinear), ImageNet's mean and std, a 42 px patch (2% of
+    299x299) and softmax threshold 0.2. The band size comes from the file name.
+    """
+    state = _state_dict(checkpoint, ("net", "state_dict", "model_state_dict"), path)
     found = _DRS_NAME.fullmatch(path.name)
-    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=0.02, options={"encoding": "levine2020", "ablation": "column"})
+    plan = _Plan(
+        arch="", num_classes=0, defense="smoothing", patch=42, options={"encoding": "levine2020", "ablation": "column", "threshold": 0.2}
+    )
+    plan.dataset, plan.model_args = "imagenet", {"in_chans": 6}
+    plan.data_config = {
+        "input_size": (3, 299, 299),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+        "interpolation": "bilinear",
+        "mean": _IMAGENET_MEAN,
+        "std": _IMAGENET_STD,
+    }
     if found:
         dataset, arch, band = found.groups()
         if dataset != "imagenet":
@@ -205,32 +251,35 @@ def _drs(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
                 "neither by timm nor by torchvision, so a robustwrap folder could not rebuild them; only their ImageNet "
                 "ResNets (resnet_imgnt.py, torchvision's layout) can be imported"
             )
-        # certify_imagenet_band.py: Resize((299, 299)) without cropping, ImageNet's mean and std,
-        # a 42 px patch (2% of 299x299) and softmax threshold 0.2.
-        plan.arch, plan.num_classes, plan.dataset = arch, 1000, "imagenet"
-        plan.options.update(size=int(band), threshold=0.2)
-        plan.patch = 42
-        plan.data_config = {
-            "input_size": (3, 299, 299),
-            "crop_pct": 1.0,
-            "interpolation": "bilinear",
-            "mean": _IMAGENET_MEAN,
-            "std": _IMAGENET_STD,
-        }
-    plan.model_args = {"in_chans": 6}
-    return plan, _state_dict(checkpoint, ("net", "state_dict", "model_state_dict"), path)
+        plan.options["size"] = int(band)
+        plan.arch = arch or ""
+    if not plan.arch and "conv1.weight" in state:
+        # their script builds a resnet18 or (its default) a resnet50: the bottleneck's third conv tells them apart
+        plan.arch = "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+    return plan, state
 
 
-# (patch side, embedding width) -> the timm DeiT that the authors' custom ViT copies.
-_DEIT = {(16, 192): "deit_tiny_patch16_224", (16, 384): "deit_small_patch16_224", (16, 768): "deit_base_patch16_224"}
+# (embedding width) -> the timm DeiT that the authors' custom ViT copies; their CIFAR-native
+# `deit_*_patch4_32` are the same networks with 4 px tokens on 32 px images.
+_DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
+# The README's files: `{model}_k19.pt` (column bands) and `{model}_block_k75[.pt]` (blocks); the ViTs
+# are named `deit_tiny`, ..., the CNNs by their torchvision (and timm) names.
+_SVIT_NAME = re.compile(r"(\w+?)_(?:(block)_)?k(\d+)(?:\.pt)?")
+# The normaliser's mean tells the data set: the robustness library's ImageNet and CIFAR-10, and
+# smoothed-vit's transfer_utils.py for CIFAR-100.
+_SVIT_DATASETS = {(0.485, 0.456, 0.406): "imagenet", _CIFAR_MEAN: "cifar10", (0.5071, 0.4867, 0.4408): "cifar100"}
 
 
 def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
     """Salman et al.'s smoothed-vit (MadryLab robustness library): `{"model": AttackerModel state}`.
 
-    ImageNet: column bands of 19 px against a 32 px patch (the paper's 2%). CIFAR-10 (recognised by
-    the normaliser's mean): the authors' 32 px geometry in the 224 px input their ViT sees. Views
-    drop the tokens that meet no kept pixel (`drop_tokens=True`), the authors' `MaskProcessor` rule.
+    ImageNet (recognised by the normaliser's mean, as CIFAR-10 and CIFAR-100 are): the robustness
+    library's Resize(256) and CenterCrop(224), column bands of 19 px (or what the README's file
+    names say: `deit_small_block_k75.pt` is 75 px blocks) against a 32 px patch (the paper's 2%).
+    CIFAR: a 224 px DeiT sees the 32 px images upsampled x7 (`--cifar-preprocess-type simple224`),
+    a `deit_*_patch4_32` or a CNN sees them as they are; either way 4 px bands of 32 against a 5 px
+    patch. A ViT's views drop the tokens that meet no kept pixel (`drop_tokens=True`), the
+    authors' `MaskProcessor` rule; their CNNs run on whole ablated images.
 
     The robustness library keeps the network under `model.` (`model.model.` when wrapped for a
     custom forward), a copy under `attacker.`, and the input normaliser's mean and std as buffers.
@@ -245,27 +294,40 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
         for k, v in state.items()
         if not k.startswith(("model.", "attacker.")) and k.endswith(("new_mean", "new_std"))
     }
-    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={"ablation": "column", "size": 19, "drop_tokens": True})
+    plan = _Plan(arch="", num_classes=0, defense="smoothing", patch=32, options={})
+    found = _SVIT_NAME.fullmatch(path.name)
+    ablation, size = ("block" if found[2] else "column", int(found[3])) if found else ("column", None)
+    if found and not found[1].startswith("deit"):
+        plan.arch = found[1]  # a CNN; a ViT's exact architecture is read from its weights below
     proj = weights.get("patch_embed.proj.weight")
+    token = None
     if proj is not None:
-        plan.arch = _DEIT.get((proj.shape[-1], proj.shape[0]), "")
-    head = weights.get("head.weight")
-    if head is not None:
-        plan.num_classes = head.shape[0]
-        plan.dataset = "imagenet" if head.shape[0] == 1000 else None
+        token, plan.arch = proj.shape[-1], _DEIT.get(proj.shape[0], "")
+        plan.options["drop_tokens"] = True
+        if token != 16:
+            plan.model_args = {"patch_size": token, "img_size": 32}
     if "new_mean" in norm and "new_std" in norm:
         mean, std = (tuple(float(v) for v in norm[k].flatten()) for k in ("new_mean", "new_std"))
         # The authors ablate pixels to 0 (black) before normalising: in the model's input space that is -mean/std.
         plan.data_config = {"mean": mean, "std": std}
         plan.options["fill"] = tuple(-m / s for m, s in zip(mean, std))
-        if all(abs(a - b) < 1e-4 for a, b in zip(mean, _CIFAR_MEAN)):
-            # CIFAR-10, `--cifar-preprocess-type simple224`: 32 px images ablated, then upsampled x7 (nearest).
-            # Keeping band [q, q + 4) of 32 columns and upsampling keeps [7q, 7q + 28) of 224: a 28 px band at
-            # stride 7 is the same set of views; the paper's 5 px patch becomes 35 px, at any (not only x7) offset.
-            plan.dataset = "cifar10"
+        plan.dataset = next((name for known, name in _SVIT_DATASETS.items() if all(abs(a - b) < 1e-4 for a, b in zip(mean, known))), None)
+    if plan.dataset in ("cifar10", "cifar100"):
+        size, plan.patch = size or 4, 5
+        if token == 16:
+            # `--cifar-preprocess-type simple224`: 32 px images ablated, then upsampled x7 (nearest). Keeping band
+            # [q, q + 4) of 32 columns and upsampling keeps [7q, 7q + 28) of 224: a 28 px band at stride 7 is the same
+            # set of views (blocks alike, on both axes); the paper's 5 px patch becomes 35 px, at any (not only x7) offset.
             plan.data_config.update(input_size=(3, 224, 224), crop_pct=1.0, interpolation="nearest")
-            plan.options.update(size=28, stride=7)
-            plan.patch = 35
+            size, plan.patch = 7 * size, 35
+            plan.options["stride"] = 7
+        else:
+            # a `deit_*_patch4_32` or a CNN (`--cifar-preprocess-type none`): the 32 px images themselves
+            plan.data_config.update(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear")
+    elif plan.dataset == "imagenet":
+        # robustness' ImageNet test transform: Resize(256) (bilinear), CenterCrop(224)
+        plan.data_config.update(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="center", interpolation="bilinear")
+    plan.options.update(ablation=ablation, size=size or 19)
     return plan, weights
 
 
@@ -304,6 +366,38 @@ def _build(plan: _Plan, state: dict[str, torch.Tensor], image_size: tuple[int, i
     return base
 
 
+def _head_classes(arch: str, state: dict[str, torch.Tensor]) -> int:
+    """Classes of the head in `state`, under the name timm gives `arch`'s classifier (0 when not there)."""
+    from timm.models import get_pretrained_cfg_value
+
+    try:
+        classifier = get_pretrained_cfg_value(arch, "classifier")
+    except RuntimeError:  # an architecture registered without a pretrained config
+        return 0
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    head = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    return int(head.shape[0]) if head is not None and head.ndim >= 2 else 0
+
+
+# timm's data config values that `import_checkpoint` takes (`timm.data.create_transform`'s choices).
+_CROP_MODES = ("center", "squash", "border")
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _preprocessing_overrides(crop_pct: float | None, crop_mode: str | None, interpolation: str | None) -> dict[str, Any]:
+    """The data config fields given, checked (timm would only fail on them when a transform is made)."""
+    if crop_pct is not None and (isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1):
+        raise ValueError(f"crop_pct must be a fraction in (0, 1] (1: resize without cropping), got {crop_pct!r}")
+    if crop_mode is not None and crop_mode not in _CROP_MODES:
+        raise ValueError(
+            f"crop_mode must be one of {', '.join(_CROP_MODES)} (squash: resize to the input size, ignoring the aspect ratio), got {crop_mode!r}"
+        )
+    if interpolation is not None and interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
+    given = {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interpolation}
+    return {k: float(v) if k == "crop_pct" else v for k, v in given.items() if v is not None}
+
+
 def import_checkpoint(
     path: str | Path,
     format: str,
@@ -313,26 +407,36 @@ def import_checkpoint(
     image_size: int | tuple[int, int] | None = None,
     patch: float | tuple[int, int] | None = None,
     dataset: str | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
+    interpolation: str | None = None,
     **options: Any,
 ) -> RobustPatchClassifier:
     """The defended model of a checkpoint the authors of a defense published.
 
-    Settings come from the file name where the authors' scripts put them (see the module's
-    table); every argument given here overrides them.
+    Settings come from the file name where the authors' scripts put them, and from the
+    weights (architecture, classes, the normaliser's data set; see the module's table);
+    every argument given here overrides them.
 
     Args:
         path: the checkpoint file.
         format: `"patchcleanser"`, `"patchguard"`, `"smoothed-vit"` or `"drs"` (who saved it).
         model: the timm architecture (`"vit_base_patch16_224"`, `"bagnet17"`, ...); required
-            when the file name does not tell.
-        num_classes: classes of the head (default: the checkpoint's data set).
+            when neither the file name nor the weights tell.
+        num_classes: classes of the head (default: the head's, else the checkpoint's data set).
         image_size: `H` or `(H, W)` of the model's input (default: the authors').
         patch: the threat model's patch (default: the authors' for that data set).
         dataset: recorded with the model (default: from the file name).
+        crop_pct: the share of the resized image that the center crop keeps, recorded with the
+            model as timm's `crop_pct` (default: the authors' preprocessing).
+        crop_mode: timm's `"center"`, `"squash"` (resize to the input size, ignoring the aspect
+            ratio) or `"border"` (default: the authors' preprocessing).
+        interpolation: resizing filter, `"bilinear"`, `"bicubic"`, `"nearest"`, ... (default:
+            the authors' preprocessing).
         **options: the defense's own options, as `robustwrap.wrap` takes them (`num_masks`,
             `size`, `ablation`, `threshold`, `encoding`, `drop_tokens`, `receptive_field`, ...),
-            plus `fill`, `precision`, `margin`. `smoothed-vit` sets `drop_tokens=True`, as the
-            authors' ViT does; `drop_tokens=False` runs every view on all its tokens instead.
+            plus `fill`, `precision`, `margin`. `smoothed-vit` sets `drop_tokens=True` for a ViT,
+            as the authors' ViT does; `drop_tokens=False` runs every view on all its tokens instead.
 
     Returns:
         The defended model in eval mode, its base a timm model with the checkpoint's weights, its
@@ -340,8 +444,9 @@ def import_checkpoint(
         robustwrap folder.
 
     Raises:
-        ValueError: an unknown format; a file that needs pickle code or holds no state dict; a
-            name that does not say the model and no `model`; weights that do not fit the model.
+        ValueError: an unknown format; a file that is not a PyTorch checkpoint, needs pickle code
+            or holds no state dict; a checkpoint that says neither its model nor its classes and
+            no `model` / `num_classes`; weights that do not fit the model; a bad preprocessing value.
         FileNotFoundError: no such file.
     """
     from ._args import as_image_size
@@ -350,6 +455,7 @@ def import_checkpoint(
 
     if format not in _READERS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    overrides = _preprocessing_overrides(crop_pct, crop_mode, interpolation)
     path = Path(path)
     checkpoint = read_checkpoint(path)
     plan, state = _READERS[format](path, checkpoint)
@@ -357,16 +463,18 @@ def import_checkpoint(
         plan.arch = model
     if not plan.arch:
         raise ValueError(
-            f"{path.name} does not name its model the way the {format} code names its files: pass model= (--model), e.g. a timm architecture"
+            f"{path.name} does not say its model the way the {format} code names its files: pass model=, e.g. a timm architecture"
         )
     import timm
 
+    from . import models  # noqa: F401 - registers the BagNets with timm
+
     if not timm.is_model(plan.arch):
         raise ValueError(f"model {plan.arch!r} is not a timm architecture (timm {timm.__version__})")
-    if num_classes is not None:
-        plan.num_classes = num_classes
+    plan.num_classes = num_classes if num_classes is not None else _head_classes(plan.arch, state) or plan.num_classes
     if not plan.num_classes:
-        raise ValueError(f"{path.name} does not say its number of classes: pass num_classes= (--num-classes)")
+        raise ValueError(f"{path.name} does not say its number of classes: pass num_classes=")
+    plan.data_config.update(overrides)
     size = as_image_size(image_size) if image_size is not None else None
     if patch is not None:
         plan.patch = patch

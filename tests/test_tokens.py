@@ -38,6 +38,7 @@ MODELS = {
     "registers": lambda: _vit(1, reg_tokens=4, no_embed_class=True),
     "deit_distilled": lambda: _vit(2, name="deit_tiny_distilled_patch16_224", depth=1),
     "rectangular": lambda: _vit(3, img_size=(SIZE, 24), depth=1),
+    "pre_norm": lambda: _vit(5, pre_norm=True, depth=1),  # a LayerNorm before the blocks (CLIP-style): norm_pre
 }
 
 
@@ -79,7 +80,7 @@ def _reference_logits(model, image, keep, encoding, fill, drop=True) -> torch.Te
     token_keep = keep.reshape(h // ph, ph, w // pw, pw).any(3).any(1).flatten()
     tokens = model._pos_embed(model.patch_embed(view[None]))
     chosen = torch.cat([torch.ones(model.num_prefix_tokens, dtype=torch.bool), token_keep])
-    tokens = tokens[:, chosen]
+    tokens = model.norm_pre(tokens[:, chosen])
     for block in model.blocks:
         tokens = block(tokens)
     return model.forward_head(model.norm(tokens))[0]
@@ -116,6 +117,7 @@ CASES = [
     ("deit_distilled", "block", 11, 6, None, "fill"),
     ("rectangular", "column", 5, 2, None, "fill"),
     ("rectangular", "block", 9, 5, 0.3, "fill"),
+    ("pre_norm", "column", 6, 2, None, "fill"),
 ]
 
 
@@ -218,6 +220,24 @@ def test_default_follows_the_model_and_true_needs_a_vit():
     dynamic = _vit(depth=1, dynamic_img_size=True)
     with pytest.raises(ValueError, match="multiple of the model's 8x8 tokens"):
         robustwrap.wrap(dynamic, patch=3, defense="smoothing", size=6, image_size=(SIZE, 28), drop_tokens=True)
+
+
+def test_a_grid_is_read_only_where_each_token_sees_its_own_pixels():
+    # A padded patch embedding shifts every token's pixels: "a token meets the kept region" is no
+    # longer a statement about its own patch, so the grid is not read and token dropping is refused.
+    padded = _vit(6, depth=1)
+    conv = padded.patch_embed.proj
+    padded.patch_embed.proj = nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, padding=1)
+    assert padded(_images(1)).shape == (1, 5)  # the same 4x4 grid of tokens: the model runs
+    assert token_grid(padded, (SIZE, SIZE)) is None
+    assert not robustwrap.wrap(padded, patch=3, defense="smoothing", size=6).drop_tokens
+    with pytest.raises(ValueError, match="drop_tokens=True needs a model whose token grid can be read"):
+        robustwrap.wrap(padded, patch=3, defense="smoothing", size=6, drop_tokens=True)
+    # a grid of another size than the model was built for is no grid it can run on
+    assert token_grid(MODELS["vit"](), (SIZE, SIZE)).grid == (4, 4)
+    with pytest.raises(ValueError, match="the model takes 32x32 images .* build the model with img_size=48"):
+        token_grid(MODELS["vit"](), (48, 48))
+    assert token_grid(_vit(depth=1, dynamic_img_size=True), (48, 48)).grid == (6, 6)
 
 
 def test_the_token_grid_is_read_from_the_current_model():

@@ -46,8 +46,9 @@ def _load_model(args: argparse.Namespace) -> tuple[RobustPatchClassifier | nn.Mo
     device = _device(args.device)
     spec: str | None = args.model
     timm_only = [f"--{n.replace('_', '-')}" for n in ("num_classes", "in_chans", "image_size") if getattr(args, n) is not None]
-    if spec is not None and spec.startswith("timm:"):
-        model = _load_timm(spec.removeprefix("timm:"), args)
+    arch = _timm_arch(spec)
+    if arch is not None:
+        model = _load_timm(arch, args)
     else:
         weights = [o for o, given in (("--checkpoint", args.checkpoint is not None), ("--pretrained", args.pretrained)) if given]
         if weights:
@@ -65,6 +66,16 @@ def _load_model(args: argparse.Namespace) -> tuple[RobustPatchClassifier | nn.Mo
             spec = spec if spec is not None else zoo.DEFAULT_MODEL
             model = _from_pretrained(spec)
     return model.to(device).eval(), spec
+
+
+def _timm_arch(spec: str | None) -> str | None:
+    """The architecture of `--model timm:<arch>`; None for a model named otherwise (zoo name, folder, Hub repo)."""
+    if spec is None or not spec.startswith("timm:"):
+        return None
+    arch = spec.removeprefix("timm:")
+    if not arch:
+        raise ValueError("--model timm:<arch> needs an architecture name, e.g. timm:resnet18")
+    return arch
 
 
 def _from_pretrained(spec: str) -> RobustPatchClassifier:
@@ -129,8 +140,6 @@ def _load_timm(arch: str, args: argparse.Namespace) -> nn.Module:
     from ..hub import load_state_strictly, read_safetensors
 
     checkpoint: Path | None = args.checkpoint
-    if not arch:
-        raise ValueError("--model timm:<arch> needs an architecture name, e.g. timm:resnet18")
     if checkpoint is None and not args.pretrained and args.command != "train":
         raise ValueError(f"--model timm:{arch} needs --pretrained (timm's weights) or --checkpoint FILE.safetensors (your trained weights)")
     if checkpoint is not None and args.pretrained:
@@ -436,6 +445,8 @@ def _preprocessing(model: RobustPatchClassifier, training: bool = False):
     from timm.data import create_transform, resolve_data_config
 
     channels = model.in_chans or 3
+    if getattr(model, "encoding", None) == "levine2020":  # the base model takes (x, 1 - x): images have half its channels
+        channels //= 2
     h, w = model.image_size
     config = resolve_data_config({"input_size": (channels, h, w)}, model=model.model)
     for key in ("mean", "std"):
