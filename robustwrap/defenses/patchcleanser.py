@@ -18,7 +18,7 @@ from torch import nn
 
 from .._args import as_image_size
 from ..geometry import MaskSet
-from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
+from ..views import ViewRunner, auto_channels_last, eval_mode, forward_views, model_device_dtype, row_pairs, triangle_pairs
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
@@ -237,6 +237,8 @@ class PatchCleanser(RobustPatchClassifier):
 
     defense = "patchcleanser"
     _geometry_name = "mask set"
+    _no_detection = None  # Minority Reports: the one-mask views of its own mask set
+    _no_top_k = "double masking's views give labels only, which bound no other class's rank"
     # The patch, masks per axis and stride only build the mask set, which is the one source of
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
@@ -417,7 +419,7 @@ class PatchCleanser(RobustPatchClassifier):
                 return decision, None
             return decision, _robust_logits(decision, one_mask, one_logits, row_image, row_mask, outcome.logit_sum)
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchCleanserResult:
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> PatchCleanserResult:
         """Certify a batch against every patch of the threat model.
 
         An image is certified iff all `K(K+1)/2` views `P_ij`, `i <= j`, show its label `y`
@@ -431,16 +433,19 @@ class PatchCleanser(RobustPatchClassifier):
             x: `(B, C, H, W)` images, floating, as the model expects them.
             y: `(B,)` integer labels in `[0, num_classes)`.
             early_exit: skip views that cannot change the result (default True).
+            k: `1`: double masking has no top-k certificate (its views' labels say nothing
+                about the other classes' ranks), so `k > 1` is refused.
 
         Returns:
             A `PatchCleanserResult` with the robust prediction, certification, views evaluated
             per image, case, one-mask labels and the two-mask label grid.
 
         Raises:
-            TypeError, ValueError: for bad images or labels, before any forward pass.
+            TypeError, ValueError: for bad images or labels, or `k != 1`, before any forward pass.
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
+        self._check_top_k(k)
         margin = self.margin
         b, k = x.shape[0], len(self._keep)
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
@@ -491,3 +496,18 @@ class PatchCleanser(RobustPatchClassifier):
             one_mask=one_mask,
             grid=grid,
         )
+
+    # ------------------------------------------------------------------------------ detection
+    def _detection_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unmasked logits and the `K` one-mask views of the mask set (no second round).
+
+        Minority Reports (Xiang et al.; the authors' `misc/pc_mr.py`): the mask set covers every
+        patch, so one one-mask view never sees it. `K + 1` forward passes per image.
+        """
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
+            runner = self._runner(x)
+            runner, _, views = self._one_mask(runner, x)
+            flat = x.contiguous(memory_format=torch.channels_last) if runner.channels_last else x
+            logits = torch.cat([forward_views(runner.model, part, runner.num_classes) for part in flat.split(runner.batch_size)])
+        num_views = torch.full((x.shape[0],), views.shape[1] + 1, dtype=torch.long, device=x.device)
+        return logits.to(views.dtype), views, num_views
