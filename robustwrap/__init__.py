@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .augment import GreedyCutout, GridCutout, MultiSizeGreedyCutout, RandomCutout, RandomMaskCutout
     from .dataset import certify_dataset
     from .defenses import DEFENSES, CertifyResult, DerandomizedSmoothing, PatchCleanser, PatchCleanserResult, PatchGuard, PatchGuardResult, RobustPatchClassifier, wrap
+    from .defenses.detection import DetectionCertificate, DetectResult
     from .fit import FitHistory, fit_masking
     from .geometry import MaskSet
     from .report import CertificationReport
@@ -45,6 +46,8 @@ _LAZY = {
     "CertifyResult": "defenses",
     "PatchCleanserResult": "defenses",
     "PatchGuardResult": "defenses",
+    "DetectResult": "defenses.detection",
+    "DetectionCertificate": "defenses.detection",
     "MaskSet": "geometry",
     "attack": "attack",
     "AttackResult": "attack",

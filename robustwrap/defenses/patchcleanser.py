@@ -20,6 +20,7 @@ from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, forward_views, model_device_dtype, row_pairs, triangle_pairs
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .detection import DEFAULT_TAU
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -322,6 +323,7 @@ class PatchCleanser(RobustPatchClassifier):
         precision: str = "float32",
         margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
+        tau: float = DEFAULT_TAU,
     ) -> PatchCleanser:
         """PatchCleanser for a threat model: the mask set for `patch`, or a ready `mask_set`.
 
@@ -339,6 +341,7 @@ class PatchCleanser(RobustPatchClassifier):
             precision: autocast precision of every forward pass (default `"float32"`).
             margin: certificate margin, a float >= 0 (default `DEFAULT_MARGIN`, 1e-3; 0 is the papers' rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
+            tau: confidence threshold of certified detection, in `[0, 1)` (default 0; `detect`).
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -363,6 +366,7 @@ class PatchCleanser(RobustPatchClassifier):
             else:
                 mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
         defended = cls(model, mask_set, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        defended.tau = tau
         return defended
 
     def extra_repr(self) -> str:

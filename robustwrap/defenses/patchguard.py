@@ -26,7 +26,7 @@ from .._args import as_image_size, as_pair, positive_int
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
-from .detection import evidence_topk, in_top_k, window_views
+from .detection import DEFAULT_TAU, evidence_topk, in_top_k, window_views
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
 # window's worth of local logits, so rounding changes add up. On the zoo's BagNet in float32 the
@@ -620,6 +620,7 @@ class PatchGuard(RobustPatchClassifier):
         precision: str = "float32",
         margin: float = DEFAULT_EVIDENCE_MARGIN,
         num_classes: int | None = None,
+        tau: float = DEFAULT_TAU,
     ) -> PatchGuard:
         """PatchGuard for a threat model: what `robustwrap.wrap(model, patch, defense="patchguard", ...)` calls.
 
@@ -642,6 +643,7 @@ class PatchGuard(RobustPatchClassifier):
             precision: autocast precision of the base model (default `"float32"`).
             margin: certificate margin on the evidence, a float >= 0 (default `DEFAULT_EVIDENCE_MARGIN`, 0.1; 0 is the paper's rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
+            tau: confidence threshold of certified detection (PatchGuard++), in `[0, 1)` (default 0; `detect`).
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -666,6 +668,7 @@ class PatchGuard(RobustPatchClassifier):
             margin=margin,
             num_classes=num_classes,
         )
+        defended.tau = tau
         defended.window  # noqa: B018  (fail now on a model without local logits or an impossible window)
         return defended
 
