@@ -516,3 +516,52 @@ def test_tau_travels_with_the_model(tmp_path):
     before = model_fingerprint(model)
     model.tau = 0.5
     assert model_fingerprint(model) != before
+
+
+# ------------------------------------------------------------------------------ data sets and reports
+def test_certify_dataset_under_each_guarantee(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from robustwrap.dataset import ResultsFileError
+
+    model = _cleanser(0.4)
+    x = _images(10)
+    labels = model.predict_vanilla(x)
+    labels[::4] = (labels[::4] + 1) % 4
+    data = TensorDataset(x, labels)
+    path = tmp_path / "detect.jsonl"
+    report = robustwrap.certify_dataset(model, data, batch_size=4, results_path=path, progress=False, guarantee="detection")
+    cert = model.certify_detection(x, labels)
+    correct = cert.prediction == labels
+    assert report.guarantee == "detection" and report.settings["guarantee"] == "detection" and report.settings["tau"] == 0.4
+    assert report.certified == int(cert.certified.sum()) and report.alerts == int(cert.alert.sum())
+    assert report.clean_correct_without_alert == int((correct & ~cert.alert).sum()) < report.clean_correct
+    assert report.false_alert_rate == int(cert.alert.sum()) / 10 and report.full_views == len(model.mask_set) + 1
+    summary = report.summary()
+    assert "certified detection accuracy" in summary and "clean accuracy without alert" in summary and "false alerts" in summary
+    document = json.loads(report.to_json())["summary"]
+    assert document["false_alert_rate"] == report.false_alert_rate and document["guarantee"] == "detection"
+    assert robustwrap.CertificationReport.from_json(report.to_json()) == report
+    # resumable: the same run continues; another tau or another guarantee is refused, never mixed in
+    assert robustwrap.certify_dataset(model, data, batch_size=4, results_path=path, progress=False, guarantee="detection") == report
+    model.tau = 0.5
+    with pytest.raises(ResultsFileError):
+        robustwrap.certify_dataset(model, data, batch_size=4, results_path=path, progress=False, guarantee="detection")
+    model.tau = 0.4
+    with pytest.raises(ResultsFileError):
+        robustwrap.certify_dataset(model, data, batch_size=4, results_path=path, progress=False)
+    plain = robustwrap.certify_dataset(model, data, batch_size=4, progress=False, guarantee="top1")
+    assert plain.guarantee == "prediction" and plain == robustwrap.certify_dataset(model, data, batch_size=4, progress=False)
+
+    guard = _guard()
+    gx, gy = _evidence_images()
+    top2 = robustwrap.certify_dataset(guard, TensorDataset(gx, gy), batch_size=5, progress=False, guarantee="top2")
+    assert top2.guarantee == "top2" and top2.certified == int(guard.certify(gx, gy, k=2).certified.sum())
+    assert "certified top2 accuracy" in top2.summary()
+    with pytest.raises(ValueError, match="guarantee='detection': DerandomizedSmoothing cannot certify detection"):
+        smooth = robustwrap.wrap(PeakNet().eval(), patch=2, image_size=12, defense="smoothing", size=2).eval()
+        robustwrap.certify_dataset(smooth, data, progress=False, guarantee="detection")
+    with pytest.raises(ValueError, match="k=2: PatchCleanser can only certify k=1"):
+        robustwrap.certify_dataset(model, data, progress=False, guarantee="top2")
+    with pytest.raises(ValueError, match="guarantee must be 'prediction', 'detection' or 'top<k>'"):
+        robustwrap.certify_dataset(model, data, progress=False, guarantee="top-5")
