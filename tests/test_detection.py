@@ -565,3 +565,45 @@ def test_certify_dataset_under_each_guarantee(tmp_path):
         robustwrap.certify_dataset(model, data, progress=False, guarantee="top2")
     with pytest.raises(ValueError, match="guarantee must be 'prediction', 'detection' or 'top<k>'"):
         robustwrap.certify_dataset(model, data, progress=False, guarantee="top-5")
+
+
+def test_cli_certifies_detection_and_top_k_and_predict_shows_alerts(tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from robustwrap import zoo
+    from robustwrap.cli import main
+    from robustwrap.cli._loading import _preprocessing
+
+    torch.manual_seed(3)
+    base = timm.create_model("bagnet_tiny")
+    save_file(base.state_dict(), tmp_path / "bagnet.safetensors")
+    model_args = ["--model", "timm:bagnet_tiny", "--checkpoint", str(tmp_path / "bagnet.safetensors"), "--defense", "patchguard"]
+    common = ["--data", "mnist-heldout", "--limit", "3", "--no-progress"]
+    assert main(["certify", *model_args, *common, "--detect", "--tau", "0.1", "--report", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "certified detection accuracy" in out and "false alerts" in out
+    report = robustwrap.CertificationReport.load(tmp_path / "d.json")
+    guard = robustwrap.wrap(base.eval(), defense="patchguard", tau=0.1).eval()
+    data = zoo.builtin_dataset("mnist-heldout", transform=_preprocessing(guard)[0])
+    expected = robustwrap.certify_dataset(guard, data, limit=3, progress=False, guarantee="detection")
+    assert report.settings == expected.settings and report.guarantee == "detection"
+    assert [(r.prediction, r.certified, r.extras["alert"]) for r in report.records] == [(r.prediction, r.certified, r.extras["alert"]) for r in expected.records]
+    assert main(["certify", *model_args, *common, "--top-k", "3", "--report", str(tmp_path / "t.json")]) == 0
+    assert "certified top3 accuracy" in capsys.readouterr().out
+    assert robustwrap.CertificationReport.load(tmp_path / "t.json").guarantee == "top3"
+    assert main(["certify", *model_args, *common, "--tau", "0.1"]) != 0
+    assert "--tau is the confidence threshold of --detect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one guarantee at a time
+        main(["certify", *model_args, *common, "--detect", "--top-k", "3"])
+    assert "--top-k: not allowed with argument --detect" in capsys.readouterr().err
+
+    zoo.builtin_dataset("mnist-heldout")[0][0].save(tmp_path / "digit.png")
+    assert main(["predict", str(tmp_path / "digit.png"), *model_args, "--detect", "--tau", "0.1", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)["images"][0]
+    x = _preprocessing(guard)[0](Image.open(tmp_path / "digit.png").convert("L"))[None]
+    found = guard.detect(x)
+    assert document["prediction"] == int(found.prediction) and document["alert"] == bool(found.alert)
+    assert document["certified"] == bool(guard.certify_detection(x, found.prediction).certified)
+    assert main(["predict", str(tmp_path / "digit.png"), *model_args, "--detect"]) == 0
+    assert "certified detection at tau 0" in capsys.readouterr().out
