@@ -668,6 +668,8 @@ _CERTIFIED_NAMES = {"prediction": "certified accuracy", "detection": "certified 
 def _settings_line(settings: Mapping[str, Any]) -> str:
     """The scalar settings that the threat model line does not show, e.g. `fill 0.0, precision float32, margin 0.0`."""
     shown = ("defense", "image_size", "mask_set", "patch")
+    if settings.get("guarantee") != "detection":
+        shown += ("tau",)  # the detection threshold does not act on other certificates
     parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]
     return ", ".join(parts) if parts else "-"
 
