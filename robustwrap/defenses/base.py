@@ -695,8 +695,12 @@ class RobustPatchClassifier(
         """Robust labels `(B,)` (in either mode; the base model runs in eval mode)."""
         raise NotImplementedError
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> CertifyResult:
-        """Certify a batch against every patch of the threat model: a `CertifyResult` (or a subclass)."""
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> CertifyResult:
+        """Certify a batch against every patch of the threat model: a `CertifyResult` (or a subclass).
+
+        `k > 1` certifies that `y` stays among the `k` best classes, where the defense has a top-k
+        certificate (`_check_top_k` refuses it elsewhere, saying why).
+        """
         raise NotImplementedError
 
     def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
