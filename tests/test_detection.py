@@ -18,7 +18,7 @@ from robustwrap import models  # noqa: F401  (registers the BagNets with timm)
 from robustwrap.defenses import detection
 from robustwrap.defenses.detection import (
     as_tau,
-    certify_views,
+    certify_detection_views,
     confident_labels,
     detect_views,
     evidence_topk,
@@ -90,7 +90,7 @@ def test_rule_matches_the_published_rule_view_by_view(tau, margin):
         logits, views = integer_logits(seed)
         labels = torch.arange(logits.shape[0]) % logits.shape[1]
         found = detect_views(logits, views, tau)
-        certified = certify_views(logits, views, labels, tau, margin)
+        certified = certify_detection_views(logits, views, labels, tau, margin)
         for b in range(logits.shape[0]):
             p, alert = reference_detect(logits[b].tolist(), views[b].tolist(), tau)
             assert int(found.prediction[b]) == p and bool(found.alert[b]) == alert
@@ -107,8 +107,8 @@ def test_a_view_at_confidence_exactly_tau_neither_alerts_nor_certifies():
     # the unmasked model says 1; the view says 0 at exactly tau: no alert (not > tau) ...
     assert not bool(detect_views(torch.tensor([[0.0, 1.0]]), tied, 0.5).alert)
     # ... so the image cannot be certified for 0 by that view, whatever the unmasked label
-    assert not bool(certify_views(torch.tensor([[1.0, 0.0]]), tied, torch.tensor([0]), 0.5))
-    assert bool(certify_views(torch.tensor([[1.0, 0.0]]), tied, torch.tensor([0]), math.nextafter(0.5, 0.0)))
+    assert not bool(certify_detection_views(torch.tensor([[1.0, 0.0]]), tied, torch.tensor([0]), 0.5))
+    assert bool(certify_detection_views(torch.tensor([[1.0, 0.0]]), tied, torch.tensor([0]), math.nextafter(0.5, 0.0)))
 
 
 def _silent_wrong_answer(certify, logits: torch.Tensor, views: torch.Tensor, labels: torch.Tensor, tau: float) -> bool:
@@ -143,7 +143,7 @@ def test_the_exhaustive_attack_finds_no_silent_wrong_answer_and_catches_a_broken
         logits, views = integer_logits(seed, c=2)
         labels = logits.argmax(-1)
         for tau in (0.0, 0.5, 0.7310585786300049):  # 0.5 and sigmoid(1) are confidences these views reach exactly
-            assert not _silent_wrong_answer(certify_views, logits, views, labels, tau)
+            assert not _silent_wrong_answer(certify_detection_views, logits, views, labels, tau)
     assert _silent_wrong_answer(broken, *integer_logits(0, c=2)[:2], integer_logits(0, c=2)[0].argmax(-1), 0.5)
 
 
@@ -588,7 +588,9 @@ def test_cli_certifies_detection_and_top_k_and_predict_shows_alerts(tmp_path, ca
     data = zoo.builtin_dataset("mnist-heldout", transform=_preprocessing(guard)[0])
     expected = robustwrap.certify_dataset(guard, data, limit=3, progress=False, guarantee="detection")
     assert report.settings == expected.settings and report.guarantee == "detection"
-    assert [(r.prediction, r.certified, r.extras["alert"]) for r in report.records] == [(r.prediction, r.certified, r.extras["alert"]) for r in expected.records]
+    assert [(r.prediction, r.certified, r.extras["alert"]) for r in report.records] == [
+        (r.prediction, r.certified, r.extras["alert"]) for r in expected.records
+    ]
     assert main(["certify", *model_args, *common, "--top-k", "3", "--report", str(tmp_path / "t.json")]) == 0
     assert "certified top3 accuracy" in capsys.readouterr().out
     assert robustwrap.CertificationReport.load(tmp_path / "t.json").guarantee == "top3"

@@ -792,7 +792,7 @@ class RobustPatchClassifier(
             TypeError, ValueError: for bad images or labels, before any forward pass.
             NotImplementedError: the defense has no detection rule (the message says why).
         """
-        from .detection import DetectionCertificate, certify_views, detect_views
+        from .detection import DetectionCertificate, certify_detection_views, detect_views
 
         if self._no_detection is not None:
             raise NotImplementedError(f"{type(self).__name__} cannot certify detection: {self._no_detection}")
@@ -800,5 +800,5 @@ class RobustPatchClassifier(
         y = self._check_labels(y, x.shape[0]).to(x.device)
         logits, views, num_views = self._detection_logits(x)
         found = detect_views(logits, views, self.tau)
-        certified = certify_views(logits, views, y, self.tau, self.margin)
+        certified = certify_detection_views(logits, views, y, self.tau, self.margin)
         return DetectionCertificate(prediction=found.prediction, certified=certified, num_views=num_views, alert=found.alert)

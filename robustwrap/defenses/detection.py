@@ -34,7 +34,7 @@ __all__ = [
     "DetectionCertificate",
     "as_tau",
     "as_top_k",
-    "certify_views",
+    "certify_detection_views",
     "confident_labels",
     "detect_views",
     "evidence_topk",
@@ -139,7 +139,9 @@ def detect_views(logits: torch.Tensor, views: torch.Tensor, tau: float) -> Detec
     return DetectResult(prediction=prediction, alert=alert)
 
 
-def certify_views(logits: torch.Tensor, views: torch.Tensor, labels: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
+def certify_detection_views(
+    logits: torch.Tensor, views: torch.Tensor, labels: torch.Tensor, tau: float, margin: float = 0.0
+) -> torch.Tensor:
     """`(B,)` bool: the detection certificate for `labels` `y`.
 
     Certified iff the unmasked label is `y` and every view's label is `y` with confidence `> tau`
