@@ -408,7 +408,7 @@ class CertificationReport:
             ("settings", _settings_line(self.settings)),
             ("", ""),
             ("vanilla clean accuracy", f"{_pct(self.vanilla_accuracy)}  ({self.vanilla_correct}/{n})  undefended base model"),
-            ("clean accuracy", f"{_pct(self.clean_accuracy)}  ({self.clean_correct}/{n})  defended"),
+            ("clean accuracy", f"{_pct(self.clean_accuracy)}  ({self.clean_correct}/{n})  " + ("label, alerts aside" if self.guarantee == "detection" else "defended")),
             (_CERTIFIED_NAMES.get(self.guarantee, f"certified {self.guarantee} accuracy"), f"{_pct(self.certified_accuracy)}  ({self.certified}/{n})"),
         ]
         if self.guarantee == "detection":
