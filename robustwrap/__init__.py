@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         RobustPatchClassifier,
         wrap,
     )
+    from .defenses.detection import DetectionCertificate, DetectResult
     from .fit import FitHistory, fit_masking
     from .geometry import MaskSet
     from .report import CertificationReport
@@ -59,6 +60,8 @@ _LAZY = {
     "PatchCleanserResult": "defenses",
     "PatchGuardResult": "defenses",
     "PatchCUREResult": "defenses",
+    "DetectResult": "defenses.detection",
+    "DetectionCertificate": "defenses.detection",
     "MaskSet": "geometry",
     "attack": "attack",
     "AttackResult": "attack",

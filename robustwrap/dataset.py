@@ -65,6 +65,7 @@ def certify_dataset(
     resume: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,
+    guarantee: str = "prediction",
 ) -> CertificationReport:
     """Certify every image of a data set; return clean, certified and vanilla accuracy and records.
 
@@ -104,6 +105,12 @@ def certify_dataset(
             `False`: print nothing.
         device: move the model to this device first (`model.to(device)`); by default it runs
             where its parameters are.
+        guarantee: what is certified: `"prediction"` (default: no patch changes the
+            prediction, `certify`), `"detection"` (under any patch the output is the label or
+            an alert, `certify_detection` at the model's `tau`; records get an `alert`), or
+            `"top<k>"` such as `"top5"` (no patch pushes the label out of the `k` best classes,
+            `certify(..., k=k)`). Recorded in the report's settings and the results
+            fingerprint, so results of different guarantees are never mixed.
 
     Returns:
         The `CertificationReport`, records sorted by index. Under `torch.distributed` every
@@ -114,7 +121,8 @@ def certify_dataset(
         TypeError: for a `model` that is not a robustwrap defended model, `data` that is not a
             Dataset or DataLoader or gives PIL images (with a hint about the transform), or the
             removed `amp=` keyword (use `robustwrap.wrap(..., precision=...)`).
-        ValueError: for an empty data set, a bad `batch_size` or `limit`, or a DataLoader that
+        ValueError: for an empty data set, a bad `batch_size`, `limit` or `guarantee` (one the
+            defense does not have, with the reason), or a DataLoader that
             shuffles or has no fixed batch size (an image's index must be stable for resume and
             sharding).
         ResultsFileError: (a ValueError) for a results file that cannot be continued: written
@@ -134,8 +142,12 @@ def certify_dataset(
     rank, world = rank_and_world()
     if device is not None:
         model.to(device)
+    guarantee, top_k = _as_guarantee(guarantee, model)
     settings = model.settings()
     fingerprint = model_fingerprint(model)
+    if guarantee != "prediction":  # prediction results keep the fingerprint they always had
+        settings = {**settings, "guarantee": guarantee}
+        fingerprint = hashlib.sha256(f"{fingerprint}:{guarantee}".encode()).hexdigest()[:32]
 
     store = None
     done: dict[int, ImageRecord] = {}
@@ -160,13 +172,13 @@ def certify_dataset(
     loader = DataLoader(dataset, batch_sampler=mine, **loader_options)
 
     new: list[ImageRecord] = []
-    bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values(), full_views=_full_views(model))
+    bar = _Progress(progress and rank == 0, total=sum(i not in done for step in mine for i in step), done=done.values(), full_views=_full_views(model, guarantee))
     writer = store.writer(rank, world) if store is not None else contextlib.nullcontext()
     with writer as out, eval_mode(model._inner_model), bar.counting_views(), contextlib.closing(bar):
         start = time.perf_counter()
         for step, (x, y) in zip(mine, loader):
             bar.start_step(len(step), sum(i not in done for i in step))
-            records = _certify_step(model, x, y, step, bar)
+            records = _certify_step(model, x, y, step, bar, guarantee, top_k)
             # Wall time of the step, loading included: images/s is what a user waits for.
             now = time.perf_counter()
             share, start = (now - start) / len(step), now
@@ -195,17 +207,37 @@ def certify_dataset(
         num_classes=model.num_classes,
         records=tuple(records[i] for i in range(n)),
         fingerprint=fingerprint,
-        full_views=_full_views(model),
+        full_views=_full_views(model, guarantee),
     )
 
 
-def _certify_step(model: RobustPatchClassifier, x, y, indices: list[int], bar: _Progress | None = None) -> list[ImageRecord]:
+def _as_guarantee(guarantee, model: RobustPatchClassifier) -> tuple[str, int]:
+    """`(guarantee, k)`: `"prediction"` (k = 1), `"detection"` or `"top<k>"`, checked against the defense before any forward pass."""
+    if not isinstance(guarantee, str):
+        raise TypeError(f"guarantee must be a str ('prediction', 'detection' or 'top<k>' such as 'top5'), got {type(guarantee).__name__}")
+    if guarantee == "detection":
+        if model._no_detection is not None:
+            raise ValueError(f"guarantee='detection': {type(model).__name__} cannot certify detection: {model._no_detection}")
+        return guarantee, 1
+    match = re.fullmatch(r"top([1-9][0-9]*)", guarantee)
+    if guarantee != "prediction" and match is None:
+        raise ValueError(f"guarantee must be 'prediction', 'detection' or 'top<k>' such as 'top5', got {guarantee!r}")
+    k = model._check_top_k(int(match.group(1))) if match else 1
+    return ("prediction", 1) if k == 1 else (guarantee, k)  # top1 is the prediction certificate
+
+
+def _certify_step(
+    model: RobustPatchClassifier, x, y, indices: list[int], bar: _Progress | None = None, guarantee: str = "prediction", top_k: int = 1
+) -> list[ImageRecord]:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"data must give (image tensor, integer label) pairs; a batch collated to ({type(x).__name__}, {type(y).__name__})")
     if x.shape[0] != len(indices):
         raise ValueError(f"a batch of {len(indices)} images collated to {x.shape[0]}; data must give one (image, label) per index")
     hashes = [image_hash(image) for image in x]
-    result = model.certify(x, y)
+    if guarantee == "detection":
+        result = model.certify_detection(x, y)
+    else:
+        result = model.certify(x, y, k=top_k) if top_k > 1 else model.certify(x, y)
     with _paused(bar):
         vanilla = _vanilla_prediction(model, x)
     extras = _record_fields(result, len(indices))
@@ -264,8 +296,12 @@ def _record_fields(result: Any, batch: int) -> list[dict]:
     return [{name: column[b] for name, column in columns.items()} for b in range(batch)]
 
 
-def _full_views(model: RobustPatchClassifier) -> int | None:
-    """Views of a full evaluation of one image, when the defense states it (PatchCleanser: from its mask set)."""
+def _full_views(model: RobustPatchClassifier, guarantee: str = "prediction") -> int | None:
+    """Views of a full evaluation of one image, when the defense states it (PatchCleanser: from its mask set;
+    detection: the one-mask views and the unmasked image)."""
+    if guarantee == "detection":
+        mask_set = getattr(model, "mask_set", None)
+        return len(mask_set) + 1 if mask_set is not None else 1
     full = getattr(model, "full_views", None)
     if isinstance(full, int) and not isinstance(full, bool):
         return full

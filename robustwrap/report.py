@@ -358,6 +358,31 @@ class CertificationReport:
         seconds = self.seconds
         return self.num_images / seconds if seconds > 0 else math.nan
 
+    @property
+    def guarantee(self) -> str:
+        """What was certified: `"prediction"`, `"detection"` or `"top<k>"` (`certify_dataset(guarantee=...)`)."""
+        return str(self.settings.get("guarantee", "prediction"))
+
+    @property
+    def alerts(self) -> int:
+        """Detection: clean images on which the model raised an alert (every one is a false alert)."""
+        return sum(bool(r.extras.get("alert", False)) for r in self.records)
+
+    @property
+    def false_alert_rate(self) -> float:
+        """Detection: the share of clean images with an alert, in [0, 1]."""
+        return self._fraction(self.alerts)
+
+    @property
+    def clean_correct_without_alert(self) -> int:
+        """Detection: clean images whose output is the label with no alert."""
+        return sum(r.correct and not r.extras.get("alert", False) for r in self.records)
+
+    @property
+    def clean_accuracy_without_alert(self) -> float:
+        """Detection: clean accuracy counting an alert as not correct, in [0, 1]."""
+        return self._fraction(self.clean_correct_without_alert)
+
     def _fraction(self, count: int) -> float:
         return count / self.num_images if self.records else math.nan
 
@@ -383,10 +408,13 @@ class CertificationReport:
             ("settings", _settings_line(self.settings)),
             ("", ""),
             ("vanilla clean accuracy", f"{_pct(self.vanilla_accuracy)}  ({self.vanilla_correct}/{n})  undefended base model"),
-            ("clean accuracy", f"{_pct(self.clean_accuracy)}  ({self.clean_correct}/{n})  defended"),
-            ("certified accuracy", f"{_pct(self.certified_accuracy)}  ({self.certified}/{n})"),
+            ("clean accuracy", f"{_pct(self.clean_accuracy)}  ({self.clean_correct}/{n})  " + ("label, alerts aside" if self.guarantee == "detection" else "defended")),
+            (_CERTIFIED_NAMES.get(self.guarantee, f"certified {self.guarantee} accuracy"), f"{_pct(self.certified_accuracy)}  ({self.certified}/{n})"),
         ]
-        if self.defense == "patchcleanser":
+        if self.guarantee == "detection":
+            without = f"{_pct(self.clean_accuracy_without_alert)}  ({self.clean_correct_without_alert}/{n})"
+            rows += [("clean accuracy without alert", without), ("false alerts", f"{_pct(self.false_alert_rate)}  ({self.alerts}/{n})")]
+        if self.defense == "patchcleanser" and self.guarantee == "prediction":  # detection has no double-masking cases
             cases = self.case_counts
             rows.append(("cases I / II / III", " / ".join(str(cases[c]) for c in CASE_NAMES)))
         else:
@@ -402,6 +430,8 @@ class CertificationReport:
         views = _number(self.views_per_image, ".1f")
         if self.full_views:
             formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
+            if self.guarantee == "detection":
+                formula = "the one-mask views and the unmasked image"
             views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
         rows += [("views per image", views), ("speed", f"{_speed(self.images_per_second)} per process")]
         return _table(rows, title="robustwrap certification report")
@@ -448,8 +478,11 @@ class CertificationReport:
             "full_views": self.full_views,
             "seconds": self.seconds,
             "images_per_second": self.images_per_second,
+            "guarantee": self.guarantee,
         }
-        if self.defense == "patchcleanser":
+        if self.guarantee == "detection":
+            summary.update(clean_accuracy_without_alert=self.clean_accuracy_without_alert, false_alert_rate=self.false_alert_rate)
+        if self.defense == "patchcleanser" and self.guarantee == "prediction":
             summary["cases"] = {CASE_NAMES[c]: v for c, v in self.case_counts.items()}
             summary["num_masks"] = self.num_masks
         else:
@@ -666,9 +699,15 @@ def _list(value, name: str) -> list:
     return value
 
 
+# How the summary names the certified share for each guarantee (a top-k guarantee: "certified top5 accuracy").
+_CERTIFIED_NAMES = {"prediction": "certified accuracy", "detection": "certified detection accuracy"}
+
+
 def _settings_line(settings: Mapping[str, Any]) -> str:
     """The scalar settings that the threat model line does not show, e.g. `fill 0.0, precision float32, margin 0.0`."""
     shown = ("defense", "image_size", "mask_set", "patch")
+    if settings.get("guarantee") != "detection":
+        shown += ("tau",)  # the detection threshold does not act on other certificates
     parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]
     return ", ".join(parts) if parts else "-"
 

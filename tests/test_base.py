@@ -368,6 +368,7 @@ def test_settings_round_trip_through_json():
         "margin": 0.125,
         "mask_set": model.mask_set.to_dict(),
         "patch": [3, 3],
+        "tau": 0.0,
     }
     for cls in (PatchCleanser, RobustPatchClassifier):
         again = cls.from_settings(net, settings, batch_size=9)

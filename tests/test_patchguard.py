@@ -397,6 +397,7 @@ def test_wrap_builds_patchguard_from_the_model_geometry():
         "feature_offset": [0, 0],
         "threshold": 0.0,
         "clip": None,
+        "tau": 0.0,
     }
     rebuilt = robustwrap.RobustPatchClassifier.from_settings(model, settings)
     assert isinstance(rebuilt, PatchGuard) and rebuilt.settings() == settings

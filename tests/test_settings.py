@@ -52,6 +52,10 @@ def assert_same_function(m, fresh, x: torch.Tensor) -> None:
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     if hasattr(want, "margin"):
         assert torch.equal(got.margin, want.margin)
+    if m._no_detection is None:  # certified detection, at the model's tau
+        got, want = m.certify_detection(x, y), fresh.certify_detection(x, y)
+        for field in ("prediction", "alert", "certified", "num_views"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
 
 
 # -------------------------------------------------------- every wrap keyword (issue 18, item 8)
@@ -88,6 +92,7 @@ DECISIONS = {
         "num_masks": ("refused", _MASK_SET),
         "stride": ("refused", _MASK_SET),
         "mask_set": ("assignable", MaskSet.square(16, 5, num_masks=3)),
+        "tau": ("assignable", 0.5),  # certified detection's threshold
         **_COMMON,
     },
     "smoothing": {
@@ -107,6 +112,7 @@ DECISIONS = {
         "feature_offset": ("assignable", 5),
         "threshold": ("assignable", 0.2),
         "clip": ("assignable", 0.5),
+        "tau": ("assignable", 0.5),
         **_COMMON,
     },
     "patchcure": {

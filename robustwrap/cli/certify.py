@@ -64,6 +64,15 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     certify.add_argument("--report", type=Path, help="write the report as JSON (a list of reports for a patch sweep); robustwrap.CertificationReport.load_many reads both")
     certify.add_argument("--plot", type=Path, metavar="DIR", help="write pictures (report, mask set, one image's views, sweep) to DIR")
     certify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    guarantee = certify.add_mutually_exclusive_group()
+    guarantee.add_argument(
+        "--detect",
+        action="store_true",
+        help="certify detection instead of the prediction: under any patch the output is the label or an alert "
+        "(PatchCleanser, PatchGuard); the report adds clean accuracy without alert and the false-alert rate",
+    )
+    guarantee.add_argument("--top-k", type=_positive, metavar="K", help="certify that no patch pushes the label out of the K best classes (PatchGuard, smoothing)")
+    certify.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts (default: the model's, 0)")
     certify.set_defaults(run=_certify)
 
 
@@ -79,8 +88,17 @@ def _certify(args: argparse.Namespace) -> None:
         raise ValueError("--amp was removed: precision is a setting of the defended model; pass --precision bfloat16 (CPU) or --precision float16 (CUDA)")
     if args.resume and args.results is None:
         raise ValueError("--resume continues a --results file; pass --results FILE too")
+    if args.tau is not None and not args.detect:
+        raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
     model, model_name = _load_model(args)
     models = [_with_settings(model, patch, args) for patch in (args.patch or [None])]
+    if args.tau is not None:
+        for defended in models:
+            try:
+                defended.tau = args.tau
+            except AttributeError as error:
+                raise ValueError(f"--tau: {error}") from None
+    guarantee = "detection" if args.detect else f"top{args.top_k}" if args.top_k else "prediction"
     dataset, data_name = _load_data(args.data, args.class_map, model_name, models[0])
     limit: int | None = None if args.limit == "all" else args.limit
     subset = args.limit is None and args.data is None and len(dataset) > DEFAULT_LIMIT
@@ -101,7 +119,14 @@ def _certify(args: argparse.Namespace) -> None:
             with warnings.catch_warnings():  # a torn last line of --results is a warning in the CLI's words, not Python's
                 warnings.showwarning = lambda message, *_, **__: print(f"robustwrap certify: warning: {message}", file=sys.stderr)
                 report = certify_dataset(
-                    defended, dataset, batch_size=images_per_step, limit=limit, results_path=results, resume=args.resume, progress=args.progress
+                    defended,
+                    dataset,
+                    batch_size=images_per_step,
+                    limit=limit,
+                    results_path=results,
+                    resume=args.resume,
+                    progress=args.progress,
+                    guarantee=guarantee,
                 )
         except ResultsFileError as error:
             raise ValueError(error.message("--results", "remove the file or choose another --results")) from error

@@ -31,15 +31,28 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files, or folders (searched recursively for images)")
     _model_options(predict, sweep=False)
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    predict.add_argument(
+        "--detect",
+        action="store_true",
+        help="certified detection (PatchCleanser, PatchGuard): the unmasked label or an ALERT, and whether any patch could make "
+        "the output another label without an alert",
+    )
+    predict.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts")
     predict.set_defaults(run=_predict)
 
 
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
+    if args.tau is not None and not args.detect:
+        raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
     paths = _image_paths(args.images)
     model, _ = _load_model(args)
     model = _with_settings(model, (args.patch or [None])[0], args)
+    if args.detect and model._no_detection is not None:
+        raise ValueError(f"--detect: {type(model).__name__} cannot detect: {model._no_detection}")
+    if args.tau is not None:
+        model.tau = args.tau
     transform, mode = _preprocessing(model)
     names = _label_names(model)
     records = []
@@ -47,19 +60,30 @@ def _predict(args: argparse.Namespace) -> None:
     for start in range(0, len(paths), step):
         chunk = paths[start : start + step]
         x = torch.stack([transform(_read_image(path, mode)) for path in chunk])
-        prediction = model.predict(x)
-        for path, label, fields in zip(chunk, prediction.tolist(), _evidence(model, x, prediction)):
+        if args.detect:
+            found = model.certify_detection(x, model.detect(x).prediction)  # against its own output: could a patch change it silently?
+            prediction = found.prediction
+            evidence = [{"alert": bool(a), "certified": bool(c)} for a, c in zip(found.alert.tolist(), found.certified.tolist())]
+        else:
+            prediction = model.predict(x)
+            evidence = _evidence(model, x, prediction)
+        for path, label, fields in zip(chunk, prediction.tolist(), evidence):
             records.append({"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None, **fields})
     if args.json:
         print(json.dumps({"model": args.model, "threat_model": _describe(model), "images": records}, indent=1))
         return
-    columns = PREDICT_COLUMNS.get(model.defense, ())
+    columns = DETECT_COLUMNS if args.detect else PREDICT_COLUMNS.get(model.defense, ())
     rows = [("image", "prediction", *(header for header, _ in columns), "certified")]
     for r in records:
         shown = f"{r['prediction']} ({r['label_name']})" if r["label_name"] is not None else str(r["prediction"])
         rows.append((r["image"], shown, *(cell(r) for _, cell in columns), "yes" if r["certified"] else "no"))
     print(_describe(model))
-    if model.defense == "smoothing":
+    if args.detect:
+        print(
+            f"certified detection at tau {model.tau:g}: under any patch the output is this label or an ALERT "
+            "(every one-mask view shows it with confidence above tau)"
+        )
+    elif model.defense == "smoothing":
         print(f"certified: the votes beat the runner-up's by more than 2Δ = {2 * model.delta} (by 2Δ when the runner-up is a larger class id)")
     elif model.defense == "patchguard":
         print(f"certified: the worst-case evidence margin over every patch position is above the margin setting {model.margin:g} (0 counts when margin is 0 and ties go to the label)")
@@ -100,6 +124,9 @@ def _one_mask_cell(record: dict[str, Any]) -> str:
     agree, masks = record["one_mask_agree"], record["num_masks"]
     return "all agree" if agree == masks else f"{agree}/{masks} agree"
 
+
+# `robustwrap predict --detect`'s column: the deployable output is the label unless an alert is raised.
+DETECT_COLUMNS: tuple[tuple[str, Any], ...] = (("output", lambda r: "ALERT" if r["alert"] else "label"),)
 
 # `robustwrap predict`'s columns for each defense, between the prediction and "certified": (header, cell).
 PREDICT_COLUMNS: dict[str, tuple[tuple[str, Any], ...]] = {

@@ -440,7 +440,8 @@ class RobustPatchClassifier(
         """Every setting that defines the defended function, JSON-ready.
 
         `{"defense", "image_size", "fill", "precision", "margin"}` plus the defense's own (e.g.
-        PatchCleanser's `"mask_set"` and `"patch"`). The Hub config, the results fingerprint and
+        PatchCleanser's `"mask_set"` and `"patch"`) and, for a defense with certified detection,
+        its threshold `"tau"`. The Hub config, the results fingerprint and
         the report all serialise exactly this; `batch_size` is not part of it (speed only).
         `type(m).from_settings(m.model, m.settings())` rebuilds an equal defended model.
         """
@@ -451,6 +452,7 @@ class RobustPatchClassifier(
             "precision": self.precision,
             "margin": self.margin,
             **self._defense_settings(),
+            **({"tau": self.tau} if self._no_detection is None else {}),
         }
 
     @classmethod
@@ -493,7 +495,8 @@ class RobustPatchClassifier(
         if missing:
             raise ValueError(f"settings lack {', '.join(missing)} (keys: {sorted(settings)})")
         options, used = cls._options_from_settings(settings)
-        extra = sorted(set(settings) - set(_COMMON_KEYS) - set(used))
+        detection = () if cls._no_detection is not None else ("tau",)  # optional: configs written before detection have none
+        extra = sorted(set(settings) - set(_COMMON_KEYS) - set(used) - set(detection))
         if extra:
             raise ValueError(f"unknown {cls.defense} settings {extra}")
         try:
@@ -507,6 +510,11 @@ class RobustPatchClassifier(
         defended = cls(model, **options, **common, **runtime)
         if defended.image_size != image_size:
             raise ValueError(f"settings image_size {list(image_size)} disagrees with the {cls.defense} geometry's {list(defended.image_size)}")
+        if "tau" in settings and detection:
+            try:
+                defended.tau = settings["tau"]
+            except TypeError as error:
+                raise ValueError(f"settings {error}") from None
         defended._check_num_classes()
         return defended
 
@@ -740,8 +748,12 @@ class RobustPatchClassifier(
         """Robust labels `(B,)` (in either mode; the base model runs in eval mode)."""
         raise NotImplementedError
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> CertifyResult:
-        """Certify a batch against every patch of the threat model: a `CertifyResult` (or a subclass)."""
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> CertifyResult:
+        """Certify a batch against every patch of the threat model: a `CertifyResult` (or a subclass).
+
+        `k > 1` certifies that `y` stays among the `k` best classes, where the defense has a top-k
+        certificate (`_check_top_k` refuses it elsewhere, saying why).
+        """
         raise NotImplementedError
 
     def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
@@ -754,3 +766,92 @@ class RobustPatchClassifier(
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             return call_model(self._inference_model(x), x).argmax(1)
 
+
+    # ------------------------------------------------------------------------------ detection
+    # Why a defense has no certified detection rule or no top-k certificate (None: it has one).
+    # A defense with detection implements `_detection_logits`; one with top-k handles `k` in `certify`.
+    _no_detection: ClassVar[str | None] = "it has no certified detection rule"
+    _no_top_k: ClassVar[str | None] = "its certificate gives no bound on the other classes' ranks, so it has no top-k certificate"
+
+    @property
+    def tau(self) -> float:
+        """Confidence threshold of certified detection, in `[0, 1)`: a view alerts when its softmax confidence is `> tau`.
+
+        A setting of the defended model (in `settings()`, the Hub config and results
+        fingerprints), for the defenses with a detection rule (docs/concepts.md#certified-detection).
+        """
+        from .detection import DEFAULT_TAU
+
+        return self.__dict__.get("_tau", DEFAULT_TAU)
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        from .detection import as_tau
+
+        if self._no_detection is not None:
+            raise AttributeError(f"tau is the detection threshold, and {type(self).__name__} has no detection: {self._no_detection}")
+        self.__dict__["_tau"] = as_tau(value)
+
+    def _detection_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(logits (B, C), views (B, K, C), num_views (B,))` for prepared images: the unmasked
+        logits and those of the one-mask views of a set covering every patch (eval mode, no gradient)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot detect: {self._no_detection}")
+
+    def _check_top_k(self, k: int) -> int:
+        """`k` checked for `certify`: an int in `[1, num_classes]`, and `1` where the defense has no top-k certificate."""
+        from .detection import as_top_k
+
+        plain_int = isinstance(k, int) and not isinstance(k, bool)
+        if plain_int and k == 1:
+            return 1  # today's certificate, without asking the model its class count
+        if self._no_top_k is not None and plain_int and k > 1:
+            raise ValueError(f"k={k}: {type(self).__name__} can only certify k=1, since {self._no_top_k}")
+        return as_top_k(k, self.num_classes)
+
+    def detect(self, x: torch.Tensor):
+        """Certified detection's output for `x`: a `DetectResult` (`prediction`, `alert` per image).
+
+        The prediction is the base model's on the unmasked image; `alert` is raised when a one-mask
+        view's label differs from it with softmax confidence `> tau`
+        (docs/concepts.md#certified-detection). Deploy it as "the label, unless alert".
+
+        Raises:
+            TypeError, ValueError: for images the defended model cannot take.
+            NotImplementedError: the defense has no detection rule (the message says why).
+        """
+        from .detection import detect_views
+
+        if self._no_detection is not None:
+            raise NotImplementedError(f"{type(self).__name__} cannot detect: {self._no_detection}")
+        x = self._check_images(x)
+        logits, views, _ = self._detection_logits(x)
+        return detect_views(logits, views, self.tau)
+
+    def certify_detection(self, x: torch.Tensor, y: torch.Tensor):
+        """Certify detection: under any patch of the threat model the output is `y` or an alert.
+
+        Certified iff the unmasked label is `y` and every one-mask view's label is `y` with
+        softmax confidence `> tau` (the alert's comparison), each by more than `margin`
+        (docs/concepts.md#certified-detection). All views run: the alert needs each of them.
+
+        Args:
+            x: `(B, C, H, W)` images, floating, as the model expects them.
+            y: `(B,)` integer labels in `[0, num_classes)`.
+
+        Returns:
+            A `DetectionCertificate` (`prediction`, `alert`, `certified`, `num_views`).
+
+        Raises:
+            TypeError, ValueError: for bad images or labels, before any forward pass.
+            NotImplementedError: the defense has no detection rule (the message says why).
+        """
+        from .detection import DetectionCertificate, certify_detection_views, detect_views
+
+        if self._no_detection is not None:
+            raise NotImplementedError(f"{type(self).__name__} cannot certify detection: {self._no_detection}")
+        x = self._check_images(x)
+        y = self._check_labels(y, x.shape[0]).to(x.device)
+        logits, views, num_views = self._detection_logits(x)
+        found = detect_views(logits, views, self.tau)
+        certified = certify_detection_views(logits, views, y, self.tau, self.margin)
+        return DetectionCertificate(prediction=found.prediction, certified=certified, num_views=num_views, alert=found.alert)

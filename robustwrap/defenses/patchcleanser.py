@@ -18,8 +18,9 @@ from torch import nn
 
 from .._args import as_image_size
 from ..geometry import MaskSet
-from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from ..views import ViewRunner, auto_channels_last, eval_mode, forward_views, model_device_dtype, row_pairs, triangle_pairs
+from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .detection import DEFAULT_TAU
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -353,6 +354,8 @@ class PatchCleanser(RobustPatchClassifier):
 
     defense = "patchcleanser"
     _geometry_name = "mask set"
+    _no_detection = None  # Minority Reports: the one-mask views of its own mask set
+    _no_top_k = "double masking's views give labels only, which bound no other class's rank"
     # The patch, masks per axis and stride only build the mask set, which is the one source of
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
@@ -436,6 +439,7 @@ class PatchCleanser(RobustPatchClassifier):
         precision: str = "float32",
         margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
+        tau: float = DEFAULT_TAU,
     ) -> PatchCleanser:
         """PatchCleanser for a threat model: the mask set for `patch`, or a ready `mask_set`.
 
@@ -453,6 +457,7 @@ class PatchCleanser(RobustPatchClassifier):
             precision: autocast precision of every forward pass (default `"float32"`).
             margin: certificate margin, a float >= 0 (default `DEFAULT_MARGIN`, 1e-3; 0 is the papers' rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
+            tau: confidence threshold of certified detection, in `[0, 1)` (default 0; `detect`).
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -477,6 +482,7 @@ class PatchCleanser(RobustPatchClassifier):
             else:
                 mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
         defended = cls(model, mask_set, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        defended.tau = tau
         return defended
 
     def extra_repr(self) -> str:
@@ -518,7 +524,7 @@ class PatchCleanser(RobustPatchClassifier):
             runner, one_mask, one_logits = self._one_mask(self._runner(x), x)
             return predict_views(runner, x, one_mask, one_logits, need_logits)
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchCleanserResult:
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> PatchCleanserResult:
         """Certify a batch against every patch of the threat model.
 
         An image is certified iff all `K(K+1)/2` views `P_ij`, `i <= j`, show its label `y`
@@ -532,16 +538,34 @@ class PatchCleanser(RobustPatchClassifier):
             x: `(B, C, H, W)` images, floating, as the model expects them.
             y: `(B,)` integer labels in `[0, num_classes)`.
             early_exit: skip views that cannot change the result (default True).
+            k: `1`: double masking has no top-k certificate (its views' labels say nothing
+                about the other classes' ranks), so `k > 1` is refused.
 
         Returns:
             A `PatchCleanserResult` with the robust prediction, certification, views evaluated
             per image, case, one-mask labels and the two-mask label grid.
 
         Raises:
-            TypeError, ValueError: for bad images or labels, before any forward pass.
+            TypeError, ValueError: for bad images or labels, or `k != 1`, before any forward pass.
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
+        self._check_top_k(k)
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             runner, one_mask, one_logits = self._one_mask(self._runner(x), x)
             return certify_views(runner, x, y, one_mask, one_logits, self.margin, early_exit)
+
+    # ------------------------------------------------------------------------------ detection
+    def _detection_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unmasked logits and the `K` one-mask views of the mask set (no second round).
+
+        Minority Reports (Xiang et al.; the authors' `misc/pc_mr.py`): the mask set covers every
+        patch, so one one-mask view never sees it. `K + 1` forward passes per image.
+        """
+        with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
+            runner = self._runner(x)
+            runner, _, views = self._one_mask(runner, x)
+            flat = x.contiguous(memory_format=torch.channels_last) if runner.channels_last else x
+            logits = torch.cat([forward_views(runner.model, part, runner.num_classes) for part in flat.split(runner.batch_size)])
+        num_views = torch.full((x.shape[0],), views.shape[1] + 1, dtype=torch.long, device=x.device)
+        return logits.to(views.dtype), views, num_views

@@ -29,6 +29,7 @@ from .._unwrap import unwrap
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode, model_device_dtype
 from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, _check_base_model, resolve_image_size
+from .detection import DEFAULT_TAU, evidence_topk, in_top_k, window_views
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
 # window's worth of local logits, so rounding changes add up. On the zoo's BagNet in float32 the
@@ -189,6 +190,7 @@ def masking_certificate(
     threshold: float = 0.0,
     clip: float | None = None,
     margin: float = 0.0,
+    k: int = 1,
 ) -> MaskingCertificate:
     """Certify robust masking against any patch whose features lie in one window (float64).
 
@@ -204,9 +206,10 @@ def masking_certificate(
         threshold: `T` in `[0, 1)`.
         clip: optional ceiling of the clipped logits.
         margin: the margin guard, `>= 0`.
+        k: certify that `y` stays in the top `k` (`detection.evidence_topk`; `1`: the prediction).
 
     Returns:
-        A `MaskingCertificate`.
+        A `MaskingCertificate` (`certified` for the top `k`; `margin` is the top-1 worst case).
     """
     local_logits = local_logits.detach().to(torch.float64)
     b, c, h, w = local_logits.shape
@@ -225,13 +228,15 @@ def masking_certificate(
         u_below = upper.masked_fill(~(ids[None, :] < ys[:, None])[..., None], -torch.inf).amax(1)  # (n, nU)
         u_above = upper.masked_fill(~(ids[None, :] > ys[:, None])[..., None], -torch.inf).amax(1)
         worst = (lower - torch.maximum(u_below, u_above)).amin(-1)
-        if margin > 0:
+        if k > 1:
+            ok = evidence_topk(lower, upper, ys, k, margin)
+        elif margin > 0:
             ok = worst > margin
         else:
             ok = ((lower > u_below) & (lower >= u_above)).all(-1)
         margins.append(worst)
         oks.append(ok)
-    certified = torch.cat(oks) & (prediction == labels)
+    certified = torch.cat(oks) & in_top_k(evidence, labels, k)
     return MaskingCertificate(prediction=prediction, certified=certified, margin=torch.cat(margins), evidence=evidence)
 
 
@@ -465,6 +470,8 @@ class PatchGuard(RobustPatchClassifier):
 
     defense = "patchguard"
     _geometry_name = "PatchGuard model"
+    _no_detection = None  # PatchGuard++: the local-logit map minus one feature window
+    _no_top_k = None  # the evidence bounds rank every class against the label
 
     def __init__(
         self,
@@ -771,6 +778,7 @@ class PatchGuard(RobustPatchClassifier):
         precision: str = "float32",
         margin: float = DEFAULT_EVIDENCE_MARGIN,
         num_classes: int | None = None,
+        tau: float = DEFAULT_TAU,
     ) -> PatchGuard:
         """PatchGuard for a threat model: what `robustwrap.wrap(model, patch, defense="patchguard", ...)` calls.
 
@@ -793,6 +801,7 @@ class PatchGuard(RobustPatchClassifier):
             precision: autocast precision of the base model (default `"float32"`).
             margin: certificate margin on the evidence, a float >= 0 (default `DEFAULT_EVIDENCE_MARGIN`, 0.1; 0 is the paper's rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
+            tau: confidence threshold of certified detection (PatchGuard++), in `[0, 1)` (default 0; `detect`).
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -817,6 +826,7 @@ class PatchGuard(RobustPatchClassifier):
             margin=margin,
             num_classes=num_classes,
         )
+        defended.tau = tau
         defended.window  # noqa: B018  (fail now on a model without local logits or an impossible window)
         return defended
 
@@ -865,7 +875,7 @@ class PatchGuard(RobustPatchClassifier):
         with eval_mode(self._inner_model), torch.no_grad():
             return self._local_logits(x).float().mean((-2, -1)).argmax(1)
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> PatchGuardResult:
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> PatchGuardResult:
         """Certify a batch against every patch of the threat model (one forward pass per image).
 
         Robust masking of the local logits gives the prediction; the evidence bounds of
@@ -877,25 +887,38 @@ class PatchGuard(RobustPatchClassifier):
             x: `(B, C, H, W)` images, floating, as the model expects them.
             y: `(B,)` integer labels in `[0, num_classes)`.
             early_exit: accepted for the common interface; there is nothing to skip.
+            k: certify that `y` stays among the `k` best classes under any patch (default 1: the
+                prediction): for every window at most `k - 1` classes' upper bounds are not
+                below the label's lower bound (docs/concepts.md#top-k).
 
         Returns:
             A `PatchGuardResult` with the prediction, certification, `num_views` (1 per image)
-            and the worst-case `margin` per image.
+            and the worst-case top-1 `margin` per image.
 
         Raises:
-            TypeError, ValueError: for bad images or labels, before any forward pass.
+            TypeError, ValueError: for bad images, labels or `k`, before any forward pass.
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
+        k = self._check_top_k(k)
         with eval_mode(self._inner_model), torch.no_grad():
             local = self._local_logits(x)
-        cert = masking_certificate(local, y, self._window_for(local.shape[2:]), self.threshold, self.clip, self.margin)
+        cert = masking_certificate(local, y, self._window_for(local.shape[2:]), self.threshold, self.clip, self.margin, k)
         return PatchGuardResult(
             prediction=cert.prediction,
             certified=cert.certified,
             num_views=torch.ones(x.shape[0], dtype=torch.long, device=x.device),
             margin=cert.margin,
         )
+
+    # ------------------------------------------------------------------------------ detection
+    def _detection_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PatchGuard++ (`detection.window_views`): the mean local logits, and that mean without
+        each feature window; one forward pass per image."""
+        with eval_mode(self._inner_model), torch.no_grad():
+            local = self._local_logits(x)
+        logits, views = window_views(local, self._window_for(local.shape[2:]))
+        return logits, views, torch.ones(x.shape[0], dtype=torch.long, device=x.device)
 
     # ------------------------------------------------------------------------------ training
     def training_loss(self, local_logits: torch.Tensor, labels: torch.Tensor, provable: bool = True) -> torch.Tensor:

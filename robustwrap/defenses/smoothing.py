@@ -33,6 +33,7 @@ from ..tokens import (
 )
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
 from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .detection import votes_topk
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
 
@@ -509,6 +510,11 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     defense = "smoothing"
     _geometry_name = "ablation set"
+    _no_detection = (
+        "no published rule turns smoothing's votes into a certified alert (its views keep a band or block, none of them hides the "
+        "patch's region); use PatchCleanser or PatchGuard for certified detection"
+    )
+    _no_top_k = None  # the vote counts bound every class's votes
 
     def __init__(
         self,
@@ -879,7 +885,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         counts, _, _, _ = self._vote(x, None, early_exit=True)
         return smoothed_prediction(counts)
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True) -> SmoothingResult:
+    def certify(self, x: torch.Tensor, y: torch.Tensor, early_exit: bool = True, k: int = 1) -> SmoothingResult:
         """Certify a batch against every patch of the threat model.
 
         Certified iff the smoothed prediction is `y` and `n_y - n_c > 2Δ` (or `== 2Δ` and
@@ -891,22 +897,31 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         Args:
             x: `(B, C, H, W)` images, floating, as the model expects them.
             y: `(B,)` integer labels in `[0, num_classes)`.
-            early_exit: skip views that cannot change the result (default True).
+            early_exit: skip views that cannot change the result (default True; with `k > 1`
+                every view runs).
+            k: certify that `y` stays among the `k` best classes under any patch (default 1: the
+                prediction; `detection.votes_topk`, docs/concepts.md#top-k).
 
         Returns:
             A `SmoothingResult` with the prediction, certification, views per image, vote
             counts and `delta`.
 
         Raises:
-            TypeError, ValueError: for bad images or labels, before any forward pass.
+            TypeError, ValueError: for bad images, labels or `k`, before any forward pass.
         """
         x = self._check_images(x)
         y = self._check_labels(y, x.shape[0]).to(x.device)
+        k = self._check_top_k(k)
         delta = self.delta
-        counts, sure, possible, seen = self._vote(x, y, early_exit=early_exit, delta=delta)
+        # the early exit's bounds decide the top-1 certificate only
+        counts, sure, possible, seen = self._vote(x, y, early_exit=early_exit and k == 1, delta=delta)
+        if k == 1:
+            certified = certificate(counts, sure, possible, y, delta)
+        else:
+            certified = votes_topk(counts, sure, possible, y, delta, k, one_vote=self._threshold is None)
         return SmoothingResult(
             prediction=smoothed_prediction(counts),
-            certified=certificate(counts, sure, possible, y, delta),
+            certified=certified,
             num_views=seen,
             counts=counts,
             delta=delta,
