@@ -328,7 +328,10 @@ def test_patchguard_certified_images_never_end_in_a_silent_wrong_label(tau):
     sound, alerts = _survives(guard, x, labels, cert.certified, 3)
     assert sound and alerts > 0
     # a window one feature too small is an unsound declaration, and the same search shows it
-    small = robustwrap.PatchGuard(LocalMeans(), 3, image_size=15, receptive_field=1, feature_stride=2, feature_offset=0, margin=0.0).eval()
+    # (declared as the model's own attributes, which PatchGuard trusts: a declaration given to it is probed and refused)
+    lying = LocalMeans()
+    lying.receptive_field, lying.feature_stride, lying.feature_offset = 1, 2, 0
+    small = robustwrap.PatchGuard(lying, 3, image_size=15, margin=0.0).eval()
     assert small.window == (2, 2)
     assert not _survives(small, x, labels, small.certify_detection(x, labels).certified, 3)[0]
 
