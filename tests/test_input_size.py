@@ -271,3 +271,36 @@ def test_the_attacks_patch_is_in_input_pixels(defense):
         if rows.numel():
             assert int(rows.max() - rows.min()) < 3 and int(cols.max() - cols.min()) < 3
     assert torch.equal(result.prediction, model.predict(result.x_adv))
+
+
+# -------------------------------------------------------------------------------------- training
+def test_fit_masking_trains_on_resized_images():
+    """One SGD step of `fit_masking` (no masking) equals the same step on the base model of the resized images."""
+    x, y = _images(4), torch.tensor([0, 1, 2, 3])
+    model = robustwrap.wrap(SmallCNN(), patch=4, num_masks=3, image_size=48, input_size=SMALL, resize="bilinear")
+    reference = SmallCNN()
+    robustwrap.fit_masking(model, [(x, y)], strategy="none", epochs=1, lr=0.1, progress=False)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(reference(_resize(x, (48, 48), "bilinear")), y).backward()
+    optimizer.step()
+    for trained, expected in zip(model.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(trained, expected)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bicubic"])
+def test_training_views_run_as_certification_runs_them(mode):
+    """`RandomAblation` of a resized token-dropping model: its logits are the reference's for each view, and fit_masking runs them."""
+    vit = _vit(48)
+    model = robustwrap.wrap(vit, defense="smoothing", input_size=SMALL, resize=mode, size=3, stride=2, patch=4)
+    augment = robustwrap.defenses.smoothing.RandomAblation.from_model(model, torch.Generator().manual_seed(0))
+    x = _images(3)
+    views, view = augment(x, return_indices=True)
+    assert views.shape == x.shape
+    with torch.no_grad():
+        logits = augment.logits(vit, views, view)
+        keeps = _column_keeps(SMALL, 3, 2)
+        for n in range(3):
+            keep = keeps[int(view[n])]
+            expected = _reference_vit_logits(vit, _resize(views[n : n + 1], (48, 48), mode)[0], _reached(keep, (48, 48), mode))
+            torch.testing.assert_close(logits[n], expected, rtol=1e-4, atol=1e-4)
+    robustwrap.fit_masking(model, [(x, torch.tensor([0, 1, 2]))], epochs=1, progress=False)

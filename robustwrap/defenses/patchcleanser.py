@@ -327,7 +327,9 @@ class PatchCleanser(RobustPatchClassifier):
             sizes = [list(p) for p in mask_set.patch_sizes]
             if settings["patch"] != (sizes[0] if len(sizes) == 1 else sizes):
                 raise ValueError(f"settings patch {settings['patch']!r} disagrees with the mask set's patch sizes {sizes}")
-        return {"mask_set": mask_set, "image_size": settings["image_size"]}, ("mask_set", "patch")
+        # The mask set is in input pixels: the base model's size is its own only when the inputs are resized.
+        resized = {"image_size": settings["image_size"]} if "input_size" in settings else {}
+        return {"mask_set": mask_set, **resized}, ("mask_set", "patch")
 
     @classmethod
     def from_patch(
