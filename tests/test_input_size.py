@@ -304,3 +304,40 @@ def test_training_views_run_as_certification_runs_them(mode):
             expected = _reference_vit_logits(vit, _resize(views[n : n + 1], (48, 48), mode)[0], _reached(keep, (48, 48), mode))
             torch.testing.assert_close(logits[n], expected, rtol=1e-4, atol=1e-4)
     robustwrap.fit_masking(model, [(x, torch.tensor([0, 1, 2]))], epochs=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_certifies_in_input_pixels_and_keeps_a_saved_models_input_size(tmp_path, capsys):
+    """`robustwrap certify --input-size 40 --resize bilinear`: the Python API's numbers; a saved model keeps its input size."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    from robustwrap.cli import main
+
+    torch.manual_seed(0)
+    base = timm.create_model("test_convnext", num_classes=3).eval()  # 160x160 inputs
+    save_file(base.state_dict(), tmp_path / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for c in "abc":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    argv = ["certify", "--model", "timm:test_convnext", "--checkpoint", tmp_path / "model.safetensors", "--num-masks", "2", "--patch", "5"]
+    argv += ["--input-size", "40", "--resize", "bilinear", "--data", tmp_path / "data", "--no-progress", "--report", tmp_path / "r.json"]
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "40x40 inputs resized (bilinear) to 160x160" in out
+    model = robustwrap.wrap(base, patch=5, num_masks=2, input_size=40, resize="bilinear").eval()
+    transform = create_transform(**resolve_data_config({"input_size": (3, 40, 40)}, model=base))
+    expected = robustwrap.certify_dataset(model, ImageFolder(str(tmp_path / "data"), transform=transform), progress=False)
+    report = robustwrap.CertificationReport.load(tmp_path / "r.json")
+    assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [(r.prediction, r.certified, r.num_views) for r in expected.records]
+    assert report.settings["input_size"] == [40, 40] and report.settings["resize"] == "bilinear"
+    model.save_pretrained(tmp_path / "saved")
+    argv = ["certify", "--model", tmp_path / "saved", "--data", tmp_path / "data", "--no-progress", "--report", tmp_path / "s.json"]
+    assert main([str(a) for a in argv]) == 0
+    assert "40x40 inputs resized (bilinear) to 160x160" in capsys.readouterr().out
+    again = robustwrap.CertificationReport.load(tmp_path / "s.json")
+    assert [(r.prediction, r.certified) for r in again.records] == [(r.prediction, r.certified) for r in report.records]
