@@ -229,7 +229,7 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
     """Salman et al.'s smoothed-vit (MadryLab robustness library): `{"model": AttackerModel state}`.
 
     ImageNet: column bands of 19 px against a 32 px patch (the paper's 2%). CIFAR-10 (recognised by
-    the normaliser's mean): the authors' 32 px geometry in the 224 px input their ViT sees. Views
+    the normaliser's mean): the authors' threat model, in 32 px input pixels upsampled to 224. Views
     drop the tokens that meet no kept pixel (`drop_tokens=True`), the authors' `MaskProcessor` rule.
 
     The robustness library keeps the network under `model.` (`model.model.` when wrapped for a
@@ -259,13 +259,13 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
         plan.data_config = {"mean": mean, "std": std}
         plan.options["fill"] = tuple(-m / s for m, s in zip(mean, std))
         if all(abs(a - b) < 1e-4 for a, b in zip(mean, _CIFAR_MEAN)):
-            # CIFAR-10, `--cifar-preprocess-type simple224`: 32 px images ablated, then upsampled x7 (nearest).
-            # Keeping band [q, q + 4) of 32 columns and upsampling keeps [7q, 7q + 28) of 224: a 28 px band at
-            # stride 7 is the same set of views; the paper's 5 px patch becomes 35 px, at any (not only x7) offset.
+            # CIFAR-10, `--cifar-preprocess-type simple224`: 32 px images ablated (`--certify-ablation-size 4`,
+            # `--certify-stride 1`), then upsampled x7 (nearest) to the ViT's 224; a 5 px patch of the 32 px
+            # image (`--certify-patch-size 5`): Δ = 8, as theirs. The defended model takes the 32 px images.
             plan.dataset = "cifar10"
             plan.data_config.update(input_size=(3, 224, 224), crop_pct=1.0, interpolation="nearest")
-            plan.options.update(size=28, stride=7)
-            plan.patch = 35
+            plan.options.update(input_size=32, resize="nearest", size=4, stride=1)
+            plan.patch = 5
     return plan, weights
 
 
