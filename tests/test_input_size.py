@@ -220,7 +220,9 @@ def test_input_size_is_saved_loaded_and_shown(tmp_path):
     loaded = robustwrap.from_pretrained(str(tmp_path / "saved"))
     assert loaded.settings() == settings
     x = _images(2)
-    assert torch.equal(loaded.certify(x, torch.zeros(2, dtype=torch.long)).counts, model.certify(x, torch.zeros(2, dtype=torch.long)).counts)
+    assert torch.equal(
+        loaded.certify(x, torch.zeros(2, dtype=torch.long)).counts, model.certify(x, torch.zeros(2, dtype=torch.long)).counts
+    )
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "16x16" in card and "bilinear" in card
     # A model that does not resize keeps the settings it always had.
@@ -231,7 +233,9 @@ def test_patchcleanser_and_patchguard_settings_round_trip():
     cleanser = robustwrap.wrap(SmallCNN(), patch=4, num_masks=3, image_size=48, input_size=SMALL)
     again = type(cleanser).from_settings(cleanser.model, cleanser.settings())
     assert again.settings() == cleanser.settings() and again.input_size == (SMALL, SMALL) and again.resize == "nearest"
-    guard = robustwrap.wrap(timm.create_model("bagnet_tiny", num_classes=3, in_chans=1), 3, defense="patchguard", image_size=48, input_size=SMALL)
+    guard = robustwrap.wrap(
+        timm.create_model("bagnet_tiny", num_classes=3, in_chans=1), 3, defense="patchguard", image_size=48, input_size=SMALL
+    )
     rebuilt = type(guard).from_settings(guard.model, guard.settings())
     assert rebuilt.settings() == guard.settings() and rebuilt.window == guard.window
 
@@ -257,7 +261,9 @@ def test_the_attacks_patch_is_in_input_pixels(defense):
     if defense == "patchcleanser":
         model = robustwrap.wrap(SmallCNN(), patch=3, num_masks=3, image_size=48, input_size=SMALL)
     elif defense == "patchguard":
-        model = robustwrap.wrap(timm.create_model("bagnet_tiny", num_classes=3, in_chans=3), 3, defense="patchguard", image_size=48, input_size=SMALL)
+        model = robustwrap.wrap(
+            timm.create_model("bagnet_tiny", num_classes=3, in_chans=3), 3, defense="patchguard", image_size=48, input_size=SMALL
+        )
     else:
         model = robustwrap.wrap(_vit(48), defense="smoothing", input_size=SMALL, resize=defense.split("-")[1], size=3, stride=2, patch=3)
     model.eval()
@@ -333,7 +339,9 @@ def test_cli_certifies_in_input_pixels_and_keeps_a_saved_models_input_size(tmp_p
     transform = create_transform(**resolve_data_config({"input_size": (3, 40, 40)}, model=base))
     expected = robustwrap.certify_dataset(model, ImageFolder(str(tmp_path / "data"), transform=transform), progress=False)
     report = robustwrap.CertificationReport.load(tmp_path / "r.json")
-    assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [(r.prediction, r.certified, r.num_views) for r in expected.records]
+    assert [(r.prediction, r.certified, r.num_views) for r in report.records] == [
+        (r.prediction, r.certified, r.num_views) for r in expected.records
+    ]
     assert report.settings["input_size"] == [40, 40] and report.settings["resize"] == "bilinear"
     model.save_pretrained(tmp_path / "saved")
     argv = ["certify", "--model", tmp_path / "saved", "--data", tmp_path / "data", "--no-progress", "--report", tmp_path / "s.json"]

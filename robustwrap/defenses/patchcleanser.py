@@ -19,7 +19,15 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size, resolve_input_size
+from .base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MARGIN,
+    DEFAULT_PATCH,
+    CertifyResult,
+    RobustPatchClassifier,
+    resolve_image_size,
+    resolve_input_size,
+)
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -247,7 +255,7 @@ class PatchCleanser(RobustPatchClassifier):
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
         name: f"{name} is a setting of the mask set, not of the defended model: assign a new one, e.g. "
-        "m.mask_set = robustwrap.MaskSet.square(m.image_size, patch, num_masks=6) (or stride=..., MaskSet.rect for a rectangle)"
+        "m.mask_set = robustwrap.MaskSet.square(m.input_size, patch, num_masks=6) (or stride=..., MaskSet.rect for a rectangle)"
         for name in ("patch", "num_masks", "stride")
     }
 
