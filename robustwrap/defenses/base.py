@@ -391,7 +391,7 @@ class RobustPatchClassifier(
 
     @resize.setter
     def resize(self, value) -> None:
-        raise AttributeError(f"resize is fixed with input_size; build a new one with robustwrap.wrap(m.model, input_size=..., resize={value!r})")
+        raise AttributeError("resize is fixed with input_size; build a new one with robustwrap.wrap(m.model, input_size=..., resize=...)")
 
     def resize_input(self, x: torch.Tensor) -> torch.Tensor:
         """`x` at `input_size` resized to the base model's `image_size` (unchanged when nothing is resized)."""
