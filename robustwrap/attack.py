@@ -32,7 +32,7 @@ from torch import nn
 
 from ._args import as_labels, positive_int
 from ._unwrap import local_module, unwrap
-from .geometry import patch_pixels
+from .geometry import patch_pixels, resize_footprint
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
 __all__ = ["AttackResult", "AuditFinding", "AuditRecord", "AuditReport", "Locations", "attack", "audit", "input_bounds"]
@@ -284,7 +284,9 @@ class _BaseModelObjective(_Objective):
 class _DefendedObjective(_Objective):
     @property
     def base(self) -> nn.Module:
-        return self.model._local_model  # the attack needs no gradient sync: through a DistributedDataParallel, the model it wraps
+        # The attack needs no gradient sync: through a DistributedDataParallel, the model it wraps;
+        # it takes views at the defended model's input size (resized first, when the model resizes).
+        return self.model._behind_resize(self.model._local_model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         autocast = getattr(self.model, "autocast", None)
@@ -386,7 +388,11 @@ class _SmoothingObjective(_DefendedObjective):
         self.naive_views = len(self.ablation_set)
         self.axis_keep = self.ablation_set.axis_keep(x.device)
         self.threshold = model.threshold
-        self.tokens = smoothing.ViewTokens.of(model._token_grid(), self.ablation_set, x.device)
+        footprint = None if model.resize is None else resize_footprint(model.input_size, model.image_size, model.resize)
+        self.tokens = smoothing.ViewTokens.of(model._token_grid(), self.ablation_set, x.device, footprint)
+        # As the defense runs them: without a resize or with a nearest one the images are
+        # embedded once (no view built); another resize builds, resizes and runs each view.
+        self.embed_once = self.tokens is not None and model.resize in (None, "nearest")
         # The clean votes of every view: the guide, and the runner-up class the patch should
         # hand its votes to (a vote moved from y to one class c counts twice against y).
         b, v = x.shape[0], self.naive_views
@@ -434,7 +440,7 @@ class _SmoothingObjective(_DefendedObjective):
         return _Views(task=task, view=view)
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tokens is not None:  # token dropping ablates inside the forward: no view is built
+        if self.embed_once:  # token dropping ablates inside the forward: no view is built
             return x, view
         image = torch.arange(x.shape[0], device=x.device)
         return self._smoothing.ablate(x, image, view, self.axis_keep, self.model.encoding, self.model.fill), view
@@ -443,10 +449,13 @@ class _SmoothingObjective(_DefendedObjective):
         x, view = rendered
         if self.tokens is None:
             return self._smoothing.view_logits(self.base, x, view, None)
+        vit = self.model._inner_model
+        if not self.embed_once:
+            return self._smoothing.view_logits(vit, self.model.resize_input(x), view, self.tokens)
         encoding = self.model.encoding
-        encoded = self._smoothing.encode_full(x, encoding)
+        encoded = self.model.resize_input(self._smoothing.encode_full(x, encoding))
         image = torch.arange(x.shape[0], device=x.device)
-        return self.tokens.logits(self.base, encoded, image, view, self._smoothing.token_fill(self.model.fill, encoding, encoded))
+        return self.tokens.logits(vit, encoded, image, view, self._smoothing.token_fill(self.model.fill, encoding, encoded))
 
     def loss(self, out: torch.Tensor, image: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         out = out.float()
@@ -483,9 +492,11 @@ class _PatchGuardObjective(_DefendedObjective):
         # The window holding the features a patch touches starts at its first touched feature,
         # moved back to fit inside the map.
         r, s, o = self.model.receptive_field, self.model.feature_stride, self.model.feature_offset
+        size, model_size = self.model.input_size, self.model.image_size
         corner = []
         for axis in range(2):
-            first = torch.div(positions[:, axis] + o[axis] - r[axis] + 1 + s[axis] - 1, s[axis], rounding_mode="floor").clamp(min=0)
+            start = positions[:, axis] * model_size[axis] // size[axis]  # where the patch's image starts in model pixels
+            first = torch.div(start + o[axis] - r[axis] + 1 + s[axis] - 1, s[axis], rounding_mode="floor").clamp(min=0)
             corner.append(first.clamp(max=self.gap.shape[1 + axis] - 1))
         return -self.gap[image, corner[0], corner[1]]
 
@@ -714,8 +725,8 @@ def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, ba
     if defense not in OBJECTIVES:
         raise ValueError(f"no attack objective for defense {defense!r}; known: {', '.join(str(d) for d in OBJECTIVES if d)}")
     image_size = (x.shape[2], x.shape[3])
-    if defense is not None and tuple(defended.image_size) != image_size:
-        raise ValueError(f"x must be {defended.image_size[0]}x{defended.image_size[1]} for this model, got {image_size[0]}x{image_size[1]}")
+    if defense is not None and tuple(defended.input_size) != image_size:
+        raise ValueError(f"x must be {defended.input_size[0]}x{defended.input_size[1]} for this model, got {image_size[0]}x{image_size[1]}")
     ph, pw = _threat_patch(defended, patch, image_size)
     low, high = input_bounds(defended, bounds, x.shape[1])
     if batch_size is None:
@@ -1240,7 +1251,7 @@ def audit(
         bar.update(x.shape[0])
     bar.close()
     if ph_pw is None:
-        ph_pw = _threat_patch(defended, patch, tuple(defended.image_size))
+        ph_pw = _threat_patch(defended, patch, tuple(defended.input_size))
     settings = defended.settings() if callable(getattr(defended, "settings", None)) else {}
     attack_settings = {"steps": steps, "step_size": step_size, "restarts": restarts, "budget": budget, "seed": seed}
     return AuditReport(defense=defense, settings=settings, patch=ph_pw, attack=attack_settings, records=records, findings=findings)

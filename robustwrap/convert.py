@@ -276,9 +276,10 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
     ImageNet (recognised by the normaliser's mean, as CIFAR-10 and CIFAR-100 are): the robustness
     library's Resize(256) and CenterCrop(224), column bands of 19 px (or what the README's file
     names say: `deit_small_block_k75.pt` is 75 px blocks) against a 32 px patch (the paper's 2%).
-    CIFAR: a 224 px DeiT sees the 32 px images upsampled x7 (`--cifar-preprocess-type simple224`),
-    a `deit_*_patch4_32` or a CNN sees them as they are; either way 4 px bands of 32 against a 5 px
-    patch. A ViT's views drop the tokens that meet no kept pixel (`drop_tokens=True`), the
+    CIFAR: a 224 px DeiT takes the 32 px images and upsamples them x7 itself, as their
+    `--cifar-preprocess-type simple224` does (`input_size=32`, `resize="nearest"`), a
+    `deit_*_patch4_32` or a CNN sees them as they are; either way 4 px bands of 32 against a 5 px
+    patch in 32 px input pixels (Δ = 8 at stride 1, as theirs). A ViT's views drop the tokens that meet no kept pixel (`drop_tokens=True`), the
     authors' `MaskProcessor` rule; their CNNs run on whole ablated images.
 
     The robustness library keeps the network under `model.` (`model.model.` when wrapped for a
@@ -315,12 +316,11 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
     if plan.dataset in ("cifar10", "cifar100"):
         size, plan.patch = size or 4, 5
         if token == 16:
-            # `--cifar-preprocess-type simple224`: 32 px images ablated, then upsampled x7 (nearest). Keeping band
-            # [q, q + 4) of 32 columns and upsampling keeps [7q, 7q + 28) of 224: a 28 px band at stride 7 is the same
-            # set of views (blocks alike, on both axes); the paper's 5 px patch becomes 35 px, at any (not only x7) offset.
+            # `--cifar-preprocess-type simple224`: 32 px images ablated (`--certify-ablation-size 4`,
+            # `--certify-stride 1`), then upsampled x7 (nearest) to the ViT's 224; a 5 px patch of the 32 px
+            # image (`--certify-patch-size 5`): Δ = 8, as theirs. The defended model takes the 32 px images.
             plan.data_config.update(input_size=(3, 224, 224), crop_pct=1.0, interpolation="nearest")
-            size, plan.patch = 7 * size, 35
-            plan.options["stride"] = 7
+            plan.options.update(input_size=32, resize="nearest", stride=1)
         else:
             # a `deit_*_patch4_32` or a CNN (`--cifar-preprocess-type none`): the 32 px images themselves
             plan.data_config.update(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear")

@@ -321,6 +321,7 @@ def fit_masking(
         base=base,
         augment=augment,
         encode=target.encode,
+        resize=target.resize,
         loss=loss_fn,
         scores=scores,
         clean_ratio=float(clean_ratio),
@@ -359,11 +360,14 @@ def fit_masking(
     # process's batch (and starts every process from rank 0's weights).
     # Token-dropping views run the ViT's parts, not its forward: `_ViewForward` makes them one
     # module's forward, so that DistributedDataParallel sees (and synchronises) them.
-    trained = _ViewForward(base, augment) if getattr(augment, "drop_tokens", False) else base
+    trained = _ViewForward(base, augment, target.resize) if getattr(augment, "drop_tokens", False) else base
+    if trained is base and classifier is not None:
+        trained = classifier._behind_resize(base)  # masked at input size, then resized
     if target.ddp is not None and trained is not base:
         raise ValueError(
-            "fit_masking cannot train token-dropping views (drop_tokens) through your own DistributedDataParallel wrapper, "
-            "whose forward keeps every token; pass the bare model (fit_masking wraps it in DistributedDataParallel itself under torchrun)"
+            "fit_masking cannot train token-dropping views (drop_tokens) or resized inputs (input_size) through your own "
+            "DistributedDataParallel wrapper, whose forward keeps every token and takes the base model's size; pass the bare "
+            "model (fit_masking wraps it in DistributedDataParallel itself under torchrun)"
         )
     loop.trained = target.ddp if target.ddp is not None else trained
     if world > 1 and target.ddp is None:
@@ -407,7 +411,8 @@ class _Loop:
 
     base: nn.Module
     augment: Callable | None
-    encode: Callable[[torch.Tensor], torch.Tensor]  # an unmasked image as the base model takes it
+    encode: Callable[[torch.Tensor], torch.Tensor]  # an unmasked image as the base model takes it (before `resize`)
+    resize: Callable[[torch.Tensor], torch.Tensor]  # input-size images to the base model's size
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (base model output, labels) -> loss
     scores: Callable[[torch.Tensor], torch.Tensor]  # base model output -> (B, num_classes), for accuracy
     clean_ratio: float
@@ -434,7 +439,7 @@ class _Loop:
         x, y = _unpack(batch, name)
         x, y = x.to(device=self.device, dtype=self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.num_classes is None:
-            self.num_classes = _probe_num_classes(self.base, self.encode(x))
+            self.num_classes = _probe_num_classes(self.base, self.resize(self.encode(x)))
         check_label_range(y, self.num_classes, f"{name} labels")
         return x, y
 
@@ -493,7 +498,7 @@ def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: Robus
     with torch.no_grad(), eval_mode(loop.base), loop.autocast():
         for batch in _shard(loader, loop.rank, loop.world):
             x, y = loop.batch(batch, "val_loader")
-            clean += int((loop.scores(loop.base(loop.encode(x))).argmax(1) == y).sum())
+            clean += int((loop.scores(loop.base(loop.resize(loop.encode(x)))).argmax(1) == y).sum())
             seen += y.shape[0]
             if certifier is not None:
                 result = certifier.certify(x, y)
@@ -602,6 +607,9 @@ class _Target:
     encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     ddp: nn.Module | None = None  # the user's own DistributedDataParallel (or a wrapper of one) around `base`, trained through
     lrs: dict[str, float] = field(default_factory=dict)  # a strategy's own default learning rate, where it has one
+    # Images at the defended model's input size to the base model's (its `resize_input`): training
+    # masks in input pixels and resizes the views, as certification does.
+    resize: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
 
     def __post_init__(self) -> None:
         if joins_processes(self.base):
@@ -625,7 +633,7 @@ def _resolve_defense(model, mask_set, fill) -> _Target:
         if mask_set is not None:
             raise ValueError(f"the {type(model).__name__} brings its own mask set and fill; pass mask_set with a bare model only, not both")
         fill = model.fill if fill is None else as_fill(fill)
-        common = {"classifier": model, "base": model.model, "fill": fill, "precision": model.precision}
+        common = {"classifier": model, "base": model.model, "fill": fill, "precision": model.precision, "resize": model.resize_input}
         if isinstance(getattr(model, "mask_set", None), MaskSet):  # PatchCleanser: the masking strategies
             geometry = {"mask_set": [list(b) for b in model.mask_set.boxes]}
             return _Target(**common, strategies=STRATEGIES, default=_DEFAULT_STRATEGY, geometry=geometry, mask_set=model.mask_set)
@@ -689,8 +697,11 @@ def _make_strategy(strategy, target: _Target, batch_size: int) -> tuple[Callable
             from .defenses.smoothing import RandomAblation
 
             model = target.classifier
-            return RandomAblation(model.ablation_set, model.encoding, target.fill, drop_tokens=model.drop_tokens), strategy
-        return create_augmentation(strategy, target.mask_set, target.base, fill=target.fill, batch_size=batch_size), strategy
+            resize = None if model.resize is None else (model.image_size, model.resize)
+            return RandomAblation(model.ablation_set, model.encoding, target.fill, drop_tokens=model.drop_tokens, resize=resize), strategy
+        # The searches run their candidate views at input size through the resize, as certification does.
+        searched = target.base if target.classifier is None else target.classifier._behind_resize(target.base)
+        return create_augmentation(strategy, target.mask_set, searched, fill=target.fill, batch_size=batch_size), strategy
     if callable(strategy):
         return strategy, getattr(strategy, "__name__", type(strategy).__name__)
     raise TypeError(f"strategy must be a name or a callable (images, labels) -> masked images, got {type(strategy).__name__}")
@@ -757,13 +768,14 @@ class _ViewForward(nn.Module):
     runs each image's view. One module, so that `DistributedDataParallel` can wrap it.
     """
 
-    def __init__(self, base: nn.Module, augment) -> None:
+    def __init__(self, base: nn.Module, augment, resize: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.base = base
-        self.augment = augment  # not a module: its state is the ablation geometry
+        self.augment = augment  # not a module: its state is the ablation geometry (and resize)
+        self.resize = resize
 
     def forward(self, x: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        return self.base(x) if view is None else self.augment.logits(self.base, x, view)
+        return self.base(self.resize(x)) if view is None else self.augment.logits(self.base, x, view)
 
 
 def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -551,18 +551,75 @@ class AblationSet:
 __all__ += ["ABLATIONS", "AblationSet"]
 
 
+# ------------------------------------------------------------------ input pixels (a resize)
+
+
+def _axis_footprint(n_in: int, n_out: int, mode: str) -> np.ndarray:
+    """`(n_in, n_out)` bool: output pixel `j` of a 1-D resize depends on input pixel `i` (a non-zero weight).
+
+    The weights are read off the resize itself, by resizing the identity (rows of one-hot
+    images), in float32 and float64 alike: a weight that is zero in one precision and not in
+    the other counts, so the footprint holds whatever precision the model resizes in.
+    """
+    footprint = np.zeros((n_in, n_out), dtype=bool)
+    corners = None if mode == "nearest" else False
+    for dtype in (torch.float32, torch.float64):
+        eye = torch.eye(n_in, dtype=dtype).reshape(n_in, 1, 1, n_in)
+        out = torch.nn.functional.interpolate(eye, size=(1, n_out), mode=mode, align_corners=corners)
+        footprint |= (out.reshape(n_in, n_out) != 0).numpy()
+    return footprint
+
+
+def resize_footprint(input_size: int | Sequence[int], image_size: int | Sequence[int], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which model pixels of a resize from `input_size` to `image_size` each input pixel reaches, per axis.
+
+    A defended model with an input size of its own resizes its `input_size` images to the base
+    model's `image_size` (`torch.nn.functional.interpolate`, separable). Model pixel `(a, b)`
+    depends on input pixel `(i, j)` iff `rows[i, a]` and `cols[j, b]`: with `"nearest"` each model
+    pixel copies one input pixel, so an input pixel reaches exactly its image; `"bilinear"` and
+    `"bicubic"` reach that image widened by the kernel's support (docs/concepts.md#input-pixels).
+
+    Args:
+        input_size: `h` or `(h, w)` of the inputs.
+        image_size: `H` or `(H, W)` of the base model's inputs.
+        mode: `"nearest"`, `"bilinear"` or `"bicubic"`.
+
+    Returns:
+        `(rows (h, H), cols (w, W))` bool arrays.
+    """
+    (h, w), (hh, ww) = as_image_size(input_size), as_image_size(image_size)
+    return _axis_footprint(h, hh, mode), _axis_footprint(w, ww, mode)
+
+
+def _covered(footprint: np.ndarray, p: int) -> np.ndarray:
+    """`(n_in - p + 1, n_out)` bool: the model pixels a `p`-wide input patch at each start reaches."""
+    cumulative = np.concatenate([np.zeros((1, footprint.shape[1]), dtype=np.int64), footprint.cumsum(0)])
+    return cumulative[p:] - cumulative[:-p] > 0
+
+
+__all__ += ["resize_footprint"]
+
+
 # ------------------------------------------------------------------ feature windows (PatchGuard)
 
 
-def _axis_feature_window(n: int, p: int, r: int, s: int, o: int, m: int) -> int:
+def _axis_feature_window(n: int, p: int, r: int, s: int, o: int, m: int, footprint: np.ndarray | None = None) -> int:
     """The most features of one axis that a `p`-wide patch inside `[0, n)` can touch.
 
     Feature `a` (of `m`) sees pixels `[s*a - o, s*a - o + r)`; every patch start `t` is tried.
-    The features one patch touches are consecutive, so the extent is last - first + 1.
+    The features one patch touches are consecutive, so the extent is last - first + 1. With a
+    `footprint` (`(n_in, n)`, `resize_footprint`) the patch is in input pixels, inside
+    `[0, n_in)`, and touches the model pixels `[first, last]` of those it reaches.
     """
-    t = np.arange(n - p + 1)[:, None]
+    if footprint is None:
+        t = np.arange(n - p + 1)[:, None]
+        low, high = t, t + p
+    else:
+        covered = _covered(footprint, p)
+        low = np.where(covered, np.arange(n)[None, :], n).min(1)[:, None]
+        high = np.where(covered, np.arange(n)[None, :] + 1, 0).max(1)[:, None]
     start = s * np.arange(m)[None, :] - o
-    touched = (start < t + p) & (start + r > t)
+    touched = (start < high) & (start + r > low)
     idx = np.arange(m)[None, :]
     first = np.where(touched, idx, m).min(axis=1)
     last = np.where(touched, idx, -1).max(axis=1)
@@ -576,6 +633,9 @@ def feature_window(
     feature_stride: int | Sequence[int],
     feature_offset: int | Sequence[int],
     feature_size: int | Sequence[int],
+    *,
+    input_size: int | Sequence[int] | None = None,
+    resize: str | None = None,
 ) -> tuple[int, int]:
     """The PatchGuard window: the most feature rows and columns one patch can touch.
 
@@ -586,14 +646,23 @@ def feature_window(
     BagNet (`s = 8`, `o = 0`) at 224 px with a 32 px patch it is 6 for `r = 17` and 8 for `r = 33`,
     `ceil((p + r - 1) / s)` away from the map's edges.
 
+    With an `input_size` of its own (the defended model resizes its inputs to `image_size`), the
+    patch is in input pixels: every position of it is enumerated with its footprint in model
+    pixels (`resize_footprint`: the model pixels that can depend on it under `resize`), and the
+    features that footprint touches.
+
     Args:
-        image_size: `H` or `(H, W)` of the inputs.
-        patch: side in pixels (int), fraction of the image area (float in (0, 1)), or `(ph, pw)`.
+        image_size: `H` or `(H, W)` of the base model's inputs (the geometry's pixels).
+        patch: side in pixels (int), fraction of the image area (float in (0, 1)), or `(ph, pw)`;
+            of the input image when `input_size` is given.
         receptive_field: `r`, an int or `(rh, rw)`, at least 1.
         feature_stride: `s`, an int or `(sh, sw)`, at least 1.
         feature_offset: `o`, an int or `(oh, ow)` (0 for unpadded models such as BagNet; a
             padded model has `o > 0`).
         feature_size: `(h, w)` of the local-logit map (`h` alone for a square one).
+        input_size: `h` or `(h, w)` of the inputs the defended model resizes to `image_size`, or
+            `None` when it takes `image_size` images.
+        resize: the interpolation of that resize (`"nearest"`, `"bilinear"`, `"bicubic"`).
 
     Returns:
         `(wh, ww)`, each at least 1 and at most the map's side.
@@ -604,7 +673,8 @@ def feature_window(
             all evidence, and no image could ever be certified.
     """
     h, w = as_image_size(image_size)
-    ph, pw = patch_pixels(patch, (h, w))
+    footprint = (None, None) if input_size is None else resize_footprint(input_size, (h, w), resize or "nearest")
+    ph, pw = patch_pixels(patch, (h, w) if input_size is None else as_image_size(input_size))
     rs = [positive_int(v, "receptive_field") for v in as_pair(receptive_field, "receptive_field")]
     ss = [positive_int(v, "feature_stride") for v in as_pair(feature_stride, "feature_stride")]
     os_ = as_pair(feature_offset, "feature_offset")
@@ -612,12 +682,12 @@ def feature_window(
         raise ValueError(f"feature_offset must be an int or a pair of ints, got {feature_offset!r}")
     fh, fw = (positive_int(v, "feature_size") for v in as_pair(feature_size, "feature_size"))
     window = (
-        max(1, _axis_feature_window(h, ph, rs[0], ss[0], int(os_[0]), fh)),
-        max(1, _axis_feature_window(w, pw, rs[1], ss[1], int(os_[1]), fw)),
+        max(1, _axis_feature_window(h, ph, rs[0], ss[0], int(os_[0]), fh, footprint[0])),
+        max(1, _axis_feature_window(w, pw, rs[1], ss[1], int(os_[1]), fw, footprint[1])),
     )
     if window == (fh, fw):
         raise ValueError(
-            f"a {ph}x{pw} patch on {h}x{w} inputs can touch a {window[0]}x{window[1]} window of features, the whole "
+            f"a {ph}x{pw} patch on {input_size or (h, w)} inputs can touch a {window[0]}x{window[1]} window of features, the whole "
             f"{fh}x{fw} local-logit map (receptive field {tuple(rs)}, stride {tuple(ss)}): the attacker would control all "
             "evidence and no image could be certified; use a smaller patch, a smaller receptive field or larger inputs"
         )

@@ -461,12 +461,15 @@ def _measured_info(model: RobustPatchClassifier, warn: bool = False) -> dict[str
 
 
 def _threat(settings: dict[str, Any]) -> str:
-    h, w = settings["image_size"]
+    h, w = settings.get("input_size", settings["image_size"])  # the threat model is in the defended model's input pixels
     patch = settings.get("patch")
     text = settings["defense"]
     shapes = [patch] if isinstance(patch, list) and patch and isinstance(patch[0], int) else patch if isinstance(patch, list) else []
     for ph, pw in shapes:
         text += f", {ph}x{pw} px patch ({100 * ph * pw / (h * w):.2f}% of {h}x{w})"
+    if "input_size" in settings:
+        mh, mw = settings["image_size"]
+        text += f", {h}x{w} inputs resized ({settings['resize']}) to {mh}x{mw}"
     if isinstance(settings.get("mask_set"), dict):
         text += f", {len(settings['mask_set']['boxes'])} masks"
     return text

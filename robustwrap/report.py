@@ -259,10 +259,10 @@ class CertificationReport:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """`(H, W)` of the model's inputs."""
+        """`(H, W)` of the defended model's inputs, the pixels of its threat model (its `input_size`)."""
         if self.mask_set is not None:
             return self.mask_set.image_size
-        h, w = self.settings["image_size"]
+        h, w = self.settings.get("input_size", self.settings["image_size"])
         return int(h), int(w)
 
     @property
@@ -281,10 +281,14 @@ class CertificationReport:
 
     def threat_model(self) -> str:
         """The threat model in words, with the patch in pixels and as a share of the image area."""
-        if self.mask_set is not None:
-            return self.mask_set.describe()
         h, w = self.image_size
-        return "; ".join(f"patch {ph}x{pw} px ({p:.2f}% of {h}x{w})" for (ph, pw), p in zip(self.patch_sizes, self.patch_percent))
+        resized = ""
+        if "input_size" in self.settings:  # a model that resizes its inputs: the threat model is in input pixels
+            mh, mw = self.settings["image_size"]
+            resized = f", {h}x{w} inputs resized ({self.settings.get('resize')}) to {mh}x{mw}"
+        if self.mask_set is not None:
+            return self.mask_set.describe() + resized
+        return "; ".join(f"patch {ph}x{pw} px ({p:.2f}% of {h}x{w})" for (ph, pw), p in zip(self.patch_sizes, self.patch_percent)) + resized
 
     # ---------------------------------------------------------------------------------- counts
     @property
@@ -705,7 +709,7 @@ _CERTIFIED_NAMES = {"prediction": "certified accuracy", "detection": "certified 
 
 def _settings_line(settings: Mapping[str, Any]) -> str:
     """The scalar settings that the threat model line does not show, e.g. `fill 0.0, precision float32, margin 0.0`."""
-    shown = ("defense", "image_size", "mask_set", "patch")
+    shown = ("defense", "image_size", "input_size", "resize", "mask_set", "patch")
     if settings.get("guarantee") != "detection":
         shown += ("tau",)  # the detection threshold does not act on other certificates
     parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]

@@ -363,13 +363,14 @@ def test_smoothed_vit_robustness_library_checkpoint(tmp_path):
     torch.save({"model": torch.nn.DataParallel(attacker_model).state_dict(), "optimizer": {}, "schedule": None, "epoch": 30}, path)
     model = import_checkpoint(path, "smoothed-vit")
     assert model.model.pretrained_cfg["architecture"] == "deit_tiny_patch16_224" and model.num_classes == 10
-    # their 4 px bands of 32 px CIFAR images, upsampled x7 to 224: 28 px bands at stride 7; the 5 px patch is 35 px
-    assert (model.size, model.stride, model.patch, model.image_size) == (28, 7, (35, 35), (224, 224))
+    # their 4 px bands at stride 1 of 32 px CIFAR images against a 5 px patch, upsampled x7 (nearest) to 224: Δ = 8
+    assert (model.size, model.stride, model.patch, model.input_size, model.image_size) == (4, 1, (5, 5), (32, 32), (224, 224))
+    assert (model.resize, model.delta, model.full_views) == ("nearest", 8, 32)
     assert model.model.pretrained_cfg["interpolation"] == "nearest" and model.model.pretrained_cfg["crop_pct"] == 1.0
     assert model.pretrained_info["dataset"] == "cifar10"
     # their black (0) pixels before normalising are -mean/std after it
     assert model.fill == pytest.approx(tuple(-m / s for m, s in zip(mean, std)))
-    # the same views: smoothed-vit's StripeAblator on 32 px, then nearest x7, is each robustwrap view
+    # the same views: smoothed-vit's StripeAblator on 32 px is each robustwrap view (before the same nearest x7)
     theirs_keep = []
     for pos in range(32):
         x = torch.ones(1, 1, 32, 32)
@@ -378,7 +379,7 @@ def test_smoothed_vit_robustness_library_checkpoint(tmp_path):
         else:
             x[..., :pos] = 0
             x[..., pos + 4 :] = 0
-        theirs_keep.append(nn.functional.interpolate(x, scale_factor=7, mode="nearest")[0, 0].bool())
+        theirs_keep.append(x[0, 0].bool())
     assert torch.equal(model.ablation_set.keep_masks(), torch.stack(theirs_keep))
     pixels = torch.rand(1, 3, 224, 224)
     normalised = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -431,9 +432,9 @@ def test_smoothed_vit_drops_tokens_as_the_authors_vit_does(tmp_path):
             votes[logits.argmax(1)] += 1
             kept_per_view.append(int((nn.functional.avg_pool2d(mask, 16)[0, 0] > 0).any(0).sum()))
     assert set(kept_per_view) == {2, 3}  # a 28 px band of 224 meets 2 or 3 of the 14 token columns
-    image = nn.functional.interpolate(normalizer(pixels), scale_factor=7, mode="nearest")
+    image = normalizer(pixels)  # the defended model takes the 32 px image and upsamples it itself
     result = model.certify(image, votes.argmax().unsqueeze(0), early_exit=False)
-    assert torch.equal(result.counts[0].long(), votes)
+    assert torch.equal(result.counts[0].long(), votes) and result.delta == 8
     # The reference tells the functions apart: every token kept (pixels only) votes otherwise.
     pixels_only = import_checkpoint(path, "smoothed-vit", drop_tokens=False)
     assert not torch.equal(pixels_only.certify(image, votes.argmax().unsqueeze(0), early_exit=False).counts[0].long(), votes)

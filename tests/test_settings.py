@@ -78,6 +78,8 @@ _NEW_WRAP = r"robustwrap.wrap\(m.model, image_size=...\)"
 _FROM_MODEL = "read from the base model; assign m.model"
 _COMMON = {
     "image_size": ("refused", _NEW_WRAP),
+    "input_size": ("refused", r"robustwrap.wrap\(m.model, input_size=...\)"),
+    "resize": ("refused", r"robustwrap.wrap\(m.model, input_size=..., resize=...\)"),
     "fill": ("assignable", 0.5),
     "batch_size": ("assignable", 5),
     "precision": ("assignable", "bfloat16"),
@@ -165,7 +167,7 @@ def test_a_wrap_keyword_assigned_after_wrap_acts_as_at_wrap_or_says_how(defense,
 
 def test_refused_assignments_say_how_and_keep_nothing():
     pc = robustwrap.wrap(LocalPeak(), patch=3, num_masks=4, image_size=16)
-    with pytest.raises(AttributeError, match=r"num_masks is a setting of the mask set.*m.mask_set = robustwrap.MaskSet.square\(m.image_size"):
+    with pytest.raises(AttributeError, match=r"num_masks is a setting of the mask set.*m.mask_set = robustwrap.MaskSet.square\(m.input_size"):
         pc.num_masks = 3  # used to be accepted silently, with still 16 masks
     assert len(pc.mask_set) == 16
     with pytest.raises(AttributeError, match="patch is a setting of the mask set"):

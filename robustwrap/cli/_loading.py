@@ -258,11 +258,14 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
     own = model.defense if isinstance(model, RobustPatchClassifier) else None
     defense = args.defense or own or "patchcleanser"
     options = _check_defense_options(args, defense, own)
+    resize = {k: v for k, v in (("input_size", args.input_size), ("resize", args.resize)) if v is not None}
     if own is None:
         with _in_option_words(defense):
-            model = wrap(model, patch, defense=defense, image_size=args.image_size, **options).eval()
-    elif patch is not None or options or defense != own:
+            model = wrap(model, patch, defense=defense, image_size=args.image_size, **resize, **options).eval()
+    elif patch is not None or options or resize or defense != own:
         common: dict[str, Any] = {"image_size": model.image_size, "fill": model.fill, "precision": model.precision, "margin": model.margin}
+        if model.resize is not None or resize:  # the model's own input size and resize, unless the command line changes them
+            common.update({"input_size": model.input_size, "resize": model.resize or args.resize, **resize})
         if defense == own:
             own_patch, own_options = _own_options(model, options)
             patch = own_patch if patch is None else patch
@@ -282,10 +285,12 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
 def _describe(model: RobustPatchClassifier) -> str:
     """One line: the threat model and the defense's own settings."""
     mask_set = getattr(model, "mask_set", None)
+    (h, w), (mh, mw) = model.input_size, model.image_size
+    resized = "" if model.resize is None else f", {h}x{w} inputs resized ({model.resize}) to {mh}x{mw}"
     if model.defense == "patchcleanser" and mask_set is not None:
-        return mask_set.describe()
-    (ph, pw), (h, w) = model.patch, model.image_size
-    patch = f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w})"
+        return mask_set.describe() + resized
+    ph, pw = model.patch
+    patch = f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}){resized}"
     if model.defense == "smoothing":
         votes = "argmax votes" if model.threshold is None else f"votes softmax >= {model.threshold}"
         return f"{patch}; smoothing: {model.ablation_set.describe()}, Δ={model.delta}, {votes}, encoding {model.encoding}"
@@ -447,7 +452,7 @@ def _preprocessing(model: RobustPatchClassifier, training: bool = False):
     channels = model.in_chans or 3
     if getattr(model, "encoding", None) == "levine2020":  # the base model takes (x, 1 - x): images have half its channels
         channels //= 2
-    h, w = model.image_size
+    h, w = model.input_size  # the defended model's own input; it resizes to its base model's size itself
     config = resolve_data_config({"input_size": (channels, h, w)}, model=model.model)
     for key in ("mean", "std"):
         if channels == 1 and len(config[key]) == 3:

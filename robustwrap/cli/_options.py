@@ -19,6 +19,8 @@ EXIT_BROKEN_CERTIFICATE = 3
 EXIT_INTERRUPTED = 130
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+# robustwrap.defenses.base.RESIZE_MODES, written out so that `robustwrap --help` does not import torch.
+RESIZE_MODES = ("nearest", "bilinear", "bicubic")
 
 # The keys of robustwrap.DEFENSES, written out so that `robustwrap --help` does not import torch
 # (tests/test_cli.py checks that they agree).
@@ -74,6 +76,13 @@ def _model_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     else:
         patch_help = "patch as pixels (32), a percentage of the image area (2%%) or a fraction (0.02) (default: the model's own, 2%% for a timm model)"
         threat.add_argument("--patch", type=_patch_list_of_one, help=patch_help)
+    threat.add_argument(
+        "--input-size",
+        type=_image_size,
+        help="h or hxw: the defended model takes images of this size and resizes them to the base model's inside its forward; "
+        "the patch, masks and ablations are in these input pixels (Smoothed ViT's CIFAR-10: 32 upsampled to 224; default: no resize)",
+    )
+    threat.add_argument("--resize", choices=RESIZE_MODES, help="interpolation of the --input-size resize (default: nearest)")
     threat.add_argument("--precision", choices=PRECISIONS, help="numeric precision of the defended model (autocast; default: the model's own, float32 for a timm model)")
     threat.add_argument(
         "--margin",
@@ -309,7 +318,15 @@ def _check_defense_options(args: argparse.Namespace, defense: str, own: str | No
 
 
 # The command line's name of each keyword of `robustwrap.wrap` that is not a defense-group option.
-COMMON_OPTIONS = {"patch": "--patch", "image_size": "--image-size", "num_classes": "--num-classes", "precision": "--precision", "margin": "--margin"}
+COMMON_OPTIONS = {
+    "patch": "--patch",
+    "image_size": "--image-size",
+    "input_size": "--input-size",
+    "resize": "--resize",
+    "num_classes": "--num-classes",
+    "precision": "--precision",
+    "margin": "--margin",
+}
 
 
 @contextlib.contextmanager

@@ -63,7 +63,10 @@ def wrap(
         **options: the defense's own options, as its `from_patch` documents them
             (`PatchCleanser.from_patch`: `num_masks`, `stride`, `mask_set`), and the options every
             defense takes: `image_size` (`H` or `(H, W)`; defaults to the size a timm model was
-            built for), `fill` (masked pixel value in the model's input space, default 0.0),
+            built for), `input_size` and `resize` (the defended model takes `input_size` images
+            and resizes them to `image_size` inside its forward with `resize`, default
+            `"nearest"`; its patch, masks and ablations are in input pixels, docs/concepts.md#input-pixels),
+            `fill` (masked pixel value in the model's input space, default 0.0),
             `batch_size` (views per forward pass; default `None`: chosen for the model, image size
             and device), `precision` (`"float32"`, `"bfloat16"` or `"float16"` autocast, default
             `"float32"`), `margin` (certificate margin, default 1e-3, 0.1 for PatchGuard's

@@ -34,7 +34,7 @@ from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, 
 from .._unwrap import local_module, unwrap
 from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
 
-__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN"]
+__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN", "RESIZE_MODES", "resolve_input_size", "resize_images"]
 
 DEFAULT_BATCH_SIZE = 64  # views per forward pass
 DEFAULT_PATCH = 0.02  # of the image area, when `wrap` is not told the patch
@@ -47,6 +47,11 @@ DEFAULT_MARGIN = 1e-3
 
 # The settings every defense has; `settings()` adds the defense's own.
 _COMMON_KEYS = ("defense", "image_size", "fill", "precision", "margin")
+# Present only for a defended model that resizes its inputs (docs/concepts.md#input-pixels), so
+# a model without a resize keeps the settings (and results fingerprints) it always had.
+_RESIZE_KEYS = ("input_size", "resize")
+RESIZE_MODES = ("nearest", "bilinear", "bicubic")
+"""The interpolations a defended model may resize its inputs with (`torch.nn.functional.interpolate` modes)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,59 @@ def resolve_image_size(model: nn.Module, image_size: int | Sequence[int] | None)
     return size
 
 
+def resolve_input_size(
+    image_size: tuple[int, int], input_size: int | Sequence[int] | None, resize: str | None
+) -> tuple[tuple[int, int] | None, str | None]:
+    """`(input_size, resize)` checked against the base model's `image_size`: `(None, None)` when the inputs are not resized.
+
+    A defended model with an input size of its own takes `input_size` images and resizes them
+    to the base model's `image_size` inside its forward, with the interpolation `resize`
+    (default `"nearest"`, the upsampling of Smoothed ViT's CIFAR-10 models); its threat model
+    is in input pixels (docs/concepts.md#input-pixels).
+
+    Raises:
+        ValueError: an `input_size` larger than `image_size` on an axis (a resize that shrinks
+            the image mixes pixels: the papers only upsample), an unknown `resize`, or a
+            `resize` without a smaller `input_size`.
+    """
+    if input_size is None or as_image_size(input_size) == image_size:
+        if resize is not None and input_size is None:
+            raise ValueError(f"resize={resize!r} needs an input_size smaller than the model's image_size {image_size}: the inputs are not resized")
+        return None, None
+    size = as_image_size(input_size)
+    if size[0] > image_size[0] or size[1] > image_size[1]:
+        raise ValueError(
+            f"input_size={input_size!r} is larger than the {image_size[0]}x{image_size[1]} images the base model takes: "
+            "the defended model only upsamples its inputs (pass a smaller input_size, or resize the images before the model)"
+        )
+    resize = "nearest" if resize is None else resize
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(map(repr, RESIZE_MODES))}, got {resize!r}")
+    return size, resize
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """`x` `(B, C, h, w)` resized to `size` with `mode`: the one resize of a defended model with an input size of its own.
+
+    `"bilinear"` and `"bicubic"` use `align_corners=False` (torchvision's and timm's resize).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    corners = None if mode == "nearest" else False
+    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=corners)
+
+
+class _Resized(nn.Module):
+    """The base model behind the defended model's resize: what inference runs views through."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int], mode: str):
+        super().__init__()
+        self.model, self.size, self.mode = model, size, mode
+
+    def forward(self, x: torch.Tensor):
+        return self.model(resize_images(x, self.size, self.mode))
+
+
 def _infer_in_chans(model: nn.Module) -> int | None:
     """Input channels: the model's `in_chans`, else timm's resolved input config, else the first conv.
 
@@ -214,7 +272,12 @@ class RobustPatchClassifier(
 
     Args:
         model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
-        image_size: `(H, W)` of the inputs, in the model's input space.
+        image_size: `(H, W)` of the base model's inputs.
+        input_size: `(h, w)` of the defended model's inputs when it has an input size of its own
+            (no larger than `image_size`): it resizes them to `image_size` inside its forward,
+            and its threat model (patch, masks, ablations, fill) is in these input pixels
+            (docs/concepts.md#input-pixels). `None`: the inputs are `image_size`, not resized.
+        resize: the interpolation of that resize, one of `RESIZE_MODES` (default `"nearest"`).
         fill: value of masked / ablated pixels in the model's input space (after normalisation):
             a scalar or one value per channel. Train and certify with the same fill.
         batch_size: views per forward pass (speed and memory only; results do not depend on it);
@@ -241,6 +304,8 @@ class RobustPatchClassifier(
         model: nn.Module,
         *,
         image_size: int | Sequence[int],
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         precision: str = "float32",
@@ -249,6 +314,7 @@ class RobustPatchClassifier(
     ):
         super().__init__()
         self._image_size = as_image_size(image_size)
+        self._input_size, self._resize = resolve_input_size(self._image_size, input_size, resize)
         self._num_classes: int | None = None
         self._warned_train_mode = False
         self.model = model  # checked and resolved in __setattr__
@@ -349,8 +415,34 @@ class RobustPatchClassifier(
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """`(H, W)` of the inputs (fixed by the defense's geometry)."""
+        """`(H, W)` of the base model's inputs (fixed by the defense's geometry); `input_size` when nothing is resized."""
         return self._image_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """`(h, w)` of the defended model's inputs: the pixels its threat model is in (docs/concepts.md#input-pixels).
+
+        `image_size` unless the model has an input size of its own, which its forward resizes to
+        `image_size` with `resize`.
+        """
+        return self._input_size or self._image_size
+
+    @input_size.setter
+    def input_size(self, value) -> None:
+        raise AttributeError(f"input_size is fixed by the {type(self).__name__}'s geometry; build a new one with robustwrap.wrap(m.model, input_size=...)")
+
+    @property
+    def resize(self) -> str | None:
+        """The interpolation from `input_size` to `image_size` (`RESIZE_MODES`), or `None` when the inputs are not resized."""
+        return self._resize
+
+    @resize.setter
+    def resize(self, value) -> None:
+        raise AttributeError("resize is fixed with input_size; build a new one with robustwrap.wrap(m.model, input_size=..., resize=...)")
+
+    def resize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` at `input_size` resized to the base model's `image_size` (unchanged when nothing is resized)."""
+        return x if self._resize is None else resize_images(x, self._image_size, self._resize)
 
     @image_size.setter
     def image_size(self, value) -> None:
@@ -439,15 +531,18 @@ class RobustPatchClassifier(
     def settings(self) -> dict[str, Any]:
         """Every setting that defines the defended function, JSON-ready.
 
-        `{"defense", "image_size", "fill", "precision", "margin"}` plus the defense's own (e.g.
+        `{"defense", "image_size", "fill", "precision", "margin"}` (plus `"input_size"` and
+        `"resize"` for a model that resizes its inputs) and the defense's own (e.g.
         PatchCleanser's `"mask_set"` and `"patch"`) and, for a defense with certified detection,
         its threshold `"tau"`. The Hub config, the results fingerprint and
         the report all serialise exactly this; `batch_size` is not part of it (speed only).
         `type(m).from_settings(m.model, m.settings())` rebuilds an equal defended model.
         """
+        resize = {} if self._resize is None else {"input_size": list(self.input_size), "resize": self._resize}
         return {
             "defense": self.defense,
             "image_size": list(self.image_size),
+            **resize,
             "fill": list(self.fill) if isinstance(self.fill, tuple) else self.fill,
             "precision": self.precision,
             "margin": self.margin,
@@ -496,7 +591,7 @@ class RobustPatchClassifier(
             raise ValueError(f"settings lack {', '.join(missing)} (keys: {sorted(settings)})")
         options, used = cls._options_from_settings(settings)
         detection = () if cls._no_detection is not None else ("tau",)  # optional: configs written before detection have none
-        extra = sorted(set(settings) - set(_COMMON_KEYS) - set(used) - set(detection))
+        extra = sorted(set(settings) - set(_COMMON_KEYS) - set(_RESIZE_KEYS) - set(used) - set(detection))
         if extra:
             raise ValueError(f"unknown {cls.defense} settings {extra}")
         try:
@@ -507,6 +602,13 @@ class RobustPatchClassifier(
         if not isinstance(image_size, (list, tuple)):
             raise ValueError(f"settings image_size must be [H, W], got {image_size!r}")
         image_size = as_image_size(image_size)
+        if "input_size" in settings:
+            input_size, resize = settings["input_size"], settings.get("resize")
+            if not isinstance(input_size, (list, tuple)) or not isinstance(resize, str):
+                raise ValueError(f"settings input_size must be [h, w] with a resize mode, got input_size={input_size!r}, resize={resize!r}")
+            common.update(input_size=as_image_size(input_size), resize=resize)
+        elif "resize" in settings:
+            raise ValueError("settings give resize without input_size")
         defended = cls(model, **options, **common, **runtime)
         if defended.image_size != image_size:
             raise ValueError(f"settings image_size {list(image_size)} disagrees with the {cls.defense} geometry's {list(defended.image_size)}")
@@ -533,7 +635,8 @@ class RobustPatchClassifier(
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"defense={self.defense}, image_size={self.image_size}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+        resized = "" if self._resize is None else f", input_size={self.input_size}, resize={self._resize}"
+        return f"defense={self.defense}, image_size={self.image_size}{resized}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     def __copy__(self) -> RobustPatchClassifier:
         """A shallow copy with its own settings: changing the copy's settings leaves this one alone.
@@ -560,14 +663,22 @@ class RobustPatchClassifier(
         lower precision the model runs itself: its folded weights round differently, moving
         logits by far more than the margin absorbs (0.34 on the embedded default in bfloat16;
         benchmarks/precision_margin.py).
-        `example`: the call's images, to check a new copy on.
+        With an input size of its own (`input_size`), the module takes views at `input_size` and
+        resizes them first: every view reaches the base model through this resize.
+        `example`: the call's images (at `input_size`), to check a new copy on.
         """
         if self.precision != "float32":
-            return self._local_model
-        cache = self.__dict__.get("_inference_copy")
-        if cache is None:
-            cache = self.__dict__["_inference_copy"] = InferenceCopy()
-        return cache.module(self._local_model, example)
+            module = self._local_model
+        else:
+            cache = self.__dict__.get("_inference_copy")
+            if cache is None:
+                cache = self.__dict__["_inference_copy"] = InferenceCopy()
+            module = cache.module(self._local_model, self.resize_input(example))
+        return self._behind_resize(module)
+
+    def _behind_resize(self, module: nn.Module) -> nn.Module:
+        """`module` (the base model or its inference copy) taking `input_size` views: resized first, when the model resizes."""
+        return module if self._resize is None else _Resized(module, self._image_size, self._resize)
 
     # ------------------------------------------------------------------------------ precision
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -679,7 +790,7 @@ class RobustPatchClassifier(
             raise ValueError("images is an empty batch (B = 0)")
         if not x.is_floating_point():
             raise TypeError(f"images must be a floating tensor, normalised as the model expects; got dtype {x.dtype}")
-        h, w = self.image_size
+        h, w = self.input_size
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"images must be {h}x{w} for this {self._geometry_name}, got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
         if self.in_chans is not None and x.shape[1] != self.in_chans:
@@ -733,7 +844,7 @@ class RobustPatchClassifier(
                     stacklevel=2,
                 )
             with self.autocast():
-                return self._train_forward(x)
+                return self._train_forward(self.resize_input(x))
         return self._robust_forward(x)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,15 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, forward_views, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MARGIN,
+    DEFAULT_PATCH,
+    CertifyResult,
+    RobustPatchClassifier,
+    resolve_image_size,
+    resolve_input_size,
+)
 from .detection import DEFAULT_TAU
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
@@ -337,6 +345,12 @@ class PatchCleanser(RobustPatchClassifier):
     Args:
         model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
         mask_set: the R-covering mask set (its `image_size` is the input size).
+        image_size: `H` or `(H, W)` of the base model's inputs when it differs from the mask
+            set's: the defended model then resizes its inputs (the mask set's size) to it, and
+            masks in input pixels before the resize (docs/concepts.md#input-pixels). Default:
+            the mask set's, or with `input_size`/`resize` the size a timm model was built for.
+        input_size: the mask set's image size, if given (it must agree).
+        resize: the interpolation of that resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`.
         fill: value of masked pixels in the model's input space (after normalisation): a scalar
             or one value per channel. Train and certify with the same fill.
         batch_size: masked views per forward pass; `None` (default) picks one for the model,
@@ -360,7 +374,7 @@ class PatchCleanser(RobustPatchClassifier):
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
         name: f"{name} is a setting of the mask set, not of the defended model: assign a new one, e.g. "
-        "m.mask_set = robustwrap.MaskSet.square(m.image_size, patch, num_masks=6) (or stride=..., MaskSet.rect for a rectangle)"
+        "m.mask_set = robustwrap.MaskSet.square(m.input_size, patch, num_masks=6) (or stride=..., MaskSet.rect for a rectangle)"
         for name in ("patch", "num_masks", "stride")
     }
 
@@ -369,6 +383,9 @@ class PatchCleanser(RobustPatchClassifier):
         model: nn.Module,
         mask_set: MaskSet,
         *,
+        image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -377,8 +394,20 @@ class PatchCleanser(RobustPatchClassifier):
     ):
         if not isinstance(mask_set, MaskSet):
             raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
+        if input_size is not None and as_image_size(input_size) != mask_set.image_size:
+            raise ValueError(f"input_size={input_size!r} does not match the mask set's image size {mask_set.image_size} (masks are in input pixels)")
+        resized = image_size is not None or input_size is not None or resize is not None
+        image_size = resolve_image_size(model, image_size) if resized else mask_set.image_size
         super().__init__(
-            model, image_size=mask_set.image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes
+            model,
+            image_size=image_size,
+            input_size=mask_set.image_size,
+            resize=resize,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
         )
         self.mask_set = mask_set
 
@@ -398,8 +427,11 @@ class PatchCleanser(RobustPatchClassifier):
             self.register_buffer("_keep", keep, persistent=False)
         else:
             self._buffers["_keep"] = keep
+        if self._resize is None:
+            self._image_size = value.image_size
+        else:  # the masks are in input pixels: a set of another size is another input size, resized alike
+            self._input_size, self._resize = resolve_input_size(self._image_size, value.image_size, self._resize)
         self._mask_set = value
-        self._image_size = value.image_size
 
     @property
     def patch(self) -> tuple[int, int]:
@@ -422,7 +454,9 @@ class PatchCleanser(RobustPatchClassifier):
             sizes = [list(p) for p in mask_set.patch_sizes]
             if settings["patch"] != (sizes[0] if len(sizes) == 1 else sizes):
                 raise ValueError(f"settings patch {settings['patch']!r} disagrees with the mask set's patch sizes {sizes}")
-        return {"mask_set": mask_set}, ("mask_set", "patch")
+        # The mask set is in input pixels: the base model's size is its own only when the inputs are resized.
+        resized = {"image_size": settings["image_size"]} if "input_size" in settings else {}
+        return {"mask_set": mask_set, **resized}, ("mask_set", "patch")
 
     @classmethod
     def from_patch(
@@ -434,6 +468,8 @@ class PatchCleanser(RobustPatchClassifier):
         stride: int | Sequence[int] | None = None,
         mask_set: MaskSet | None = None,
         image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -450,7 +486,10 @@ class PatchCleanser(RobustPatchClassifier):
             num_masks: masks per axis (default 6, i.e. 36 masks), or `(kh, kw)`.
             stride: mask stride in pixels, instead of `num_masks`.
             mask_set: a ready `MaskSet`, instead of `patch`/`num_masks`/`stride`.
-            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            image_size: `H` or `(H, W)` of the base model's inputs; defaults to the size a timm model was built for.
+            input_size: `h` or `(h, w)` of the defended model's inputs, resized to `image_size` in
+                its forward; the patch and the masks are in its pixels (default: no resize).
+            resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`: the interpolation of that resize.
             fill: masked pixel value in the model's input space.
             batch_size: masked views per forward pass (default `None`: chosen for the model,
                 image size and device, `robustwrap.views.auto_batch_size`).
@@ -472,21 +511,25 @@ class PatchCleanser(RobustPatchClassifier):
                 raise ValueError(f"pass either mask_set or patch/num_masks/stride, not both (got mask_set and {', '.join(given)})")
             if not isinstance(mask_set, MaskSet):
                 raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
-            if image_size is not None and as_image_size(image_size) != mask_set.image_size:
+            if image_size is not None and input_size is None and resize is None and as_image_size(image_size) != mask_set.image_size:
                 raise ValueError(f"image_size={image_size!r} does not match the mask set's image size {mask_set.image_size}")
         else:
             size = resolve_image_size(model, image_size)
+            if input_size is not None:  # the masks are in input pixels
+                size = resolve_input_size(size, input_size, resize)[0] or size
             patch = DEFAULT_PATCH if patch is None else patch
             if isinstance(patch, (tuple, list)):
                 mask_set = MaskSet.rect(size, patch, num_masks=num_masks, stride=stride)
             else:
                 mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
-        defended = cls(model, mask_set, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        resized = {} if input_size is None and resize is None else {"image_size": image_size, "input_size": input_size, "resize": resize}
+        defended = cls(model, mask_set, **resized, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
         defended.tau = tau
         return defended
 
     def extra_repr(self) -> str:
-        return f"mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+        resized = "" if self.resize is None else f"input_size={self.input_size}, resize={self.resize}, image_size={self.image_size}, "
+        return f"{resized}mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     # ----------------------------------------------------------------------------- inference
     def _runner(self, x: torch.Tensor) -> ViewRunner:

@@ -408,7 +408,7 @@ def _probe_flops(model: nn.Module, in_chans: int, size: tuple[int, int]) -> int 
 
 
 @functools.lru_cache(maxsize=64)
-def _window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size) -> tuple[int, int]:
+def _window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size, input_size=None, resize=None) -> tuple[int, int]:
     """`feature_window`, after checking that the declared geometry fits the map the model returned."""
     for axis, (n, r, s, o, m) in enumerate(zip(image_size, receptive_field, feature_stride, feature_offset, feature_size)):
         first_end, last_start = r - o, s * (m - 1) - o
@@ -419,7 +419,7 @@ def _window(image_size, patch, receptive_field, feature_stride, feature_offset, 
                 f"{m}-long map outside the {n} image {name} (feature 0 ends at {first_end}, feature {m - 1} starts at "
                 f"{last_start}): it does not describe this model; robustwrap.models.check_receptive_field verifies a declaration"
             )
-    return feature_window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size)
+    return feature_window(image_size, patch, receptive_field, feature_stride, feature_offset, feature_size, input_size=input_size, resize=resize)
 
 
 class PatchGuard(RobustPatchClassifier):
@@ -441,7 +441,12 @@ class PatchGuard(RobustPatchClassifier):
         model: the local-logit model.
         patch: the threat model's patch: side in pixels (int), fraction of the image area (float
             in (0, 1)), or `(ph, pw)`.
-        image_size: `H` or `(H, W)` of the inputs.
+        image_size: `H` or `(H, W)` of the base model's inputs (the geometry's pixels).
+        input_size: `h` or `(h, w)`: the defended model takes images of this size and resizes them
+            to `image_size` inside its forward; the patch is in these input pixels, and the window
+            covers the features that the model pixels it can reach touch
+            (`geometry.feature_window`, docs/concepts.md#input-pixels). `None` (default): no resize.
+        resize: the interpolation of that resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`.
         receptive_field: `r` (int or `(rh, rw)`, >= 1), for a model without a `receptive_field`
             attribute: declared for this model only (another model assigned later brings its
             own attribute or is declared with `set_model`) and verified on it where that is cheap
@@ -479,6 +484,8 @@ class PatchGuard(RobustPatchClassifier):
         patch: int | float | Sequence[int],
         *,
         image_size: int | Sequence[int],
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         receptive_field: int | Sequence[int] | None = None,
         feature_stride: int | Sequence[int] | None = None,
         feature_offset: int | Sequence[int] | None = None,
@@ -493,12 +500,22 @@ class PatchGuard(RobustPatchClassifier):
         given = {"receptive_field": receptive_field, "feature_stride": feature_stride, "feature_offset": feature_offset}
         # Checked before the base class's blank forward pass; a non-module is refused there.
         declared = _declarations(unwrap(model), given) if isinstance(model, nn.Module) else {}
-        super().__init__(model, image_size=image_size, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        super().__init__(
+            model,
+            image_size=image_size,
+            input_size=input_size,
+            resize=resize,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
+        )
         # Declarations for what the model does not say itself, bound to this model: the model's own
         # attributes are read at every use (they follow in-place changes), and another model
         # assigned later must bring its own geometry or be declared anew (`set_model`).
         self._declared_geometry = _Declared(self._inner_model, declared)
-        self._patch = patch_pixels(patch, self.image_size)
+        self._patch = patch_pixels(patch, self.input_size)
         self.threshold = threshold
         self.clip = clip
         self._verify_declared()
@@ -670,7 +687,7 @@ class PatchGuard(RobustPatchClassifier):
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
         with self._window_kept_possible("_patch"):
-            self._patch = patch_pixels(value, self.image_size)
+            self._patch = patch_pixels(value, self.input_size)
 
     @property
     def threshold(self) -> float:
@@ -699,7 +716,8 @@ class PatchGuard(RobustPatchClassifier):
         return self._window_for(self._feature_size())
 
     def _window_for(self, feature_size: tuple[int, int]) -> tuple[int, int]:
-        return _window(self.image_size, self.patch, self.receptive_field, self.feature_stride, self.feature_offset, tuple(feature_size))
+        resized = (None, None) if self.resize is None else (self.input_size, self.resize)
+        return _window(self.image_size, self.patch, self.receptive_field, self.feature_stride, self.feature_offset, tuple(feature_size), *resized)
 
     def _feature_size(self) -> tuple[int, int]:
         cached = self.__dict__.get("_map_size")
@@ -709,7 +727,7 @@ class PatchGuard(RobustPatchClassifier):
 
     def _blank_pass(self) -> None:
         """One blank image through the base model: records its map size and class count."""
-        blank = torch.zeros(1, self.in_chans or 3, *self.image_size)
+        blank = torch.zeros(1, self.in_chans or 3, *self.input_size)
         with eval_mode(self._inner_model), torch.no_grad():
             self._local_logits(self._prepare(blank))
 
@@ -773,6 +791,8 @@ class PatchGuard(RobustPatchClassifier):
         threshold: float = 0.0,
         clip: float | None = None,
         image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         precision: str = "float32",
@@ -795,7 +815,10 @@ class PatchGuard(RobustPatchClassifier):
             feature_offset: `o`, if the model has no `feature_offset` attribute.
             threshold: detection threshold `T` in `[0, 1)` (default 0).
             clip: optional ceiling of the clipped local logits.
-            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            image_size: `H` or `(H, W)` of the base model's inputs; defaults to the size a timm model was built for.
+            input_size: `h` or `(h, w)` of the defended model's inputs, resized to `image_size` in
+                its forward; the patch is in its pixels (default: no resize).
+            resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`: the interpolation of that resize.
             fill: as for every defense (unused: no pixel is masked).
             batch_size: images per forward pass (default 64).
             precision: autocast precision of the base model (default `"float32"`).
@@ -815,6 +838,8 @@ class PatchGuard(RobustPatchClassifier):
             model,
             DEFAULT_PATCH if patch is None else patch,
             image_size=size,
+            input_size=input_size,
+            resize=resize,
             receptive_field=receptive_field,
             feature_stride=feature_stride,
             feature_offset=feature_offset,

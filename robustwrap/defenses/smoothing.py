@@ -20,7 +20,7 @@ from torch import nn
 
 from .._args import as_fill, as_image_size, positive_int, read_patch
 from .._unwrap import joins_processes, unwrap
-from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side
+from ..geometry import ABLATIONS, AblationSet, patch_pixels, patch_side, resize_footprint
 from ..tokens import (
     SUPPORTED,
     TokenGrid,
@@ -32,7 +32,7 @@ from ..tokens import (
     views_per_pass,
 )
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
-from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resize_images, resolve_image_size, resolve_input_size
 from .detection import votes_topk
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
@@ -199,7 +199,8 @@ class ViewTokens:
         grid: the base model's token grid (`robustwrap.tokens.token_grid`).
         axis_keep: `(rows (R, gh), cols (Q, gw))` bool, per view position on each axis: the
             token rows and columns that meet the kept pixels.
-        pixel_keep: `(rows (R, H), cols (Q, W))` bool: the set's `axis_keep`, the pixels kept.
+        pixel_keep: `(rows (R, H), cols (Q, W))` bool: the set's `axis_keep`, the pixels kept;
+            with a resize, the model pixels that depend on a kept input pixel.
     """
 
     grid: TokenGrid
@@ -207,11 +208,20 @@ class ViewTokens:
     pixel_keep: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def of(cls, grid: TokenGrid | None, ablation_set: AblationSet, device: torch.device) -> ViewTokens | None:
-        """The kept tokens of `ablation_set`'s views on `grid`, or `None` without token dropping."""
+    def of(
+        cls, grid: TokenGrid | None, ablation_set: AblationSet, device: torch.device, footprint: tuple | None = None
+    ) -> ViewTokens | None:
+        """The kept tokens of `ablation_set`'s views on `grid`, or `None` without token dropping.
+
+        With a `footprint` (`robustwrap.geometry.resize_footprint`: the views are resized from
+        the set's input pixels to the model's), a model pixel counts as kept when it depends on
+        a kept input pixel, so a token is dropped only when none of its pixels does.
+        """
         if grid is None:
             return None
         pixels = ablation_set.axis_keep(device)
+        if footprint is not None:
+            pixels = tuple((keep[:, :, None] & torch.as_tensor(f, device=device)[None]).any(1) for keep, f in zip(pixels, footprint))
         return cls(grid, axis_token_keep(pixels, grid), pixels)
 
     def keep(self, view: torch.Tensor) -> torch.Tensor:
@@ -293,6 +303,9 @@ class RandomAblation:
     image becomes one of its views, chosen uniformly, with the defended model's ablation, size,
     stride, encoding and fill, so the base model trains on what it certifies.
 
+    With an input size of its own (`resize`), the views are at the defended model's input size
+    and `logits` resizes them to the base model's, as certification does.
+
     Args:
         ablation_set: the views (`DerandomizedSmoothing.ablation_set`).
         encoding: `"fill"` or `"levine2020"`; with `"levine2020"` the output has `2C` channels.
@@ -301,6 +314,8 @@ class RandomAblation:
             reproducible training; `None` uses torch's global generator.
         drop_tokens: the views drop the tokens they do not keep (a ViT): train through
             `logits(model, views, view)`, which runs the base model as certification does.
+        resize: `(image_size, mode)`: the defended model resizes its views to the base model's
+            `image_size` with `mode` (`DerandomizedSmoothing.resize`), or `None`.
     """
 
     def __init__(
@@ -310,6 +325,7 @@ class RandomAblation:
         fill: float | Sequence[float] = 0.0,
         generator: torch.Generator | None = None,
         drop_tokens: bool = False,
+        resize: tuple[tuple[int, int], str] | None = None,
     ):
         if not isinstance(ablation_set, AblationSet):
             raise TypeError(f"ablation_set must be a robustwrap AblationSet, got {type(ablation_set).__name__}")
@@ -320,11 +336,13 @@ class RandomAblation:
         self.fill = as_fill(fill)
         self.generator = generator
         self.drop_tokens = drop_tokens
+        self.resize = resize
 
     @classmethod
     def from_model(cls, model: DerandomizedSmoothing, generator: torch.Generator | None = None) -> RandomAblation:
         """The augmentation with `model`'s current ablation set, encoding, fill and token dropping."""
-        return cls(model.ablation_set, model.encoding, model.fill, generator, drop_tokens=model.drop_tokens)
+        resize = None if model.resize is None else (model.image_size, model.resize)
+        return cls(model.ablation_set, model.encoding, model.fill, generator, drop_tokens=model.drop_tokens, resize=resize)
 
     def logits(self, model: nn.Module, views: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The base model's output on training views, computed as certification computes it (`view_logits`).
@@ -341,6 +359,11 @@ class RandomAblation:
             TypeError: `drop_tokens` and `model` is (or wraps) a `DistributedDataParallel` (whose
                 forward these views would bypass).
         """
+        footprint = None
+        if self.resize is not None:
+            size, mode = self.resize
+            footprint = resize_footprint(self.ablation_set.image_size, size, mode)
+            views = resize_images(views, size, mode)
         if not self.drop_tokens:
             return model(views)
         if joins_processes(model):
@@ -350,10 +373,10 @@ class RandomAblation:
                 "DistributedDataParallel wraps, or train with robustwrap.fit_masking, which does"
             )
         model = unwrap(model)  # a compiled or DataParallel ViT: its parts run, never the wrapper's forward
-        grid = token_grid(model, self.ablation_set.image_size)
+        grid = token_grid(model, tuple(views.shape[2:]))
         if grid is None:
             raise ValueError(f"this RandomAblation drops tokens, which needs {SUPPORTED}; got a {type(model).__name__}")
-        return view_logits(model, views, view, ViewTokens.of(grid, self.ablation_set, views.device))
+        return view_logits(model, views, view, ViewTokens.of(grid, self.ablation_set, views.device, footprint))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, *, return_indices: bool = False):
         """Replace each image of `x` `(B, C, H, W)` by one random ablated view; `y` is not used.
@@ -474,7 +497,13 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             channels with `encoding="levine2020"`).
         patch: the threat model: side in pixels (int), fraction of the image area (float in
             (0, 1); default 0.02), or `(ph, pw)` in pixels.
-        image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+        image_size: `H` or `(H, W)` of the base model's inputs; defaults to the size a timm
+            model was built for.
+        input_size: `h` or `(h, w)`: the defended model takes images of this size and resizes
+            them to `image_size` inside its forward (Smoothed ViT's CIFAR-10 models: 32 px
+            upsampled to 224); the patch, `size`, `stride` and `fill` are in these input pixels
+            (docs/concepts.md#input-pixels). `None` (default): no resize.
+        resize: the interpolation of that resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`.
         ablation: `"column"` (default), `"row"` or `"block"`.
         size: band width / block side in pixels (required).
         stride: pixels between neighbouring view positions (default 1: every position).
@@ -522,6 +551,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         patch: int | float | Sequence[int] | None = None,
         *,
         image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         ablation: str = "column",
         size: int | None = None,
         stride: int = 1,
@@ -546,12 +577,21 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         encoding = _as_encoding(encoding)
         threshold = _as_threshold(threshold)
         resolved = resolve_image_size(model, image_size)
-        ablation_set = AblationSet(resolved, ablation, size, stride)
-        patch = _as_patch(DEFAULT_PATCH if patch is None else patch, resolved)
+        input_size, resize = resolve_input_size(resolved, input_size, resize)
+        ablation_set = AblationSet(input_size or resolved, ablation, size, stride)
+        patch = _as_patch(DEFAULT_PATCH if patch is None else patch, input_size or resolved)
         _check_certifiable(ablation_set, patch)
         # Base channel checks would read a levine2020 model's 2C channels as the fill's length.
         super().__init__(
-            model, image_size=resolved, fill=0.0, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes
+            model,
+            image_size=resolved,
+            input_size=input_size,
+            resize=resize,
+            fill=0.0,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
         )
         self._ablation_set = ablation_set
         self._patch = patch
@@ -571,8 +611,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
     def ablation_set(self, value: AblationSet) -> None:
         if not isinstance(value, AblationSet):
             raise TypeError(f"ablation_set must be a robustwrap AblationSet, got {type(value).__name__}")
-        if value.image_size != self.image_size:
-            raise ValueError(f"ablation_set is for {value.image_size} images, this model certifies {self.image_size}")
+        if value.image_size != self.input_size:
+            raise ValueError(f"ablation_set is for {value.image_size} images, this model certifies {self.input_size}")
         _check_certifiable(value, self._patch)
         self._ablation_set = value
 
@@ -583,7 +623,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     @ablation.setter
     def ablation(self, value: str) -> None:
-        self.ablation_set = AblationSet(self.image_size, value, self.size, self.stride)
+        self.ablation_set = AblationSet(self.input_size, value, self.size, self.stride)
 
     @property
     def size(self) -> int:
@@ -592,7 +632,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     @size.setter
     def size(self, value: int) -> None:
-        self.ablation_set = AblationSet(self.image_size, self.ablation, value, self.stride)
+        self.ablation_set = AblationSet(self.input_size, self.ablation, value, self.stride)
 
     @property
     def stride(self) -> int:
@@ -601,7 +641,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     @stride.setter
     def stride(self, value: int) -> None:
-        self.ablation_set = AblationSet(self.image_size, self.ablation, self.size, value)
+        self.ablation_set = AblationSet(self.input_size, self.ablation, self.size, value)
 
     @property
     def patch(self) -> tuple[int, int]:
@@ -610,7 +650,7 @@ class DerandomizedSmoothing(RobustPatchClassifier):
 
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
-        patch = _as_patch(value, self.image_size)
+        patch = _as_patch(value, self.input_size)
         _check_certifiable(self._ablation_set, patch)
         self._patch = patch
 
@@ -781,6 +821,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         encoding: str = "fill",
         drop_tokens: bool | None = None,
         image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -799,7 +841,10 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             encoding: `"fill"` (default) or `"levine2020"`.
             drop_tokens: run each view on the tokens meeting its retained region (a ViT);
                 `None` (default): on for timm's ViT family, off otherwise.
-            image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            image_size: `H` or `(H, W)` of the base model's inputs; defaults to the size a timm model was built for.
+            input_size: `h` or `(h, w)` of the defended model's inputs, resized to `image_size`
+                in its forward; the patch, `size` and `stride` are in its pixels (default: no resize).
+            resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`: the interpolation of that resize.
             fill: ablated pixel value in the model's input space.
             batch_size: views per forward pass (default `None`: chosen for the model, image
                 size and device).
@@ -817,6 +862,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
             model,
             patch,
             image_size=image_size,
+            input_size=input_size,
+            resize=resize,
             ablation=ablation,
             size=size,
             stride=stride,
@@ -834,8 +881,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
     def extra_repr(self) -> str:
         vote = "argmax" if self._threshold is None else f"softmax >= {self._threshold}"
         ph, pw = self._patch
+        resized = "" if self.resize is None else f"{self.input_size[0]}x{self.input_size[1]} inputs resized ({self.resize}) to {self.image_size[0]}x{self.image_size[1]}, "
         return (
-            f"{self._ablation_set.describe()}, patch {ph}x{pw} px (Δ={self.delta}), votes {vote}, encoding={self._encoding}, "
+            f"{resized}{self._ablation_set.describe()}, patch {ph}x{pw} px (Δ={self.delta}), votes {vote}, encoding={self._encoding}, "
             f"drop_tokens={self._drop_tokens if self._drop_tokens is not None else supports_token_dropping(self._inner_model, self.image_size)}, "
             f"fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
         )
@@ -947,7 +995,14 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         threshold, margin, batch_size = self._threshold, self.margin, self.batch_size
         num_views = len(ablation_set)
         axis_keep = ablation_set.axis_keep(device)
-        tokens = ViewTokens.of(self._token_grid(), ablation_set, device)
+        resize = self.resize
+        footprint = None if resize is None else resize_footprint(self.input_size, self.image_size, resize)
+        tokens = ViewTokens.of(self._token_grid(), ablation_set, device, footprint)
+        # With a nearest resize each model pixel copies one input pixel, so the views of the
+        # resized images keep the model pixels that copy kept input pixels: the images are
+        # embedded once. Another interpolation mixes kept and ablated pixels: each view is
+        # built, resized and run on the tokens that meet it.
+        embed_once = tokens is not None and resize in (None, "nearest")
         if tokens is not None:
             batch_size = views_per_pass(batch_size, tokens.grid, tokens.most_kept())
         attr = getattr(self._inner_model, "num_classes", None)
@@ -961,8 +1016,8 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             # token dropping runs the model's own blocks: no inference copy stands in for them
             module = self._inference_model(encode_full(x[:1], encoding)) if tokens is None else self._inner_model
-            if tokens is not None:  # each image embedded once; a view re-embeds only the tokens it keeps partly
-                encoded = encode_full(x, encoding)
+            if embed_once:  # each image embedded once; a view re-embeds only the tokens it keeps partly
+                encoded = self.resize_input(encode_full(x, encoding))
                 embedded, ablated = embed_patches(module, encoded), token_fill(fill, encoding, encoded)
             while True:
                 if early_exit and counts is not None:
@@ -983,11 +1038,13 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                 image, view = image[valid][:step], view[valid][:step]
                 for start in range(0, image.numel(), batch_size):
                     part, part_view = image[start : start + batch_size], view[start : start + batch_size]
-                    if tokens is None:
+                    if not embed_once:
                         views = ablate(x, part, part_view, axis_keep, encoding, fill)
-                        if channels_last:
+                        if tokens is not None:  # the resized view, run on the tokens that meet its kept pixels
+                            views = self.resize_input(views)
+                        elif channels_last:
                             views = views.contiguous(memory_format=torch.channels_last)
-                        logits = view_logits(module, views, part_view, None, num_classes).float()
+                        logits = view_logits(module, views, part_view, tokens, num_classes).float()
                     else:
                         # forward_views counts the pass's views and checks its logits; the views are (part, part_view)
                         run = lambda _: tokens.logits(module, encoded, part, part_view, ablated, embedded)  # noqa: B023 - called at once
