@@ -544,7 +544,9 @@ def test_smoothed_vit_cifar100(tmp_path):
     path = _robustness_file(tmp_path / "checkpoint.pt.best", vit, [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761], custom_forward=True)
     model = import_checkpoint(path, "smoothed-vit")
     assert model.num_classes == 100 and model.pretrained_info["dataset"] == "cifar100"
-    assert (model.image_size, model.size, model.stride, model.patch) == ((224, 224), 28, 7, (35, 35))  # upsampled x7, as CIFAR-10
+    # as CIFAR-10: 32 px inputs, upsampled x7 (nearest) inside the defended model; bands and patch in input pixels
+    assert (model.image_size, model.input_size, model.resize) == ((224, 224), (32, 32), "nearest")
+    assert (model.size, model.stride, model.patch, model.delta) == (4, 1, (5, 5), 8)
     assert model.model.pretrained_cfg["interpolation"] == "nearest"
 
 
