@@ -19,7 +19,7 @@ from torch import nn
 from .._args import as_image_size
 from ..geometry import MaskSet
 from ..views import ViewRunner, auto_channels_last, eval_mode, model_device_dtype, row_pairs, triangle_pairs
-from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, TrainingRecipe, resolve_image_size
 
 __all__ = ["PatchCleanser", "PatchCleanserResult"]
 
@@ -353,6 +353,9 @@ class PatchCleanser(RobustPatchClassifier):
 
     defense = "patchcleanser"
     _geometry_name = "mask set"
+    # robustwrap.augment's masking; Multi-size Greedy Cutout by default (Saha et al., TMLR 2023).
+    training_strategies: ClassVar[tuple[str, ...]] = ("none", "random_cutout", "random_mask", "greedy", "multisize_greedy", "grid")
+    default_strategy: ClassVar[str] = "multisize_greedy"
     # The patch, masks per axis and stride only build the mask set, which is the one source of
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
@@ -420,6 +423,12 @@ class PatchCleanser(RobustPatchClassifier):
             if settings["patch"] != (sizes[0] if len(sizes) == 1 else sizes):
                 raise ValueError(f"settings patch {settings['patch']!r} disagrees with the mask set's patch sizes {sizes}")
         return {"mask_set": mask_set}, ("mask_set", "patch")
+
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        return _masking_recipe(strategy, self.mask_set, self.model, fill, batch_size)
+
+    def _training_geometry(self) -> dict[str, Any]:
+        return _masking_geometry(self.mask_set)
 
     @classmethod
     def from_patch(
@@ -545,3 +554,21 @@ class PatchCleanser(RobustPatchClassifier):
         with eval_mode(self._inner_model), torch.no_grad(), self.autocast():
             runner, one_mask, one_logits = self._one_mask(self._runner(x), x)
             return certify_views(runner, x, y, one_mask, one_logits, self.margin, early_exit)
+
+
+# ------------------------------------------------------------------------------- training
+def _masking_recipe(strategy: str, mask_set: MaskSet, model: nn.Module, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+    """PatchCleanser's training: images masked by a `robustwrap.augment` strategy of `mask_set` (none for `"none"`).
+
+    Also what `fit_masking` trains a bare classifier with, given the mask set it will be certified with.
+    """
+    if strategy == "none":
+        return TrainingRecipe()
+    from ..augment import create_augmentation  # training code, imported when a model trains
+
+    return TrainingRecipe(augment=create_augmentation(strategy, mask_set, model, fill=fill, batch_size=batch_size))
+
+
+def _masking_geometry(mask_set: MaskSet) -> dict[str, Any]:
+    """The masks a checkpoint of PatchCleanser's training records."""
+    return {"mask_set": [list(b) for b in mask_set.boxes]}
