@@ -165,9 +165,9 @@ def fit_masking(
     or 0.001 for a transformer. A model counts as a transformer when a submodule is an
     `nn.MultiheadAttention` or has `Attention` or `PatchEmbed` in its class name (timm's ViT,
     DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
-    where that rule is wrong for your model. PatchGuard's provable adversarial training starts at
-    0.001 for any model, the authors' rate on ImageNet: at 0.01 a model that cannot yet certify
-    its training images drifts to a constant output and can end predicting one class.
+    where that rule is wrong for your model. A strategy can bring its own: PatchGuard's provable
+    adversarial training starts at 0.001 for any model, the authors' rate on ImageNet (at 0.01 a
+    model that cannot yet certify its training images drifts to a constant output).
 
     The base model is trained in place, at the defended model's `precision` (the autocast that
     prediction and certification use too; float16 adds loss scaling), with its `fill`.
@@ -203,14 +203,17 @@ def fit_masking(
             `DistributedSampler` (whose `set_epoch` is called before every epoch), or be a
             `DataLoader` over an `IterableDataset` that shards itself; all processes must yield
             the same number of batches.
-        strategy: `None` (default) for the defense's own strategy: Multi-size Greedy Cutout
-            (`"multisize_greedy"`) for PatchCleanser and a bare model, `"random_ablation"` (one
-            random ablated view per image, see `robustwrap.defenses.smoothing.RandomAblation`) for
-            (De)Randomized Smoothing, `"provable_adversarial"` for PatchGuard (no masking: the loss
-            removes the true class's largest window of evidence, `PatchGuard.training_loss`).
-            PatchCleanser also takes `"greedy"`, `"grid"`, `"random_mask"` and `"random_cutout"`
-            (see `robustwrap.augment`); every defense takes `"none"` (clean fine-tuning; for
-            PatchGuard, cross-entropy of the mean local logits) and a callable
+        strategy: `None` (default) for the defense's own strategy (its class's
+            `default_strategy`), or one of its `training_strategies`: for PatchCleanser and a
+            bare model Multi-size Greedy Cutout (`"multisize_greedy"`), `"greedy"`, `"grid"`,
+            `"random_mask"`, `"random_cutout"` (see `robustwrap.augment`); for (De)Randomized
+            Smoothing `"random_ablation"` (one random ablated view per image, `RandomAblation`);
+            for PatchGuard `"provable_adversarial"` (no masking: the loss removes the true class's
+            largest window of evidence, `PatchGuard.training_loss`); for PatchCURE `"random_mask"`
+            (two random masks of the feature mask set per image, applied to the features in the
+            forward) and `"greedy"` (Greedy Cutout on the feature grid). Every defense takes `"none"`
+            (clean fine-tuning; for PatchGuard, cross-entropy of the mean local logits) and,
+            except PatchCURE (whose views are masked features), a callable
             `strategy(images, labels) -> masked images` (the images as the base model takes them).
         mask_set: the mask set the model will be certified with; required for a bare model,
             taken from a `RobustPatchClassifier`.
@@ -348,22 +351,7 @@ def fit_masking(
     certifier = None
     if certify_every is not None:
         certifier = classifier or wrap(base, mask_set=mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes)
-    # One model for all processes: DistributedDataParallel averages the gradients of every
-    # process's batch (and starts every process from rank 0's weights).
-    # Views made in the forward (a ViT's dropped tokens, PatchCURE's masked features) run the model's
-    # parts, not its forward: `_ViewForward` makes them one module's forward, so that
-    # DistributedDataParallel sees (and synchronises) them.
-    trained = _ViewForward(base, recipe.augment) if _views_in_forward(recipe.augment) else base
-    if target.ddp is not None and trained is not base:
-        raise ValueError(
-            f"fit_masking cannot train the views of strategy {strategy_name!r} (token-dropping views, drop_tokens, or masked "
-            "features) through your own DistributedDataParallel wrapper, whose forward is the model's own; pass the bare model "
-            "(fit_masking wraps it in DistributedDataParallel itself under torchrun)"
-        )
-    loop.forward = trained
-    loop.trained = target.ddp if target.ddp is not None else trained
-    if world > 1 and target.ddp is None:
-        loop.trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
+    loop.forward, loop.trained = _trained_modules(base, recipe.augment, target.ddp, world, device, strategy_name)
     modes = [(module, module.training) for module in loop.trained.modules()]
     if not any(module.training for module in base.modules()):
         loop.trained.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
@@ -775,6 +763,31 @@ def _run_strategy(
 
 
 # ---------------------------------------------------------------------------------- processes
+def _trained_modules(
+    base: nn.Module, augment, ddp: nn.Module | None, world: int, device: torch.device, strategy: str
+) -> tuple[nn.Module, nn.Module]:
+    """`(forward, trained)`: the function trained, and what training calls (it, or a DistributedDataParallel of it).
+
+    Views made in the forward (a ViT's dropped tokens, PatchCURE's masked features) run the
+    model's parts, not its forward: `_ViewForward` makes them one module's forward, so that
+    DistributedDataParallel sees (and synchronises) them. Under torch.distributed it is wrapped
+    here, unless the user wrapped the base model: DistributedDataParallel averages the gradients
+    of every process's batch (and starts every process from rank 0's weights).
+    """
+    forward = _ViewForward(base, augment) if _views_in_forward(augment) else base
+    if ddp is not None and forward is not base:
+        raise ValueError(
+            f"fit_masking cannot train the views of strategy {strategy!r} (token-dropping views, drop_tokens, or masked "
+            "features) through your own DistributedDataParallel wrapper, whose forward is the model's own; pass the bare model "
+            "(fit_masking wraps it in DistributedDataParallel itself under torchrun)"
+        )
+    if ddp is not None:
+        return forward, ddp
+    if world > 1:
+        return forward, DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    return forward, forward
+
+
 def _distributed_sampler(loader) -> DistributedSampler | None:
     """The `DistributedSampler` that picks this rank's images of a DataLoader, if any."""
     for owner in (loader, getattr(loader, "batch_sampler", None)):

@@ -175,7 +175,10 @@ def test_greedy_search_costs_one_srf_pass_per_image_and_lrf_views(kind):
     assert model.model.training  # searched in eval mode, given back in train mode
     with torch.no_grad():  # the worst mask, then the worst second mask with it, by the reference's loss
         for b in range(4):
-            loss = lambda pair: F.cross_entropy(_reference_logits(model, x[b : b + 1], torch.tensor([pair])).float(), y[b : b + 1])  # noqa: E731
+
+            def loss(pair, b=b):
+                return F.cross_entropy(_reference_logits(model, x[b : b + 1], torch.tensor([pair])).float(), y[b : b + 1])
+
             m1 = max(range(k), key=lambda i: loss([i, i]))
             m2 = max((j for j in range(k) if j != m1), key=lambda j: loss([m1, j]))
             assert masks[b].tolist() == [m1, m2]
@@ -185,7 +188,9 @@ def test_strategies_and_what_is_refused():
     model = _model("pair")
     assert (type(model).training_strategies, type(model).default_strategy) == (("random_mask", "greedy", "none"), "random_mask")
     x, y = _images("pair", 4)
-    with pytest.raises(ValueError, match=r"strategy must be one of 'random_mask', 'greedy', 'none' or a callable for a 'patchcure' model; got 'grid'"):
+    with pytest.raises(
+        ValueError, match=r"strategy must be one of 'random_mask', 'greedy', 'none' or a callable for a 'patchcure' model; got 'grid'"
+    ):
         fit_masking(model, [(x, y)], strategy="grid", progress=False)
     with pytest.raises(ValueError, match="makes its training views inside the model's forward"):
         fit_masking(model, [(x, y)], strategy=lambda images, labels: images, progress=False)
@@ -224,7 +229,15 @@ def test_a_short_run_lowers_the_loss_and_raises_certified_accuracy():
     before = model.eval().certify(vx, vy).certified.float().mean().item()
     model.train()
     torch.manual_seed(0)
-    history = fit_masking(model, DataLoader(train, batch_size=16, shuffle=True), val_loader=DataLoader(val, batch_size=16), certify_every=4, epochs=4, lr=0.1, progress=False)
+    history = fit_masking(
+        model,
+        DataLoader(train, batch_size=16, shuffle=True),
+        val_loader=DataLoader(val, batch_size=16),
+        certify_every=4,
+        epochs=4,
+        lr=0.1,
+        progress=False,
+    )
     losses = [e.loss for e in history.epochs]
     assert losses[-1] < losses[0]
     assert history.final.certified_accuracy > before and history.final.certified_accuracy >= 0.8, (before, history.final)
@@ -271,7 +284,9 @@ TRAIN = TensorDataset(*_images("vit_split", 4 * B, seed=5))
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         model = _model("vit_split")
         loader = DataLoader(TRAIN, batch_size=B, sampler=DistributedSampler(TRAIN, shuffle=False))

@@ -695,9 +695,9 @@ class PatchCURE(RobustPatchClassifier):
             return self.model(x)
         if joins_processes(self.model):
             raise TypeError(
-                "the ViT split runs the ViT's parts, not its forward, so a DistributedDataParallel around the ViT would not synchronise "
-                "their gradients: wrap the PatchCURE model itself, DistributedDataParallel(robustwrap.wrap(vit, defense='patchcure', ...)), "
-                "or train with robustwrap.fit_masking, which does it for you"
+                "the ViT split runs the ViT's parts, not its forward, so a DistributedDataParallel around the ViT would not "
+                "synchronise their gradients: wrap the PatchCURE model itself, DistributedDataParallel(robustwrap.wrap(vit, "
+                "defense='patchcure', ...)), or train with robustwrap.fit_masking, which does it for you"
             )
         srf, lrf = self._parts()
         features = srf(x)
@@ -761,7 +761,8 @@ class _FeatureMasking:
         with defense._inference(srf, lrf):
             runner, features = defense._views(srf, lrf, x)
             k = int(runner.keep.shape[0])
-            return _greedy_pair(lambda image, a, b: _view_losses(runner, features, y, image, a, b, self.batch_size), x.shape[0], k, x.device)
+            losses = functools.partial(_view_losses, runner, features, y, batch_size=self.batch_size)
+            return _greedy_pair(losses, x.shape[0], k, x.device)
 
     def logits(self, base: nn.Module, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
         """The views' logits `(B, num_classes)`, with gradients: `srf(x)` once, then each image's masked features.

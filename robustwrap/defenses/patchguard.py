@@ -28,7 +28,15 @@ from .._args import as_image_size, as_pair, positive_int
 from .._unwrap import unwrap
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode, model_device_dtype
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, TrainingRecipe, _check_base_model, resolve_image_size
+from .base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PATCH,
+    CertifyResult,
+    RobustPatchClassifier,
+    TrainingRecipe,
+    _check_base_model,
+    resolve_image_size,
+)
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
 # window's worth of local logits, so rounding changes add up. On the zoo's BagNet in float32 the
