@@ -199,6 +199,22 @@ def test_strategies_and_what_is_refused():
     assert fit_masking(model, [(x, y)], strategy="none", epochs=1, progress=False).final.loss == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["vit_split", "vit_depth"])
+def test_clean_images_and_validation_run_the_split_model_not_the_vits_own_forward(kind):
+    """An image left clean (clean_ratio) trains on every cell kept, and val_accuracy is the split model's (predict_vanilla)."""
+    model = _model(kind)
+    x, y = _images(kind, 6, seed=4)
+    with torch.no_grad():
+        split = _masking(model, "none").logits(model.model, x, None)
+        own = model.model(x)
+    assert not torch.allclose(split.float(), own, atol=1e-3)  # the windowed blocks make another function
+    expected = F.cross_entropy(split, y).item()
+    history = fit_masking(model, [(x, y)], clean_ratio=1.0, epochs=1, lr=1e-9, val_loader=[(x, y)], progress=False)
+    assert history.final.loss == pytest.approx(expected, rel=1e-5)
+    model.eval()
+    assert history.final.val_accuracy == (model.predict_vanilla(x) == y).sum().item() / 6
+
+
 def test_a_vit_inside_distributed_data_parallel_is_refused_in_train_mode():
     """The split runs the ViT's parts: through a DistributedDataParallel around the ViT its gradients would not sync."""
     model = _model("vit_split")
