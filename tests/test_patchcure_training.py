@@ -155,7 +155,7 @@ def test_fit_masking_trains_on_those_views():
     expected = F.cross_entropy(_reference_logits(before, x, masks), y)
     assert history.strategy == "random_mask" and history.lr == 0.1
     assert history.final.loss == pytest.approx(expected.item(), rel=1e-5)
-    assert any(not torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), before.model.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), before.model.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("kind", ["pair", "local"])
@@ -284,7 +284,7 @@ def _interrupted_and_resumed(tmp_path: Path, kind: str):
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, kind):
     straight, resumed, history = _interrupted_and_resumed(tmp_path, kind)
     assert len(history) == 2
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     other = robustwrap.wrap(_vit(), patch=5, defense="patchcure", window=(2, 2), split=2)
     if kind == "vit_split":  # another split trains other views: its checkpoint is refused
