@@ -280,15 +280,41 @@ class _MaskSearch(_MaskSetAugmentation):
 
     def _losses(self, x: torch.Tensor, y: torch.Tensor, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-view cross entropy of the views `x[image]` hiding candidate masks `a` and `b`, as `(N,)` float32."""
-        losses = torch.empty(image.numel(), dtype=torch.float32, device=x.device)
-        runner = self._runner(x.device)
-        for s in range(0, image.numel(), self.batch_size):
-            part = slice(s, s + self.batch_size)
-            logits = runner.run(x, image[part], a[part], b[part])
-            if s == 0:
-                check_label_range(y, logits.shape[1], "y")
-            losses[part] = F.cross_entropy(logits.float(), y[image[part]], reduction="none")
-        return losses
+        return _view_losses(self._runner(x.device), x, y, image, a, b, self.batch_size)
+
+
+def _view_losses(
+    runner: ViewRunner, x: torch.Tensor, y: torch.Tensor, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """Per-view cross entropy of `runner`'s views `(image, a, b)` of `x`, `batch_size` per pass, as `(N,)` float32.
+
+    Whatever a view is (pixels of an image, cells of PatchCURE's feature grid), the searches score it alike.
+    """
+    losses = torch.empty(image.numel(), dtype=torch.float32, device=x.device)
+    for s in range(0, image.numel(), batch_size):
+        part = slice(s, s + batch_size)
+        logits = runner.run(x, image[part], a[part], b[part])
+        if s == 0:
+            check_label_range(y, logits.shape[1], "y")
+        losses[part] = F.cross_entropy(logits.float(), y[image[part]], reduction="none")
+    return losses
+
+
+def _greedy_pair(losses, b: int, k: int, device: torch.device) -> torch.Tensor:
+    """Greedy Cutout's `(b, 2)` masks among `k`: the worst mask `m1`, then the worst `m2` with it.
+
+    `losses(image, first, second)` scores the views of images `image` hiding masks `first` and `second`.
+    """
+    image = torch.arange(b, device=device).repeat_interleave(k)
+    mask = torch.arange(k, device=device).repeat(b)
+    m1 = losses(image, mask, mask).view(b, k).argmax(1)
+    if k == 1:
+        return torch.stack([m1, m1], 1)
+    others = torch.arange(k - 1, device=device).expand(b, -1)
+    others = others + (others >= m1[:, None])  # every mask but m1, ascending
+    image = torch.arange(b, device=device).repeat_interleave(k - 1)
+    m2 = others.gather(1, losses(image, m1[image], others.flatten()).view(b, k - 1).argmax(1, keepdim=True))[:, 0]
+    return torch.stack([m1, m2], 1)
 
 
 class GreedyCutout(_MaskSearch):
@@ -312,18 +338,7 @@ class GreedyCutout(_MaskSearch):
         return max(2 * len(self.mask_set) - 1, 1)
 
     def _search(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, k = x.shape[0], len(self.mask_set)
-        image = torch.arange(b, device=x.device).repeat_interleave(k)
-        mask = torch.arange(k, device=x.device).repeat(b)
-        m1 = self._losses(x, y, image, mask, mask).view(b, k).argmax(1)
-        if k == 1:
-            return torch.stack([m1, m1], 1)
-        others = torch.arange(k - 1, device=x.device).expand(b, -1)
-        others = others + (others >= m1[:, None])  # every mask but m1, ascending
-        image = torch.arange(b, device=x.device).repeat_interleave(k - 1)
-        losses = self._losses(x, y, image, m1[image], others.flatten()).view(b, k - 1)
-        m2 = others.gather(1, losses.argmax(1, keepdim=True))[:, 0]
-        return torch.stack([m1, m2], 1)
+        return _greedy_pair(lambda image, a, b: self._losses(x, y, image, a, b), x.shape[0], len(self.mask_set), x.device)
 
     def __repr__(self) -> str:
         return f"GreedyCutout(masks={len(self.mask_set)}, fill={self.fill}, batch_size={self.batch_size})"

@@ -11,6 +11,7 @@ docs/concepts.md#training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -35,28 +36,21 @@ from tqdm.auto import tqdm
 from ._args import as_fill, as_labels, check_label_range, positive_int, refuses_amp
 from ._dist import average_running_statistics, barrier, gather_objects, rank_and_world, sum_across
 from ._unwrap import joins_processes, local_module, unwrap
-from .augment import _NAMES as _AUGMENTATIONS
-from .augment import create_augmentation
-from .defenses import RobustPatchClassifier, wrap
+from .defenses import PatchCleanser, RobustPatchClassifier, wrap
+from .defenses.base import TrainingRecipe
+from .defenses.patchcleanser import _masking_geometry, _masking_recipe
 from .geometry import MaskSet
 from .tokens import merge_distilled
 from .views import eval_mode, model_device_dtype
 
 __all__ = ["fit_masking", "FitHistory", "EpochStats", "STRATEGIES"]
 
-STRATEGIES = ("none", *_AUGMENTATIONS)
-"""Strategy names of `fit_masking`: `"none"` (clean fine-tuning) and those of `create_augmentation`."""
+STRATEGIES = PatchCleanser.training_strategies
+"""Strategy names of `fit_masking` for PatchCleanser and a bare model: `"none"` (clean fine-tuning) and
+those of `create_augmentation`. Each defense class lists its own in `training_strategies`."""
 
 _CONVNET_LR, _TRANSFORMER_LR = 0.01, 0.001
-# PatchGuard's provable adversarial training: the authors' rate on ImageNet and Imagenette. At 0.01 a
-# model that cannot yet certify its images shrinks its output towards a constant (the loss of a
-# constant output, ln C, is below its own) and can collapse to one class within 3 epochs
-# (benchmarks/patchguard_collapse.py); at 0.001 it keeps its predictions apart while the loss falls.
-_PROVABLE_LR = 0.001
 _WEIGHTS, _STATE = "model.safetensors", "training_state.pt"
-_DEFAULT_STRATEGY = "multisize_greedy"  # PatchCleanser's: Multi-size Greedy Cutout (Saha et al., TMLR 2023)
-_SMOOTHING_STRATEGIES = ("none", "random_ablation")  # (De)Randomized Smoothing: one random ablated view per image
-_PATCHGUARD_STRATEGIES = ("provable_adversarial", "none")  # PatchGuard: provable adversarial training, or plain
 _EPOCH_DIR = re.compile(r"epoch_(\d+)")
 
 Strategy = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -171,9 +165,9 @@ def fit_masking(
     or 0.001 for a transformer. A model counts as a transformer when a submodule is an
     `nn.MultiheadAttention` or has `Attention` or `PatchEmbed` in its class name (timm's ViT,
     DeiT, BEiT, EVA, CaiT and Swin; torchvision's ViT and Swin; Hugging Face's ViT); pass `lr`
-    where that rule is wrong for your model. PatchGuard's provable adversarial training starts at
-    0.001 for any model, the authors' rate on ImageNet: at 0.01 a model that cannot yet certify
-    its training images drifts to a constant output and can end predicting one class.
+    where that rule is wrong for your model. A strategy can bring its own: PatchGuard's provable
+    adversarial training starts at 0.001 for any model, the authors' rate on ImageNet (at 0.01 a
+    model that cannot yet certify its training images drifts to a constant output).
 
     The base model is trained in place, at the defended model's `precision` (the autocast that
     prediction and certification use too; float16 adds loss scaling), with its `fill`.
@@ -209,14 +203,17 @@ def fit_masking(
             `DistributedSampler` (whose `set_epoch` is called before every epoch), or be a
             `DataLoader` over an `IterableDataset` that shards itself; all processes must yield
             the same number of batches.
-        strategy: `None` (default) for the defense's own strategy: Multi-size Greedy Cutout
-            (`"multisize_greedy"`) for PatchCleanser and a bare model, `"random_ablation"` (one
-            random ablated view per image, see `robustwrap.defenses.smoothing.RandomAblation`) for
-            (De)Randomized Smoothing, `"provable_adversarial"` for PatchGuard (no masking: the loss
-            removes the true class's largest window of evidence, `PatchGuard.training_loss`).
-            PatchCleanser also takes `"greedy"`, `"grid"`, `"random_mask"` and `"random_cutout"`
-            (see `robustwrap.augment`); every defense takes `"none"` (clean fine-tuning; for
-            PatchGuard, cross-entropy of the mean local logits) and a callable
+        strategy: `None` (default) for the defense's own strategy (its class's
+            `default_strategy`), or one of its `training_strategies`: for PatchCleanser and a
+            bare model Multi-size Greedy Cutout (`"multisize_greedy"`), `"greedy"`, `"grid"`,
+            `"random_mask"`, `"random_cutout"` (see `robustwrap.augment`); for (De)Randomized
+            Smoothing `"random_ablation"` (one random ablated view per image, `RandomAblation`);
+            for PatchGuard `"provable_adversarial"` (no masking: the loss removes the true class's
+            largest window of evidence, `PatchGuard.training_loss`); for PatchCURE `"random_mask"`
+            (two random masks of the feature mask set per image, applied to the features in the
+            forward) and `"greedy"` (Greedy Cutout on the feature grid). Every defense takes `"none"`
+            (clean fine-tuning; for PatchGuard, cross-entropy of the mean local logits) and,
+            except PatchCURE (whose views are masked features), a callable
             `strategy(images, labels) -> masked images` (the images as the base model takes them).
         mask_set: the mask set the model will be certified with; required for a bare model,
             taken from a `RobustPatchClassifier`.
@@ -300,9 +297,8 @@ def fit_masking(
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if lr is not None and optimizer is not None:
         raise ValueError("lr sets the learning rate of the default SGD; with your own optimizer, set it there")
-    augment, strategy_name = _make_strategy(strategy, target, search_batch_size)
-    loss_fn, scores = target.training_loss(strategy_name)
-    loss_fn = _DeadRunWatch(loss_fn, scores, local_logits=getattr(target.classifier, "defense", None) == "patchguard")
+    recipe, strategy_name = _make_strategy(strategy, target, search_batch_size)
+    loss_fn = _DeadRunWatch(recipe.loss, recipe.scores, local_logits=recipe.local_logits)
 
     if device is not None:
         if target.ddp is not None and torch.device(device) != model_device_dtype(base)[0]:
@@ -313,17 +309,17 @@ def fit_masking(
         base.to(device)
     device, dtype = model_device_dtype(base)
     if optimizer is None:
-        lr = target.lrs.get(strategy_name, _default_lr(base)) if lr is None else float(lr)
+        lr = (recipe.lr or _default_lr(base)) if lr is None else float(lr)
         optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         if scheduler is None:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[(epochs + 1) // 2], gamma=0.1)
     loop = _Loop(
         base=base,
-        augment=augment,
-        encode=target.encode,
+        augment=recipe.augment,
+        encode=recipe.encode,
         resize=target.resize,
         loss=loss_fn,
-        scores=scores,
+        scores=recipe.scores,
         clean_ratio=float(clean_ratio),
         optimizer=optimizer,
         scheduler=scheduler,
@@ -356,22 +352,7 @@ def fit_masking(
     certifier = None
     if certify_every is not None:
         certifier = classifier or wrap(base, mask_set=mask_set, fill=fill, batch_size=search_batch_size, num_classes=loop.num_classes)
-    # One model for all processes: DistributedDataParallel averages the gradients of every
-    # process's batch (and starts every process from rank 0's weights).
-    # Token-dropping views run the ViT's parts, not its forward: `_ViewForward` makes them one
-    # module's forward, so that DistributedDataParallel sees (and synchronises) them.
-    trained = _ViewForward(base, augment, target.resize) if getattr(augment, "drop_tokens", False) else base
-    if trained is base and classifier is not None:
-        trained = classifier._behind_resize(base)  # masked at input size, then resized
-    if target.ddp is not None and trained is not base:
-        raise ValueError(
-            "fit_masking cannot train token-dropping views (drop_tokens) or resized inputs (input_size) through your own "
-            "DistributedDataParallel wrapper, whose forward keeps every token and takes the base model's size; pass the bare "
-            "model (fit_masking wraps it in DistributedDataParallel itself under torchrun)"
-        )
-    loop.trained = target.ddp if target.ddp is not None else trained
-    if world > 1 and target.ddp is None:
-        loop.trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
+    loop.forward, loop.trained = _trained_modules(base, recipe.augment, target.ddp, world, device, strategy_name, classifier)
     modes = [(module, module.training) for module in loop.trained.modules()]
     if not any(module.training for module in base.modules()):
         loop.trained.train()  # a model entirely in eval mode was loaded for inference, not frozen module by module
@@ -426,7 +407,8 @@ class _Loop:
     progress: bool  # on rank 0 only
     rank: int
     world: int  # processes of torch.distributed (1 without)
-    trained: nn.Module | None = None  # what training calls: `base`, or its DistributedDataParallel
+    forward: nn.Module | None = None  # the function trained: `base`, or its views made in the forward (`_ViewForward`)
+    trained: nn.Module | None = None  # what training calls: `forward`, or its DistributedDataParallel
     modes: list[tuple[nn.Module, bool]] = field(default_factory=list)  # each submodule's mode for training
 
     def train_mode(self) -> None:
@@ -498,7 +480,7 @@ def _validate(stats: EpochStats, loop: _Loop, loader: Iterable, certifier: Robus
     with torch.no_grad(), eval_mode(loop.base), loop.autocast():
         for batch in _shard(loader, loop.rank, loop.world):
             x, y = loop.batch(batch, "val_loader")
-            clean += int((loop.scores(loop.base(loop.resize(loop.encode(x)))).argmax(1) == y).sum())
+            clean += int((loop.scores(loop.forward(loop.encode(x))).argmax(1) == y).sum())
             seen += y.shape[0]
             if certifier is not None:
                 result = certifier.certify(x, y)
@@ -594,19 +576,18 @@ class _DeadRunWatch:
 # --------------------------------------------------------------------------------- resolution
 @dataclass
 class _Target:
-    """What `fit_masking` trains and how the defense wants it trained."""
+    """What `fit_masking` trains, and how its defense trains it (`RobustPatchClassifier._training_recipe`)."""
 
     classifier: RobustPatchClassifier | None
     base: nn.Module
     fill: float | tuple[float, ...]
     precision: str
-    strategies: tuple[str, ...]  # the strategy names that make sense for this defense
-    default: str | None  # the defense's own strategy (`strategy=None`)
+    strategies: tuple[str, ...]  # the strategy names of the defense
+    default: str  # its own strategy (`strategy=None`)
     geometry: dict  # what decides the training views, recorded in checkpoints
-    mask_set: MaskSet | None = None
-    encode: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    recipe: Callable[[str, int], TrainingRecipe]  # (strategy, search batch size) -> how to train with it
+    mask_set: MaskSet | None = None  # a bare model's (certification builds its PatchCleanser)
     ddp: nn.Module | None = None  # the user's own DistributedDataParallel (or a wrapper of one) around `base`, trained through
-    lrs: dict[str, float] = field(default_factory=dict)  # a strategy's own default learning rate, where it has one
     # Images at the defended model's input size to the base model's (its `resize_input`): training
     # masks in input pixels and resizes the views, as certification does.
     resize: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
@@ -615,95 +596,66 @@ class _Target:
         if joins_processes(self.base):
             self.ddp, self.base = self.base, local_module(self.base)
 
-    def training_loss(self, strategy: str) -> tuple[Callable, Callable]:
-        """`(loss(output, labels), scores(output) -> (B, num_classes))` for the base model's output."""
-        if getattr(self.classifier, "defense", None) == "patchguard":  # local logits (B, C, h, w)
-            provable = strategy == "provable_adversarial"
-
-            def loss(local: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return self.classifier.training_loss(local, y, provable=provable)
-
-            return loss, lambda local: local.float().mean((-2, -1))
-        return F.cross_entropy, (lambda logits: logits)
-
 
 def _resolve_defense(model, mask_set, fill) -> _Target:
-    """The base model, fill, precision and strategies to train with (docs/concepts.md#training)."""
+    """The base model, fill, precision and training of the defense (docs/concepts.md#training).
+
+    A bare model with `mask_set` trains as PatchCleanser's base model, the defense it will be certified with.
+    """
     if isinstance(model, RobustPatchClassifier):
         if mask_set is not None:
             raise ValueError(f"the {type(model).__name__} brings its own mask set and fill; pass mask_set with a bare model only, not both")
         fill = model.fill if fill is None else as_fill(fill)
-        common = {"classifier": model, "base": model.model, "fill": fill, "precision": model.precision, "resize": model.resize_input}
-        if isinstance(getattr(model, "mask_set", None), MaskSet):  # PatchCleanser: the masking strategies
-            geometry = {"mask_set": [list(b) for b in model.mask_set.boxes]}
-            return _Target(**common, strategies=STRATEGIES, default=_DEFAULT_STRATEGY, geometry=geometry, mask_set=model.mask_set)
-        if getattr(model, "defense", None) == "smoothing":  # one random ablated view per image, encoded alike
-            from .defenses.smoothing import encode_full
-
-            settings = model.settings()
-            geometry = {"views": {key: settings[key] for key in ("ablation", "size", "stride", "encoding", "drop_tokens")}}
-            encoding = settings["encoding"]
-            return _Target(
-                **common,
-                strategies=_SMOOTHING_STRATEGIES,
-                default="random_ablation",
-                geometry=geometry,
-                encode=lambda x: encode_full(x, encoding),
-            )
-        if getattr(model, "defense", None) == "patchguard":  # no masking: the loss makes it robust
-            settings = model.settings()
-            geometry = {"guard": {k: v for k, v in settings.items() if k not in ("fill", "precision", "margin")}}
-            return _Target(
-                **common,
-                strategies=_PATCHGUARD_STRATEGIES,
-                default="provable_adversarial",
-                geometry=geometry,
-                lrs={"provable_adversarial": _PROVABLE_LR},
-            )
-        return _Target(**common, strategies=("none",), default=None, geometry={"defense": getattr(model, "defense", "")})
+        return _Target(
+            classifier=model,
+            base=model.model,
+            fill=fill,
+            precision=model.precision,
+            resize=model.resize_input,
+            strategies=model.training_strategies,
+            default=model.default_strategy,
+            geometry=model._training_geometry(),
+            recipe=lambda strategy, batch_size: model._training_recipe(strategy, fill, batch_size),
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a RobustPatchClassifier, got {type(model).__name__}")
     if mask_set is None:
         raise ValueError("mask_set is required for a bare model (the masks it will be certified with); or pass robustwrap.wrap(model, ...)")
     if not isinstance(mask_set, MaskSet):
         raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
+    fill = 0.0 if fill is None else as_fill(fill)
     return _Target(
         classifier=None,
         base=model,
-        fill=0.0 if fill is None else as_fill(fill),
+        fill=fill,
         precision="float32",
-        strategies=STRATEGIES,
-        default=_DEFAULT_STRATEGY,
-        geometry={"mask_set": [list(b) for b in mask_set.boxes]},
+        strategies=PatchCleanser.training_strategies,
+        default=PatchCleanser.default_strategy,
+        geometry=_masking_geometry(mask_set),
+        recipe=lambda strategy, batch_size: _masking_recipe(strategy, mask_set, model, fill, batch_size),
         mask_set=mask_set,
     )
 
 
-def _make_strategy(strategy, target: _Target, batch_size: int) -> tuple[Callable | None, str]:
-    """The augmentation (None for clean training) and the strategy's name."""
+def _make_strategy(strategy, target: _Target, batch_size: int) -> tuple[TrainingRecipe, str]:
+    """How to train with `strategy` (`None`: the defense's default), and the strategy's name."""
     defense = f"a {target.classifier.defense!r} model" if target.classifier is not None else "this model"
     if strategy is None:
-        if target.default is None:
-            raise ValueError(f"fit_masking has no default strategy for {defense}; pass strategy='none' or a callable")
         strategy = target.default
     if isinstance(strategy, str):
         if strategy not in target.strategies:
             raise ValueError(
                 f"strategy must be one of {', '.join(map(repr, target.strategies))} or a callable for {defense}; got {strategy!r}"
             )
-        if strategy in ("none", "provable_adversarial"):  # PatchGuard's provable training is a loss, not a masking
-            return None, strategy
-        if strategy == "random_ablation":
-            from .defenses.smoothing import RandomAblation
-
-            model = target.classifier
-            resize = None if model.resize is None else (model.image_size, model.resize)
-            return RandomAblation(model.ablation_set, model.encoding, target.fill, drop_tokens=model.drop_tokens, resize=resize), strategy
-        # The searches run their candidate views at input size through the resize, as certification does.
-        searched = target.base if target.classifier is None else target.classifier._behind_resize(target.base)
-        return create_augmentation(strategy, target.mask_set, searched, fill=target.fill, batch_size=batch_size), strategy
+        return target.recipe(strategy, batch_size), strategy
     if callable(strategy):
-        return strategy, getattr(strategy, "__name__", type(strategy).__name__)
+        clean = target.recipe("none", batch_size)
+        if clean.augment is not None:
+            raise ValueError(
+                f"a callable strategy masks the images, but {defense} makes its training views inside the model's forward; "
+                f"pass one of its strategies: {', '.join(map(repr, target.strategies))}"
+            )
+        return dataclasses.replace(clean, augment=strategy), getattr(strategy, "__name__", type(strategy).__name__)
     raise TypeError(f"strategy must be a name or a callable (images, labels) -> masked images, got {type(strategy).__name__}")
 
 
@@ -761,30 +713,36 @@ def _unpack(batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, as_labels(y, x.shape[0], f"{name} labels")
 
 
-class _ViewForward(nn.Module):
-    """The base model on training views as certification runs them (`augment.logits`: smoothing's token dropping).
+def _views_in_forward(augment) -> bool:
+    """Whether `augment` makes its views in the model's forward (`augment.logits`), see `TrainingRecipe`."""
+    return bool(getattr(augment, "views_in_forward", False))
 
-    `forward(x)` is the base model's forward (clean images keep every token); `forward(x, view)`
-    runs each image's view. One module, so that `DistributedDataParallel` can wrap it.
+
+class _ViewForward(nn.Module):
+    """The base model on training views as certification runs them (`augment.logits`: smoothing's token
+    dropping, PatchCURE's masked features).
+
+    `forward(x, view)` runs each image's view (`view=None`: every image clean). One module, so
+    that `DistributedDataParallel` can wrap it.
     """
 
-    def __init__(self, base: nn.Module, augment, resize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, base: nn.Module, augment) -> None:
         super().__init__()
         self.base = base
-        self.augment = augment  # not a module: its state is the ablation geometry (and resize)
-        self.resize = resize
+        self.augment = augment  # not a module: its state is the view geometry (and a resize, `RandomAblation.resize`)
 
     def forward(self, x: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        return self.base(self.resize(x)) if view is None else self.augment.logits(self.base, x, view)
+        return self.augment.logits(self.base, x, view)
 
 
 def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`x` with every image masked by `augment`, except a `clean_ratio` share left clean (`encode`d) at random.
 
     With an augmentation whose views the model runs on in its own way (smoothing's token
-    dropping, `RandomAblation.logits`) also each image's view index (`-1`: clean), else `None`.
+    dropping, `RandomAblation.logits`; PatchCURE's masked features) also each image's view
+    (`-1`: clean), else `None`.
     """
-    indexed = bool(getattr(augment, "drop_tokens", False))
+    indexed = _views_in_forward(augment)
     if augment is None or clean_ratio == 1.0:
         return encode(x), None
     clean = encode(x)
@@ -795,7 +753,7 @@ def _mask_batch(augment, encode, x: torch.Tensor, y: torch.Tensor, clean_ratio: 
     out[masked], view = _run_strategy(augment, x[masked], y[masked], clean[masked].shape, indexed)
     if view is None:
         return out, None
-    views = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    views = torch.full((x.shape[0], *view.shape[1:]), -1, dtype=torch.long, device=x.device)
     views[masked] = view
     return out, views
 
@@ -811,6 +769,34 @@ def _run_strategy(
 
 
 # ---------------------------------------------------------------------------------- processes
+def _trained_modules(
+    base: nn.Module, augment, ddp: nn.Module | None, world: int, device: torch.device, strategy: str, classifier=None
+) -> tuple[nn.Module, nn.Module]:
+    """`(forward, trained)`: the function trained, and what training calls (it, or a DistributedDataParallel of it).
+
+    Views made in the forward (a ViT's dropped tokens, PatchCURE's masked features) run the
+    model's parts, not its forward: `_ViewForward` makes them one module's forward, so that
+    DistributedDataParallel sees (and synchronises) them. Under torch.distributed it is wrapped
+    here, unless the user wrapped the base model: DistributedDataParallel averages the gradients
+    of every process's batch (and starts every process from rank 0's weights).
+    """
+    forward = _ViewForward(base, augment) if _views_in_forward(augment) else base
+    if forward is base and classifier is not None:
+        forward = classifier._behind_resize(base)  # masked at input size, then resized (`input_size`)
+    if ddp is not None and forward is not base:
+        raise ValueError(
+            f"fit_masking cannot train the views of strategy {strategy!r} (token-dropping views, drop_tokens, masked "
+            "features, or inputs resized to the model's size, input_size) through your own DistributedDataParallel wrapper, "
+            "whose forward is the model's own; pass the bare model (fit_masking wraps it in DistributedDataParallel itself "
+            "under torchrun)"
+        )
+    if ddp is not None:
+        return forward, ddp
+    if world > 1:
+        return forward, DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    return forward, forward
+
+
 def _distributed_sampler(loader) -> DistributedSampler | None:
     """The `DistributedSampler` that picks this rank's images of a DataLoader, if any."""
     for owner in (loader, getattr(loader, "batch_sampler", None)):

@@ -488,3 +488,36 @@ def test_robustwrap_train_shows_a_collapsed_model(tmp_path, capsys):
     assert code == 0
     assert "  warning: in epoch 1 the model predicts one class for every training image (accuracy 0.3333" in printed
     assert "the model predicts one class (1) for every image: clean accuracy = class share (33.33%)" in printed
+
+
+class _Doubling(robustwrap.RobustPatchClassifier):
+    """A defense fit_masking has never heard of: everything it needs is declared on the class."""
+
+    defense = "doubling"
+    training_strategies = ("none", "double")
+    default_strategy = "double"
+
+    def _training_recipe(self, strategy, fill, batch_size):
+        if strategy == "none":
+            return robustwrap.defenses.base.TrainingRecipe()
+        return robustwrap.defenses.base.TrainingRecipe(augment=lambda x, y: 2 * x, loss=lambda out, y: 3 * F.cross_entropy(out, y), lr=0.05)
+
+    def _training_geometry(self):
+        return {"doubling": [self.image_size[0]]}
+
+
+def test_a_new_defense_trains_from_what_its_class_declares(tmp_path):
+    """fit_masking never asks which defense it has: a new class's default strategy, views, loss, rate and checkpoint geometry are used."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))  # no BatchNorm, no dropout
+    model = _Doubling(net, image_size=12)
+    x, y = data(8)[:]
+    expected = 3 * F.cross_entropy(copy.deepcopy(net)(2 * x), y).item()  # the first step's loss, before any update
+    history = fit_masking(model, [(x, y)], epochs=1, checkpoint_dir=tmp_path, progress=False)
+    assert (history.strategy, history.lr) == ("double", 0.05)
+    assert history.final.loss == pytest.approx(expected, rel=1e-5)
+    other = _Doubling(copy.deepcopy(net), image_size=14)
+    with pytest.raises(ValueError, match=r"was trained with doubling=\[12\], not \[14\]"):
+        fit_masking(other, [(torch.randn(8, 3, 14, 14), y)], epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"strategy must be one of 'none', 'double' or a callable for a 'doubling' model; got 'greedy'"):
+        fit_masking(model, [(x, y)], strategy="greedy", progress=False)

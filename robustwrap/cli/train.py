@@ -17,11 +17,13 @@ if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not p
     from ..report import CertificationReport
 
 
-# The strategies fit_masking takes for each defense, as --help lists them (a test holds them equal).
+# The strategies each defense class declares (`training_strategies`, its `default_strategy` first), written
+# out so that `robustwrap --help` does not import torch; tests/test_patchcure_training.py holds them equal.
 _STRATEGIES = {
     "patchcleanser": ("multisize_greedy", "greedy", "grid", "random_mask", "random_cutout", "none"),
     "smoothing": ("random_ablation", "none"),
     "patchguard": ("provable_adversarial", "none"),
+    "patchcure": ("random_mask", "greedy", "none"),
 }
 _STRATEGY_HELP = "; ".join(f"{defense}: {', '.join(names)}" for defense, names in _STRATEGIES.items()) + " (none: clean fine-tuning)"
 

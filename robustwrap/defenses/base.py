@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
@@ -34,7 +35,17 @@ from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, 
 from .._unwrap import local_module, unwrap
 from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
 
-__all__ = ["RobustPatchClassifier", "CertifyResult", "DEFAULT_BATCH_SIZE", "DEFAULT_PATCH", "DEFAULT_MARGIN", "RESIZE_MODES", "resolve_input_size", "resize_images"]
+__all__ = [
+    "RobustPatchClassifier",
+    "CertifyResult",
+    "TrainingRecipe",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_PATCH",
+    "DEFAULT_MARGIN",
+    "RESIZE_MODES",
+    "resolve_input_size",
+    "resize_images",
+]
 
 DEFAULT_BATCH_SIZE = 64  # views per forward pass
 DEFAULT_PATCH = 0.02  # of the image area, when `wrap` is not told the patch
@@ -248,6 +259,38 @@ def _check_base_model(value: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How `fit_masking` trains a defense's base model with one strategy (`RobustPatchClassifier._training_recipe`).
+
+    Attributes:
+        augment: `augment(images, labels)` -> the images as trained, or `None` to train on them
+            unmasked. An augment whose `views_in_forward` is true makes its views inside the
+            forward instead (a ViT's dropped tokens, PatchCURE's masked features):
+            `augment(images, labels, return_indices=True)` gives `(inputs, view)`, `view` one row
+            per image (`-1`: left clean), and the model trained is `augment.logits(base, inputs, view)`,
+            run as one module so that `DistributedDataParallel` synchronises its gradients.
+        loss: `(output, labels) -> loss`, on what the base model (or `augment.logits`) returns.
+        scores: `output -> (B, num_classes)` scores, for the training accuracy.
+        lr: the strategy's own default learning rate; `None`: 0.01 for a convolutional network,
+            0.001 for a transformer.
+        encode: an image left clean (`clean_ratio`) as the base model takes it.
+        local_logits: the output is a map of local logits whose clipped evidence must be
+            positive (watched for a dead run).
+    """
+
+    augment: Callable | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    scores: Callable[[torch.Tensor], torch.Tensor] = _same
+    lr: float | None = None
+    encode: Callable[[torch.Tensor], torch.Tensor] = _same
+    local_logits: bool = False
+
+
 class RobustPatchClassifier(
     nn.Module,
     PyTorchModelHubMixin,
@@ -268,7 +311,10 @@ class RobustPatchClassifier(
 
     Subclasses set `defense` and implement `_robust_forward`, `predict`, `certify`,
     `_defense_settings`, `_options_from_settings` and the `from_patch` builder that
-    `robustwrap.wrap` calls.
+    `robustwrap.wrap` calls. A defense also brings its training (`robustwrap.fit_masking` asks
+    it, never which defense it is): `training_strategies` and `default_strategy`, `_training_recipe`
+    (the views, loss and learning rate of a strategy), `_training_geometry` (what a checkpoint
+    records, so a resume with other views is refused) and `_train_forward`.
 
     Args:
         model: the base classifier, `(B, C, H, W) -> (B, num_classes)` logits.
@@ -298,6 +344,9 @@ class RobustPatchClassifier(
 
     defense: ClassVar[str] = ""
     _geometry_name: ClassVar[str] = "defense"  # "images must be HxW for this <...>"
+    # The strategy names `fit_masking` takes for this defense ("none": clean fine-tuning), and its own.
+    training_strategies: ClassVar[tuple[str, ...]] = ("none",)
+    default_strategy: ClassVar[str] = "none"
 
     def __init__(
         self,
@@ -850,6 +899,20 @@ class RobustPatchClassifier(
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The train-mode forward: the base model's (a defense that certifies another function of it, a ViT split, overrides it)."""
         return self.model(x)
+
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        """How `fit_masking` trains the base model with `strategy`, one of `training_strategies`.
+
+        Args:
+            strategy: the strategy's name.
+            fill: the value of masked pixels to train with (`fit_masking`'s `fill`, default this model's).
+            batch_size: views per forward pass of a strategy that searches.
+        """
+        return TrainingRecipe()
+
+    def _training_geometry(self) -> dict[str, Any]:
+        """What decides the training views, JSON-ready: a checkpoint records it and refuses to resume with another."""
+        return {"defense": self.defense}
 
     def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The defense's robust logits for `x` (eval mode)."""

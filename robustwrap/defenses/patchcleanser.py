@@ -25,6 +25,7 @@ from .base import (
     DEFAULT_PATCH,
     CertifyResult,
     RobustPatchClassifier,
+    TrainingRecipe,
     resolve_image_size,
     resolve_input_size,
 )
@@ -370,6 +371,9 @@ class PatchCleanser(RobustPatchClassifier):
     _geometry_name = "mask set"
     _no_detection = None  # Minority Reports: the one-mask views of its own mask set
     _no_top_k = "double masking's views give labels only, which bound no other class's rank"
+    # robustwrap.augment's masking; Multi-size Greedy Cutout by default (Saha et al., TMLR 2023).
+    training_strategies: ClassVar[tuple[str, ...]] = ("none", "random_cutout", "random_mask", "greedy", "multisize_greedy", "grid")
+    default_strategy: ClassVar[str] = "multisize_greedy"
     # The patch, masks per axis and stride only build the mask set, which is the one source of
     # truth (a union or coarsened set has no single `num_masks`): change them through it.
     _not_assignable: ClassVar[dict[str, str]] = {
@@ -457,6 +461,13 @@ class PatchCleanser(RobustPatchClassifier):
         # The mask set is in input pixels: the base model's size is its own only when the inputs are resized.
         resized = {"image_size": settings["image_size"]} if "input_size" in settings else {}
         return {"mask_set": mask_set, **resized}, ("mask_set", "patch")
+
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        # the searches run their candidate views at input size through the resize, as certification does
+        return _masking_recipe(strategy, self.mask_set, self._behind_resize(self.model), fill, batch_size)
+
+    def _training_geometry(self) -> dict[str, Any]:
+        return _masking_geometry(self.mask_set)
 
     @classmethod
     def from_patch(
@@ -612,3 +623,21 @@ class PatchCleanser(RobustPatchClassifier):
             logits = torch.cat([forward_views(runner.model, part, runner.num_classes) for part in flat.split(runner.batch_size)])
         num_views = torch.full((x.shape[0],), views.shape[1] + 1, dtype=torch.long, device=x.device)
         return logits.to(views.dtype), views, num_views
+
+
+# ------------------------------------------------------------------------------- training
+def _masking_recipe(strategy: str, mask_set: MaskSet, model: nn.Module, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+    """PatchCleanser's training: images masked by a `robustwrap.augment` strategy of `mask_set` (none for `"none"`).
+
+    Also what `fit_masking` trains a bare classifier with, given the mask set it will be certified with.
+    """
+    if strategy == "none":
+        return TrainingRecipe()
+    from ..augment import create_augmentation  # training code, imported when a model trains
+
+    return TrainingRecipe(augment=create_augmentation(strategy, mask_set, model, fill=fill, batch_size=batch_size))
+
+
+def _masking_geometry(mask_set: MaskSet) -> dict[str, Any]:
+    """The masks a checkpoint of PatchCleanser's training records."""
+    return {"mask_set": [list(b) for b in mask_set.boxes]}

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._args import as_image_size, positive_int
+from .._args import as_image_size, as_labels, positive_int
+from .._unwrap import joins_processes
 from ..geometry import MaskSet, patch_pixels
 from ..views import ViewRunner, auto_sync_every, call_model, eval_mode
-from .base import DEFAULT_MARGIN, DEFAULT_PATCH, RobustPatchClassifier, resolve_image_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, RobustPatchClassifier, TrainingRecipe, resolve_image_size
 from .patchcleanser import PatchCleanserResult, certify_views, predict_views
 from .patchguard import _GEOMETRY, DEFAULT_EVIDENCE_MARGIN, _geometry, _window
 
@@ -247,6 +248,9 @@ class PatchCURE(RobustPatchClassifier):
 
     defense = "patchcure"
     _geometry_name = "PatchCURE model"
+    # Two random feature masks per image (the authors' recipe), Greedy Cutout on the feature grid, or every cell kept.
+    training_strategies: ClassVar[tuple[str, ...]] = ("random_mask", "greedy", "none")
+    default_strategy: ClassVar[str] = "random_mask"
     _not_assignable: ClassVar[dict[str, str]] = {
         "lrf": "lrf is part of the base model: assign a new pair, m.model = robustwrap.defenses.patchcure.SplitModel(m.srf, lrf)",
     }
@@ -308,8 +312,9 @@ class PatchCURE(RobustPatchClassifier):
         """The rest of the network, evaluated per masked view; `None` for a model that returns local logits."""
         return self._parts()[1]
 
-    def _parts(self) -> tuple[nn.Module, nn.Module | None]:
-        inner = self._inner_model
+    def _parts(self, inner: nn.Module | None = None) -> tuple[nn.Module, nn.Module | None]:
+        """`(SRF, LRF)` of `inner` (default: the current base model), split with this model's settings."""
+        inner = self._inner_model if inner is None else inner
         if self._split is not None:
             from ..windows import split_vit  # the ViT split is token code, imported only for a ViT
 
@@ -501,6 +506,12 @@ class PatchCURE(RobustPatchClassifier):
             f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {self.mask_stride[0]}x{self.mask_stride[1]} cells; {self.full_views} views"
         )
 
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        return TrainingRecipe(augment=_FeatureMasking(self, strategy, batch_size))
+
+    def _training_geometry(self) -> dict[str, Any]:
+        return {"cure": {k: v for k, v in self.settings().items() if k not in ("fill", "precision", "margin")}}
+
     def _defense_settings(self) -> dict[str, Any]:
         return {
             "patch": list(self.patch),
@@ -600,16 +611,18 @@ class PatchCURE(RobustPatchClassifier):
         Without an LRF the features are local logits, cast to float64 for the sums.
         """
         features = self._srf_features(srf, x)
-        grid = (int(features.shape[2]), int(features.shape[3]))
-        keep = self._cell_mask_set(srf, grid).keep_masks(features.device)
+        keep = self._cell_mask_set(srf, (int(features.shape[2]), int(features.shape[3]))).keep_masks(features.device)
+        return self._runner(lrf, keep, features), features.to(torch.float64) if lrf is None else features
+
+    def _runner(self, lrf: nn.Module | None, keep: torch.Tensor, features: torch.Tensor) -> ViewRunner:
+        """The view runner of `features` `(B, C', h, w)` with masks `keep` `(K, h, w)`: LRF views, or sums of local logits."""
         sync = auto_sync_every(features.device)
         if lrf is None:
-            features = features.to(torch.float64)
-            per_view = features.shape[1] + grid[0] * grid[1]
+            per_view = features.shape[1] + features.shape[2] * features.shape[3]
             return _LocalSums(
                 None, keep, 0.0, max(1, _SUM_ELEMENTS // per_view), num_classes=features.shape[1], channels_last=False, sync_every=sync
-            ), features
-        return _FeatureViews(lrf, keep, 0.0, self.batch_size, num_classes=self.num_classes, channels_last=False, sync_every=sync), features
+            )
+        return _FeatureViews(lrf, keep, 0.0, self.batch_size, num_classes=self.num_classes, channels_last=False, sync_every=sync)
 
     def _robust_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Robust logits: the mean of the logits of the feature views that voted for the robust label (float32 or wider)."""
@@ -671,14 +684,113 @@ class PatchCURE(RobustPatchClassifier):
             ).argmax(1)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The undefended split model (a ViT's own forward is not the function this defense certifies)."""
+        """The undefended split model (a ViT's own forward is not the function this defense certifies).
+
+        Raises:
+            TypeError: a ViT split whose base model is (or wraps) a `DistributedDataParallel`:
+                the split runs the ViT's parts, not the wrapper's forward, so its gradients would
+                not be synchronised.
+        """
         if self._split is None:
             return self.model(x)
+        if joins_processes(self.model):
+            raise TypeError(
+                "the ViT split runs the ViT's parts, not its forward, so a DistributedDataParallel around the ViT would not "
+                "synchronise their gradients: wrap the PatchCURE model itself, DistributedDataParallel(robustwrap.wrap(vit, "
+                "defense='patchcure', ...)), or train with robustwrap.fit_masking, which does it for you"
+            )
         srf, lrf = self._parts()
         features = srf(x)
         if lrf is None:
             return features
         return lrf(features, torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool, device=features.device))
+
+
+# ----------------------------------------------------------------------------- training
+class _FeatureMasking:
+    """PatchCURE's training views: the features of each image with the cells of two feature masks at 0.
+
+    `fit_masking` trains a PatchCURE model with it (`strategy` one of
+    `PatchCURE.training_strategies`): the masks are made inside the forward (`logits`), the SRF
+    and the LRF train together, and every view is computed by the function that certification
+    evaluates: the LRF on the masked grid, or the float64 sum of the kept local logits divided by
+    the number of cells (the authors' mean over the grid, masked cells counting 0: the same
+    labels, at the scale of one cell's logits, so that the loss and the learning rate do not
+    grow with the grid).
+
+    - `"random_mask"` (the default): two masks of the feature mask set per image, uniformly and
+      independently (the same mask twice is a one-mask view), the PatchCURE authors' recipe
+      (their code draws one pair per batch);
+    - `"greedy"`: Greedy Cutout on the feature grid: the mask of highest loss, then the worst
+      second mask with it. The SRF runs once per image and the `2K - 1` views are LRF passes (or
+      sums), in eval mode without gradients;
+    - `"none"`: every cell kept (the undefended split model).
+
+    Called as `masking(images, labels, return_indices=True)` it returns the images unchanged and
+    `(B, 2)` mask indices (`-1`: every cell kept); `logits(base, images, masks)` is the output to train.
+
+    Args:
+        defense: the PatchCURE model (its split, feature mask set and batch size are read at every call).
+        strategy: `"random_mask"`, `"greedy"` or `"none"`.
+        batch_size: views per pass of the greedy search.
+    """
+
+    views_in_forward = True
+
+    def __init__(self, defense: PatchCURE, strategy: str, batch_size: int) -> None:
+        if strategy not in PatchCURE.training_strategies:
+            raise ValueError(f"strategy must be one of {', '.join(map(repr, PatchCURE.training_strategies))}, got {strategy!r}")
+        self.defense, self.strategy, self.batch_size = defense, strategy, positive_int(batch_size, "batch_size")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, return_indices: bool = False):
+        """The images `x` (unchanged: their masks are applied to their features), and with `return_indices` the `(B, 2)` masks."""
+        b = x.shape[0]
+        if self.strategy == "none":
+            masks = torch.full((b, 2), -1, dtype=torch.long, device=x.device)
+        elif self.strategy == "random_mask":  # drawn on the CPU, as RandomMaskCutout's, whatever the device
+            masks = torch.randint(len(self.defense.feature_mask_set), (b, 2)).to(x.device)
+        else:
+            masks = self._greedy(x, as_labels(y, b, "y").to(x.device))
+        return (x, masks) if return_indices else x
+
+    def _greedy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from ..augment import _greedy_pair, _view_losses  # training code, imported when a model trains
+
+        defense = self.defense
+        srf, lrf = defense._parts()
+        with defense._inference(srf, lrf):
+            runner, features = defense._views(srf, lrf, x)
+            k = int(runner.keep.shape[0])
+            losses = functools.partial(_view_losses, runner, features, y, batch_size=self.batch_size)
+            return _greedy_pair(losses, x.shape[0], k, x.device)
+
+    def logits(self, base: nn.Module, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The views' logits `(B, num_classes)`, with gradients: `srf(x)` once, then each image's masked features.
+
+        Args:
+            base: the base model being trained (split with the defense's settings).
+            x: `(B, C, H, W)` images.
+            masks: `(B, 2)` feature mask indices per image, `-1` (or `None` for all) for an image
+                with every cell kept.
+        """
+        defense = self.defense
+        srf, lrf = defense._parts(base)
+        features = srf(x)
+        grid = (int(features.shape[2]), int(features.shape[3]))
+        keep = defense._cell_mask_set(srf, grid).keep_masks(features.device)
+        # one more "mask" that keeps every cell: the view of an image left clean
+        keep = torch.cat([keep, torch.ones(1, *grid, dtype=torch.bool, device=keep.device)])
+        if masks is None:
+            masks = torch.full((x.shape[0], 2), -1, dtype=torch.long, device=x.device)
+        masks = torch.where(masks < 0, keep.shape[0] - 1, masks)
+        runner = defense._runner(lrf, keep, features)
+        image = torch.arange(x.shape[0], device=x.device)
+        if lrf is None:
+            return runner.run(features.to(torch.float64), image, masks[:, 0], masks[:, 1]) / (grid[0] * grid[1])
+        return runner.run(features, image, masks[:, 0], masks[:, 1])
+
+    def __repr__(self) -> str:
+        return f"_FeatureMasking(strategy={self.strategy!r}, masks={len(self.defense.feature_mask_set)}, batch_size={self.batch_size})"
 
 
 def _as_split(value) -> int:

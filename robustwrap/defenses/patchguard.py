@@ -15,7 +15,7 @@ import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +28,15 @@ from .._args import as_image_size, as_pair, positive_int
 from .._unwrap import unwrap
 from ..geometry import feature_window, patch_pixels
 from ..views import call_model, eval_mode, model_device_dtype
-from .base import DEFAULT_BATCH_SIZE, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, _check_base_model, resolve_image_size
+from .base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PATCH,
+    CertifyResult,
+    RobustPatchClassifier,
+    TrainingRecipe,
+    _check_base_model,
+    resolve_image_size,
+)
 from .detection import DEFAULT_TAU, evidence_topk, in_top_k, window_views
 
 # The certificate margin on the evidence (`L_y(u) - U_c(u) > margin`): the evidence sums up to a
@@ -49,6 +57,12 @@ __all__ = [
     "window_sums",
     "clip_evidence",
 ]
+
+# Provable adversarial training's default learning rate: the authors' on ImageNet and Imagenette. At
+# 0.01 a model that cannot yet certify its images shrinks its output towards a constant (the loss of
+# a constant output, ln C, is below its own) and can collapse to one class within 3 epochs
+# (benchmarks/patchguard_collapse.py); at 0.001 it keeps its predictions apart while the loss falls.
+_PROVABLE_LR = 0.001
 
 # Elements of float64 work per chunk of images in the certificate (128 MiB): a 224 px BagNet-17
 # batch of 64 with 1,000 classes would otherwise need about 1.5 GiB at once.
@@ -477,6 +491,10 @@ class PatchGuard(RobustPatchClassifier):
     _geometry_name = "PatchGuard model"
     _no_detection = None  # PatchGuard++: the local-logit map minus one feature window
     _no_top_k = None  # the evidence bounds rank every class against the label
+    # Provable adversarial training (the loss removes the true class's largest window of evidence, no
+    # masking), or plain training on the mean local logits.
+    training_strategies: ClassVar[tuple[str, ...]] = ("provable_adversarial", "none")
+    default_strategy: ClassVar[str] = "provable_adversarial"
 
     def __init__(
         self,
@@ -744,6 +762,18 @@ class PatchGuard(RobustPatchClassifier):
     @num_classes.setter
     def num_classes(self, value) -> None:
         raise AttributeError("num_classes is read from the base model; assign m.model to change it")
+
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        provable = strategy == "provable_adversarial"
+        return TrainingRecipe(
+            loss=lambda local, y: self.training_loss(local, y, provable=provable),
+            scores=lambda local: local.float().mean((-2, -1)),
+            lr=_PROVABLE_LR if provable else None,
+            local_logits=True,
+        )
+
+    def _training_geometry(self) -> dict[str, Any]:
+        return {"guard": {k: v for k, v in self.settings().items() if k not in ("fill", "precision", "margin")}}
 
     def _defense_settings(self) -> dict[str, Any]:
         return {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from ..tokens import (
     views_per_pass,
 )
 from ..views import auto_channels_last, auto_sync_every, call_model, eval_mode, fill_like, forward_views, mask_images
-from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, resize_images, resolve_image_size, resolve_input_size
+from .base import DEFAULT_MARGIN, DEFAULT_PATCH, CertifyResult, RobustPatchClassifier, TrainingRecipe, resize_images, resolve_image_size, resolve_input_size
 from .detection import votes_topk
 
 __all__ = ["DerandomizedSmoothing", "SmoothingResult", "RandomAblation", "ENCODINGS"]
@@ -344,6 +344,11 @@ class RandomAblation:
         resize = None if model.resize is None else (model.image_size, model.resize)
         return cls(model.ablation_set, model.encoding, model.fill, generator, drop_tokens=model.drop_tokens, resize=resize)
 
+    @property
+    def views_in_forward(self) -> bool:
+        """Whether the model makes the views in its forward (`logits`): with `drop_tokens`."""
+        return self.drop_tokens
+
     def logits(self, model: nn.Module, views: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The base model's output on training views, computed as certification computes it (`view_logits`).
 
@@ -352,7 +357,7 @@ class RandomAblation:
             views: `(B, C, H, W)` views from this augmentation (`2C` channels with `"levine2020"`),
                 or unablated images.
             view: `(B,)` long: each image's view index (`return_indices=True`), `-1` for an image
-                left unablated (all its tokens kept).
+                left unablated (all its tokens kept); `None`: every image unablated.
 
         Raises:
             ValueError: `drop_tokens` and `model`'s token grid cannot be read.
@@ -364,7 +369,7 @@ class RandomAblation:
             size, mode = self.resize
             footprint = resize_footprint(self.ablation_set.image_size, size, mode)
             views = resize_images(views, size, mode)
-        if not self.drop_tokens:
+        if not self.drop_tokens or view is None:
             return model(views)
         if joins_processes(model):
             raise TypeError(
@@ -544,6 +549,9 @@ class DerandomizedSmoothing(RobustPatchClassifier):
         "patch's region); use PatchCleanser or PatchGuard for certified detection"
     )
     _no_top_k = None  # the vote counts bound every class's votes
+    # One random ablated view per image (`RandomAblation`) by default, or clean fine-tuning.
+    training_strategies: ClassVar[tuple[str, ...]] = ("none", "random_ablation")
+    default_strategy: ClassVar[str] = "random_ablation"
 
     def __init__(
         self,
@@ -762,6 +770,18 @@ class DerandomizedSmoothing(RobustPatchClassifier):
                 f"encoding='levine2020' feeds the base model 2C channels (x, 1 - x), but its first conv takes {channels} channels; "
                 "use encoding='fill', or a base model built for 2C input channels"
             )
+
+    def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        encoding = self.encoding  # clean images are encoded as the views are (levine2020's 2C channels)
+        augment = None
+        if strategy == "random_ablation":
+            resize = None if self.resize is None else (self.image_size, self.resize)
+            augment = RandomAblation(self.ablation_set, encoding, fill, drop_tokens=self.drop_tokens, resize=resize)
+        return TrainingRecipe(augment=augment, encode=lambda x: encode_full(x, encoding))
+
+    def _training_geometry(self) -> dict[str, Any]:
+        settings = self.settings()
+        return {"views": {key: settings[key] for key in ("ablation", "size", "stride", "encoding", "drop_tokens")}}
 
     def _defense_settings(self) -> dict[str, Any]:
         geometry = self._ablation_set.to_dict()
