@@ -324,7 +324,9 @@ def test_cli_certifies_a_hub_backed_entry(hf_cache, tiny_paper_entry, tmp_path, 
         (tmp_path / "val" / label).mkdir(parents=True)
         Image.fromarray(torch.randint(0, 256, (170, 180, 3), dtype=torch.uint8).numpy()).save(tmp_path / "val" / label / "a.png")
     args = ["certify", "--model", "tiny_paper_model", "--data", str(tmp_path / "val"), "--no-progress", "--report", str(tmp_path / "r.json")]
-    assert main(args) == 0, capsys.readouterr().err
+    # 2 of 1000 classes, and a model without label names: which two is the user's to say
+    assert main(args) == 1 and "--class-map" in capsys.readouterr().err
+    assert main([*args, "--class-map", "0=0,1=1"]) == 0, capsys.readouterr().err
     report = CertificationReport.load(tmp_path / "r.json")
     model = robustwrap.create_model("tiny_paper_model")
     transform = create_transform(**resolve_data_config(model=model.model))
