@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import nn
 from .._args import as_fill, as_image_size, as_labels, as_margin, as_precision, check_label_range, positive_int
 from .._unwrap import local_module, unwrap
 from ..views import InferenceCopy, auto_batch_size, call_model, eval_mode, model_device_dtype
+
+if TYPE_CHECKING:
+    from .detection import DetectionCertificate, DetectResult
 
 __all__ = [
     "RobustPatchClassifier",
@@ -982,7 +985,7 @@ class RobustPatchClassifier(
             raise ValueError(f"k={k}: {type(self).__name__} can only certify k=1, since {self._no_top_k}")
         return as_top_k(k, self.num_classes)
 
-    def detect(self, x: torch.Tensor):
+    def detect(self, x: torch.Tensor) -> DetectResult:
         """Certified detection's output for `x`: a `DetectResult` (`prediction`, `alert` per image).
 
         The prediction is the base model's on the unmasked image; `alert` is raised when a one-mask
@@ -1001,7 +1004,7 @@ class RobustPatchClassifier(
         logits, views, _ = self._detection_logits(x)
         return detect_views(logits, views, self.tau)
 
-    def certify_detection(self, x: torch.Tensor, y: torch.Tensor):
+    def certify_detection(self, x: torch.Tensor, y: torch.Tensor) -> DetectionCertificate:
         """Certify detection: under any patch of the threat model the output is `y` or an alert.
 
         Certified iff the unmasked label is `y` and every one-mask view's label is `y` with

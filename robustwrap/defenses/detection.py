@@ -251,7 +251,8 @@ def votes_topk(
 
     Args:
         counts: `(B, C)` plain votes.
-        sure, possible: `(B, C)` votes under the margin guard (`certificate`).
+        sure: `(B, C)` votes counted for a class only when its view shows it by more than the margin (`certificate`).
+        possible: `(B, C)` votes a class may have under the margin guard.
         labels: `(B,)` the labels `y`.
         delta: `Δ`.
         k: the `k` of top-k.
