@@ -403,7 +403,12 @@ class CertificationReport:
         if self.full_views:
             formula = f"K(K+1)/2, K={self.num_masks}" if self.defense == "patchcleanser" and self.num_masks else "full evaluation"
             views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
-        rows += [("views per image", views), ("speed", f"{_speed(self.images_per_second)} per process")]
+        if self.defense == "patchcure":
+            # PatchCURE's views are feature views (the LRF, or sums of local logits) after one SRF pass per image
+            rows += [("feature views per image", f"{views}; plus one SRF pass per image")]
+        else:
+            rows.append(("views per image", views))
+        rows.append(("speed", f"{_speed(self.images_per_second)} per process"))
         return _table(rows, title="robustwrap certification report")
 
     def metrics(self, split: str | None = None, command: str | None = None) -> dict[str, Any]:

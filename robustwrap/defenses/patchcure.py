@@ -132,6 +132,43 @@ def _cell_masks(grid: tuple[int, int], window: tuple[int, int], mask_stride: tup
     return MaskSet.rect(grid, window, stride=mask_stride)
 
 
+def _feature_masks(
+    image_size: tuple[int, int],
+    patch: tuple[int, int],
+    receptive_field: tuple[int, int],
+    feature_stride: tuple[int, int],
+    feature_offset: tuple[int, int],
+    grid: tuple[int, int],
+    mask_stride: tuple[int, int],
+) -> MaskSet:
+    """The feature mask set of an SRF geometry on a `grid` of cells (what `PatchCURE.feature_mask_set` is, without a model).
+
+    Raises:
+        ValueError: the geometry does not fit the grid, or a patch's cells could cover the whole grid.
+    """
+    window = _window(image_size, patch, receptive_field, feature_stride, feature_offset, grid)
+    return _cell_masks(grid, window, mask_stride)
+
+
+def _describe_cells(
+    image_size: tuple[int, int],
+    patch: tuple[int, int],
+    masks: MaskSet,
+    receptive_field: tuple[int, int],
+    feature_stride: tuple[int, int],
+    mask_stride: tuple[int, int],
+) -> str:
+    """`PatchCURE.describe`: the patch in pixels, the feature mask set in cells and pixels, the grid and the views."""
+    (h, w), (ph, pw), (r, s) = image_size, patch, (receptive_field, feature_stride)
+    (mh, mw), grid, k = masks.mask_size, masks.image_size, len(masks)
+    # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
+    px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
+    return (
+        f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
+        f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {mask_stride[0]}x{mask_stride[1]} cells; {k * (k + 1) // 2} views"
+    )
+
+
 def _lrf_logits(lrf: nn.Module, features: torch.Tensor, kept: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     """`lrf(features, kept)`, checked to be `(N, num_classes)` logits."""
     logits = call_model(lrf, features, kept)
@@ -364,8 +401,7 @@ class PatchCURE(RobustPatchClassifier):
         return cached[1], cached[2]
 
     def _cell_mask_set(self, srf: nn.Module, grid: tuple[int, int]) -> MaskSet:
-        r, s, o = _srf_geometry(srf)
-        return _cell_masks(grid, _window(self.image_size, self.patch, r, s, o, grid), self.mask_stride)
+        return _feature_masks(self.image_size, self.patch, *_srf_geometry(srf), grid, self.mask_stride)
 
     def _check(self, locality: bool = False) -> None:
         """Refuse settings and models that give no sound feature mask set (one blank pass per new model or split).
@@ -490,16 +526,9 @@ class PatchCURE(RobustPatchClassifier):
 
         E.g. `patch 32x32 px (2.04% of 224x224); 1x6 masks of 1x2 cells (224x64 px) on a 1x7 grid, mask stride 1x1 cells; 21 views`.
         """
-        grid, _, masks = self._window_and_masks()
+        _, _, masks = self._window_and_masks()
         r, s, _ = _srf_geometry(self.srf)
-        (h, w), (ph, pw) = self.image_size, self.patch
-        mh, mw = masks.mask_size
-        # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
-        px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
-        return (
-            f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
-            f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {self.mask_stride[0]}x{self.mask_stride[1]} cells; {self.full_views} views"
-        )
+        return _describe_cells(self.image_size, self.patch, masks, r, s, self.mask_stride)
 
     def _defense_settings(self) -> dict[str, Any]:
         return {
