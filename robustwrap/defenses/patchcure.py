@@ -46,6 +46,8 @@ _SUM_ELEMENTS = 1 << 18
 # on one CPU core, so it is not), larger ones are the user's to check once.
 _LOCALITY_PROBE_FLOPS = 1e9
 _LOCALITY_PROBE_PIXELS = 64 * 64
+# The `forward` setting of a ViT split that runs the PatchCURE authors' forward (their checkpoints' function).
+AUTHORS_FORWARD = "patchcure-authors"
 
 
 # ------------------------------------------------------------------------------- the split
@@ -265,6 +267,9 @@ class PatchCURE(RobustPatchClassifier):
         window: `(wh, ww)` tokens per window of a ViT split (an int for a square window).
         split: the number of windowed ViT blocks `k`.
         mask_stride: the feature masks' stride in cells, an int or `(sh, sw)` (default 1).
+        authors: a ViT split runs the PatchCURE authors' forward instead of timm's
+            (`robustwrap.windows.split_vit(..., authors=True)`): what `robustwrap import
+            --format patchcure` sets for their checkpoints (default False).
         fill: as for every defense; unused (masked cells are 0, no pixel is masked).
         batch_size: LRF views (and SRF images) per forward pass; `None` picks as many as full
             images of this size (an LRF view costs at most one pass of the whole model).
@@ -298,6 +303,7 @@ class PatchCURE(RobustPatchClassifier):
         window: int | Sequence[int] | None = None,
         split: int | None = None,
         mask_stride: int | Sequence[int] = 1,
+        authors: bool = False,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -313,6 +319,10 @@ class PatchCURE(RobustPatchClassifier):
                 raise TypeError(f"model (the SRF) must be a torch.nn.Module, got {type(model).__name__}")
             _check_lrf(lrf)
             model = SplitModel(model, lrf)
+        if not isinstance(authors, bool):
+            raise TypeError(f"authors must be True or False, got {authors!r}")
+        if authors and split is None:
+            raise ValueError("authors=True runs the PatchCURE authors' forward of a ViT split: pass window= and split= as well")
         if (window is None) != (split is None):
             raise ValueError(
                 f"window= and split= go together (the ViT split: windows of wh x ww tokens for the first k blocks), got window={window!r}, split={split!r}"
@@ -329,6 +339,7 @@ class PatchCURE(RobustPatchClassifier):
         self._patch = patch_pixels(patch, self.image_size)
         self._window_tokens = None if window is None else _geometry(window, "window", 1)
         self._split = None if split is None else _as_split(split)
+        self._authors = authors
         self._mask_stride = _geometry(mask_stride, "mask_stride", 1)
         self._check(locality=True)
         if margin is None and self.lrf is None:
@@ -350,7 +361,7 @@ class PatchCURE(RobustPatchClassifier):
         if self._split is not None:
             from ..windows import split_vit  # the ViT split is token code, imported only for a ViT
 
-            return split_vit(inner, self._window_tokens, self._split)
+            return split_vit(inner, self._window_tokens, self._split, authors=self._authors)
         if isinstance(inner, SplitModel):
             return inner.srf, inner.lrf
         return inner, None
@@ -384,7 +395,7 @@ class PatchCURE(RobustPatchClassifier):
 
     def _probe(self) -> tuple[tuple[int, int], int]:
         """`(grid (h, w), classes)` from one blank image through the current split (once per model and split)."""
-        key = (self._inner_model, self._window_tokens, self._split)
+        key = (self._inner_model, self._window_tokens, self._split, self._authors)
         cached = self.__dict__.get("_probed")
         if cached is None or cached[0] != key:
             srf, lrf = self._parts()
@@ -486,6 +497,11 @@ class PatchCURE(RobustPatchClassifier):
             self._split = _as_split(value)
 
     @property
+    def authors(self) -> bool:
+        """Whether a ViT split runs the PatchCURE authors' forward (their checkpoints' function) instead of timm's."""
+        return self._authors
+
+    @property
     def feature_window(self) -> tuple[int, int]:
         """`(wh, ww)`: the most cells per axis one patch can touch (`geometry.feature_window` of the SRF's geometry)."""
         return self._window_and_masks()[1]
@@ -531,12 +547,15 @@ class PatchCURE(RobustPatchClassifier):
         return _describe_cells(self.image_size, self.patch, masks, r, s, self.mask_stride)
 
     def _defense_settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             "patch": list(self.patch),
             "window": None if self.window is None else list(self.window),
             "split": self.split,
             "mask_stride": list(self.mask_stride),
         }
+        if self._authors:  # only then: the settings (and fingerprints) of every other model stay as they were
+            settings["forward"] = AUTHORS_FORWARD
+        return settings
 
     @classmethod
     def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -558,6 +577,11 @@ class PatchCURE(RobustPatchClassifier):
             "split": None if settings["split"] is None else _as_split(settings["split"]),
             "mask_stride": _geometry(list(settings["mask_stride"]), "mask_stride", 1),
         }
+        if "forward" in settings:
+            if settings["forward"] != AUTHORS_FORWARD:
+                raise ValueError(f"settings forward must be {AUTHORS_FORWARD!r} (or absent: timm's forward), got {settings['forward']!r}")
+            options["authors"] = True
+            keys += ("forward",)
         return options, keys
 
     @classmethod
@@ -570,6 +594,7 @@ class PatchCURE(RobustPatchClassifier):
         window: int | Sequence[int] | None = None,
         split: int | None = None,
         mask_stride: int | Sequence[int] = 1,
+        authors: bool = False,
         image_size: int | Sequence[int] | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
@@ -587,6 +612,7 @@ class PatchCURE(RobustPatchClassifier):
             window: `(wh, ww)` tokens per window of a ViT split.
             split: windowed ViT blocks `k` (`depth`: every block, no LRF).
             mask_stride: feature mask stride in cells (default 1, the paper's).
+            authors: run the PatchCURE authors' forward of a ViT split (default False: timm's).
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
             fill: as for every defense (unused: no pixel is masked).
             batch_size: LRF views and SRF images per forward pass (default `None`: chosen for the
@@ -611,6 +637,7 @@ class PatchCURE(RobustPatchClassifier):
             window=window,
             split=split,
             mask_stride=mask_stride,
+            authors=authors,
             fill=fill,
             batch_size=batch_size,
             precision=precision,
@@ -620,6 +647,7 @@ class PatchCURE(RobustPatchClassifier):
 
     def extra_repr(self) -> str:
         split = f"window={self.window}, split={self.split}, " if self.split is not None else ""
+        split += "authors=True, " if self._authors else ""
         return f"patch={self.patch}, {split}mask_stride={self.mask_stride}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     # ----------------------------------------------------------------------------- inference
