@@ -1,5 +1,6 @@
 """Pictures of certification results: a report, a mask set, one image's views, a patch-size sweep,
-and the geometry of the other defenses (smoothing's ablated views, PatchGuard's feature window).
+and the geometry of the other defenses (smoothing's ablated views, PatchGuard's feature window, PatchCURE's
+feature mask set).
 
 Everything here draws results; nothing runs a model (`robustwrap.dataset.view_grid` computes the
 views that `plot_views` draws). The pictures use matplotlib's object API

@@ -674,7 +674,9 @@ def _list(value, name: str) -> list:
 def _settings_line(settings: Mapping[str, Any]) -> str:
     """The scalar settings that the threat model line does not show, e.g. `fill 0.0, precision float32, margin 0.0`."""
     shown = ("defense", "image_size", "mask_set", "patch")
-    parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]
+    # PatchCURE's window and split are None for a model that is not a ViT split: nothing to say
+    unset = ("window", "split") if settings.get("defense") == "patchcure" else ()
+    parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict) and not (k in unset and v is None)]
     return ", ".join(parts) if parts else "-"
 
 

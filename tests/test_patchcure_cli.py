@@ -71,6 +71,7 @@ def test_certify_wraps_a_timm_vit_with_window_split_and_mask_stride_and_draws_th
     data = cli._loading._image_folder(files / "data", {c: i for i, c in enumerate("abcd")}, cli._loading._preprocessing(model)[0], "RGB")
     assert _records(report) == _records(certify_dataset(model, data, progress=False))
     assert "srf_passes (mean)" in out and "feature views per image" in out and f"of {model.full_views}" in out
+    assert "window [1, 1], split 2, mask_stride [2, 2]" in out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["masks.png", "report.png", "views.png"]
 
 
@@ -119,6 +120,13 @@ def test_an_option_of_patchcure_on_another_defense_is_refused_by_name(files, cap
     assert code == 1 and "--window and --split go together" in err
 
 
+def test_attack_audits_a_saved_patchcure_model_on_the_command_line(files, tmp_path, capsys):
+    _wrapped(files).save_pretrained(tmp_path / "cure")
+    code, out, err = run(["attack", "--model", tmp_path / "cure", "--data", files / "data", "--steps", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "defense                    patchcure" in out and "certificates               OK" in out
+
+
 # ------------------------------------------------------------------------------------ predict
 def test_predict_prints_the_patchcure_threat_model_and_the_exact_prediction(files, capsys):
     image = files / "data" / "b" / "0.png"
@@ -165,3 +173,14 @@ def test_masks_shows_the_feature_mask_set_of_a_vit_split_and_draws_it_on_the_ima
 def test_masks_errors_name_the_options(argv, message, capsys):
     code, _, err = run(["masks", "--defense", "patchcure", *argv], capsys)
     assert code == 1 and message in err
+
+
+def test_the_report_of_a_local_logit_model_names_no_window_or_split():
+    import robustwrap.models  # noqa: F401 - registers the BagNets with timm
+
+    torch.manual_seed(0)
+    model = robustwrap.wrap(timm.create_model("bagnet_tiny", num_classes=3).eval(), patch=5, defense="patchcure", mask_stride=2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    report = certify_dataset(model, torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), progress=False)
+    settings = next(line for line in report.summary().splitlines() if line.strip().startswith("settings"))
+    assert settings.endswith("margin 0.1, mask_stride [2, 2]") and "window" not in settings
