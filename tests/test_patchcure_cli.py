@@ -184,3 +184,22 @@ def test_the_report_of_a_local_logit_model_names_no_window_or_split():
     report = certify_dataset(model, torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), progress=False)
     settings = next(line for line in report.summary().splitlines() if line.strip().startswith("settings"))
     assert settings.endswith("margin 0.1, mask_stride [2, 2]") and "window" not in settings
+
+
+def test_view_grid_and_plot_views_draw_the_feature_views_of_an_image(files):
+    from robustwrap.dataset import view_grid
+    from robustwrap.plots import plot_feature_mask_set, plot_views
+
+    model = _wrapped(files)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    one_mask, grid = view_grid(model, x[0])
+    assert torch.equal(grid, model.certify(x, torch.zeros(1, dtype=torch.long), early_exit=False).grid[0])
+    assert torch.equal(one_mask, grid.diagonal())
+    masks = model.feature_mask_set
+    figure = plot_views(one_mask, grid, 0, masks, x[0], image_size=model.image_size)
+    assert len(figure.axes) == 4  # the image, the one-mask labels, the two-mask grid and its colour bar
+    with pytest.raises(ValueError, match=r"image must have shape \(C, 4, 4\)"):  # the masks' grid of cells is not the image
+        plot_views(one_mask, grid, 0, masks, x[0])
+    srf = model.srf
+    figure = plot_feature_mask_set(masks, model.image_size, model.patch, srf.receptive_field, srf.feature_stride, srf.feature_offset, x[0])
+    assert figure._suptitle.get_text() == model.describe()
