@@ -81,8 +81,9 @@ class AttackResult:
         patch: `(B, C, ph, pw)` the patch content, in the model's input space.
         prediction: `(B,)` the exact `defended.predict(x_adv)`.
         forward_passes: calls of the base model's forward during the attack (clean evidence,
-            surrogate steps and exact checks).
-        num_views: images through the base model during the attack (all calls together).
+            surrogate steps and exact checks); for PatchCURE, of its SRF (a ViT split's patch
+            embedding, a pair's `srf`), which runs once per image and per surrogate view.
+        num_views: images through the base model (PatchCURE: its SRF) during the attack (all calls together).
         objective_views: images through the base model for the surrogate's gradient steps only.
         objective_steps: gradient steps summed over every (image, location, restart) run.
         naive_views_per_step: views per step of an attack evaluating every view of the defense.
@@ -256,6 +257,11 @@ class _Objective:
 
     naive_views: int = 1
 
+    @staticmethod
+    def counted(base: nn.Module) -> nn.Module:
+        """The module whose calls `AttackResult.forward_passes` counts: the base model."""
+        return base
+
     def __init__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tensor, targeted: bool, patch: tuple[int, int], loss: str
     ):
@@ -393,6 +399,14 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         self.srf, self.lrf = model._parts()
         self.geometry = _srf_geometry(self.srf)
         super().__init__(*args)
+
+    @staticmethod
+    def counted(base: nn.Module) -> nn.Module:
+        from .defenses.patchcure import SplitModel
+
+        # a pair's forward never runs (its SRF and LRF do); a ViT split's patch embedding is counted anyway
+        inner = unwrap(base)
+        return inner.srf if isinstance(inner, SplitModel) else base
 
     def _mask_set(self):
         return self.model.feature_mask_set
@@ -813,7 +827,7 @@ def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, ba
 
 def _attack(setup: _Setup, pick: Callable[[_Objective], list[torch.Tensor]], generator, progress: bool) -> AttackResult:
     """Build the defense's objective from the clean images, pick positions, search."""
-    counter = _Counter(setup.base)
+    counter = _Counter(OBJECTIVES[setup.defense].counted(setup.base))
     try:
         with eval_mode(setup.base), torch.no_grad():
             objective = OBJECTIVES[setup.defense](setup.defended, setup.x, setup.y, setup.goal, setup.targeted, setup.patch, setup.loss)

@@ -143,6 +143,8 @@ def test_the_attack_flips_uncertified_images_and_sees_only_the_views_a_patch_rea
     assert not bool((result.success & certified).any())
     assert torch.equal(result.success, model.predict(result.x_adv) != y)  # judged by the exact prediction
     assert result.naive_views_per_step == model.full_views and 0 < result.views_per_step < model.full_views
+    # the SRF runs for every surrogate view, the clean evidence and each exact check
+    assert result.num_views > result.objective_views > 0 and result.forward_passes > 0
 
 
 # ----------------------------------------------------------------------------------- the audit
