@@ -180,6 +180,10 @@ def test_a_saved_import_keeps_the_authors_forward_and_settings_without_it_stay_a
     assert torch.equal(loaded(x), model(x))
     plain = robustwrap.wrap(_vit(), patch=8, defense="patchcure", window=WINDOW, split=3)
     assert "forward" not in plain.settings() and not plain.authors
+    with pytest.raises(AttributeError, match="authors chooses the function the weights compute"):
+        plain.authors = True
+    rewrapped = robustwrap.wrap(plain.model, patch=8, defense="patchcure", window=WINDOW, split=3, authors=True)
+    assert rewrapped.settings() == model.settings() and torch.equal(rewrapped(x), model(x))
 
 
 @pytest.mark.parametrize(

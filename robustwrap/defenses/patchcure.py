@@ -291,6 +291,8 @@ class PatchCURE(RobustPatchClassifier):
     _geometry_name = "PatchCURE model"
     _not_assignable: ClassVar[dict[str, str]] = {
         "lrf": "lrf is part of the base model: assign a new pair, m.model = robustwrap.defenses.patchcure.SplitModel(m.srf, lrf)",
+        "authors": "authors chooses the function the weights compute, fixed at wrap: robustwrap.wrap(m.model, defense='patchcure', "
+        "window=m.window, split=m.split, authors=True) runs the PatchCURE authors' forward",
     }
 
     def __init__(
