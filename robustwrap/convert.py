@@ -297,7 +297,13 @@ def _patchcure(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tens
     plan = _Plan(arch="", num_classes=0, defense="patchcure", patch=32, options={"mask_stride": 1, "authors": True})
     plan.model_args = {"global_pool": "avg"}
     # builder.py: 224 px, bicubic; ImageNet's crop 224/256, CIFAR-10 resized whole; ImageNet's mean and std for both
-    plan.data_config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875, "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD}
+    plan.data_config = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "mean": _IMAGENET_MEAN,
+        "std": _IMAGENET_STD,
+    }
     split = None
     if any(k.startswith(("0.", "1.")) for k in state):
         state, split = _cure_split_state(state, path)

@@ -294,7 +294,8 @@ def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.
     """
     if getattr(model, "defense", None) not in ("patchcleanser", "patchcure"):
         raise TypeError(
-            f"view_grid draws the two-mask grid of PatchCleanser or PatchCURE; model is a {getattr(model, 'defense', type(model).__name__)!r} model"
+            "view_grid draws the two-mask grid of PatchCleanser or PatchCURE; "
+            f"model is a {getattr(model, 'defense', type(model).__name__)!r} model"
         )
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
         raise ValueError(f"image must be one (C, H, W) tensor, got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")

@@ -337,7 +337,8 @@ def plot_feature_mask_set(
     from .defenses.patchcure import _describe_cells
 
     (h, w), (ph, pw) = as_image_size(image_size), patch_pixels(patch, image_size)
-    r, s, o = (tuple(int(v) for v in as_pair(v, name)) for v, name in ((receptive_field, "r"), (feature_stride, "s"), (feature_offset, "o")))
+    geometry = ((receptive_field, "receptive_field"), (feature_stride, "feature_stride"), (feature_offset, "feature_offset"))
+    r, s, o = (tuple(int(n) for n in as_pair(value, name)) for value, name in geometry)
     shown = _display_image(image, (h, w))
 
     def pixels(box) -> tuple[int, int, int, int]:
@@ -368,14 +369,17 @@ def plot_feature_mask_set(
             top, left, bh, bw = pixels(box)
             label = f"mask {k}: {box[2]}x{box[3]} cells, {bh}x{bw} px"
             face = (0.85, 0.11, 0.38, 0.3) if k == 0 else "none"
-            ax_image.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, facecolor=face, edgecolor=colour, linewidth=2, linestyle=style, label=label))
-            ax_cells.add_patch(Rectangle((box[1] - 0.5, box[0] - 0.5), box[3], box[2], fill=False, edgecolor=colour, linewidth=2, linestyle=style))
+            line = {"edgecolor": colour, "linewidth": 2, "linestyle": style}
+            ax_image.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, facecolor=face, label=label, **line))
+            ax_cells.add_patch(Rectangle((box[1] - 0.5, box[0] - 0.5), box[3], box[2], fill=False, **line))
     # The patch at the first position past the cells before mask 0 (a cell before it sees up to
     # s*top - o + r - s): it reaches only mask 0's cells, as every patch reaches one mask's only.
     top, left = mask_set.boxes[0][:2]
     y = min(h - ph, 0 if top == 0 else s[0] * top - o[0] + r[0] - s[0])
     x = min(w - pw, 0 if left == 0 else s[1] * left - o[1] + r[1] - s[1])
-    ax_image.add_patch(Rectangle((x - 0.5, y - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px"))
+    ax_image.add_patch(
+        Rectangle((x - 0.5, y - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px")
+    )
     ax_image.legend(fontsize=8, loc="lower right")
     ax_image.set_title("on the image: masks of cells by the pixels they see", fontsize=10)
     for ax in (ax_cells, ax_image):

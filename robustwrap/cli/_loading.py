@@ -232,7 +232,8 @@ def _own_options(model: RobustPatchClassifier, given: dict[str, Any]) -> tuple[A
     names = {
         "smoothing": ("ablation", "size", "stride", "threshold", "encoding", "drop_tokens"),
         "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip"),
-        "patchcure": ("window", "split", "mask_stride", "authors") if model.defense == "patchcure" and model.split is not None else ("mask_stride",),
+        # a ViT split keeps its window, split and forward; another PatchCURE model has only a mask stride
+        "patchcure": ("window", "split", "mask_stride", "authors") if getattr(model, "split", None) is not None else ("mask_stride",),
     }
     ph, pw = model.patch
     return (ph if ph == pw else (ph, pw)), {name: getattr(model, name) for name in names.get(model.defense, ())}

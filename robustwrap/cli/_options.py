@@ -157,7 +157,9 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="windowed blocks of a ViT split (the SRF), the rest run per masked view; K = depth: every block, no LRF (with --window)",
     )
-    cure.add_argument("--mask-stride", type=_int_pair(1), metavar="S", help="feature mask stride in cells, S or SHxSW (default 1, or the model's own)")
+    cure.add_argument(
+        "--mask-stride", type=_int_pair(1), metavar="S", help="feature mask stride in cells, S or SHxSW (default 1, or the model's own)"
+    )
 
 
 def parse_patch(text: str) -> list[int | float]:

@@ -139,7 +139,9 @@ def _patchcure_masks(args: argparse.Namespace) -> str:
     (h, w), token = args.image_size, as_pair(args.token_size, "--token-size")
     cell = tuple(int(n) * int(t) for n, t in zip(as_pair(args.window, "--window"), token))
     if h % cell[0] or w % cell[1]:
-        raise ValueError(f"--window {args.window} of {token[0]}x{token[1]} px tokens makes {cell[0]}x{cell[1]} px cells, which do not tile the {h}x{w} image")
+        raise ValueError(
+            f"--window {args.window} of {token[0]}x{token[1]} px tokens makes {cell[0]}x{cell[1]} px cells, which do not tile the {h}x{w} image"
+        )
     grid = (h // cell[0], w // cell[1])
     stride = as_pair(args.mask_stride or 1, "--mask-stride")
     patch = patch_pixels(args.patch, (h, w))
@@ -150,9 +152,9 @@ def _patchcure_masks(args: argparse.Namespace) -> str:
 
         plot_feature_mask_set(masks, (h, w), patch, cell, cell, 0, path=args.plot)
     k = len(masks)
-    rows = [("mask", "top", "left", "height", "width", "pixels (top, left, height, width)")] + [
-        (str(i), *map(str, box), f"{box[0] * cell[0]}, {box[1] * cell[1]}, {box[2] * cell[0]}, {box[3] * cell[1]}") for i, box in enumerate(masks.boxes)
-    ]
+    rows = [("mask", "top", "left", "height", "width", "pixels (top, left, height, width)")]
+    for i, (top, left, bh, bw) in enumerate(masks.boxes):
+        rows.append((str(i), str(top), str(left), str(bh), str(bw), f"{top * cell[0]}, {left * cell[1]}, {bh * cell[0]}, {bw * cell[1]}"))
     lines = [
         _describe_cells((h, w), patch, masks, cell, cell, stride),
         f"cells of {cell[0]}x{cell[1]} px ({cell[0] // token[0]}x{cell[1] // token[1]} tokens of {token[0]}x{token[1]} px); "
