@@ -390,10 +390,9 @@ def plot_feature_mask_set(
 
 
 def _mask_stride(mask_set: MaskSet) -> tuple[int, int]:
-    """The stride of a rectangular mask set's grid of masks (1 where it has one mask per axis)."""
-    tops = sorted({b[0] for b in mask_set.boxes})
-    lefts = sorted({b[1] for b in mask_set.boxes})
-    return (tops[1] - tops[0] if len(tops) > 1 else 1), (lefts[1] - lefts[0] if len(lefts) > 1 else 1)
+    """The stride of a feature mask set: its masks are `window + stride - 1` cells for a `window`-cell "patch"."""
+    (mh, mw), (wh, ww) = mask_set.mask_size, mask_set.patch_sizes[0]
+    return mh - wh + 1, mw - ww + 1
 
 
 def plot_views(
