@@ -11,6 +11,10 @@ patch at that position can change (the Concepts page, docs/concepts.md, describe
   (at most `Δ` views); the others cannot change and are constants.
 - PatchGuard: the local logits, clipped at zero, summed per class after robust masking removes
   each class's largest window: the defended evidence itself.
+- PatchCURE: PatchCleanser's views on the feature grid: the SRF's features of the patched image
+  with the cells of one or two masks set to 0, through the LRF (or, for a model that returns
+  local logits, their float64 sum over the kept cells); only the views in which a cell the patch
+  reaches is kept.
 
 Success is only ever judged by the exact `defended.predict`. A certified image can therefore
 never be attacked successfully unless the certificate is wrong, which is what `audit` checks.
@@ -77,8 +81,9 @@ class AttackResult:
         patch: `(B, C, ph, pw)` the patch content, in the model's input space.
         prediction: `(B,)` the exact `defended.predict(x_adv)`.
         forward_passes: calls of the base model's forward during the attack (clean evidence,
-            surrogate steps and exact checks).
-        num_views: images through the base model during the attack (all calls together).
+            surrogate steps and exact checks); for PatchCURE, of its SRF (a ViT split's patch
+            embedding, a pair's `srf`), which runs once per image and per surrogate view.
+        num_views: images through the base model (PatchCURE: its SRF) during the attack (all calls together).
         objective_views: images through the base model for the surrogate's gradient steps only.
         objective_steps: gradient steps summed over every (image, location, restart) run.
         naive_views_per_step: views per step of an attack evaluating every view of the defense.
@@ -200,13 +205,21 @@ def _paste(x: torch.Tensor, patch: torch.Tensor, loc: torch.Tensor) -> torch.Ten
     return out
 
 
-def _overlap(loc: torch.Tensor, patch: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
-    """`(T, K)` pixels shared by the patch at each `loc` (T, 2) and each box (K, 4) `(top, left, h, w)`."""
-    ph, pw = patch
+def _overlap(loc: torch.Tensor, patch: tuple[int, int] | torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`(T, K)` pixels shared by the patch at each `loc` (T, 2) and each box (K, 4) `(top, left, h, w)`.
+
+    `patch` is `(ph, pw)`, or `(T, 2)` sizes, one per position (PatchCURE's patches, in cells).
+    """
+    ph, pw = _sizes(patch)
     top, left = loc[:, 0, None], loc[:, 1, None]
     rows = (torch.minimum(top + ph, boxes[None, :, 0] + boxes[None, :, 2]) - torch.maximum(top, boxes[None, :, 0])).clamp(min=0)
     cols = (torch.minimum(left + pw, boxes[None, :, 1] + boxes[None, :, 3]) - torch.maximum(left, boxes[None, :, 1])).clamp(min=0)
     return rows * cols
+
+
+def _sizes(patch: tuple[int, int] | torch.Tensor) -> tuple:
+    """`(ph, pw)` of a fixed patch, or `(T, 1)` columns of per-position sizes `(T, 2)`, to broadcast against `(T, K)`."""
+    return (patch[:, 0, None], patch[:, 1, None]) if isinstance(patch, torch.Tensor) else patch
 
 
 def _view_margin(logits: torch.Tensor, label: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -243,6 +256,11 @@ class _Objective:
     """
 
     naive_views: int = 1
+
+    @staticmethod
+    def counted(base: nn.Module) -> nn.Module:
+        """The module whose calls `AttackResult.forward_passes` counts: the base model."""
+        return base
 
     def __init__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tensor, targeted: bool, patch: tuple[int, int], loss: str
@@ -301,12 +319,11 @@ class _PatchCleanserObjective(_DefendedObjective):
 
     def __init__(self, *args):
         super().__init__(*args)
-        mask_set = self.model.mask_set
+        mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k * (self.k + 1) // 2
         self.boxes = torch.tensor(mask_set.boxes, dtype=torch.long, device=self.x.device)
         self.keep = mask_set.keep_masks(self.x.device)
-        self.fill = fill_like(self.model.fill, self.x)
         # Every P_ij of the clean image: which rows already disagree (the guide) and which rows
         # could still win Case II for a wrong label (the two-mask views worth attacking).
         self.grid = self.model.certify(self.x, self.y, early_exit=False).grid
@@ -316,10 +333,17 @@ class _PatchCleanserObjective(_DefendedObjective):
         # A mask hiding the patch cannot turn Case II back to y when its own clean row disagrees
         # with its one-mask label, or that label is already wrong.
         self.row_open = (self.grid != one[:, :, None]).any(2) | (one != self.y[:, None])
-        self.area = self.patch[0] * self.patch[1]
+
+    def _mask_set(self):
+        return self.model.mask_set
+
+    def _footprint(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(corner (T, 2), size (T, 2))`: what the patch at each `loc` changes, in the units of the mask set's boxes."""
+        return loc, torch.tensor(self.patch, device=loc.device).expand(loc.shape[0], 2)
 
     def _cover(self, loc: torch.Tensor) -> torch.Tensor:
-        return _overlap(loc, self.patch, self.boxes) == self.area
+        corner, size = self._footprint(loc)
+        return _overlap(corner, size, self.boxes) == size.prod(1, keepdim=True)
 
     def guide(self, image: int, positions: torch.Tensor) -> torch.Tensor:
         cover = self._cover(positions)
@@ -330,8 +354,10 @@ class _PatchCleanserObjective(_DefendedObjective):
 
     def plan(self, image: torch.Tensor, loc: torch.Tensor) -> _Views:
         k = self.k
-        overlap = _overlap(loc, self.patch, self.boxes)
-        cover = overlap == self.area
+        corner, size = self._footprint(loc)
+        area = size.prod(1, keepdim=True)
+        overlap = _overlap(corner, size, self.boxes)
+        cover = overlap == area
         tasks, views = [], []
         one_t, one_i = (~cover).nonzero(as_tuple=True)
         tasks.append(one_t)
@@ -347,8 +373,8 @@ class _PatchCleanserObjective(_DefendedObjective):
             j = torch.arange(k, device=image.device)
             boxes_i, boxes_j = self.boxes[i], self.boxes
             # The patch is hidden in view (i, j) when the two masks together contain it.
-            both = _pair_overlap(loc, self.patch, boxes_i, boxes_j)
-            visible = (overlap.gather(1, i[:, None]) + overlap - both < self.area) & use[:, None] & (j[None] != i[:, None])
+            both = _pair_overlap(corner, size, boxes_i, boxes_j)
+            visible = (overlap.gather(1, i[:, None]) + overlap - both < area) & use[:, None] & (j[None] != i[:, None])
             vt, vj = visible.nonzero(as_tuple=True)
             tasks.append(vt)
             views.append(torch.minimum(i[vt], vj) * k + torch.maximum(i[vt], vj))
@@ -356,16 +382,72 @@ class _PatchCleanserObjective(_DefendedObjective):
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         keep = self.keep[view // self.k] & self.keep[view % self.k]
-        return mask_images(x, keep, self.fill)
+        return mask_images(x, keep, fill_like(self.model.fill, x))
 
 
-def _pair_overlap(loc: torch.Tensor, patch: tuple[int, int], boxes_i: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """`(T, K)` pixels of the patch inside both box `boxes_i[t]` and each `boxes[k]`."""
+class _PatchCUREObjective(_PatchCleanserObjective):
+    """PatchCleanser's surrogate on the feature grid: views `i * K + j` of the feature mask set.
+
+    A patch changes only the cells whose receptive field it meets (its footprint, in cells), so
+    the views that can change are chosen exactly as PatchCleanser's, with cells for pixels. A
+    view runs the SRF on the patched image, sets the cells of masks `i` and `j` to 0 and runs the
+    LRF; a model without an LRF sums the local logits over the kept cells, in float64.
+    """
+
+    def __init__(self, *args):
+        from .defenses.patchcure import _srf_geometry
+
+        model = args[0]
+        self.srf, self.lrf = model._parts()
+        self.geometry = _srf_geometry(self.srf)
+        super().__init__(*args)
+
+    @staticmethod
+    def counted(base: nn.Module) -> nn.Module:
+        from .defenses.patchcure import SplitModel
+
+        # a pair's forward never runs (its SRF and LRF do); a ViT split's patch embedding is counted anyway
+        inner = unwrap(base)
+        return inner.srf if isinstance(inner, SplitModel) else base
+
+    def _mask_set(self):
+        return self.model.feature_mask_set
+
+    def _footprint(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Cell a sees pixels [s*a - o, s*a - o + r): it meets the patch's [t, t + p) iff
+        # ceil((t - r + 1 + o) / s) <= a <= floor((t + p - 1 + o) / s), within the grid.
+        (r, s, o), grid = self.geometry, self.model.feature_mask_set.image_size
+        first, last = [], []
+        for axis in range(2):
+            t = loc[:, axis]
+            first.append((-torch.div(-(t - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
+            last.append(torch.div(t + self.patch[axis] - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
+        corner = torch.stack(first, 1)
+        return corner, torch.stack(last, 1) - corner + 1
+
+    def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = self.keep[view // self.k] & self.keep[view % self.k]
+        with eval_mode(self.srf):
+            features = self.srf(x)
+        return features, kept
+
+    def forward(self, rendered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        features, kept = rendered
+        if self.lrf is None:
+            return (features.double() * kept[:, None]).sum((-2, -1))
+        # A masked cell is the constant 0, as in the defense's own views.
+        masked = torch.where(kept[:, None], features, torch.zeros((), dtype=features.dtype, device=features.device))
+        with eval_mode(self.lrf):
+            return self.lrf(masked, kept)
+
+
+def _pair_overlap(loc: torch.Tensor, patch: tuple[int, int] | torch.Tensor, boxes_i: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`(T, K)` pixels of the patch (`(ph, pw)` or `(T, 2)` sizes) inside both box `boxes_i[t]` and each `boxes[k]`."""
     top = torch.maximum(boxes_i[:, None, 0], boxes[None, :, 0])
     left = torch.maximum(boxes_i[:, None, 1], boxes[None, :, 1])
     bottom = torch.minimum(boxes_i[:, None, 0] + boxes_i[:, None, 2], boxes[None, :, 0] + boxes[None, :, 2])
     right = torch.minimum(boxes_i[:, None, 1] + boxes_i[:, None, 3], boxes[None, :, 1] + boxes[None, :, 3])
-    ph, pw = patch
+    ph, pw = _sizes(patch)
     rows = (torch.minimum(loc[:, 0, None] + ph, bottom) - torch.maximum(loc[:, 0, None], top)).clamp(min=0)
     cols = (torch.minimum(loc[:, 1, None] + pw, right) - torch.maximum(loc[:, 1, None], left)).clamp(min=0)
     return rows * cols
@@ -513,6 +595,7 @@ OBJECTIVES: dict[str | None, type[_Objective]] = {
     "patchcleanser": _PatchCleanserObjective,
     "smoothing": _SmoothingObjective,
     "patchguard": _PatchGuardObjective,
+    "patchcure": _PatchCUREObjective,
 }
 
 
@@ -755,7 +838,7 @@ def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, ba
 
 def _attack(setup: _Setup, pick: Callable[[_Objective], list[torch.Tensor]], generator, progress: bool) -> AttackResult:
     """Build the defense's objective from the clean images, pick positions, search."""
-    counter = _Counter(setup.base)
+    counter = _Counter(OBJECTIVES[setup.defense].counted(setup.base))
     try:
         with eval_mode(setup.base), torch.no_grad():
             objective = OBJECTIVES[setup.defense](setup.defended, setup.x, setup.y, setup.goal, setup.targeted, setup.patch, setup.loss)

@@ -5,7 +5,7 @@ model = robustwrap.convert.import_checkpoint("vit_base_patch16_224_cutout2_128_i
 model.save_pretrained("pc-vit-imagenette")          # or: robustwrap import FILE --format patchcleanser --out DIR
 ```
 
-Each project saves its weights its own way; this module knows four of them (read from the
+Each project saves its weights its own way; this module knows five of them (read from the
 authors' public code):
 
 | format | files | what they hold |
@@ -14,6 +14,7 @@ authors' public code):
 | `patchguard` | `bagnet17_nette.pth`, `bagnet17_192_cifar.pth`, `bagnet17_net.pth` | `{"model_state_dict": ...}` or `{"net": ...}`, `module.` keys, the head a linear layer |
 | `drs` | `imagenet_one_band_lr_{lr}_regularization_{wd}[_model_{model}_]_band_{b}_epoch_{N}[_resume_{file}].pth` | `{"net": ..., "acc", "epoch"}`, `module.` keys, a ResNet taking `2C` channels (`levine2020` encoding) |
 | `smoothed-vit` | `{model}_k19.pt`, `{model}_block_k75[.pt]` (their README's), `checkpoint.pt.best` (MadryLab robustness library) | `{"model": ...}` with `module.model.model.` keys (`module.model.` for a CNN), the input normaliser's mean and std as buffers |
+| `patchcure` | `vitsrf14x2_masked.pth.tar`, `vitsrf14x2_split9_masked.pth.tar` | `{"state_dict": ...}`: a timm ViT's keys (SRF-only), or their `nn.Sequential(pre, post)` split model's (`0.pre_layers.N.`, `1.post_layers.N.`); runs their forward (`authors=True`) |
 
 Smoothed ViT's models drop tokens (their code does with `--drop-tokens`, which their README's
 training and certification commands pass; a checkpoint does not record it), and so does the
@@ -334,6 +335,92 @@ def _smoothed_vit(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.T
 _READERS = {"patchcleanser": _patchcleanser, "patchguard": _patchguard, "drs": _drs, "smoothed-vit": _smoothed_vit}
 
 
+# ---------------------------------------------------------------- PatchCURE (inspire-group/PatchCURE)
+# Their ViTs (utils/vit_srf.py, utils/split.py): timm ViTs with global_pool="avg" and a class token.
+_CURE_VITS = {(768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224"}
+# checkpoints/README.md: {model}_{split}_{dataset}_{training}.pth.tar, split and (for ImageNet) dataset left out.
+_CURE_NAME = re.compile(r"vit(l?)srf(\d+)x(\d+)(?:_split(\d+))?(?:_(cifar))?_(masked|vanilla)\.pth(?:\.tar)?")
+_CURE_BLOCK = re.compile(r"0\.pre_layers\.(\d+)\.|1\.post_layers\.(\d+)\.")
+
+
+def _patchcure(path: Path, checkpoint: Any) -> tuple[_Plan, dict[str, torch.Tensor]]:
+    """The PatchCURE authors' ViT-SRF checkpoints: `vitsrf14x2_masked.pth.tar` (SRF-only), `vitsrf14x2_split9_masked.pth.tar`.
+
+    timm's training script saved them (`{"state_dict": ...}`). An SRF-only file is a timm ViT's own
+    state dict. A split file is their `nn.Sequential(pre, post)` of `utils/split.py`: the pre part
+    holds `pos_embed`, `cls_token` and `pre_layers` (the ViT's children before its blocks, then
+    blocks `[0, k)`), the post part `post_layers` (blocks `[k, depth)`, then the ViT's children
+    after its blocks: norm, fc_norm, head dropout, head). Their loader matches the keys by order
+    (`load_checkpoint(remap=True)`); here each goes back to its timm name. The window and split
+    come from the name; the model runs their forward (`authors=True`).
+    """
+    state = _state_dict(checkpoint, ("state_dict", "model", "state_dict_ema"), path)
+    found = _CURE_NAME.fullmatch(path.name)
+    plan = _Plan(arch="", num_classes=0, defense="patchcure", patch=32, options={"mask_stride": 1, "authors": True})
+    plan.model_args = {"global_pool": "avg"}
+    # builder.py: 224 px, bicubic; ImageNet's crop 224/256, CIFAR-10 resized whole; ImageNet's mean and std for both
+    plan.data_config = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "mean": _IMAGENET_MEAN,
+        "std": _IMAGENET_STD,
+    }
+    split = None
+    if any(k.startswith(("0.", "1.")) for k in state):
+        state, split = _cure_split_state(state, path)
+    if "patch_embed.proj.weight" in state:
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        plan.arch = _CURE_VITS.get((state["patch_embed.proj.weight"].shape[0], depth), "")
+        plan.options["split"] = depth if split is None else split  # SRF-only: every block windowed
+    if "head.weight" in state:
+        plan.num_classes = state["head.weight"].shape[0]
+        plan.dataset = "imagenet" if plan.num_classes == 1000 else None
+    if found:
+        _, wh, ww, named_split, cifar, training = found.groups()
+        plan.options["window"] = (int(wh), int(ww))
+        if named_split is not None and int(named_split) != plan.options.get("split"):
+            raise ValueError(f"{path.name} names split {named_split}, but its weights hold {plan.options.get('split')} windowed blocks")
+        if cifar:
+            plan.dataset = "cifar10"
+            plan.data_config["crop_pct"] = 1.0
+        plan.strategy = "random feature masks (the authors' training)" if training == "masked" else "plain training (the authors')"
+    return plan, state
+
+
+def _cure_split_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """Their `nn.Sequential(pre, post)` keys -> a timm ViT's (`global_pool="avg"`: no final norm's parameters), and the split."""
+    pre = sorted({int(m[1]) for m in map(_CURE_BLOCK.match, state) if m and m[1] is not None})
+    post = sorted({int(m[2]) for m in map(_CURE_BLOCK.match, state) if m and m[2] is not None})
+
+    def is_block(part: str, index: int) -> bool:
+        return any(k.startswith(f"{part}.{index}.attn.") for k in state)
+
+    pre_blocks = [i for i in pre if is_block("0.pre_layers", i)]
+    post_blocks = [i for i in post if is_block("1.post_layers", i)]
+    tail = [i for i in post if i not in post_blocks]  # fc_norm, then the head (norm and dropouts hold nothing)
+    if not pre or pre[0] != 0 or not pre_blocks or len(tail) != 2 or post_blocks != list(range(len(post_blocks))):
+        raise ValueError(
+            f"{path}: not the PatchCURE authors' split layout (0.pre_layers.0 = patch_embed, 0.pre_layers.N = the first blocks, "
+            f"1.post_layers.N = the last blocks, then fc_norm and the head); found pre_layers {pre} and post_layers {post}"
+        )
+    names = {"0.pos_embed": "pos_embed", "0.cls_token": "cls_token", "0.pre_layers.0.": "patch_embed."}
+    names.update({f"0.pre_layers.{n}.": f"blocks.{i}." for i, n in enumerate(pre_blocks)})
+    names.update({f"1.post_layers.{n}.": f"blocks.{len(pre_blocks) + n}." for n in post_blocks})
+    names.update({f"1.post_layers.{tail[0]}.": "fc_norm.", f"1.post_layers.{tail[1]}.": "head."})
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in names if key == p or (p.endswith(".") and key.startswith(p))), None)
+        if prefix is None:
+            raise ValueError(f"{path}: key {key!r} is none of the PatchCURE authors' split model's")
+        out[names[prefix] + key[len(prefix) :]] = value
+    return out, len(pre_blocks)
+
+
+_READERS["patchcure"] = _patchcure
+FORMATS = (*FORMATS, "patchcure")
+
+
 # ------------------------------------------------------------------------------------ building
 def _build(plan: _Plan, state: dict[str, torch.Tensor], image_size: tuple[int, int] | None, source: str) -> nn.Module:
     """The timm model of `plan` holding `state` (adapted by timm's own filter for older key layouts)."""
@@ -420,7 +507,7 @@ def import_checkpoint(
 
     Args:
         path: the checkpoint file.
-        format: `"patchcleanser"`, `"patchguard"`, `"smoothed-vit"` or `"drs"` (who saved it).
+        format: `"patchcleanser"`, `"patchguard"`, `"smoothed-vit"`, `"drs"` or `"patchcure"` (who saved it).
         model: the timm architecture (`"vit_base_patch16_224"`, `"bagnet17"`, ...); required
             when neither the file name nor the weights tell.
         num_classes: classes of the head (default: the head's, else the checkpoint's data set).

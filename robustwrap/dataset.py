@@ -314,10 +314,10 @@ def _full_views(model: RobustPatchClassifier, guarantee: str = "prediction") -> 
 def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every view of one image, with no early exit: for pictures (`plots.plot_views`) and debugging.
 
-    PatchCleanser only.
+    PatchCleanser (views of its `mask_set`) and PatchCURE (views of its `feature_mask_set`).
 
     Args:
-        model: the defended model (PatchCleanser).
+        model: the defended model (PatchCleanser or PatchCURE).
         image: `(C, H, W)` image, normalised as the model expects.
 
     Returns:
@@ -328,8 +328,11 @@ def view_grid(model: RobustPatchClassifier, image: torch.Tensor) -> tuple[torch.
         TypeError: for a model of another defense.
         ValueError: for an image the model cannot take.
     """
-    if getattr(model, "defense", None) != "patchcleanser":
-        raise TypeError(f"view_grid draws PatchCleanser's two-mask grid; model is a {getattr(model, 'defense', type(model).__name__)!r} model")
+    if getattr(model, "defense", None) not in ("patchcleanser", "patchcure"):
+        raise TypeError(
+            "view_grid draws the two-mask grid of PatchCleanser or PatchCURE; "
+            f"model is a {getattr(model, 'defense', type(model).__name__)!r} model"
+        )
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
         raise ValueError(f"image must be one (C, H, W) tensor, got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
     # The label only decides `certified`, which is not returned: any class gives the full grid.

@@ -1,5 +1,6 @@
 """Pictures of certification results: a report, a mask set, one image's views, a patch-size sweep,
-and the geometry of the other defenses (smoothing's ablated views, PatchGuard's feature window).
+and the geometry of the other defenses (smoothing's ablated views, PatchGuard's feature window, PatchCURE's
+feature mask set).
 
 Everything here draws results; nothing runs a model (`robustwrap.dataset.view_grid` computes the
 views that `plot_views` draws). The pictures use matplotlib's object API
@@ -25,7 +26,7 @@ from .report import CASE_NAMES, CertificationReport
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_ablation_set", "plot_feature_window", "plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
+__all__ = ["plot_ablation_set", "plot_feature_mask_set", "plot_feature_window", "plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -299,6 +300,101 @@ def plot_feature_window(
     return _save(fig, path)
 
 
+def plot_feature_mask_set(
+    mask_set: MaskSet,
+    image_size: int | Sequence[int],
+    patch: int | float | str | Sequence[int],
+    receptive_field: int | Sequence[int],
+    feature_stride: int | Sequence[int],
+    feature_offset: int | Sequence[int] = 0,
+    image: torch.Tensor | None = None,
+    path: str | Path | None = None,
+) -> Figure:
+    """PatchCURE's feature mask set drawn on the image: the cells, and masks of cells by the pixels they see.
+
+    Left, the grid of cells (each cell's first receptive field outlined) and how many masks cover
+    each cell; right, the image with mask 0's cells and the pixels they see, mask 1, and a patch
+    inside mask 0's pixels: every cell the patch reaches is one of mask 0's.
+
+    Args:
+        mask_set: the feature mask set (`PatchCURE.feature_mask_set`: its "pixels" are cells).
+        image_size: `H` or `(H, W)` of the inputs.
+        patch: the patch, as `wrap` takes it.
+        receptive_field: `r`: cell `(a, b)` sees input rows `[s*a - o, s*a - o + r)` and columns likewise.
+        feature_stride: `s`, an int or `(sh, sw)`.
+        feature_offset: `o`, an int or `(oh, ow)` (0 for a ViT split).
+        image: `(C, H, W)` image in any value range, or `None` for a plain background.
+        path: where to save the picture.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        ValueError: if the image is not `image_size`.
+    """
+    from matplotlib.patches import Rectangle
+
+    from .defenses.patchcure import _describe_cells
+
+    (h, w), (ph, pw) = as_image_size(image_size), patch_pixels(patch, image_size)
+    geometry = ((receptive_field, "receptive_field"), (feature_stride, "feature_stride"), (feature_offset, "feature_offset"))
+    r, s, o = (tuple(int(n) for n in as_pair(value, name)) for value, name in geometry)
+    shown = _display_image(image, (h, w))
+
+    def pixels(box) -> tuple[int, int, int, int]:
+        """`(top, left, height, width)` in pixels that the cells of `box` see, within the image."""
+        top, left, bh, bw = box
+        y0, x0 = max(0, s[0] * top - o[0]), max(0, s[1] * left - o[1])
+        y1, x1 = min(h, s[0] * (top + bh - 1) - o[0] + r[0]), min(w, s[1] * (left + bw - 1) - o[1] + r[1])
+        return y0, x0, y1 - y0, x1 - x0
+
+    fig = _figure((10.5, 5.2))
+    ax_cells, ax_image = fig.subplots(1, 2)
+    coverage = (~mask_set.keep_masks()).sum(0).numpy()
+    levels = max(1, int(coverage.max()))
+    heat = ax_cells.imshow(coverage, cmap=_colormap("YlGnBu").resampled(levels), vmin=0.5, vmax=levels + 0.5, interpolation="nearest")
+    bar = fig.colorbar(heat, ax=ax_cells, ticks=range(1, levels + 1), fraction=0.046, pad=0.03)
+    bar.set_label("masks covering the cell")
+    gh, gw = mask_set.image_size
+    ax_cells.set_title(f"{gh}x{gw} cells, each sees {r[0]}x{r[1]} px at a stride of {s[0]}x{s[1]} px", fontsize=10)
+    ax_image.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for a in range(gh + 1):  # the cell borders at the stride (a ViT split's windows)
+        ax_image.axhline(min(h, max(0, s[0] * a - o[0])) - 0.5, color="#90a4ae", linewidth=0.6)
+    for b in range(gw + 1):
+        ax_image.axvline(min(w, max(0, s[1] * b - o[1])) - 0.5, color="#90a4ae", linewidth=0.6)
+    shapes = [(0, "#d81b60", "-"), (1, "#ef6c00", "--")]
+    for k, colour, style in shapes:
+        if k < len(mask_set):
+            box = mask_set.boxes[k]
+            top, left, bh, bw = pixels(box)
+            label = f"mask {k}: {box[2]}x{box[3]} cells, {bh}x{bw} px"
+            face = (0.85, 0.11, 0.38, 0.3) if k == 0 else "none"
+            line = {"edgecolor": colour, "linewidth": 2, "linestyle": style}
+            ax_image.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, facecolor=face, label=label, **line))
+            ax_cells.add_patch(Rectangle((box[1] - 0.5, box[0] - 0.5), box[3], box[2], fill=False, **line))
+    # The patch at the first position past the cells before mask 0 (a cell before it sees up to
+    # s*top - o + r - s): it reaches only mask 0's cells, as every patch reaches one mask's only.
+    top, left = mask_set.boxes[0][:2]
+    y = min(h - ph, 0 if top == 0 else s[0] * top - o[0] + r[0] - s[0])
+    x = min(w - pw, 0 if left == 0 else s[1] * left - o[1] + r[1] - s[1])
+    ax_image.add_patch(
+        Rectangle((x - 0.5, y - 0.5), pw, ph, facecolor=(1.0, 0.84, 0.0, 0.85), edgecolor="#ffd600", linewidth=2, label=f"patch {ph}x{pw} px")
+    )
+    ax_image.legend(fontsize=8, loc="lower right")
+    ax_image.set_title("on the image: masks of cells by the pixels they see", fontsize=10)
+    for ax in (ax_cells, ax_image):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(_describe_cells((h, w), (ph, pw), mask_set, r, s, _mask_stride(mask_set)), fontsize=10)
+    return _save(fig, path)
+
+
+def _mask_stride(mask_set: MaskSet) -> tuple[int, int]:
+    """The stride of a feature mask set: its masks are `window + stride - 1` cells for a `window`-cell "patch"."""
+    (mh, mw), (wh, ww) = mask_set.mask_size, mask_set.patch_sizes[0]
+    return mh - wh + 1, mw - ww + 1
+
+
 def plot_views(
     one_mask: torch.Tensor,
     grid: torch.Tensor,
@@ -307,6 +403,7 @@ def plot_views(
     image: torch.Tensor | None = None,
     path: str | Path | None = None,
     class_names: Sequence[str] | None = None,
+    image_size: int | Sequence[int] | None = None,
 ) -> Figure:
     """For one image: the one-mask labels laid out like the masks, and the two-mask grid.
 
@@ -322,12 +419,14 @@ def plot_views(
         image: `(C, H, W)` the image, in any value range, to show beside the grids.
         path: where to save the picture.
         class_names: names for the class ids, for the titles.
+        image_size: `(H, W)` of `image` when the masks are not on its pixels (PatchCURE's
+            feature mask set, on a grid of cells); default: the mask set's.
 
     Returns:
         The matplotlib `Figure`.
 
     Raises:
-        ValueError: if the shapes do not match the mask set.
+        ValueError: if the shapes do not match the mask set (or the image `image_size`).
     """
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.ticker import MaxNLocator
@@ -357,7 +456,8 @@ def plot_views(
     fig = _figure((4.6 * panels + 0.8, 5))
     axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.25]})
     if image is not None:
-        axes[0].imshow(_display_image(image, mask_set.image_size), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        size = mask_set.image_size if image_size is None else as_image_size(image_size)
+        axes[0].imshow(_display_image(image, size), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0].set_xticks([])
         axes[0].set_yticks([])
         axes[0].set_title(f"label {name(label)}", fontsize=10)

@@ -437,7 +437,12 @@ class CertificationReport:
             if self.guarantee == "detection":
                 formula = "the one-mask views and the unmasked image"
             views += f" of {self.full_views} ({formula}): {_pct(self.views_per_image / self.full_views)}"
-        rows += [("views per image", views), ("speed", f"{_speed(self.images_per_second)} per process")]
+        if self.defense == "patchcure":
+            # PatchCURE's views are feature views (the LRF, or sums of local logits) after one SRF pass per image
+            rows += [("feature views per image", f"{views}; plus one SRF pass per image")]
+        else:
+            rows.append(("views per image", views))
+        rows.append(("speed", f"{_speed(self.images_per_second)} per process"))
         return _table(rows, title="robustwrap certification report")
 
     def metrics(self, split: str | None = None, command: str | None = None) -> dict[str, Any]:
@@ -712,7 +717,9 @@ def _settings_line(settings: Mapping[str, Any]) -> str:
     shown = ("defense", "image_size", "input_size", "resize", "mask_set", "patch")
     if settings.get("guarantee") != "detection":
         shown += ("tau",)  # the detection threshold does not act on other certificates
-    parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict)]
+    # PatchCURE's window and split are None for a model that is not a ViT split: nothing to say
+    unset = ("window", "split") if settings.get("defense") == "patchcure" else ()
+    parts = [f"{k} {v}" for k, v in settings.items() if k not in shown and not isinstance(v, dict) and not (k in unset and v is None)]
     return ", ".join(parts) if parts else "-"
 
 

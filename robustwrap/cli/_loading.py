@@ -238,7 +238,12 @@ def _own_options(model: RobustPatchClassifier, given: dict[str, Any]) -> tuple[A
         if "num_masks" not in given and "stride" not in given and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
             own = {"num_masks": model.mask_set.grid}
         return (ph if ph == pw else (ph, pw)), own
-    names = {"smoothing": ("ablation", "size", "stride", "threshold", "encoding", "drop_tokens"), "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip")}
+    names = {
+        "smoothing": ("ablation", "size", "stride", "threshold", "encoding", "drop_tokens"),
+        "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip"),
+        # a ViT split keeps its window, split and forward; another PatchCURE model has only a mask stride
+        "patchcure": ("window", "split", "mask_stride", "authors") if getattr(model, "split", None) is not None else ("mask_stride",),
+    }
     ph, pw = model.patch
     return (ph if ph == pw else (ph, pw)), {name: getattr(model, name) for name in names.get(model.defense, ())}
 
@@ -298,6 +303,9 @@ def _describe(model: RobustPatchClassifier) -> str:
         (wh, ww), (r, s, o) = model.window, (model.receptive_field, model.feature_stride, model.feature_offset)
         geometry = f"receptive field {r[0]}x{r[1]} px, stride {s[0]}x{s[1]}, offset {o[0]}x{o[1]}"
         return f"{patch}; patchguard: {geometry}, window {wh}x{ww}, detection threshold {model.threshold}, clip {model.clip}"
+    if model.defense == "patchcure":
+        split = f"window {model.window[0]}x{model.window[1]} tokens, split {model.split}; " if model.split is not None else ""
+        return f"patchcure: {split}{model.describe()}"
     return f"{patch}; {model.defense}"
 
 

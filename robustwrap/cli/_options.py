@@ -45,6 +45,9 @@ DEFENSE_OPTIONS: dict[str, tuple[str, str]] = {
     "feature_offset": ("patchguard", "feature_offset"),
     "detection_threshold": ("patchguard", "threshold"),
     "clip": ("patchguard", "clip"),
+    "window": ("patchcure", "window"),
+    "split": ("patchcure", "split"),
+    "mask_stride": ("patchcure", "mask_stride"),
 }
 # The options that are switches (`--drop-tokens` / `--no-drop-tokens`) rather than a value.
 SWITCHES = ("--drop-tokens",)
@@ -149,6 +152,23 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
         help="robust masking removes a class's window only when it holds more than T of that class's evidence, in [0, 1) (default 0: always)",
     )
     guard.add_argument("--clip", type=_positive_float, metavar="C", help="ceiling of the clipped local logits (default: none, clip to [0, inf))")
+
+    cure = parser.add_argument_group("PatchCURE (--defense patchcure)")
+    cure.add_argument(
+        "--window",
+        type=_int_pair(1),
+        metavar="WH[xWW]",
+        help="split a timm ViT: tokens per window of the windowed first blocks, e.g. 14x2 (with --split; default: the model's own)",
+    )
+    cure.add_argument(
+        "--split",
+        type=_count,
+        metavar="K",
+        help="windowed blocks of a ViT split (the SRF), the rest run per masked view; K = depth: every block, no LRF (with --window)",
+    )
+    cure.add_argument(
+        "--mask-stride", type=_int_pair(1), metavar="S", help="feature mask stride in cells, S or SHxSW (default 1, or the model's own)"
+    )
 
 
 def parse_patch(text: str) -> list[int | float]:

@@ -167,20 +167,26 @@ def _images_per_step(args: argparse.Namespace) -> int | None:
 
 
 def _plot_one(folder: Path, tag: str, report: CertificationReport, defended: RobustPatchClassifier, dataset) -> None:
-    from ..plots import plot_mask_set, plot_views
+    from ..plots import plot_feature_mask_set, plot_mask_set, plot_views
 
     folder.mkdir(parents=True, exist_ok=True)
     report.plot(folder / f"report{tag}.png")
-    mask_set = getattr(defended, "mask_set", None)
+    mask_set = getattr(defended, "mask_set", None) or getattr(defended, "feature_mask_set", None)
     if mask_set is None:  # a defense without masks has no mask-set or views picture
         return
     from ..dataset import view_grid
 
     index = _interesting_image(report)
     image, label = dataset[index]
-    plot_mask_set(mask_set, image, folder / f"masks{tag}.png")
+    if defended.defense == "patchcure":  # masks of cells, drawn by the pixels they see
+        srf = defended.srf
+        geometry = (srf.receptive_field, srf.feature_stride, srf.feature_offset)
+        plot_feature_mask_set(mask_set, defended.image_size, defended.patch, *geometry, image=image, path=folder / f"masks{tag}.png")
+    else:
+        plot_mask_set(mask_set, image, folder / f"masks{tag}.png")
     one_mask, grid = view_grid(defended, image)
-    plot_views(one_mask, grid, int(label), mask_set, image, folder / f"views{tag}.png", class_names=_label_names(defended))
+    path = folder / f"views{tag}.png"
+    plot_views(one_mask, grid, int(label), mask_set, image, path, class_names=_label_names(defended), image_size=defended.image_size)
 
 
 def _closing_notes(args: argparse.Namespace, dataset, limit: int | None, subset: bool, sweep: bool) -> None:

@@ -19,7 +19,13 @@ from ._options import (
 )
 
 # `robustwrap import`: the format names the authors' code; each saves for one defense.
-IMPORT_FORMATS = {"patchcleanser": "patchcleanser", "patchguard": "patchguard", "smoothed-vit": "smoothing", "drs": "smoothing"}
+IMPORT_FORMATS = {
+    "patchcleanser": "patchcleanser",
+    "patchguard": "patchguard",
+    "smoothed-vit": "smoothing",
+    "drs": "smoothing",
+    "patchcure": "patchcure",
+}
 
 
 def register(commands, common: argparse.ArgumentParser) -> None:

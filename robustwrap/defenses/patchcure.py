@@ -47,6 +47,8 @@ _SUM_ELEMENTS = 1 << 18
 # on one CPU core, so it is not), larger ones are the user's to check once.
 _LOCALITY_PROBE_FLOPS = 1e9
 _LOCALITY_PROBE_PIXELS = 64 * 64
+# The `forward` setting of a ViT split that runs the PatchCURE authors' forward (their checkpoints' function).
+AUTHORS_FORWARD = "patchcure-authors"
 
 
 # ------------------------------------------------------------------------------- the split
@@ -131,6 +133,43 @@ def _cell_masks(grid: tuple[int, int], window: tuple[int, int], mask_stride: tup
     every `window` block of cells lies inside one mask (`MaskSet` checks it exhaustively).
     """
     return MaskSet.rect(grid, window, stride=mask_stride)
+
+
+def _feature_masks(
+    image_size: tuple[int, int],
+    patch: tuple[int, int],
+    receptive_field: tuple[int, int],
+    feature_stride: tuple[int, int],
+    feature_offset: tuple[int, int],
+    grid: tuple[int, int],
+    mask_stride: tuple[int, int],
+) -> MaskSet:
+    """The feature mask set of an SRF geometry on a `grid` of cells (what `PatchCURE.feature_mask_set` is, without a model).
+
+    Raises:
+        ValueError: the geometry does not fit the grid, or a patch's cells could cover the whole grid.
+    """
+    window = _window(image_size, patch, receptive_field, feature_stride, feature_offset, grid)
+    return _cell_masks(grid, window, mask_stride)
+
+
+def _describe_cells(
+    image_size: tuple[int, int],
+    patch: tuple[int, int],
+    masks: MaskSet,
+    receptive_field: tuple[int, int],
+    feature_stride: tuple[int, int],
+    mask_stride: tuple[int, int],
+) -> str:
+    """`PatchCURE.describe`: the patch in pixels, the feature mask set in cells and pixels, the grid and the views."""
+    (h, w), (ph, pw), (r, s) = image_size, patch, (receptive_field, feature_stride)
+    (mh, mw), grid, k = masks.mask_size, masks.image_size, len(masks)
+    # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
+    px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
+    return (
+        f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
+        f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {mask_stride[0]}x{mask_stride[1]} cells; {k * (k + 1) // 2} views"
+    )
 
 
 def _lrf_logits(lrf: nn.Module, features: torch.Tensor, kept: torch.Tensor, num_classes: int | None) -> torch.Tensor:
@@ -229,6 +268,9 @@ class PatchCURE(RobustPatchClassifier):
         window: `(wh, ww)` tokens per window of a ViT split (an int for a square window).
         split: the number of windowed ViT blocks `k`.
         mask_stride: the feature masks' stride in cells, an int or `(sh, sw)` (default 1).
+        authors: a ViT split runs the PatchCURE authors' forward instead of timm's
+            (`robustwrap.windows.split_vit(..., authors=True)`): what `robustwrap import
+            --format patchcure` sets for their checkpoints (default False).
         fill: as for every defense; unused (masked cells are 0, no pixel is masked).
         batch_size: LRF views (and SRF images) per forward pass; `None` picks as many as full
             images of this size (an LRF view costs at most one pass of the whole model).
@@ -253,6 +295,8 @@ class PatchCURE(RobustPatchClassifier):
     default_strategy: ClassVar[str] = "random_mask"
     _not_assignable: ClassVar[dict[str, str]] = {
         "lrf": "lrf is part of the base model: assign a new pair, m.model = robustwrap.defenses.patchcure.SplitModel(m.srf, lrf)",
+        "authors": "authors chooses the function the weights compute, fixed at wrap: robustwrap.wrap(m.model, defense='patchcure', "
+        "window=m.window, split=m.split, authors=True) runs the PatchCURE authors' forward",
     }
 
     def __init__(
@@ -265,6 +309,7 @@ class PatchCURE(RobustPatchClassifier):
         window: int | Sequence[int] | None = None,
         split: int | None = None,
         mask_stride: int | Sequence[int] = 1,
+        authors: bool = False,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -280,6 +325,10 @@ class PatchCURE(RobustPatchClassifier):
                 raise TypeError(f"model (the SRF) must be a torch.nn.Module, got {type(model).__name__}")
             _check_lrf(lrf)
             model = SplitModel(model, lrf)
+        if not isinstance(authors, bool):
+            raise TypeError(f"authors must be True or False, got {authors!r}")
+        if authors and split is None:
+            raise ValueError("authors=True runs the PatchCURE authors' forward of a ViT split: pass window= and split= as well")
         if (window is None) != (split is None):
             raise ValueError(
                 f"window= and split= go together (the ViT split: windows of wh x ww tokens for the first k blocks), got window={window!r}, split={split!r}"
@@ -296,6 +345,7 @@ class PatchCURE(RobustPatchClassifier):
         self._patch = patch_pixels(patch, self.image_size)
         self._window_tokens = None if window is None else _geometry(window, "window", 1)
         self._split = None if split is None else _as_split(split)
+        self._authors = authors
         self._mask_stride = _geometry(mask_stride, "mask_stride", 1)
         self._check(locality=True)
         if margin is None and self.lrf is None:
@@ -318,7 +368,7 @@ class PatchCURE(RobustPatchClassifier):
         if self._split is not None:
             from ..windows import split_vit  # the ViT split is token code, imported only for a ViT
 
-            return split_vit(inner, self._window_tokens, self._split)
+            return split_vit(inner, self._window_tokens, self._split, authors=self._authors)
         if isinstance(inner, SplitModel):
             return inner.srf, inner.lrf
         return inner, None
@@ -352,7 +402,7 @@ class PatchCURE(RobustPatchClassifier):
 
     def _probe(self) -> tuple[tuple[int, int], int]:
         """`(grid (h, w), classes)` from one blank image through the current split (once per model and split)."""
-        key = (self._inner_model, self._window_tokens, self._split)
+        key = (self._inner_model, self._window_tokens, self._split, self._authors)
         cached = self.__dict__.get("_probed")
         if cached is None or cached[0] != key:
             srf, lrf = self._parts()
@@ -369,8 +419,7 @@ class PatchCURE(RobustPatchClassifier):
         return cached[1], cached[2]
 
     def _cell_mask_set(self, srf: nn.Module, grid: tuple[int, int]) -> MaskSet:
-        r, s, o = _srf_geometry(srf)
-        return _cell_masks(grid, _window(self.image_size, self.patch, r, s, o, grid), self.mask_stride)
+        return _feature_masks(self.image_size, self.patch, *_srf_geometry(srf), grid, self.mask_stride)
 
     def _check(self, locality: bool = False) -> None:
         """Refuse settings and models that give no sound feature mask set (one blank pass per new model or split).
@@ -455,6 +504,11 @@ class PatchCURE(RobustPatchClassifier):
             self._split = _as_split(value)
 
     @property
+    def authors(self) -> bool:
+        """Whether a ViT split runs the PatchCURE authors' forward (their checkpoints' function) instead of timm's."""
+        return self._authors
+
+    @property
     def feature_window(self) -> tuple[int, int]:
         """`(wh, ww)`: the most cells per axis one patch can touch (`geometry.feature_window` of the SRF's geometry)."""
         return self._window_and_masks()[1]
@@ -495,16 +549,9 @@ class PatchCURE(RobustPatchClassifier):
 
         E.g. `patch 32x32 px (2.04% of 224x224); 1x6 masks of 1x2 cells (224x64 px) on a 1x7 grid, mask stride 1x1 cells; 21 views`.
         """
-        grid, _, masks = self._window_and_masks()
+        _, _, masks = self._window_and_masks()
         r, s, _ = _srf_geometry(self.srf)
-        (h, w), (ph, pw) = self.image_size, self.patch
-        mh, mw = masks.mask_size
-        # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
-        px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
-        return (
-            f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
-            f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {self.mask_stride[0]}x{self.mask_stride[1]} cells; {self.full_views} views"
-        )
+        return _describe_cells(self.image_size, self.patch, masks, r, s, self.mask_stride)
 
     def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
         return TrainingRecipe(augment=_FeatureMasking(self, strategy, batch_size))
@@ -513,12 +560,15 @@ class PatchCURE(RobustPatchClassifier):
         return {"cure": {k: v for k, v in self.settings().items() if k not in ("fill", "precision", "margin")}}
 
     def _defense_settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             "patch": list(self.patch),
             "window": None if self.window is None else list(self.window),
             "split": self.split,
             "mask_stride": list(self.mask_stride),
         }
+        if self._authors:  # only then: the settings (and fingerprints) of every other model stay as they were
+            settings["forward"] = AUTHORS_FORWARD
+        return settings
 
     @classmethod
     def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -540,6 +590,11 @@ class PatchCURE(RobustPatchClassifier):
             "split": None if settings["split"] is None else _as_split(settings["split"]),
             "mask_stride": _geometry(list(settings["mask_stride"]), "mask_stride", 1),
         }
+        if "forward" in settings:
+            if settings["forward"] != AUTHORS_FORWARD:
+                raise ValueError(f"settings forward must be {AUTHORS_FORWARD!r} (or absent: timm's forward), got {settings['forward']!r}")
+            options["authors"] = True
+            keys += ("forward",)
         return options, keys
 
     @classmethod
@@ -552,6 +607,7 @@ class PatchCURE(RobustPatchClassifier):
         window: int | Sequence[int] | None = None,
         split: int | None = None,
         mask_stride: int | Sequence[int] = 1,
+        authors: bool = False,
         image_size: int | Sequence[int] | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
@@ -569,6 +625,7 @@ class PatchCURE(RobustPatchClassifier):
             window: `(wh, ww)` tokens per window of a ViT split.
             split: windowed ViT blocks `k` (`depth`: every block, no LRF).
             mask_stride: feature mask stride in cells (default 1, the paper's).
+            authors: run the PatchCURE authors' forward of a ViT split (default False: timm's).
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
             fill: as for every defense (unused: no pixel is masked).
             batch_size: LRF views and SRF images per forward pass (default `None`: chosen for the
@@ -593,6 +650,7 @@ class PatchCURE(RobustPatchClassifier):
             window=window,
             split=split,
             mask_stride=mask_stride,
+            authors=authors,
             fill=fill,
             batch_size=batch_size,
             precision=precision,
@@ -602,6 +660,7 @@ class PatchCURE(RobustPatchClassifier):
 
     def extra_repr(self) -> str:
         split = f"window={self.window}, split={self.split}, " if self.split is not None else ""
+        split += "authors=True, " if self._authors else ""
         return f"patch={self.patch}, {split}mask_stride={self.mask_stride}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     # ----------------------------------------------------------------------------- inference
