@@ -125,7 +125,8 @@ DECISIONS = {
         "window": ("refused", "window is a setting of a ViT split"),
         "split": ("refused", "split is a setting of a ViT split"),
         "authors": ("refused", "authors chooses the function the weights compute"),
-        **_COMMON,
+        # no input size of its own yet: wrap refuses input_size and resize for it
+        **{key: value for key, value in _COMMON.items() if key not in ("input_size", "resize")},
     },
 }
 
