@@ -124,6 +124,7 @@ DECISIONS = {
         # window and split are assignable on a ViT split (tests/test_patchcure.py); this base has none
         "window": ("refused", "window is a setting of a ViT split"),
         "split": ("refused", "split is a setting of a ViT split"),
+        "tau": ("assignable", 0.5),
         **_COMMON,
     },
 }
