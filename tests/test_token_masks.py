@@ -223,3 +223,29 @@ def test_drop_tokens_is_refused_with_the_reason():
     model.model = PeakNet(num_classes=3).eval()  # a model without tokens: the next call says so
     with pytest.raises(ValueError, match="drop_tokens=True needs a model whose token grid can be read"):
         model.predict(_images(1))
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.filterwarnings("ignore:fit_masking. in epoch 1 the model predicts one class")  # six images, one step
+def test_fit_masking_trains_on_token_views_and_refuses_pixel_strategies():
+    """The loss fit_masking reports for one step is the cross entropy of the reference views of the masks it drew."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = robustwrap.wrap(_vit(), mask_set=TOKEN_MASKS, drop_tokens=True)
+    x, y = _images(6), torch.arange(6) % 3
+    before = copy.deepcopy(model.model)
+    torch.manual_seed(7)
+    history = robustwrap.fit_masking(model, [(x, y)], strategy="random_mask", epochs=1, lr=0.1, progress=False)
+    torch.manual_seed(7)
+    masks = torch.randint(len(TOKEN_MASKS), (6, 2)).tolist()
+    boxes = TOKEN_MASKS.boxes
+    logits = torch.tensor([reference_logits(before, x[b], [boxes[i], boxes[j]]) for b, (i, j) in enumerate(masks)])
+    assert history.final.loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), before.state_dict().values(), strict=True))
+
+    greedy = robustwrap.fit_masking(model, [(x, y)], strategy="greedy", epochs=1, lr=1e-9, progress=False)
+    assert greedy.strategy == "greedy" and math.isfinite(greedy.final.loss)
+    with pytest.raises(ValueError, match="with drop_tokens train with strategy='random_mask', 'greedy' or 'none'"):
+        robustwrap.fit_masking(model, [(x, y)], strategy="multisize_greedy", progress=False)

@@ -8,6 +8,7 @@ are written out on the Concepts page (`docs/concepts.md#double-masking` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._args import as_image_size
+from .._args import as_image_size, as_labels
 from ..geometry import MaskSet, patch_pixels
 from ..tokens import SUPPORTED, TokenGrid, forward_kept, token_grid, token_keep
 from ..views import (
@@ -599,6 +600,8 @@ class PatchCleanser(RobustPatchClassifier):
         return {"mask_set": mask_set, "drop_tokens": drop_tokens, **resized}, ("mask_set", "patch", "drop_tokens")
 
     def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        if self.drop_tokens and strategy != "none":
+            return TrainingRecipe(augment=_TokenMasking(self, strategy, batch_size))
         # the searches run their candidate views at input size through the resize, as certification does
         return _masking_recipe(strategy, self.mask_set, self._behind_resize(self.model), fill, batch_size)
 
@@ -794,6 +797,72 @@ def _masking_recipe(strategy: str, mask_set: MaskSet, model: nn.Module, fill: fl
     from ..augment import create_augmentation  # training code, imported when a model trains
 
     return TrainingRecipe(augment=create_augmentation(strategy, mask_set, model, fill=fill, batch_size=batch_size))
+
+
+class _TokenMasking:
+    """PatchCleanser's training views with `drop_tokens`: two masks per image, the ViT run on the tokens they keep.
+
+    The views are made in the forward (`logits`) by the runner certification uses
+    (`_TokenViews`), so the ViT trains on the function it is certified with:
+
+    - `"random_mask"`: two masks of the mask set per image, uniformly and independently;
+    - `"greedy"`: Greedy Cutout: the mask of highest loss, then the worst second mask with it,
+      each candidate a token view (eval mode, no gradients).
+
+    The other strategies choose their masks among pixel views (coarsened masks, random holes),
+    so they are refused with `drop_tokens`.
+
+    Args:
+        defense: the PatchCleanser model (its mask set, fill and token grid are read at every call).
+        strategy: `"random_mask"` or `"greedy"`.
+        batch_size: views per pass of the greedy search.
+    """
+
+    views_in_forward = True
+    strategies: ClassVar[tuple[str, ...]] = ("random_mask", "greedy")
+
+    def __init__(self, defense: PatchCleanser, strategy: str, batch_size: int) -> None:
+        if strategy not in self.strategies:
+            raise ValueError(
+                f"strategy {strategy!r} chooses its masks among pixel views; with drop_tokens train with strategy='random_mask', "
+                "'greedy' or 'none' (their views drop tokens as certification does)"
+            )
+        self.defense, self.strategy, self.batch_size = defense, strategy, batch_size
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, return_indices: bool = False):
+        """The images `x` (unchanged: their views are made in `logits`), and with `return_indices` the `(B, 2)` masks."""
+        b, k = x.shape[0], len(self.defense.mask_set)
+        if self.strategy == "random_mask":  # drawn on the CPU, as RandomMaskCutout's, whatever the device
+            masks = torch.randint(k, (b, 2)).to(x.device)
+        else:
+            from ..augment import _greedy_pair, _view_losses  # training code, imported when a model trains
+
+            defense = self.defense
+            with eval_mode(defense._inner_model), torch.no_grad(), defense.autocast():
+                runner = defense._runner(x)
+                losses = functools.partial(_view_losses, runner, x, as_labels(y, b, "y").to(x.device), batch_size=self.batch_size)
+                masks = _greedy_pair(losses, b, k, x.device)
+        return (x, masks) if return_indices else x
+
+    def logits(self, base: nn.Module, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The views' logits `(B, num_classes)`, with gradients: each image with its two masks hidden, on the tokens it keeps.
+
+        Args:
+            base: the ViT being trained.
+            x: `(B, C, H, W)` images.
+            masks: `(B, 2)` mask indices per image, `-1` (or `None` for all) for an image left clean.
+        """
+        defense = self.defense
+        keep = defense.mask_set.keep_masks(x.device)
+        keep = torch.cat([keep, torch.ones_like(keep[:1])])  # one more "mask" that keeps every pixel: an image left clean
+        if masks is None:
+            masks = torch.full((x.shape[0], 2), -1, dtype=torch.long, device=x.device)
+        masks = torch.where(masks < 0, keep.shape[0] - 1, masks)
+        runner = _TokenViews(base, keep, defense.fill, x.shape[0], channels_last=False, grid=defense._token_grid_of(base))
+        return runner.run(x, torch.arange(x.shape[0], device=x.device), masks[:, 0], masks[:, 1])
+
+    def __repr__(self) -> str:
+        return f"_TokenMasking(strategy={self.strategy!r}, masks={len(self.defense.mask_set)}, batch_size={self.batch_size})"
 
 
 def _masking_geometry(mask_set: MaskSet) -> dict[str, Any]:
