@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from test_patchcure import GlobalLRF, LocalLogits, PatchSRF, _kept
+from test_patchcure import GlobalLRF, LocalLogits, PatchSRF, _kept, _tiny_vit
 
 import robustwrap
 from robustwrap.defenses import patchcure
@@ -88,6 +88,18 @@ def test_views_and_certificates_equal_the_published_rule_on_sliced_features(kind
     assert torch.equal(cert.num_views, torch.full((12,), k + 1))
     if tau == 0.0:  # the data exercise both outcomes of both answers
         assert {a for a, _ in outcomes} == {True, False} and {c for _, c in outcomes} == {True, False}
+
+
+def test_views_of_a_vit_split_equal_the_published_rule_on_its_sliced_features():
+    pytest.importorskip("robustwrap.windows")  # the ViT split
+    model = robustwrap.wrap(_tiny_vit(), patch=5, defense="patchcure", window=(2, 2), split=1, margin=0.0, tau=0.3).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 4
+    found, cert = model.detect(x), model.certify_detection(x, labels)
+    for b in range(4):
+        unmasked, views = reference_views(model, x[b])
+        p, alert, certified = reference_rule(unmasked, views, int(labels[b]), 0.3)
+        assert (int(found.prediction[b]), bool(found.alert[b]), bool(cert.certified[b])) == (p, alert, certified)
 
 
 def _silent_wrong_labels(model: patchcure.PatchCURE, x: torch.Tensor, labels: torch.Tensor, certified: torch.Tensor) -> tuple[int, int]:
