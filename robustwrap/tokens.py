@@ -32,6 +32,7 @@ __all__ = [
     "merge_distilled",
     "supports_token_dropping",
     "token_grid",
+    "token_keep",
     "views_per_pass",
 ]
 
@@ -135,6 +136,16 @@ def axis_token_keep(axis_keep: tuple[torch.Tensor, torch.Tensor], grid: TokenGri
     rows, cols = axis_keep
     (ph, pw), (gh, gw) = grid.patch_size, grid.grid
     return rows.reshape(rows.shape[0], gh, ph).any(2), cols.reshape(cols.shape[0], gw, pw).any(2)
+
+
+def token_keep(keep: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """`(N, gh, gw)` bool: the patch tokens that meet a kept pixel of `(N, H, W)` pixel keep masks.
+
+    A token is dropped only when every one of its pixels is masked, so a mask aligned to the
+    token grid drops whole tokens and a partly masked token keeps its pixels that are not.
+    """
+    (ph, pw), (gh, gw) = grid.patch_size, grid.grid
+    return keep.reshape(keep.shape[0], gh, ph, gw, pw).any(4).any(2)
 
 
 def views_per_pass(batch_size: int, grid: TokenGrid, most_kept: int) -> int:

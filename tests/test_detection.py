@@ -490,7 +490,7 @@ def test_refusals_say_why():
 
 def test_tau_travels_with_the_model(tmp_path):
     model = robustwrap.wrap(_sharp(), patch=3, image_size=12, num_masks=3, tau=0.25).eval()
-    with pytest.raises(ValueError, match="tau= is an option of defense 'patchcleanser' / 'patchguard', not of 'smoothing'"):
+    with pytest.raises(ValueError, match="tau= is an option of defense 'patchcleanser' / 'patchguard' / 'patchcure', not of 'smoothing'"):
         robustwrap.wrap(PeakNet(), patch=2, image_size=12, defense="smoothing", size=2, tau=0.25)
     settings = json.loads(json.dumps(model.settings()))
     assert settings["tau"] == 0.25

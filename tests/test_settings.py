@@ -95,6 +95,7 @@ DECISIONS = {
         "stride": ("refused", _MASK_SET),
         "mask_set": ("assignable", MaskSet.square(16, 5, num_masks=3)),
         "tau": ("assignable", 0.5),  # certified detection's threshold
+        "drop_tokens": ("assignable", True),  # on a ViT (the test builds one): its views drop the tokens they hide
         **_COMMON,
     },
     "smoothing": {
@@ -124,6 +125,7 @@ DECISIONS = {
         # window and split are assignable on a ViT split (tests/test_patchcure.py); this base has none
         "window": ("refused", "window is a setting of a ViT split"),
         "split": ("refused", "split is a setting of a ViT split"),
+        "tau": ("assignable", 0.5),
         "authors": ("refused", "authors chooses the function the weights compute"),
         # no input size of its own yet: wrap refuses input_size and resize for it
         **{key: value for key, value in _COMMON.items() if key not in ("input_size", "resize")},
@@ -142,7 +144,7 @@ CASES = [(d, k) for d in sorted(DECISIONS) for k in sorted(DECISIONS[d])]
 @pytest.mark.parametrize("defense,keyword", CASES)
 def test_a_wrap_keyword_assigned_after_wrap_acts_as_at_wrap_or_says_how(defense, keyword):
     net, options = _base_options(defense)
-    if keyword == "drop_tokens":  # a ViT, whose default (None) drops tokens: assigning False changes the function
+    if keyword == "drop_tokens":  # a ViT: smoothing's default (None) drops tokens, PatchCleanser's (False) does not
         torch.manual_seed(0)
         net = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_classes=4).eval()
     m = robustwrap.wrap(net, defense=defense, **options).eval()

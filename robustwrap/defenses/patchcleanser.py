@@ -8,7 +8,9 @@ are written out on the Concepts page (`docs/concepts.md#double-masking` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,9 +18,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._args import as_image_size
-from ..geometry import MaskSet
-from ..views import ViewRunner, auto_channels_last, eval_mode, forward_views, model_device_dtype, row_pairs, triangle_pairs
+from .._args import as_image_size, as_labels
+from ..geometry import MaskSet, patch_pixels
+from ..tokens import SUPPORTED, TokenGrid, forward_kept, token_grid, token_keep
+from ..views import (
+    ViewRunner,
+    auto_channels_last,
+    eval_mode,
+    fill_like,
+    forward_views,
+    mask_images,
+    model_device_dtype,
+    row_pairs,
+    triangle_pairs,
+)
 from .base import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MARGIN,
@@ -31,7 +44,7 @@ from .base import (
 )
 from .detection import DEFAULT_TAU
 
-__all__ = ["PatchCleanser", "PatchCleanserResult"]
+__all__ = ["PatchCleanser", "PatchCleanserResult", "token_mask_set"]
 
 # ----------------------------------------------------------------------------------- rule
 CASE_UNANIMOUS = 1  # Case I: every one-mask label agrees
@@ -142,7 +155,6 @@ def rows_to_cancel(
     return winner_done[row_image] & (row_mask > first)
 
 
-
 def label_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`logit_y - max_{c != y} logit_c` for each view and label: `(..., C)` logits, `(...)` labels.
 
@@ -193,6 +205,79 @@ def _robust_logits(decision, one_mask, one_logits, row_image, row_mask, row_logi
     if wrong.any():
         logits[wrong, decision.label[wrong]] = torch.nextafter(top[wrong], torch.full_like(top[wrong], math.inf))
     return logits
+
+
+# ----------------------------------------------------------------------------- token masks
+@dataclass(frozen=True)
+class _TokenViews(ViewRunner):
+    """Views of a timm ViT with the tokens a view hides dropped (ViP, PatchCensor; `drop_tokens`).
+
+    View `(i, j)` is the image with the pixels of masks `i` and `j` set to `fill`, run on the
+    patch tokens that meet a kept pixel (`robustwrap.tokens.token_keep`) through the one
+    token-dropping forward, `robustwrap.tokens.forward_kept`: a token whose pixels are all masked
+    is absent, not filled. `model` is the ViT itself (`grid` is its token grid).
+    """
+
+    grid: TokenGrid | None = None
+
+    def run(self, x: torch.Tensor, image: torch.Tensor, i: torch.Tensor, j: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
+        kept = keep[i] & keep[j]
+        views = mask_images(x[image], kept, fill_like(self.fill, x) if fill is None else fill)
+        return forward_kept(self.model, views, token_keep(kept, self.grid), self.grid)
+
+
+def token_mask_set(
+    image_size: int | Sequence[int],
+    patch: int | float | Sequence[int],
+    token_size: int | Sequence[int],
+    num_masks: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+) -> MaskSet:
+    """A mask set whose masks are whole tokens of a ViT's grid: with `drop_tokens`, each mask drops whole tokens.
+
+    A patch of `p` pixels meets at most `ceil((p - 1) / t) + 1` tokens of `t` pixels per axis
+    (its token footprint); the masks are PatchCleanser's mask set for that footprint on the token
+    grid (`MaskSet.rect` in tokens), scaled to pixels, so every mask is a block of whole tokens.
+    As for every `MaskSet`, covering every pixel position of the patch is checked exhaustively.
+    ViP and PatchCensor use such masks at a stride of one token (`stride=t`).
+
+    Args:
+        image_size: `H` or `(H, W)`, a whole number of tokens per axis.
+        patch: side in pixels (int), fraction of the image area (float in (0, 1)), or `(ph, pw)`.
+        token_size: `t` or `(th, tw)`: pixels per token (the ViT's patch size).
+        num_masks: masks per axis, or `(kh, kw)`; default 6 unless `stride` is given.
+        stride: mask stride in pixels, a multiple of the token size; instead of `num_masks`.
+
+    Raises:
+        ValueError: an image size or stride that is not a whole number of tokens, or a patch
+            whose footprint is the whole token grid.
+    """
+    size = as_image_size(image_size)
+    ph, pw = patch_pixels(patch, size)
+    th, tw = as_image_size(token_size)
+    (h, w) = size
+    if h % th or w % tw:
+        raise ValueError(f"token masks need an image size that is a multiple of the {th}x{tw} tokens, got {h}x{w}")
+    grid = (h // th, w // tw)
+    footprint = (-(-(ph - 1) // th) + 1, -(-(pw - 1) // tw) + 1)
+    if footprint[0] > grid[0] or footprint[1] > grid[1]:
+        raise ValueError(f"a {ph}x{pw} px patch can meet {footprint[0]}x{footprint[1]} tokens, more than the {grid[0]}x{grid[1]} grid")
+    cells = None
+    if stride is not None:
+        sh, sw = as_image_size(stride)
+        if sh % th or sw % tw:
+            raise ValueError(f"stride of token masks must be a multiple of the {th}x{tw} tokens, got {sh}x{sw} px")
+        cells = (sh // th, sw // tw)
+    with warnings.catch_warnings():  # a shortfall is said below, in pixels
+        warnings.simplefilter("ignore", UserWarning)
+        tokens = MaskSet.rect(grid, footprint, num_masks=num_masks, stride=cells)
+    boxes = tuple((top * th, left * tw, bh * th, bw * tw) for top, left, bh, bw in tokens.boxes)
+    (mh, mw), (sh, sw) = tokens.mask_size, tokens.stride
+    mask_set = MaskSet(size, boxes, ((ph, pw),), (mh * th, mw * tw), (sh * th, sw * tw), tokens.grid, num_masks=tokens.num_masks)
+    if mask_set.shortfall():
+        warnings.warn(mask_set.shortfall(), UserWarning, stacklevel=2)
+    return mask_set
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -360,11 +445,15 @@ class PatchCleanser(RobustPatchClassifier):
         margin: certificate margin, a float >= 0 (0 is the papers' rule).
         num_classes: classes of the base model; read from `model.num_classes` when it has one,
             else found with one forward pass of a blank image the first time it is needed.
+        drop_tokens: run each masked view of a timm ViT on the tokens that meet an unmasked
+            pixel only (ViP, PatchCensor; docs/concepts.md#token-masks): a setting of the
+            defended function, used by prediction, certification and detection alike.
 
     Raises:
         TypeError: if `model` is not an `nn.Module` or is already defended, or `mask_set` is
             not a `MaskSet`.
-        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`.
+        ValueError: for a bad `fill`, `batch_size`, `precision`, `margin` or `num_classes`, or
+            `drop_tokens` for a model whose token grid cannot be read.
     """
 
     defense = "patchcleanser"
@@ -395,11 +484,14 @@ class PatchCleanser(RobustPatchClassifier):
         precision: str = "float32",
         margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
+        drop_tokens: bool = False,
     ):
         if not isinstance(mask_set, MaskSet):
             raise TypeError(f"mask_set must be a robustwrap.MaskSet, got {type(mask_set).__name__}")
         if input_size is not None and as_image_size(input_size) != mask_set.image_size:
-            raise ValueError(f"input_size={input_size!r} does not match the mask set's image size {mask_set.image_size} (masks are in input pixels)")
+            raise ValueError(
+                f"input_size={input_size!r} does not match the mask set's image size {mask_set.image_size} (masks are in input pixels)"
+            )
         resized = image_size is not None or input_size is not None or resize is not None
         image_size = resolve_image_size(model, image_size) if resized else mask_set.image_size
         super().__init__(
@@ -414,6 +506,7 @@ class PatchCleanser(RobustPatchClassifier):
             num_classes=num_classes,
         )
         self.mask_set = mask_set
+        self.drop_tokens = drop_tokens
 
     # ------------------------------------------------------------------------------ settings
     @property
@@ -438,13 +531,54 @@ class PatchCleanser(RobustPatchClassifier):
         self._mask_set = value
 
     @property
+    def drop_tokens(self) -> bool:
+        """Whether each masked view of a ViT runs on the tokens that meet an unmasked pixel only.
+
+        A token whose pixels are all masked is dropped (absent from attention, not filled), as in
+        ViP and PatchCensor; with a mask set of whole tokens (`token_mask_set`) every mask drops
+        whole tokens. It changes the defended function, so it is recorded in `settings()`.
+        """
+        return self.__dict__.get("_drop_tokens", False)
+
+    @drop_tokens.setter
+    def drop_tokens(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"drop_tokens must be True or False, got {value!r} ({type(value).__name__})")
+        if value:
+            self._token_grid_of(self._inner_model)
+        self.__dict__["_drop_tokens"] = value
+
+    def _token_grid_of(self, model: nn.Module) -> TokenGrid:
+        """`model`'s token grid on the mask set's images, for `drop_tokens`.
+
+        Raises:
+            ValueError: the grid cannot be read (not timm's ViT family), the image size is not a
+                whole number of tokens, or the inputs are resized (masks in input pixels would
+                not be whole tokens of the model's grid).
+        """
+        if self._resize is not None:
+            raise ValueError(
+                f"drop_tokens needs the mask set's pixels to be the ViT's: this model resizes its {self.input_size} inputs to "
+                f"{self.image_size}; wrap without input_size/resize, or use drop_tokens=False"
+            )
+        grid = token_grid(model, self.image_size)
+        if grid is None:
+            raise ValueError(
+                f"drop_tokens=True needs a model whose token grid can be read: {SUPPORTED}; got a {type(model).__name__}. "
+                "Use drop_tokens=False"
+            )
+        return grid
+
+    @property
     def patch(self) -> tuple[int, int]:
         """`(ph, pw)` in pixels: the patch of the threat model (a union of shapes raises; read `mask_set.patch_sizes`)."""
         return self.mask_set.patch_size
 
     def _defense_settings(self) -> dict[str, Any]:
         sizes = [list(p) for p in self.mask_set.patch_sizes]
-        return {"mask_set": self.mask_set.to_dict(), "patch": sizes[0] if len(sizes) == 1 else sizes}
+        # only when on: the settings (and results fingerprints) of pixel-masking models stay as they were
+        tokens = {"drop_tokens": True} if self.drop_tokens else {}
+        return {"mask_set": self.mask_set.to_dict(), "patch": sizes[0] if len(sizes) == 1 else sizes, **tokens}
 
     @classmethod
     def _options_from_settings(cls, settings: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -458,11 +592,16 @@ class PatchCleanser(RobustPatchClassifier):
             sizes = [list(p) for p in mask_set.patch_sizes]
             if settings["patch"] != (sizes[0] if len(sizes) == 1 else sizes):
                 raise ValueError(f"settings patch {settings['patch']!r} disagrees with the mask set's patch sizes {sizes}")
+        drop_tokens = settings.get("drop_tokens", False)
+        if not isinstance(drop_tokens, bool):
+            raise ValueError(f"settings drop_tokens must be true or false, got {drop_tokens!r}")
         # The mask set is in input pixels: the base model's size is its own only when the inputs are resized.
         resized = {"image_size": settings["image_size"]} if "input_size" in settings else {}
-        return {"mask_set": mask_set, **resized}, ("mask_set", "patch")
+        return {"mask_set": mask_set, "drop_tokens": drop_tokens, **resized}, ("mask_set", "patch", "drop_tokens")
 
     def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
+        if self.drop_tokens and strategy != "none":
+            return TrainingRecipe(augment=_TokenMasking(self, strategy, batch_size))
         # the searches run their candidate views at input size through the resize, as certification does
         return _masking_recipe(strategy, self.mask_set, self._behind_resize(self.model), fill, batch_size)
 
@@ -487,6 +626,7 @@ class PatchCleanser(RobustPatchClassifier):
         margin: float = DEFAULT_MARGIN,
         num_classes: int | None = None,
         tau: float = DEFAULT_TAU,
+        drop_tokens: bool = False,
     ) -> PatchCleanser:
         """PatchCleanser for a threat model: the mask set for `patch`, or a ready `mask_set`.
 
@@ -508,6 +648,9 @@ class PatchCleanser(RobustPatchClassifier):
             margin: certificate margin, a float >= 0 (default `DEFAULT_MARGIN`, 1e-3; 0 is the papers' rule).
             num_classes: classes of the base model, if it has no `num_classes` attribute.
             tau: confidence threshold of certified detection, in `[0, 1)` (default 0; `detect`).
+            drop_tokens: a timm ViT's masked views drop the tokens they hide (default False). It does
+                not change the mask set: for masks of whole tokens (ViP's, PatchCensor's) pass
+                `mask_set=token_mask_set(...)`.
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -534,25 +677,43 @@ class PatchCleanser(RobustPatchClassifier):
             else:
                 mask_set = MaskSet.square(size, patch, num_masks=num_masks, stride=stride)
         resized = {} if input_size is None and resize is None else {"image_size": image_size, "input_size": input_size, "resize": resize}
-        defended = cls(model, mask_set, **resized, fill=fill, batch_size=batch_size, precision=precision, margin=margin, num_classes=num_classes)
+        defended = cls(
+            model,
+            mask_set,
+            **resized,
+            fill=fill,
+            batch_size=batch_size,
+            precision=precision,
+            margin=margin,
+            num_classes=num_classes,
+            drop_tokens=drop_tokens,
+        )
         defended.tau = tau
         return defended
 
     def extra_repr(self) -> str:
         resized = "" if self.resize is None else f"input_size={self.input_size}, resize={self.resize}, image_size={self.image_size}, "
-        return f"{resized}mask_set={self.mask_set.describe()}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
+        tokens = ", drop_tokens=True" if self.drop_tokens else ""
+        return f"{resized}mask_set={self.mask_set.describe()}{tokens}, fill={self.fill}, batch_size={self.batch_size}, precision={self.precision}, margin={self.margin}"
 
     # ----------------------------------------------------------------------------- inference
     def _runner(self, x: torch.Tensor) -> ViewRunner:
         """The view runner for one call on `x`, from the current settings (in eval mode, without gradients).
 
-        Its views run through the model's inference copy (`robustwrap.views.InferenceCopy`) when
+        With `drop_tokens`, views of the ViT on the tokens they keep (`_TokenViews`). Otherwise its views run through the model's inference copy (`robustwrap.views.InferenceCopy`) when
         there is one, in `channels_last` for convolutional networks on the CPU.
         """
         attr = getattr(self._inner_model, "num_classes", None)
         known = attr if isinstance(attr, int) and not isinstance(attr, bool) else self._num_classes
+        if self.drop_tokens:  # the ViT's own parts run (no inference copy: a ViT has none)
+            vit = self._inner_model
+            return _TokenViews(
+                vit, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=False, grid=self._token_grid_of(vit)
+            )
         module = self._inference_model(x)
-        return ViewRunner(module, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self._inner_model))
+        return ViewRunner(
+            module, self._keep, self.fill, self.batch_size, num_classes=known, channels_last=auto_channels_last(self._inner_model)
+        )
 
     def _one_mask(self, runner: ViewRunner, x: torch.Tensor) -> tuple[ViewRunner, torch.Tensor, torch.Tensor]:
         one_mask, one_logits = runner.one_mask(x)
@@ -636,6 +797,72 @@ def _masking_recipe(strategy: str, mask_set: MaskSet, model: nn.Module, fill: fl
     from ..augment import create_augmentation  # training code, imported when a model trains
 
     return TrainingRecipe(augment=create_augmentation(strategy, mask_set, model, fill=fill, batch_size=batch_size))
+
+
+class _TokenMasking:
+    """PatchCleanser's training views with `drop_tokens`: two masks per image, the ViT run on the tokens they keep.
+
+    The views are made in the forward (`logits`) by the runner certification uses
+    (`_TokenViews`), so the ViT trains on the function it is certified with:
+
+    - `"random_mask"`: two masks of the mask set per image, uniformly and independently;
+    - `"greedy"`: Greedy Cutout: the mask of highest loss, then the worst second mask with it,
+      each candidate a token view (eval mode, no gradients).
+
+    The other strategies choose their masks among pixel views (coarsened masks, random holes),
+    so they are refused with `drop_tokens`.
+
+    Args:
+        defense: the PatchCleanser model (its mask set, fill and token grid are read at every call).
+        strategy: `"random_mask"` or `"greedy"`.
+        batch_size: views per pass of the greedy search.
+    """
+
+    views_in_forward = True
+    strategies: ClassVar[tuple[str, ...]] = ("random_mask", "greedy")
+
+    def __init__(self, defense: PatchCleanser, strategy: str, batch_size: int) -> None:
+        if strategy not in self.strategies:
+            raise ValueError(
+                f"strategy {strategy!r} chooses its masks among pixel views; with drop_tokens train with strategy='random_mask', "
+                "'greedy' or 'none' (their views drop tokens as certification does)"
+            )
+        self.defense, self.strategy, self.batch_size = defense, strategy, batch_size
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, return_indices: bool = False):
+        """The images `x` (unchanged: their views are made in `logits`), and with `return_indices` the `(B, 2)` masks."""
+        b, k = x.shape[0], len(self.defense.mask_set)
+        if self.strategy == "random_mask":  # drawn on the CPU, as RandomMaskCutout's, whatever the device
+            masks = torch.randint(k, (b, 2)).to(x.device)
+        else:
+            from ..augment import _greedy_pair, _view_losses  # training code, imported when a model trains
+
+            defense = self.defense
+            with eval_mode(defense._inner_model), torch.no_grad(), defense.autocast():
+                runner = defense._runner(x)
+                losses = functools.partial(_view_losses, runner, x, as_labels(y, b, "y").to(x.device), batch_size=self.batch_size)
+                masks = _greedy_pair(losses, b, k, x.device)
+        return (x, masks) if return_indices else x
+
+    def logits(self, base: nn.Module, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The views' logits `(B, num_classes)`, with gradients: each image with its two masks hidden, on the tokens it keeps.
+
+        Args:
+            base: the ViT being trained.
+            x: `(B, C, H, W)` images.
+            masks: `(B, 2)` mask indices per image, `-1` (or `None` for all) for an image left clean.
+        """
+        defense = self.defense
+        keep = defense.mask_set.keep_masks(x.device)
+        keep = torch.cat([keep, torch.ones_like(keep[:1])])  # one more "mask" that keeps every pixel: an image left clean
+        if masks is None:
+            masks = torch.full((x.shape[0], 2), -1, dtype=torch.long, device=x.device)
+        masks = torch.where(masks < 0, keep.shape[0] - 1, masks)
+        runner = _TokenViews(base, keep, defense.fill, x.shape[0], channels_last=False, grid=defense._token_grid_of(base))
+        return runner.run(x, torch.arange(x.shape[0], device=x.device), masks[:, 0], masks[:, 1])
+
+    def __repr__(self) -> str:
+        return f"_TokenMasking(strategy={self.strategy!r}, masks={len(self.defense.mask_set)}, batch_size={self.batch_size})"
 
 
 def _masking_geometry(mask_set: MaskSet) -> dict[str, Any]:

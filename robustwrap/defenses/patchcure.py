@@ -14,6 +14,7 @@ applies) are on the Concepts page (docs/concepts.md#patchcure).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from .._unwrap import joins_processes
 from ..geometry import MaskSet, patch_pixels
 from ..views import ViewRunner, auto_sync_every, call_model, eval_mode
 from .base import DEFAULT_MARGIN, DEFAULT_PATCH, RobustPatchClassifier, TrainingRecipe, resolve_image_size
+from .detection import DEFAULT_TAU
 from .patchcleanser import PatchCleanserResult, certify_views, predict_views
 from .patchguard import _GEOMETRY, DEFAULT_EVIDENCE_MARGIN, _geometry, _window
 
@@ -293,6 +295,8 @@ class PatchCURE(RobustPatchClassifier):
     # Two random feature masks per image (the authors' recipe), Greedy Cutout on the feature grid, or every cell kept.
     training_strategies: ClassVar[tuple[str, ...]] = ("random_mask", "greedy", "none")
     default_strategy: ClassVar[str] = "random_mask"
+    # Certified detection on the one-mask views of the feature mask set (docs/concepts.md#certified-detection).
+    _no_detection: ClassVar[str | None] = None
     _not_assignable: ClassVar[dict[str, str]] = {
         "lrf": "lrf is part of the base model: assign a new pair, m.model = robustwrap.defenses.patchcure.SplitModel(m.srf, lrf)",
         "authors": "authors chooses the function the weights compute, fixed at wrap: robustwrap.wrap(m.model, defense='patchcure', "
@@ -614,6 +618,7 @@ class PatchCURE(RobustPatchClassifier):
         precision: str = "float32",
         margin: float | None = None,
         num_classes: int | None = None,
+        tau: float = DEFAULT_TAU,
     ) -> PatchCURE:
         """PatchCURE for a threat model: what `robustwrap.wrap(model, patch, defense="patchcure", ...)` calls.
 
@@ -634,6 +639,7 @@ class PatchCURE(RobustPatchClassifier):
             margin: certificate margin; `None` (default): `DEFAULT_MARGIN` (1e-3) with an LRF,
                 `DEFAULT_EVIDENCE_MARGIN` (0.1) for sums of local logits.
             num_classes: classes, if the model does not say.
+            tau: confidence threshold of certified detection, in `[0, 1)` (default 0; `detect`).
 
         Returns:
             The defended model, in the same train/eval mode as `model`.
@@ -642,7 +648,7 @@ class PatchCURE(RobustPatchClassifier):
             TypeError, ValueError: as `PatchCURE`.
         """
         size = resolve_image_size(model, image_size)
-        return cls(
+        defended = cls(
             model,
             lrf,
             patch=DEFAULT_PATCH if patch is None else patch,
@@ -657,6 +663,8 @@ class PatchCURE(RobustPatchClassifier):
             margin=margin,
             num_classes=num_classes,
         )
+        defended.tau = tau
+        return defended
 
     def extra_repr(self) -> str:
         split = f"window={self.window}, split={self.split}, " if self.split is not None else ""
@@ -728,6 +736,24 @@ class PatchCURE(RobustPatchClassifier):
             result = certify_views(runner, features, y, one_mask, one_logits, self.margin, early_exit)
         srf_passes = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
         return PatchCUREResult(**{f.name: getattr(result, f.name) for f in fields(result)}, srf_passes=srf_passes)
+
+    def _detection_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unmasked logits and the `K` one-mask views of the feature mask set (no second round).
+
+        The SRF runs once per image; the call's own view runner gives the one-mask views (the LRF
+        on the features with one mask's cells at 0, or float64 sums of the kept local logits) and,
+        with a single mask that keeps every cell, the unmasked logits: `K + 1` LRF passes (or sums)
+        per image. A patch changes the cells of one block, which lies inside one feature mask, so
+        that mask's view never sees it (docs/concepts.md#certified-detection).
+        """
+        srf, lrf = self._parts()
+        with self._inference(srf, lrf):
+            runner, features = self._views(srf, lrf, x)
+            _, views = runner.one_mask(features)
+            every_cell = torch.ones(1, *features.shape[2:], dtype=torch.bool, device=features.device)
+            _, unmasked = dataclasses.replace(runner, keep=every_cell).one_mask(features)
+        num_views = torch.full((x.shape[0],), views.shape[1] + 1, dtype=torch.long, device=x.device)
+        return unmasked[:, 0].to(views.dtype), views, num_views
 
     def predict_vanilla(self, x: torch.Tensor) -> torch.Tensor:
         """The undefended prediction `(B,)`: every cell kept (the LRF on all features, or the sum of all local logits)."""
