@@ -9,7 +9,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import PeakNet
+from conftest import PeakNet, masked_copy
 from torch import nn
 
 import robustwrap
@@ -18,6 +18,7 @@ from robustwrap import (
     models,  # noqa: F401  (registers the BagNets with timm)
 )
 from robustwrap.attack import ALERT
+from robustwrap.plots import plot_detection
 
 
 def _sharp(seed: int = 0, num_classes: int = 4) -> PeakNet:
@@ -195,8 +196,42 @@ def finding_image(finding) -> torch.Tensor:
     return image
 
 
+# ------------------------------------------------------------------------------ the picture
+@pytest.mark.parametrize("tau", [0.0, 0.8])
+def test_plot_detection_frames_exactly_the_alerting_views(tmp_path, tau):
+    model = _cleanser(tau, margin=0.0)
+    x = _images(12, seed=1)
+    net, boxes = model.model, model.mask_set.boxes
+    pictures = 0
+    for i in range(4):
+        with torch.no_grad():
+            unmasked = int(net(x[i : i + 1]).argmax())
+            probs = torch.stack([net(masked_copy(x[i], [box], 0.0)[None])[0].double().softmax(-1) for box in boxes])
+        alerting = (probs.argmax(1) != unmasked) & (probs.amax(1) > tau)
+        fig = plot_detection(model, x[i], path=tmp_path / f"{i}.png", class_names=["a", "b", "c", "d"])
+        views = fig.axes[1]
+        assert len(views.patches) == int(alerting.sum())  # one frame per alerting view
+        framed = sorted((round(p.get_y() + 0.45) * 3 + round(p.get_x() + 0.45)) for p in views.patches)
+        assert framed == alerting.nonzero()[:, 0].tolist()
+        assert ("output ALERT" in fig.get_suptitle()) == bool(alerting.any())
+        assert ("NOT certified" in fig.get_suptitle()) != bool(model.certify_detection(x[i : i + 1], torch.tensor([unmasked])).certified)
+        pictures += (tmp_path / f"{i}.png").stat().st_size > 0
+    assert pictures == 4
+
+
+def test_plot_detection_lays_patchguard_views_out_as_its_windows_and_refuses_smoothing():
+    guard = _guard(0.4)
+    x, labels = _evidence_images()
+    fig = plot_detection(guard, x[3], label=int(labels[3]))
+    (h, w), (wh, ww) = guard._feature_size(), guard.window
+    assert fig.axes[1].images[0].get_array().shape == (h - wh + 1, w - ww + 1)
+    smoothing = robustwrap.wrap(_sharp(), patch=2, image_size=12, defense="smoothing", size=2).eval()
+    with pytest.raises(NotImplementedError, match="cannot detect"):
+        plot_detection(smoothing, _images(1)[0])
+
+
 # ------------------------------------------------------------------------------ command line
-def test_rewrapping_on_the_command_line_keeps_the_loaded_models_tau(tmp_path, capsys):
+def test_command_line_rewrapping_keeps_the_loaded_models_tau_and_predict_plots_the_views(tmp_path, capsys):
     from robustwrap import zoo
     from robustwrap.cli import main
 
@@ -207,6 +242,10 @@ def test_rewrapping_on_the_command_line_keeps_the_loaded_models_tau(tmp_path, ca
     argv = ["predict", str(tmp_path / "digit.png"), "--model", str(tmp_path / "saved"), "--detect"]
     assert main([*argv, "--patch", "3"]) == 0  # --patch re-wraps the loaded model
     assert "certified detection at tau 0.3" in capsys.readouterr().out
+    assert main([*argv, "--plot", str(tmp_path / "views.png")]) == 0
+    assert f"the one-mask views: {tmp_path / 'views.png'}" in capsys.readouterr().out and (tmp_path / "views.png").stat().st_size > 0
+    assert main([*argv[:-1], "--plot", str(tmp_path / "other.png")]) != 0
+    assert "--plot draws the one-mask views of --detect; pass --detect too" in capsys.readouterr().err
     loaded = robustwrap.from_pretrained(str(tmp_path / "saved"))
     for options in (["--patch", "4"], ["--clip", "5"]):
         args = cli._parser().parse_args(["predict", "x.png", *options])
