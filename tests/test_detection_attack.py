@@ -253,3 +253,41 @@ def test_command_line_rewrapping_keeps_the_loaded_models_tau_and_predict_plots_t
         assert again is not loaded and again.tau == 0.3
     args = cli._parser().parse_args(["predict", "x.png", "--defense", "patchcleanser"])
     assert cli._loading._with_settings(loaded, None, args).tau == 0.0  # another defense starts from its own defaults
+
+
+# ------------------------------------------------------------------------------ the zoo's figures
+def test_reproduce_zoo_recertifies_each_guarantee_with_the_cli_and_catches_a_wrong_figure(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from timm.data import create_transform, resolve_data_config
+
+    from robustwrap import zoo
+
+    path = Path(__file__).parents[1] / "benchmarks" / "reproduce_zoo.py"
+    spec = importlib.util.spec_from_file_location("reproduce_zoo", path)
+    reproduce_zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce_zoo)
+    name = "mnist_bagnet_tiny_pg"
+    model = zoo.create_model(name)
+    model.tau = 0.5
+    data = zoo.builtin_dataset(zoo.zoo_entry(name)["dataset"], transform=create_transform(**resolve_data_config(model=model.model)))
+    report = robustwrap.certify_dataset(model, data, limit=40, progress=False, guarantee="detection")
+    row = {
+        "model": name,
+        "guarantee": "detection",
+        "tau": 0.5,
+        "num_images": report.num_images,
+        "certified_count": report.certified,
+        "clean_without_alert_count": report.clean_correct_without_alert,
+    }
+    prediction = {**row, "guarantee": "prediction"}  # the manifest's check, not repeated here
+    certify, runs = reproduce_zoo._certify_report, []
+    monkeypatch.setattr(reproduce_zoo, "_certify_report", lambda *args: runs.append((args, certify(*args))) or runs[-1][1])
+    (result,) = reproduce_zoo.reproduce_guarantees(name, 1, [prediction, row])
+    assert result["ok"], result
+    assert [args for args, _ in runs] == [(name, 1, 40, ["--detect", "--tau", "0.5"])]  # one fresh CLI process
+    assert result["command"] == f"robustwrap certify --model {name} --limit 40 --no-progress --detect --tau 0.5"
+    monkeypatch.setattr(reproduce_zoo, "_certify_report", lambda *args: runs[0][1])  # the same run, against a wrong figure
+    (result,) = reproduce_zoo.reproduce_guarantees(name, 1, [{**row, "clean_without_alert_count": row["clean_without_alert_count"] + 1}])
+    assert not result["ok"] and result["figures"]["certified"]["recorded"] == result["figures"]["certified"]["measured"]
