@@ -6,7 +6,12 @@ user would, reads the report back, and compares its vanilla, clean and certified
 the ones the zoo manifest records (`metrics` of `robustwrap/zoo/manifest.json`). Prints one JSON
 document; exits 1 when any figure differs.
 
-    python benchmarks/reproduce_zoo.py [--model NAME ...] [--threads 1]
+    python benchmarks/reproduce_zoo.py [--model NAME ...] [--threads 1] [--detection]
+
+With `--detection` it also re-certifies each model under the other guarantees (certified
+detection at each `tau`, top-5) with `robustwrap certify --detect --tau T` / `--top-k 5`, and
+compares the counts with `benchmarks/detection.json` (written by `benchmarks/detection.py`, the
+figures of benchmarks/defenses.md's "Under each guarantee" section).
 
 The default covers the three embedded MNIST models (PatchCleanser, smoothing, PatchGuard), each on
 the 1,000 held-out digits. For the default PatchCleanser model alone README measures 81 s wall,
@@ -67,13 +72,59 @@ def reproduce(name: str, threads: int | None) -> dict:
     }
 
 
+# ------------------------------------------------------------------------- other guarantees
+DETECTION_FIGURES = Path(__file__).with_name("detection.json")
+
+
+def _certify_report(name: str, threads: int | None, limit: int, options: list[str]) -> tuple[CertificationReport | None, dict]:
+    """`robustwrap certify --model NAME --limit LIMIT OPTIONS` in a fresh process: its report, and the run's facts."""
+    with tempfile.TemporaryDirectory() as folder:
+        report_path = Path(folder) / "report.json"
+        shown = ["certify", "--model", name, "--limit", str(limit), "--no-progress", *options]
+        command = [sys.executable, "-m", "robustwrap.cli", *shown, "--report", str(report_path)]
+        command += ["--threads", str(threads)] if threads is not None else []
+        start = time.perf_counter()
+        done = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+        facts = {"command": "robustwrap " + " ".join(shown), "seconds": round(time.perf_counter() - start, 1)}
+        if done.returncode != 0:
+            return None, {**facts, "error": done.stderr.strip().splitlines()[-1:]}
+        return CertificationReport.load(report_path), facts
+
+
+def reproduce_guarantees(name: str, threads: int | None, rows: list[dict]) -> list[dict]:
+    """Re-certify zoo model `name` under each guarantee of its `benchmarks/detection.json` rows; compare the counts.
+
+    Each row is re-certified on as many digits as it records (`num_images`: all 1,000 for the
+    benchmark's figures).
+    """
+    results = []
+    for row in rows:
+        if row["model"] != name or row["guarantee"] == "prediction":  # the prediction certificate is the manifest's check
+            continue
+        options = ["--detect", "--tau", str(row["tau"])] if row["guarantee"] == "detection" else ["--top-k", row["guarantee"].removeprefix("top")]
+        report, facts = _certify_report(name, threads, row["num_images"], options)
+        if report is None:
+            results.append({"model": name, "guarantee": row["guarantee"], "tau": row["tau"], "ok": False, **facts})
+            continue
+        figures = {"certified": {"recorded": row["certified_count"], "measured": report.certified}}
+        if row["guarantee"] == "detection":
+            figures["clean_without_alert"] = {"recorded": row["clean_without_alert_count"], "measured": report.clean_correct_without_alert}
+        ok = report.num_images == row["num_images"] and all(f["recorded"] == f["measured"] for f in figures.values())
+        results.append({"model": name, "guarantee": row["guarantee"], "tau": row["tau"], "ok": ok, "of": report.num_images, "figures": figures, **facts})
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="a zoo model (repeatable; default: every embedded model)")
     parser.add_argument("--threads", type=int, help="torch threads of the certify process (default: OMP_NUM_THREADS, else torch's)")
+    parser.add_argument("--detection", action="store_true", help="also re-certify detection and top-5 against benchmarks/detection.json")
     args = parser.parse_args()
     names = args.model or [name for name in zoo.list_models() if zoo.zoo_entry(name).get("embedded")]
     results = [reproduce(name, args.threads) for name in names]
+    if args.detection:
+        rows = json.loads(DETECTION_FIGURES.read_text())["rows"]
+        results += [result for name in names for result in reproduce_guarantees(name, args.threads, rows)]
     print(
         json.dumps(
             {

@@ -18,11 +18,18 @@ patch at that position can change (the Concepts page, docs/concepts.md, describe
 
 Success is only ever judged by the exact `defended.predict`. A certified image can therefore
 never be attacked successfully unless the certificate is wrong, which is what `audit` checks.
+
+With `guarantee="detection"` the attack targets certified detection instead: success is a wrong
+label *without* an alert from the exact `defended.detect` (an alert is a failure of the attack).
+The surrogate pushes the unmasked image and every one-mask view the patch can change towards one
+wrong label, so that no view disagrees with the output (PatchCleanser: its one-mask views;
+PatchGuard: PatchGuard++'s views, the local-logit map minus each feature window).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +46,18 @@ from ._unwrap import local_module, unwrap
 from .geometry import patch_pixels, resize_footprint
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
-__all__ = ["AttackResult", "AuditFinding", "AuditRecord", "AuditReport", "Locations", "attack", "audit", "input_bounds"]
+__all__ = [
+    "ALERT",
+    "GUARANTEES",
+    "AttackResult",
+    "AuditFinding",
+    "AuditRecord",
+    "AuditReport",
+    "Locations",
+    "attack",
+    "audit",
+    "input_bounds",
+]
 
 DEFAULT_STEPS = 150
 DEFAULT_STEP_SIZE = 0.05
@@ -47,6 +65,10 @@ DEFAULT_RESTARTS = 1
 DEFAULT_NUM_LOCATIONS = 20
 DEFAULT_BUDGET = 2_000_000
 LOSSES = ("margin", "ce")
+GUARANTEES = ("prediction", "detection")
+"""What an attack breaks: the defended prediction, or certified detection's output (a label or an alert)."""
+ALERT = -1
+"""The `prediction` of an image whose detection output is an alert (`guarantee="detection"`): never a class id."""
 LOCATION_KINDS = ("all", "guided", "random", "grid")
 # Checks with the exact prediction per run: often enough to catch a content that flips the label
 # for a few steps only, rare enough to cost a few percent of the surrogate's views.
@@ -79,7 +101,8 @@ class AttackResult:
             (untargeted) or is the target (targeted).
         location: `(B, 2)` `(top, left)` of the patch in `x_adv`.
         patch: `(B, C, ph, pw)` the patch content, in the model's input space.
-        prediction: `(B,)` the exact `defended.predict(x_adv)`.
+        prediction: `(B,)` the exact `defended.predict(x_adv)`; with `guarantee="detection"` the
+            label of `defended.detect(x_adv)`, or `ALERT` (-1) where it alerts.
         forward_passes: calls of the base model's forward during the attack (clean evidence,
             surrogate steps and exact checks); for PatchCURE, of its SRF (a ViT split's patch
             embedding, a pair's `srf`), which runs once per image and per surrogate view.
@@ -87,6 +110,7 @@ class AttackResult:
         objective_views: images through the base model for the surrogate's gradient steps only.
         objective_steps: gradient steps summed over every (image, location, restart) run.
         naive_views_per_step: views per step of an attack evaluating every view of the defense.
+        guarantee: what was attacked, one of `GUARANTEES`.
     """
 
     x_adv: torch.Tensor
@@ -99,6 +123,7 @@ class AttackResult:
     objective_views: int
     objective_steps: int
     naive_views_per_step: int
+    guarantee: str = "prediction"
 
     @property
     def success_rate(self) -> float:
@@ -590,6 +615,102 @@ class _PatchGuardObjective(_DefendedObjective):
         return _view_margin(evidence, self.goal[image], self.targeted)
 
 
+class _DetectionObjective(_DefendedObjective):
+    """Certified detection's output: the unmasked label, or `ALERT` when a one-mask view disagrees confidently.
+
+    Every view the patch can change is pushed towards one wrong label `target` (targeted: the
+    target; untargeted: the wrong class the clean views support most), unmasked image included:
+    a view that shows the output's own label never alerts, whatever its confidence.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        from .defenses.detection import confident_labels
+
+        model = self.model
+        logits, views, _ = model._detection_logits(model._check_images(self.x))
+        self.clean_views = views
+        # (B, K) the clean one-mask views: their labels and whether they are confident (> tau)
+        self.view_labels, self.view_confident = confident_labels(views, model.tau)
+        if self.targeted:
+            self.target = self.goal
+        else:
+            support = logits.softmax(-1) + views.softmax(-1).sum(1)
+            self.target = support.scatter(1, self.y[:, None], -math.inf).argmax(1).to(self.y.device)
+
+    def hopeless(self, image: int) -> torch.Tensor:
+        """`(K,)` bool: the clean one-mask views that alert on any label but the target (a patch they hide cannot help)."""
+        return self.view_confident[image] & (self.view_labels[image] != self.target[image])
+
+    def loss(self, out: torch.Tensor, image: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        return _view_loss(out, self.target[image], True, self.loss_kind)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        found = self.model.detect(x)
+        return torch.where(found.alert, torch.full_like(found.prediction, ALERT), found.prediction)
+
+
+class _PatchCleanserDetectionObjective(_DetectionObjective):
+    """Views `0..K-1`: the image with mask `k` set to `fill`; view `K`: the unmasked image."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        mask_set = self.model.mask_set
+        self.k = len(mask_set)
+        self.naive_views = self.k + 1
+        self.boxes = torch.tensor(mask_set.boxes, dtype=torch.long, device=self.x.device)
+        unmasked = torch.ones((1, *mask_set.image_size), dtype=torch.bool, device=self.x.device)
+        self.keep = torch.cat([mask_set.keep_masks(self.x.device), unmasked])
+        self.fill = fill_like(self.model.fill, self.x)
+        self.area = self.patch[0] * self.patch[1]
+
+    def _cover(self, loc: torch.Tensor) -> torch.Tensor:
+        return _overlap(loc, self.patch, self.boxes) == self.area
+
+    def guide(self, image: int, positions: torch.Tensor) -> torch.Tensor:
+        # A view hiding the patch is fixed: one that already alerts on another label than the
+        # target rules the position out; the more hiding views show the target, the better.
+        cover = self._cover(positions)
+        blocked = (cover & self.hopeless(image).to(cover.device)[None]).any(1)
+        agree = (cover & (self.view_labels[image] == self.target[image]).to(cover.device)[None]).sum(1)
+        return agree.float() / cover.sum(1).clamp(min=1) - 2.0 * blocked.float()
+
+    def plan(self, image: torch.Tensor, loc: torch.Tensor) -> _Views:
+        task, view = (~self._cover(loc)).nonzero(as_tuple=True)
+        unmasked = torch.arange(loc.shape[0], device=loc.device)
+        return _Views(task=torch.cat([unmasked, task]), view=torch.cat([torch.full_like(unmasked, self.k), view]))
+
+    def render(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        return mask_images(x, self.keep[view], self.fill)
+
+
+class _PatchGuardDetectionObjective(_DetectionObjective, _PatchGuardObjective):
+    """One view per run, the image itself; the loss goes through PatchGuard++'s views of its local logits.
+
+    The guide is PatchGuard's (the window of a position's features, `_PatchGuardObjective.guide`)
+    on the detection views' own margins for the label: the smaller, the more promising.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        views = self.clean_views
+        self.gap = _view_margin(views.flatten(0, 1), self.y.repeat_interleave(views.shape[1]), False).reshape(self.gap.shape)
+
+    def loss(self, out: torch.Tensor, image: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        from .defenses.detection import window_views
+
+        logits, views = window_views(out, self.model._window_for(out.shape[2:]))
+        target = self.target[image]
+        own = _view_loss(logits, target, True, self.loss_kind)
+        each = _view_loss(views.flatten(0, 1), target.repeat_interleave(views.shape[1]), True, self.loss_kind)
+        return own + each.reshape(views.shape[:2]).sum(1)
+
+
+DETECTION_OBJECTIVES: dict[str, type[_Objective]] = {
+    "patchcleanser": _PatchCleanserDetectionObjective,
+    "patchguard": _PatchGuardDetectionObjective,
+}
+
 OBJECTIVES: dict[str | None, type[_Objective]] = {
     None: _BaseModelObjective,
     "patchcleanser": _PatchCleanserObjective,
@@ -713,6 +834,7 @@ def attack(
     batch_size: int | None = None,
     bounds: tuple | None = None,
     progress: bool = True,
+    guarantee: str = "prediction",
 ) -> AttackResult:
     """Adaptive patch attack on the defended prediction, one image at a time.
 
@@ -758,15 +880,21 @@ def attack(
         bounds: `(low, high)` valid input range (floats or one per channel); None: from the
             base model's timm `pretrained_cfg` mean/std.
         progress: show a tqdm bar over the runs.
+        guarantee: `"prediction"`: break `defended.predict`; `"detection"`: break certified
+            detection, i.e. make `defended.detect` output a wrong label (untargeted) or the
+            target (targeted) *without* an alert; an alert counts as a failure, and
+            `prediction` is `ALERT` there. The surrogate pushes the unmasked image and every
+            one-mask view the patch can change towards one wrong label (the module docstring).
 
     Returns:
         The `AttackResult`.
 
     Raises:
-        TypeError, ValueError: for bad images, labels, patch, locations or settings, and when
-            no input range is known, before any forward pass.
+        TypeError, ValueError: for bad images, labels, patch, locations or settings, when no
+            input range is known, and for `guarantee="detection"` on a model without
+            certified detection (the message says why), before any forward pass.
     """
-    setup = _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, batch_size, bounds)
+    setup = _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, batch_size, bounds, guarantee)
     kind, n, explicit = _parse_locations(locations, setup.x.shape[0], setup.image_size, setup.patch)
     return _attack(
         setup, lambda objective: _choose(objective, kind, n, explicit, setup.image_size, setup.patch, generator), generator, progress
@@ -792,15 +920,33 @@ class _Setup:
     restarts: int
     loss: str
     batch_size: int
+    guarantee: str = "prediction"
 
 
-def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, batch_size, bounds) -> _Setup:
+def _check_guarantee(defended: nn.Module, guarantee) -> None:
+    """`guarantee` is one of GUARANTEES, and a detection attack has a detection rule to attack."""
+    if guarantee not in GUARANTEES:
+        raise ValueError(f"guarantee must be one of {', '.join(map(repr, GUARANTEES))}, got {guarantee!r}")
+    if guarantee != "detection":
+        return
+    defense = _defense_of(defended)
+    if defense is None:
+        raise ValueError("guarantee='detection' attacks certified detection, which a plain classifier does not have: wrap it first")
+    reason = getattr(defended, "_no_detection", None)
+    if reason is not None:
+        raise ValueError(f"guarantee='detection': {type(defended).__name__} cannot detect, since {reason}")
+    if defense not in DETECTION_OBJECTIVES:
+        raise ValueError(f"guarantee='detection': no detection attack for defense {defense!r}; known: {', '.join(DETECTION_OBJECTIVES)}")
+
+
+def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, batch_size, bounds, guarantee="prediction") -> _Setup:
     """Check every argument before any forward pass."""
     if not isinstance(defended, nn.Module):
         raise TypeError(f"defended must be a robustwrap defended model or an nn.Module, got {type(defended).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point() or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty floating (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     _check_args(steps, step_size, restarts, loss, batch_size)
+    _check_guarantee(defended, guarantee)
     b = x.shape[0]
     y = as_labels(y, b, "y")
     goal = y if targeted is None else as_labels(targeted, b, "targeted")
@@ -833,6 +979,7 @@ def _setup(defended, x, y, patch, targeted, steps, step_size, restarts, loss, ba
         restarts=int(restarts),
         loss=loss,
         batch_size=int(batch_size),
+        guarantee=guarantee,
     )
 
 
@@ -841,8 +988,9 @@ def _attack(setup: _Setup, pick: Callable[[_Objective], list[torch.Tensor]], gen
     counter = _Counter(OBJECTIVES[setup.defense].counted(setup.base))
     try:
         with eval_mode(setup.base), torch.no_grad():
-            objective = OBJECTIVES[setup.defense](setup.defended, setup.x, setup.y, setup.goal, setup.targeted, setup.patch, setup.loss)
-        return _search(
+            objectives = DETECTION_OBJECTIVES if setup.guarantee == "detection" else OBJECTIVES
+            objective = objectives[setup.defense](setup.defended, setup.x, setup.y, setup.goal, setup.targeted, setup.patch, setup.loss)
+        result = _search(
             objective,
             pick(objective),
             steps=setup.steps,
@@ -854,6 +1002,7 @@ def _attack(setup: _Setup, pick: Callable[[_Objective], list[torch.Tensor]], gen
             progress=progress,
             counter=counter,
         )
+        return dataclasses.replace(result, guarantee=setup.guarantee)
     finally:
         counter.close()
 
@@ -883,7 +1032,8 @@ def _search(
     base = objective.base
 
     def met(pred: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return pred == goal[image] if targeted else pred != goal[image]
+        # an alert (detection) is never a success, whatever the goal
+        return (pred != ALERT) & (pred == goal[image] if targeted else pred != goal[image])
 
     while True:
         open_images = [i for i in range(b) if not done[i] and cursor[i] < len(queue[i])]
@@ -1008,11 +1158,12 @@ class AuditRecord:
     Attributes:
         index: position of the image in the data.
         label: its label.
-        prediction: the defended prediction of the clean image.
-        certified: the certificate said no patch can change the prediction (and it is right).
+        prediction: the defended prediction of the clean image (detection: its label, or `ALERT`).
+        certified: the certificate said no patch can change the prediction (and it is right);
+            detection: no patch can make the output a wrong label without an alert.
         attacked: the attack ran on it (only correctly predicted images are attacked).
         positions: patch positions the attack tried (`-1`: not attacked).
-        success: the attack changed the prediction.
+        success: the attack changed the prediction (detection: to a wrong label without an alert).
         adversarial_prediction: the exact prediction of the attacked image (`-1`: not attacked).
         location: `(top, left)` of the best patch (`None`: not attacked).
     """
@@ -1068,6 +1219,7 @@ class AuditReport:
         attack: the attack's settings (steps, step size, restarts, budget).
         records: one `AuditRecord` per image.
         findings: certified images the attack flipped; empty when every certificate held.
+        guarantee: what was certified and attacked, one of `GUARANTEES`.
     """
 
     defense: str | None
@@ -1076,6 +1228,7 @@ class AuditReport:
     attack: dict
     records: list[AuditRecord]
     findings: list[AuditFinding]
+    guarantee: str = "prediction"
 
     @property
     def ok(self) -> bool:
@@ -1119,6 +1272,7 @@ class AuditReport:
         flipped = count(lambda r: r.attacked and not r.certified and r.success)
         uncert = count(lambda r: r.attacked and not r.certified)
         a = self.attack
+        detection = self.guarantee == "detection"
         check = (
             f"OK: none of {attacked_cert} certified images flipped"
             if self.ok
@@ -1126,11 +1280,16 @@ class AuditReport:
         )
         rows = [
             ("defense", str(self.defense)),
+            *(
+                [("guarantee", f"certified detection at tau {self.settings.get('tau', 0):g}: a wrong label without an alert breaks it")]
+                if detection
+                else []
+            ),
             ("patch", f"{self.patch[0]}x{self.patch[1]} px"),
             ("attack", f"{a['steps']} steps of {a['step_size']}, {a['restarts']} restart(s), budget {a['budget']:,} views/image"),
             ("", ""),
-            ("clean accuracy", f"{self._fraction(clean):.2%}  ({clean}/{n})"),
-            ("certified accuracy", f"{self._fraction(cert):.2%}  ({cert}/{n})"),
+            ("clean accuracy without alert" if detection else "clean accuracy", f"{self._fraction(clean):.2%}  ({clean}/{n})"),
+            ("certified detection accuracy" if detection else "certified accuracy", f"{self._fraction(cert):.2%}  ({cert}/{n})"),
             ("empirical robust accuracy", f"{self._fraction(emp):.2%}  ({emp}/{n})  attack flipped {flipped} of {uncert} uncertified"),
             ("certificates", check),
         ]
@@ -1142,6 +1301,7 @@ class AuditReport:
         """JSON-ready: settings, the three accuracies, findings (without tensors) and every record."""
         return {
             "defense": self.defense,
+            "guarantee": self.guarantee,
             "settings": self.settings,
             "patch": list(self.patch),
             "attack": self.attack,
@@ -1235,6 +1395,7 @@ def audit(
     seed: int = 0,
     output: str | Path | None = None,
     progress: bool = True,
+    guarantee: str = "prediction",
 ) -> AuditReport:
     """Certify, then attack every correctly predicted image; a flipped certified image is a bug.
 
@@ -1266,12 +1427,17 @@ def audit(
         seed: seeds the random starts, so an audit is reproducible.
         output: folder for reproductions of findings (created when there is one).
         progress: show a tqdm bar over the images.
+        guarantee: `"prediction"`: certify with `certify`, attack `predict`; `"detection"`:
+            certify with `certify_detection` and attack `detect` (`robustwrap.attack`'s
+            `guarantee`): the images attacked are those output correctly without an alert, and
+            a certified image attacked into a wrong label without an alert is a finding.
 
     Returns:
         The `AuditReport`; `report.ok` is False when a certificate was broken.
 
     Raises:
-        TypeError, ValueError: for bad data or settings, before the first forward pass.
+        TypeError, ValueError: for bad data or settings, and for `guarantee="detection"` on a
+            model without certified detection, before the first forward pass.
     """
     defense = _defense_of(defended)
     if defense is None:
@@ -1281,6 +1447,8 @@ def audit(
     if limit is not None:
         positive_int(limit, "limit")
     _check_args(steps, step_size, restarts, "margin", None)
+    _check_guarantee(defended, guarantee)
+    detection = guarantee == "detection"
     generator = torch.Generator().manual_seed(int(seed))
     records: list[AuditRecord] = []
     findings: list[AuditFinding] = []
@@ -1293,12 +1461,14 @@ def audit(
     ph_pw = None
     for first, x, y in _batches(data, batch_size, limit):
         y = as_labels(y, x.shape[0], "labels")
-        result = defended.certify(x, y)
+        result = defended.certify_detection(x, y) if detection else defended.certify(x, y)
         prediction, certified = result.prediction.cpu(), result.certified.cpu()
+        if detection:  # an alert is not a correct output: such images are not attacked
+            prediction = torch.where(result.alert.cpu(), torch.full_like(prediction, ALERT), prediction)
         correct = (prediction == y.cpu()).nonzero()[:, 0]
         outcome = None
         if correct.numel():
-            setup = _setup(defended, x[correct], y[correct], patch, None, steps, step_size, restarts, "margin", None, bounds)
+            setup = _setup(defended, x[correct], y[correct], patch, None, steps, step_size, restarts, "margin", None, bounds, guarantee)
             ph_pw = setup.patch
             chosen: list[torch.Tensor] = []
 
@@ -1337,7 +1507,9 @@ def audit(
         ph_pw = _threat_patch(defended, patch, tuple(defended.input_size))
     settings = defended.settings() if callable(getattr(defended, "settings", None)) else {}
     attack_settings = {"steps": steps, "step_size": step_size, "restarts": restarts, "budget": budget, "seed": seed}
-    return AuditReport(defense=defense, settings=settings, patch=ph_pw, attack=attack_settings, records=records, findings=findings)
+    return AuditReport(
+        defense=defense, settings=settings, patch=ph_pw, attack=attack_settings, records=records, findings=findings, guarantee=guarantee
+    )
 
 
 def _finding(defended, index: int, image: torch.Tensor, label: int, outcome: AttackResult, a: int, output) -> AuditFinding:
@@ -1364,8 +1536,12 @@ def _finding(defended, index: int, image: torch.Tensor, label: int, outcome: Att
             "location": list(location),
             "patch_size": list(outcome.patch.shape[2:]),
             "settings": defended.settings() if callable(getattr(defended, "settings", None)) else None,
-            "reproduce": "certify(image[None], label) says certified, yet predict(x_adv[None]) != label; "
-            "x_adv is image with patch pasted at location (top, left)",
+            "reproduce": (
+                "certify_detection(image[None], label) says certified, yet detect(x_adv[None]) outputs another label without an alert; "
+                if outcome.guarantee == "detection"
+                else "certify(image[None], label) says certified, yet predict(x_adv[None]) != label; "
+            )
+            + "x_adv is image with patch pasted at location (top, left)",
         }
         note = folder / f"finding-{index}.json"
         note.write_text(json.dumps(meta, indent=1))

@@ -3,7 +3,8 @@ and the geometry of the other defenses (smoothing's ablated views, PatchGuard's 
 feature mask set).
 
 Everything here draws results; nothing runs a model (`robustwrap.dataset.view_grid` computes the
-views that `plot_views` draws). The pictures use matplotlib's object API
+views that `plot_views` draws), except `plot_detection`, which runs the one-mask views of one
+image's certified detection: they are what it draws, and no result keeps them. The pictures use matplotlib's object API
 (`matplotlib.figure.Figure`, no pyplot), so they never change a notebook's backend and render
 headless; matplotlib is imported only when a picture is drawn, so `import robustwrap` does not
 import it.
@@ -26,7 +27,18 @@ from .report import CASE_NAMES, CertificationReport
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_ablation_set", "plot_feature_mask_set", "plot_feature_window", "plot_mask_set", "plot_report", "plot_sweep", "plot_views"]
+    from .defenses import RobustPatchClassifier
+
+__all__ = [
+    "plot_ablation_set",
+    "plot_detection",
+    "plot_feature_mask_set",
+    "plot_feature_window",
+    "plot_mask_set",
+    "plot_report",
+    "plot_sweep",
+    "plot_views",
+]
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -493,6 +505,114 @@ def plot_views(
     verdict = "certified" if certified else "NOT certified"
     fig.suptitle(f"prediction {name(prediction)} (Case {CASE_NAMES[case]}), label {name(label)}: {verdict}", fontsize=11)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ detection
+def plot_detection(
+    model: RobustPatchClassifier,
+    image: torch.Tensor,
+    label: int | None = None,
+    path: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """Certified detection of one image: each one-mask view's label and confidence, which views alert, and the output.
+
+    The views are laid out as their masks (PatchCleanser's mask grid, PatchGuard's feature
+    windows, row-major). A view alerts when its label differs from the unmasked prediction with
+    softmax confidence `> model.tau`; those are framed in black. The title gives the output (the
+    label, or ALERT) and, with `label`, whether the image is certified: every view shows `label`
+    with confidence above `tau`, so that no patch can make the output another label without an
+    alert (docs/concepts.md#certified-detection).
+
+    Args:
+        model: a defended model with certified detection (PatchCleanser, PatchGuard).
+        image: `(C, H, W)` one image, as the model expects it.
+        label: the true label; None: certify against the model's own output.
+        path: where to save the picture.
+        class_names: names for the class ids, for the titles.
+
+    Returns:
+        The matplotlib `Figure`.
+
+    Raises:
+        NotImplementedError: the defense has no detection rule (the message says why).
+        ValueError: for an image the model cannot take, or a label out of range.
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    from .defenses.detection import certify_detection_views, confident_labels, detect_views
+
+    if getattr(model, "_no_detection", "it is not a defended model") is not None:
+        raise NotImplementedError(
+            f"plot_detection: {type(model).__name__} cannot detect: {getattr(model, '_no_detection', 'it is not a defended model')}"
+        )
+    if not isinstance(image, torch.Tensor) or image.ndim != 3:
+        raise ValueError(
+            f"image must be one (C, H, W) tensor, got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}"
+        )
+    x = model._check_images(image[None])
+    logits, views, _ = model._detection_logits(x)
+    tau = model.tau
+    found = detect_views(logits, views, tau)
+    prediction, alert = int(found.prediction[0]), bool(found.alert[0])
+    y = prediction if label is None else int(model._check_labels(torch.tensor([label]), 1)[0])
+    certified = bool(certify_detection_views(logits, views, torch.tensor([y], device=logits.device), tau, model.margin)[0])
+    labels, confident = (t[0].cpu() for t in confident_labels(views, tau))
+    confidence = views[0].detach().double().softmax(-1).gather(-1, labels[:, None].to(views.device))[:, 0].cpu()
+    alerting = confident & (labels != prediction)
+    rows, cols = _detection_layout(model, labels.numel())
+
+    def name(c: int) -> str:
+        return f"{c} ({class_names[c]})" if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+    classes = sorted({int(v) for v in labels.unique()} | {prediction, y})
+    palette = _colormap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = ListedColormap([palette(i % palette.N) for i in range(len(classes))])
+    norm = BoundaryNorm([i - 0.5 for i in range(len(classes) + 1)], cmap.N)
+    index = torch.tensor([classes.index(int(v)) for v in labels]).reshape(rows, cols).numpy()
+
+    fig = _figure((4.4 + 0.55 * max(cols, 6), 4.8))
+    ax_image, ax_views = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, max(1.2, cols / max(rows, 1))]})
+    ax_image.imshow(_display_image(image, tuple(image.shape[1:])), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax_image.set_xticks([])
+    ax_image.set_yticks([])
+    ax_image.set_title(f"unmasked prediction {name(prediction)}" + ("" if label is None else f", label {name(y)}"), fontsize=10)
+    shown = ax_views.imshow(index, cmap=cmap, norm=norm)
+    for k in range(labels.numel()):
+        r, c = divmod(k, cols)
+        text = f"{int(labels[k])}\n{100 * float(confidence[k]):.0f}%"
+        # a view at confidence <= tau neither alerts nor counts for the certificate: greyed out
+        weight, colour = ("bold", "black") if bool(alerting[k]) else (None, "black" if bool(confident[k]) else "0.45")
+        ax_views.text(c, r, text, ha="center", va="center", fontsize=9 if rows * cols <= 64 else 6, fontweight=weight, color=colour)
+        if bool(alerting[k]):
+            ax_views.add_patch(_rect(c, r, "black"))
+    ax_views.set_xticks(range(cols))
+    ax_views.set_yticks(range(rows))
+    ax_views.set_title(
+        f"one-mask views: label, confidence (framed: {int(alerting.sum())} of {labels.numel()} alert; grey: <= tau)",
+        fontsize=9,
+    )
+    bar = fig.colorbar(shown, ax=ax_views, ticks=range(len(classes)), fraction=0.046, pad=0.04)
+    bar.ax.set_yticklabels([name(c) for c in classes], fontsize=8)
+    bar.set_label("class")
+    output = "ALERT" if alert else f"label {name(prediction)}"
+    verdict = f"certified for {name(y)}" if certified else f"NOT certified for {name(y)}"
+    fig.suptitle(f"certified detection at tau {tau:g}: output {output}; {verdict}", fontsize=11)
+    return _save(fig, path)
+
+
+def _detection_layout(model: RobustPatchClassifier, k: int) -> tuple[int, int]:
+    """`(rows, cols)` of `k` one-mask views: the mask set's grid, PatchGuard's windows over its map, else one row."""
+    mask_set = getattr(model, "mask_set", None)
+    if mask_set is not None and mask_set.grid is not None and mask_set.grid[0] * mask_set.grid[1] == k:
+        return tuple(mask_set.grid)
+    feature_size = getattr(model, "_feature_size", None)
+    if callable(feature_size):
+        (h, w), (wh, ww) = feature_size(), model.window
+        rows, cols = h - min(wh, h) + 1, w - min(ww, w) + 1
+        if rows * cols == k:
+            return rows, cols
+    return 1, k
 
 
 # ------------------------------------------------------------------------------------- plumbing

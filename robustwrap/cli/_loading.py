@@ -255,7 +255,7 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
     options. A defended model keeps its defense and settings, unless `--defense`, `--patch` or an
     option of a defense group asks to re-wrap: then its base model (`.model`) is wrapped again, with
     the model's own settings for whatever the command line leaves out when the defense stays, and
-    the defense's defaults when it changes. `--precision`, `--margin` and `--views-per-pass` are
+    the defense's defaults when it changes (the detection threshold `tau` included). `--precision`, `--margin` and `--views-per-pass` are
     set on the result.
     """
     from ..defenses import RobustPatchClassifier, wrap
@@ -276,8 +276,13 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
             patch = own_patch if patch is None else patch
             options = {**own_options, **options}
             common.update(batch_size=model.batch_size, num_classes=model.num_classes)
+        # `tau` is a setting of the defended model, not a wrap option: carried over by hand, or a
+        # `--patch` would silently reset a saved model's detection threshold to the default.
+        tau = model.tau if defense == own and model._no_detection is None else None
         with _in_option_words(defense):
             model = wrap(model.model, patch, defense=defense, **common, **options).eval()
+        if tau is not None:
+            model.tau = tau
     if args.precision is not None:
         model.precision = args.precision
     if args.margin is not None:

@@ -38,6 +38,12 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         "the output another label without an alert",
     )
     predict.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts")
+    predict.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="with --detect and one image: draw its one-mask views (label, confidence, which ones alert) and the output to FILE (.png, .svg, ...)",
+    )
     predict.set_defaults(run=_predict)
 
 
@@ -46,7 +52,11 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.tau is not None and not args.detect:
         raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
+    if args.plot is not None and not args.detect:
+        raise ValueError("--plot draws the one-mask views of --detect; pass --detect too")
     paths = _image_paths(args.images)
+    if args.plot is not None and len(paths) != 1:
+        raise ValueError(f"--plot draws one image's views; {len(paths)} images were given")
     model, _ = _load_model(args)
     model = _with_settings(model, (args.patch or [None])[0], args)
     if args.detect and model._no_detection is not None:
@@ -67,6 +77,10 @@ def _predict(args: argparse.Namespace) -> None:
         else:
             prediction = model.predict(x)
             evidence = _evidence(model, x, prediction)
+        if args.plot is not None:
+            from ..plots import plot_detection
+
+            plot_detection(model, x[0], path=args.plot, class_names=names)
         for path, label, fields in zip(chunk, prediction.tolist(), evidence):
             records.append({"image": str(path), "prediction": label, "label_name": names[label] if names and label < len(names) else None, **fields})
     if args.json:
@@ -88,6 +102,8 @@ def _predict(args: argparse.Namespace) -> None:
     elif model.defense == "patchguard":
         print(f"certified: the worst-case evidence margin over every patch position is above the margin setting {model.margin:g} (0 counts when margin is 0 and ties go to the label)")
     print(_columns(rows, align_left=True))
+    if args.plot is not None:
+        print(f"the one-mask views: {args.plot}")
 
 
 def _evidence(model: RobustPatchClassifier, x: torch.Tensor, prediction: torch.Tensor) -> list[dict[str, Any]]:

@@ -172,7 +172,7 @@ def window_views(local_logits: torch.Tensor, window: tuple[int, int]) -> tuple[t
     their mean over the `h x w` map, and view `u` is that mean without window `u`'s features
     (the sum outside `u` divided by `h * w`, so a softmax reads as the paper's). Windows are the
     full `wh x ww` blocks of the map (clipped to it), row-major, as PatchGuard's certificate's.
-    In float64.
+    In float64, and differentiable: the detection attack's surrogate goes through it.
 
     Args:
         local_logits: `(B, C, h, w)`.
@@ -183,7 +183,7 @@ def window_views(local_logits: torch.Tensor, window: tuple[int, int]) -> tuple[t
     """
     from .patchguard import window_sums  # the defense module imports this one
 
-    local = local_logits.detach().to(torch.float64)
+    local = local_logits.to(torch.float64)
     b, c, h, w = local.shape
     total = local.sum((-2, -1))
     inside = window_sums(local, window).reshape(b, c, -1)
