@@ -655,17 +655,18 @@ class _PatchCleanserDetectionObjective(_DetectionObjective):
 
     def __init__(self, *args):
         super().__init__(*args)
-        mask_set = self.model.mask_set
+        mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k + 1
         self.boxes = torch.tensor(mask_set.boxes, dtype=torch.long, device=self.x.device)
         unmasked = torch.ones((1, *mask_set.image_size), dtype=torch.bool, device=self.x.device)
         self.keep = torch.cat([mask_set.keep_masks(self.x.device), unmasked])
         self.fill = fill_like(self.model.fill, self.x)
-        self.area = self.patch[0] * self.patch[1]
 
-    def _cover(self, loc: torch.Tensor) -> torch.Tensor:
-        return _overlap(loc, self.patch, self.boxes) == self.area
+    # which masks hide the patch: PatchCleanser's own rule (pixels here, cells for PatchCURE)
+    _mask_set = _PatchCleanserObjective._mask_set
+    _footprint = _PatchCleanserObjective._footprint
+    _cover = _PatchCleanserObjective._cover
 
     def guide(self, image: int, positions: torch.Tensor) -> torch.Tensor:
         # A view hiding the patch is fixed: one that already alerts on another label than the
@@ -706,9 +707,36 @@ class _PatchGuardDetectionObjective(_DetectionObjective, _PatchGuardObjective):
         return own + each.reshape(views.shape[:2]).sum(1)
 
 
+class _PatchCUREDetectionObjective(_PatchCleanserDetectionObjective):
+    """PatchCleanser's detection surrogate on the feature grid: views `0..K-1` mask one feature mask, view `K` keeps every cell.
+
+    The masks that hide a patch are those holding its footprint in cells; a view runs the SRF on
+    the patched image and the LRF on the kept cells (or sums their local logits), as
+    `_PatchCUREObjective` and the defense's own detection views do.
+    """
+
+    def __init__(self, *args):
+        from .defenses.patchcure import _srf_geometry
+
+        self.srf, self.lrf = args[0]._parts()
+        self.geometry = _srf_geometry(self.srf)
+        super().__init__(*args)
+
+    counted = _PatchCUREObjective.__dict__["counted"]
+    _mask_set = _PatchCUREObjective._mask_set
+    _footprint = _PatchCUREObjective._footprint
+    forward = _PatchCUREObjective.forward
+
+    def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with eval_mode(self.srf):
+            features = self.srf(x)
+        return features, self.keep[view]
+
+
 DETECTION_OBJECTIVES: dict[str, type[_Objective]] = {
     "patchcleanser": _PatchCleanserDetectionObjective,
     "patchguard": _PatchGuardDetectionObjective,
+    "patchcure": _PatchCUREDetectionObjective,
 }
 
 OBJECTIVES: dict[str | None, type[_Objective]] = {

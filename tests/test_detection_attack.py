@@ -291,3 +291,27 @@ def test_reproduce_zoo_recertifies_each_guarantee_with_the_cli_and_catches_a_wro
     monkeypatch.setattr(reproduce_zoo, "_certify_report", lambda *args: runs[0][1])  # the same run, against a wrong figure
     (result,) = reproduce_zoo.reproduce_guarantees(name, 1, [{**row, "clean_without_alert_count": row["clean_without_alert_count"] + 1}])
     assert not result["ok"] and result["figures"]["certified"]["recorded"] == result["figures"]["certified"]["measured"]
+
+
+# ------------------------------------------------------------------------------ PatchCURE
+def _cure(tau: float) -> robustwrap.PatchCURE:
+    """SRF-only PatchCURE on `LocalMeans` (r = 3, s = 2, o = 0 declared on the model): its feature windows are PatchGuard++'s."""
+    local = LocalMeans()
+    local.receptive_field, local.feature_stride, local.feature_offset = 3, 2, 0
+    return robustwrap.wrap(local, 3, defense="patchcure", image_size=15, margin=0.0, tau=tau).eval()
+
+
+def test_patchcure_detection_attack_is_judged_by_detect_and_never_breaks_a_certified_image():
+    model = _cure(0.4)
+    x, labels = _evidence_images()
+    result = robustwrap.attack(model, x, labels, guarantee="detection", locations="all", steps=20, bounds=BOUNDS, progress=False)
+    found = model.detect(result.x_adv)
+    assert torch.equal(result.success, (found.prediction != labels) & ~found.alert)
+    certified = model.certify_detection(x, labels).certified
+    assert bool(certified.any()) and not bool(result.success[certified].any())
+    assert bool(result.success.any())  # the surrogate does break uncertified images
+    report = robustwrap.audit(model, (x, labels), guarantee="detection", steps=20, budget=10**6, bounds=BOUNDS, progress=False)
+    assert report.ok and [r.certified for r in report.records] == certified.tolist()
+    assert report.empirical_accuracy >= report.certified_accuracy > 0
+    for i in certified.nonzero()[:, 0].tolist():
+        assert not _exhaustive(model, x[i], int(labels[i]), 3)
