@@ -362,3 +362,14 @@ def test_torch_hub_entry_points_of_hub_backed_models(hf_cache, tiny_paper_entry)
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         assert torch.equal(model.model(x), published(x))
+
+
+@pytest.mark.parametrize("name", ["mnist_test_resnet_msgc", "mnist_test_resnet_drs", "mnist_bagnet_tiny_pg"])
+def test_top_1_is_the_prediction_certificate_on_every_embedded_zoo_model(name):
+    """`certify(x, y, k=1)` is today's certificate, image for image, on the shipped models (issue 25)."""
+    model = robustwrap.create_model(name)
+    x, y = heldout(model, 12)
+    plain, top1 = model.certify(x, y), model.certify(x, y, k=1)
+    assert torch.equal(plain.certified, top1.certified) and torch.equal(plain.prediction, top1.prediction)
+    if model.defense != "patchcleanser":  # top-5 is defined: it never certifies less than top-1
+        assert bool((model.certify(x, y, k=5).certified >= plain.certified).all())
