@@ -39,7 +39,9 @@ def flops(run, *args) -> int:
     return counter.get_total_flops()
 
 
-def count(model: str = "vit_tiny_patch16_224", window: tuple[int, int] = (14, 2), splits=(6, 9, 11, 12), patch: int = 32, pixel_masks: int = 6) -> dict:
+def count(
+    model: str = "vit_tiny_patch16_224", window: tuple[int, int] = (14, 2), splits=(6, 9, 11, 12), patch: int = 32, pixel_masks: int = 6
+) -> dict:
     """The FLOP counts of certifying one 224 px image with every view, PatchCURE at each split against pixel PatchCleanser.
 
     Returns:
