@@ -6,7 +6,7 @@ The same data, preprocessing and threat model as the zoo's other MNIST models
 a 2% patch (5x5 px on 32x32).
 
 - `--split K` (default): a small timm ViT (`vit_tiny_patch16_224` rebuilt for 1x32x32 digits:
-  4x4 px tokens, an 8x8 token grid, width 64, 4 blocks, 4 heads, MLP ratio 2; 137k parameters)
+  4x4 px tokens, an 8x8 token grid, width 64, 4 blocks, 4 heads, MLP ratio 2; 140k parameters)
   split by PatchCURE into windows of 8x1 tokens (columns of 32x4 px, a 1x8 feature grid; a 5 px
   patch touches at most 2 columns: 7 masks of 2 columns, 28 views). Blocks `[0, K)` are
   windowed; `K = 4` (the depth) leaves no global block: every column classifies the digit and
