@@ -39,30 +39,35 @@ def flops(run, *args) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT at 224 px (default ViT-Ti/16)")
-    parser.add_argument("--window", type=int, nargs=2, default=(14, 2), metavar=("WH", "WW"), help="tokens per window (default 14 2)")
-    parser.add_argument("--splits", type=int, nargs="+", default=[6, 9, 11, 12], help="windowed blocks k (default 6 9 11 12)")
-    parser.add_argument("--patch", type=int, default=32, help="patch side in pixels (default 32: 2%% of 224x224)")
-    parser.add_argument("--pixel-masks", type=int, default=6, help="pixel PatchCleanser's masks per axis (default 6: 36 masks)")
-    args = parser.parse_args()
+def count(
+    model: str = "vit_tiny_patch16_224", window: tuple[int, int] = (14, 2), splits=(6, 9, 11, 12), patch: int = 32, pixel_masks: int = 6
+) -> dict:
+    """The FLOP counts of certifying one 224 px image with every view, PatchCURE at each split against pixel PatchCleanser.
 
+    Returns:
+        The JSON document `main` prints: `forward_gflops`, `patchcleanser` (masks, views,
+        `certify_gflops`) and per split `patchcure` rows (grid, masks, views, SRF and per-view
+        LRF GFLOPs, `certify_gflops` and `patchcleanser_over_patchcure`).
+    """
     torch.manual_seed(0)
-    timm.layers.set_fused_attn(False)
-    vit = timm.create_model(args.model, num_classes=1000).eval()
+    fused = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(False)  # the counter sees explicit attention only; restored for whoever times the model
+    try:
+        vit = timm.create_model(model, num_classes=1000).eval()
+    finally:
+        timm.layers.set_fused_attn(fused)
     x = torch.randn(1, 3, 224, 224)
     full = flops(vit, x)
-    pixel_masks = len(MaskSet.square(224, args.patch, num_masks=args.pixel_masks))
-    patchcleanser = full * pixel_masks * (pixel_masks + 1) // 2
+    num_masks = len(MaskSet.square(224, patch, num_masks=pixel_masks))
+    patchcleanser = full * num_masks * (num_masks + 1) // 2
     rows = []
-    for split in args.splits:
-        srf, lrf = split_vit(vit, tuple(args.window), split)
+    for split in splits:
+        srf, lrf = split_vit(vit, tuple(window), split)
         with torch.no_grad():
             features = srf(x)
         grid = tuple(features.shape[-2:])
-        window = feature_window(224, args.patch, srf.receptive_field, srf.feature_stride, srf.feature_offset, grid)
-        masks = len(MaskSet.rect(grid, window, stride=1))
+        cells = feature_window(224, patch, srf.receptive_field, srf.feature_stride, srf.feature_offset, grid)
+        masks = len(MaskSet.rect(grid, cells, stride=1))
         views = masks * (masks + 1) // 2
         srf_flops = flops(srf, x)
         lrf_flops = 0 if lrf is None else flops(lrf, features, torch.ones(1, *grid, dtype=torch.bool))
@@ -71,7 +76,7 @@ def main() -> None:
             {
                 "split": split,
                 "feature_grid": list(grid),
-                "feature_window": list(window),
+                "feature_window": list(cells),
                 "masks": masks,
                 "views": views,
                 "srf_gflops": srf_flops / 1e9,
@@ -80,24 +85,26 @@ def main() -> None:
                 "patchcleanser_over_patchcure": patchcleanser / certify,
             }
         )
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "image": 224,
-                "patch": args.patch,
-                "window": list(args.window),
-                "forward_gflops": full / 1e9,
-                "patchcleanser": {
-                    "masks": pixel_masks,
-                    "views": pixel_masks * (pixel_masks + 1) // 2,
-                    "certify_gflops": patchcleanser / 1e9,
-                },
-                "patchcure": rows,
-            },
-            indent=2,
-        )
-    )
+    return {
+        "model": model,
+        "image": 224,
+        "patch": patch,
+        "window": list(window),
+        "forward_gflops": full / 1e9,
+        "patchcleanser": {"masks": num_masks, "views": num_masks * (num_masks + 1) // 2, "certify_gflops": patchcleanser / 1e9},
+        "patchcure": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT at 224 px (default ViT-Ti/16)")
+    parser.add_argument("--window", type=int, nargs=2, default=(14, 2), metavar=("WH", "WW"), help="tokens per window (default 14 2)")
+    parser.add_argument("--splits", type=int, nargs="+", default=[6, 9, 11, 12], help="windowed blocks k (default 6 9 11 12)")
+    parser.add_argument("--patch", type=int, default=32, help="patch side in pixels (default 32: 2%% of 224x224)")
+    parser.add_argument("--pixel-masks", type=int, default=6, help="pixel PatchCleanser's masks per axis (default 6: 36 masks)")
+    args = parser.parse_args()
+    print(json.dumps(count(args.model, tuple(args.window), args.splits, args.patch, args.pixel_masks), indent=2))
 
 
 if __name__ == "__main__":

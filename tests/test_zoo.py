@@ -373,3 +373,35 @@ def test_top_1_is_the_prediction_certificate_on_every_embedded_zoo_model(name):
     assert torch.equal(plain.certified, top1.certified) and torch.equal(plain.prediction, top1.prediction)
     if model.defense != "patchcleanser":  # top-5 is defined: it never certifies less than top-1
         assert bool((model.certify(x, y, k=5).certified >= plain.certified).all())
+
+
+# -------------------------------------------------------------------------- PatchCURE models
+CURE_SPLITS = {"mnist_vit_cure_k4": 4, "mnist_vit_cure_k2": 2, "mnist_bagnet_tiny_cure": None}
+
+
+def test_patchcure_zoo_models_are_what_their_entries_say(tmp_path, capsys):
+    """Issue 24.5: a ViT trained here at two splits (SRF only, and two global blocks) and the zoo's
+    PatchGuard BagNet, same weights, load offline as PatchCURE with the settings, feature mask set
+    and views their entries record; the CLI certifies them as `benchmarks/reproduce_zoo.py` does
+    (here on 3 digits), with the results of `certify_dataset` on the same digits."""
+    entries = {e["name"]: e for e in zoo._manifest()["models"] if e.get("defense") == "patchcure"}
+    assert {name: e["split"] for name, e in entries.items()} == CURE_SPLITS
+    for name, entry in entries.items():
+        model = robustwrap.create_model(name)
+        assert isinstance(model, robustwrap.PatchCURE) and model.split == entry["split"]
+        assert (None if model.window is None else list(model.window)) == entry["window"]
+        assert list(model.feature_window) == entry["feature_window"] and len(model.feature_mask_set) == entry["num_masks"]
+        assert model.full_views == entry["num_views"] and 1 <= entry["metrics"]["views_per_image"] <= entry["num_views"]
+        assert model.lrf is None if entry["split"] in (None, len(getattr(model.model, "blocks", ()))) else model.lrf is not None
+        assert main(["certify", "--model", name, "--limit", "3", "--no-progress", "--report", str(tmp_path / f"{name}.json")]) == 0
+        report = CertificationReport.load(tmp_path / f"{name}.json")
+        data = zoo.builtin_dataset(entry["dataset"], transform=create_transform(**resolve_data_config(model=model.model)))
+        expected = robustwrap.certify_dataset(model, data, limit=3, progress=False)
+        assert [(r.prediction, r.certified, r.vanilla_prediction) for r in report.records] == [
+            (r.prediction, r.certified, r.vanilla_prediction) for r in expected.records
+        ]
+    capsys.readouterr()
+    cure, guard = robustwrap.create_model("mnist_bagnet_tiny_cure"), robustwrap.create_model("mnist_bagnet_tiny_pg")
+    assert entries["mnist_bagnet_tiny_cure"]["init_from"] == "mnist_bagnet_tiny_pg"
+    assert cure.model.state_dict().keys() == guard.model.state_dict().keys()
+    assert all(torch.equal(v, guard.model.state_dict()[k]) for k, v in cure.model.state_dict().items())
