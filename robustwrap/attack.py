@@ -43,7 +43,7 @@ from torch import nn
 
 from ._args import as_labels, positive_int
 from ._unwrap import local_module, unwrap
-from .geometry import patch_pixels, resize_footprint
+from .geometry import _covered, patch_pixels, resize_footprint
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
 __all__ = [
@@ -426,6 +426,18 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         self.srf, self.lrf = model._parts()
         self.geometry = _srf_geometry(self.srf)
         super().__init__(*args)
+        # A model that resizes its inputs: the model pixels [low[t], high[t]) that an input patch
+        # starting at t reaches, per axis (its footprint, as the feature mask set was built from).
+        self.reach = None
+        if model.resize is not None:
+            device = self.x.device
+            self.reach = []
+            for axis, footprint in enumerate(resize_footprint(model.input_size, model.image_size, model.resize)):
+                covered = torch.from_numpy(_covered(footprint, self.patch[axis])).to(device)
+                index = torch.arange(covered.shape[1], device=device)
+                low = torch.where(covered, index, covered.shape[1]).amin(1)
+                high = torch.where(covered, index + 1, 0).amax(1)
+                self.reach.append((low, high))
 
     @staticmethod
     def counted(base: nn.Module) -> nn.Module:
@@ -439,21 +451,23 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         return self.model.feature_mask_set
 
     def _footprint(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Cell a sees pixels [s*a - o, s*a - o + r): it meets the patch's [t, t + p) iff
-        # ceil((t - r + 1 + o) / s) <= a <= floor((t + p - 1 + o) / s), within the grid.
+        # Cell a sees model pixels [s*a - o, s*a - o + r): it meets the patch's [low, high) iff
+        # ceil((low - r + 1 + o) / s) <= a <= floor((high - 1 + o) / s), within the grid; without
+        # a resize [low, high) = [t, t + p).
         (r, s, o), grid = self.geometry, self.model.feature_mask_set.image_size
         first, last = [], []
         for axis in range(2):
             t = loc[:, axis]
-            first.append((-torch.div(-(t - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
-            last.append(torch.div(t + self.patch[axis] - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
+            low, high = (t, t + self.patch[axis]) if self.reach is None else (self.reach[axis][0][t], self.reach[axis][1][t])
+            first.append((-torch.div(-(low - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
+            last.append(torch.div(high - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
         corner = torch.stack(first, 1)
         return corner, torch.stack(last, 1) - corner + 1
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kept = self.keep[view // self.k] & self.keep[view % self.k]
         with eval_mode(self.srf):
-            features = self.srf(x)
+            features = self.srf(self.model.resize_input(x))  # the patched image at input size, resized as the defense does
         return features, kept
 
     def forward(self, rendered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
