@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import robustwrap
+from robustwrap.geometry import patch_pixels
 from robustwrap.models import bagnet_tiny
 
 SMALL, MODEL, PATCH = 12, 36, 2
@@ -99,7 +100,9 @@ def _declared_cells(mode: str, srf: nn.Module, grid: tuple[int, int]) -> int:
     for t in range(SMALL - PATCH + 1):
         keep = torch.zeros(1, 1, SMALL, 1, dtype=torch.float64)
         keep[0, 0, t : t + PATCH] = torch.rand(PATCH, 1, dtype=torch.float64) + 0.5  # positive values do not cancel
-        up = F.interpolate(keep.expand(1, 1, SMALL, SMALL), size=(MODEL, MODEL), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+        up = F.interpolate(
+            keep.expand(1, 1, SMALL, SMALL), size=(MODEL, MODEL), mode=mode, **({} if mode == "nearest" else {"align_corners": False})
+        )
         reached = (up[0, 0, :, 0] != 0).nonzero()[:, 0]
         low, high = int(reached.min()), int(reached.max()) + 1
         cells = [a for a in range(grid[0]) if s * a - o < high and s * a - o + r > low]
@@ -220,6 +223,11 @@ def test_input_size_is_saved_loaded_and_shown(tmp_path):
     assert "input_size" not in robustwrap.wrap(model.model, PATCH, defense="patchcure", image_size=MODEL).settings()
     again = type(model).from_settings(model.model, settings)
     assert again.settings() == settings and again.input_size == (SMALL, SMALL)
+    # A patch given as a share of the area is a share of the input's area, assigned or at wrap.
+    wrapped = robustwrap.wrap(model.model, 0.05, defense="patchcure", image_size=MODEL, input_size=SMALL)
+    assert wrapped.patch == patch_pixels(0.05, SMALL) != patch_pixels(0.05, MODEL)
+    model.patch = 0.05
+    assert model.patch == patch_pixels(0.05, SMALL)
 
 
 def test_cli_certifies_in_input_pixels_and_keeps_a_saved_models_input_size(tmp_path, capsys):
@@ -234,7 +242,17 @@ def test_cli_certifies_in_input_pixels_and_keeps_a_saved_models_input_size(tmp_p
     for c in "abc":
         (tmp_path / "data" / c).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (SMALL, SMALL, 3), dtype=np.uint8)).save(tmp_path / "data" / c / "0.png")
-    argv = ["certify", "--model", "timm:bagnet_tiny", "--checkpoint", tmp_path / "model.safetensors", "--in-chans", "3", "--num-classes", "3"]
+    argv = [
+        "certify",
+        "--model",
+        "timm:bagnet_tiny",
+        "--checkpoint",
+        tmp_path / "model.safetensors",
+        "--in-chans",
+        "3",
+        "--num-classes",
+        "3",
+    ]
     argv += ["--defense", "patchcure", "--patch", PATCH, "--image-size", MODEL, "--input-size", SMALL, "--resize", "bilinear"]
     argv += ["--data", tmp_path / "data", "--no-progress", "--report", tmp_path / "r.json"]
     assert main([str(a) for a in argv]) == 0
