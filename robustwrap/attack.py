@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -426,18 +428,6 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         self.srf, self.lrf = model._parts()
         self.geometry = _srf_geometry(self.srf)
         super().__init__(*args)
-        # A model that resizes its inputs: the model pixels [low[t], high[t]) that an input patch
-        # starting at t reaches, per axis (its footprint, as the feature mask set was built from).
-        self.reach = None
-        if model.resize is not None:
-            device = self.x.device
-            self.reach = []
-            for axis, footprint in enumerate(resize_footprint(model.input_size, model.image_size, model.resize)):
-                covered = torch.from_numpy(_covered(footprint, self.patch[axis])).to(device)
-                index = torch.arange(covered.shape[1], device=device)
-                low = torch.where(covered, index, covered.shape[1]).amin(1)
-                high = torch.where(covered, index + 1, 0).amax(1)
-                self.reach.append((low, high))
 
     @staticmethod
     def counted(base: nn.Module) -> nn.Module:
@@ -454,11 +444,15 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         # Cell a sees model pixels [s*a - o, s*a - o + r): it meets the patch's [low, high) iff
         # ceil((low - r + 1 + o) / s) <= a <= floor((high - 1 + o) / s), within the grid; without
         # a resize [low, high) = [t, t + p).
-        (r, s, o), grid = self.geometry, self.model.feature_mask_set.image_size
+        (r, s, o), grid, model = self.geometry, self.model.feature_mask_set.image_size, self.model
         first, last = [], []
         for axis in range(2):
             t = loc[:, axis]
-            low, high = (t, t + self.patch[axis]) if self.reach is None else (self.reach[axis][0][t], self.reach[axis][1][t])
+            if model.resize is None:
+                low, high = t, t + self.patch[axis]
+            else:
+                reach = _model_pixels(model.input_size[axis], model.image_size[axis], model.resize, self.patch[axis])
+                low, high = (torch.as_tensor(v, device=t.device)[t] for v in reach)
             first.append((-torch.div(-(low - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
             last.append(torch.div(high - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
         corner = torch.stack(first, 1)
@@ -478,6 +472,18 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         masked = torch.where(kept[:, None], features, torch.zeros((), dtype=features.dtype, device=features.device))
         with eval_mode(self.lrf):
             return self.lrf(masked, kept)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_pixels(n_in: int, n: int, mode: str, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(low, high)`, per start `t` of a `p`-wide input patch: the model pixels `[low[t], high[t])` its footprint spans.
+
+    The footprint of a resize from `n_in` to `n` pixels with `mode` (`geometry.resize_footprint`),
+    from which the defense's feature window was built.
+    """
+    covered = _covered(resize_footprint(n_in, n, mode)[0], p)
+    index = np.arange(n)[None, :]
+    return np.where(covered, index, n).min(1), np.where(covered, index + 1, 0).max(1)
 
 
 def _pair_overlap(loc: torch.Tensor, patch: tuple[int, int] | torch.Tensor, boxes_i: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
