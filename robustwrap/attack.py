@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -37,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._args import as_labels, positive_int
 from ._unwrap import local_module, unwrap
-from .geometry import patch_pixels, resize_footprint
+from .geometry import _covered, patch_pixels, resize_footprint
 from .views import eval_mode, fill_like, mask_images, model_device_dtype
 
 __all__ = [
@@ -439,21 +441,27 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         return self.model.feature_mask_set
 
     def _footprint(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Cell a sees pixels [s*a - o, s*a - o + r): it meets the patch's [t, t + p) iff
-        # ceil((t - r + 1 + o) / s) <= a <= floor((t + p - 1 + o) / s), within the grid.
-        (r, s, o), grid = self.geometry, self.model.feature_mask_set.image_size
+        # Cell a sees model pixels [s*a - o, s*a - o + r): it meets the patch's [low, high) iff
+        # ceil((low - r + 1 + o) / s) <= a <= floor((high - 1 + o) / s), within the grid; without
+        # a resize [low, high) = [t, t + p).
+        (r, s, o), grid, model = self.geometry, self.model.feature_mask_set.image_size, self.model
         first, last = [], []
         for axis in range(2):
             t = loc[:, axis]
-            first.append((-torch.div(-(t - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
-            last.append(torch.div(t + self.patch[axis] - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
+            if model.resize is None:
+                low, high = t, t + self.patch[axis]
+            else:
+                reach = _model_pixels(model.input_size[axis], model.image_size[axis], model.resize, self.patch[axis])
+                low, high = (torch.as_tensor(v, device=t.device)[t] for v in reach)
+            first.append((-torch.div(-(low - r[axis] + 1 + o[axis]), s[axis], rounding_mode="floor")).clamp(0, grid[axis] - 1))
+            last.append(torch.div(high - 1 + o[axis], s[axis], rounding_mode="floor").clamp(0, grid[axis] - 1))
         corner = torch.stack(first, 1)
         return corner, torch.stack(last, 1) - corner + 1
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kept = self.keep[view // self.k] & self.keep[view % self.k]
         with eval_mode(self.srf):
-            features = self.srf(x)
+            features = self.srf(self.model.resize_input(x))  # the patched image at input size, resized as the defense does
         return features, kept
 
     def forward(self, rendered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -464,6 +472,18 @@ class _PatchCUREObjective(_PatchCleanserObjective):
         masked = torch.where(kept[:, None], features, torch.zeros((), dtype=features.dtype, device=features.device))
         with eval_mode(self.lrf):
             return self.lrf(masked, kept)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_pixels(n_in: int, n: int, mode: str, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(low, high)`, per start `t` of a `p`-wide input patch: the model pixels `[low[t], high[t])` its footprint spans.
+
+    The footprint of a resize from `n_in` to `n` pixels with `mode` (`geometry.resize_footprint`),
+    from which the defense's feature window was built.
+    """
+    covered = _covered(resize_footprint(n_in, n, mode)[0], p)
+    index = np.arange(n)[None, :]
+    return np.where(covered, index, n).min(1), np.where(covered, index + 1, 0).max(1)
 
 
 def _pair_overlap(loc: torch.Tensor, patch: tuple[int, int] | torch.Tensor, boxes_i: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -127,8 +127,7 @@ DECISIONS = {
         "split": ("refused", "split is a setting of a ViT split"),
         "tau": ("assignable", 0.5),
         "authors": ("refused", "authors chooses the function the weights compute"),
-        # no input size of its own yet: wrap refuses input_size and resize for it
-        **{key: value for key, value in _COMMON.items() if key not in ("input_size", "resize")},
+        **_COMMON,
     },
 }
 

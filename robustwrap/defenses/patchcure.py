@@ -145,13 +145,18 @@ def _feature_masks(
     feature_offset: tuple[int, int],
     grid: tuple[int, int],
     mask_stride: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+    resize: str | None = None,
 ) -> MaskSet:
     """The feature mask set of an SRF geometry on a `grid` of cells (what `PatchCURE.feature_mask_set` is, without a model).
+
+    With `input_size` and `resize` the patch is in input pixels and its cells are those its
+    footprint in model pixels meets (`geometry.feature_window`, as PatchGuard's window).
 
     Raises:
         ValueError: the geometry does not fit the grid, or a patch's cells could cover the whole grid.
     """
-    window = _window(image_size, patch, receptive_field, feature_stride, feature_offset, grid)
+    window = _window(image_size, patch, receptive_field, feature_stride, feature_offset, grid, input_size, resize)
     return _cell_masks(grid, window, mask_stride)
 
 
@@ -162,14 +167,17 @@ def _describe_cells(
     receptive_field: tuple[int, int],
     feature_stride: tuple[int, int],
     mask_stride: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
 ) -> str:
-    """`PatchCURE.describe`: the patch in pixels, the feature mask set in cells and pixels, the grid and the views."""
+    """`PatchCURE.describe`: the patch in (input) pixels, the feature mask set in cells and model pixels, the grid and the views."""
     (h, w), (ph, pw), (r, s) = image_size, patch, (receptive_field, feature_stride)
     (mh, mw), grid, k = masks.mask_size, masks.image_size, len(masks)
     # The pixels a mask's cells see together: (m - 1) strides plus one receptive field, within the image.
     px = (min((mh - 1) * s[0] + r[0], h), min((mw - 1) * s[1] + r[1], w))
+    ih, iw = input_size or image_size
+    resized = "" if input_size is None else f" inputs resized to {h}x{w}"
     return (
-        f"patch {ph}x{pw} px ({100 * ph * pw / (h * w):.2f}% of {h}x{w}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
+        f"patch {ph}x{pw} px ({100 * ph * pw / (ih * iw):.2f}% of {ih}x{iw}{resized}); {masks.grid[0]}x{masks.grid[1]} masks of {mh}x{mw} cells "
         f"({px[0]}x{px[1]} px) on a {grid[0]}x{grid[1]} grid, mask stride {mask_stride[0]}x{mask_stride[1]} cells; {k * (k + 1) // 2} views"
     )
 
@@ -266,7 +274,12 @@ class PatchCURE(RobustPatchClassifier):
         model: the SRF of a pair, a local-logit model, or a timm ViT (with `window` and `split`).
         lrf: the LRF of a pair (default None).
         patch: the patch: side in pixels (int), fraction of the image area (float in (0, 1)), or `(ph, pw)`.
-        image_size: `H` or `(H, W)` of the inputs.
+        image_size: `H` or `(H, W)` of the base model's inputs.
+        input_size: `h` or `(h, w)`: the defended model takes images of this size and resizes them
+            to `image_size` inside its forward, before the SRF; the patch is in these input pixels,
+            and its cells are those its footprint in model pixels meets (`geometry.feature_window`,
+            docs/concepts.md#input-pixels). `None` (default): no resize.
+        resize: the interpolation of that resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`.
         window: `(wh, ww)` tokens per window of a ViT split (an int for a square window).
         split: the number of windowed ViT blocks `k`.
         mask_stride: the feature masks' stride in cells, an int or `(sh, sw)` (default 1).
@@ -310,6 +323,8 @@ class PatchCURE(RobustPatchClassifier):
         *,
         patch: int | float | Sequence[int],
         image_size: int | Sequence[int],
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         window: int | Sequence[int] | None = None,
         split: int | None = None,
         mask_stride: int | Sequence[int] = 1,
@@ -340,13 +355,15 @@ class PatchCURE(RobustPatchClassifier):
         super().__init__(
             model,
             image_size=image_size,
+            input_size=input_size,
+            resize=resize,
             fill=fill,
             batch_size=batch_size,
             precision=precision,
             margin=DEFAULT_MARGIN if margin is None else margin,
             num_classes=num_classes,
         )
-        self._patch = patch_pixels(patch, self.image_size)
+        self._patch = patch_pixels(patch, self.input_size)
         self._window_tokens = None if window is None else _geometry(window, "window", 1)
         self._split = None if split is None else _as_split(split)
         self._authors = authors
@@ -399,8 +416,11 @@ class PatchCURE(RobustPatchClassifier):
             yield
 
     def _srf_features(self, srf: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The SRF's features of prepared images, `batch_size` at a time (through the inference copy when the SRF is the whole model)."""
-        module = self._inference_model(x) if srf is self._inner_model else srf
+        """The SRF's features of prepared images at `input_size`, `batch_size` at a time (resized first when the model resizes).
+
+        Through the inference copy when the SRF is the whole model.
+        """
+        module = self._inference_model(x) if srf is self._inner_model else self._behind_resize(srf)
         outs = []
         for chunk in x.split(self.batch_size):
             out = call_model(module, chunk)
@@ -420,7 +440,7 @@ class PatchCURE(RobustPatchClassifier):
         cached = self.__dict__.get("_probed")
         if cached is None or cached[0] != key:
             srf, lrf = self._parts()
-            blank = self._prepare(torch.zeros(1, self.in_chans or 3, *self.image_size))
+            blank = self._prepare(torch.zeros(1, self.in_chans or 3, *self.input_size))
             with self._inference(srf, lrf):
                 features = self._srf_features(srf, blank)
                 grid = (int(features.shape[2]), int(features.shape[3]))
@@ -433,7 +453,8 @@ class PatchCURE(RobustPatchClassifier):
         return cached[1], cached[2]
 
     def _cell_mask_set(self, srf: nn.Module, grid: tuple[int, int]) -> MaskSet:
-        return _feature_masks(self.image_size, self.patch, *_srf_geometry(srf), grid, self.mask_stride)
+        resized = (None, None) if self.resize is None else (self.input_size, self.resize)
+        return _feature_masks(self.image_size, self.patch, *_srf_geometry(srf), grid, self.mask_stride, *resized)
 
     def _check(self, locality: bool = False) -> None:
         """Refuse settings and models that give no sound feature mask set (one blank pass per new model or split).
@@ -471,13 +492,13 @@ class PatchCURE(RobustPatchClassifier):
     # ------------------------------------------------------------------------------ settings
     @property
     def patch(self) -> tuple[int, int]:
-        """`(ph, pw)` in pixels: the patch of the threat model (assign pixels, a pair or an area fraction)."""
+        """`(ph, pw)` in input pixels: the patch of the threat model (assign pixels, a pair or an area fraction)."""
         return self._patch
 
     @patch.setter
     def patch(self, value: int | float | Sequence[int]) -> None:
         with self._kept_valid("_patch"):
-            self._patch = patch_pixels(value, self.image_size)
+            self._patch = patch_pixels(value, self.input_size)
 
     @property
     def mask_stride(self) -> tuple[int, int]:
@@ -565,7 +586,7 @@ class PatchCURE(RobustPatchClassifier):
         """
         _, _, masks = self._window_and_masks()
         r, s, _ = _srf_geometry(self.srf)
-        return _describe_cells(self.image_size, self.patch, masks, r, s, self.mask_stride)
+        return _describe_cells(self.image_size, self.patch, masks, r, s, self.mask_stride, None if self.resize is None else self.input_size)
 
     def _training_recipe(self, strategy: str, fill: float | tuple[float, ...], batch_size: int) -> TrainingRecipe:
         return TrainingRecipe(augment=_FeatureMasking(self, strategy, batch_size))
@@ -623,6 +644,8 @@ class PatchCURE(RobustPatchClassifier):
         mask_stride: int | Sequence[int] = 1,
         authors: bool = False,
         image_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        resize: str | None = None,
         fill: float | Sequence[float] = 0.0,
         batch_size: int | None = None,
         precision: str = "float32",
@@ -642,6 +665,9 @@ class PatchCURE(RobustPatchClassifier):
             mask_stride: feature mask stride in cells (default 1, the paper's).
             authors: run the PatchCURE authors' forward of a ViT split (default False: timm's).
             image_size: `H` or `(H, W)`; defaults to the size a timm model was built for.
+            input_size: `h` or `(h, w)` of the defended model's inputs, resized to `image_size` in
+                its forward before the SRF; the patch is in its pixels (default: no resize).
+            resize: `"nearest"` (default), `"bilinear"` or `"bicubic"`: the interpolation of that resize.
             fill: as for every defense (unused: no pixel is masked).
             batch_size: LRF views and SRF images per forward pass (default `None`: chosen for the
                 image size and device).
@@ -663,6 +689,8 @@ class PatchCURE(RobustPatchClassifier):
             lrf,
             patch=DEFAULT_PATCH if patch is None else patch,
             image_size=size,
+            input_size=input_size,
+            resize=resize,
             window=window,
             split=split,
             mask_stride=mask_stride,
@@ -864,13 +892,13 @@ class _FeatureMasking:
 
         Args:
             base: the base model being trained (split with the defense's settings).
-            x: `(B, C, H, W)` images.
+            x: `(B, C, h, w)` images at the defended model's `input_size`.
             masks: `(B, 2)` feature mask indices per image, `-1` (or `None` for all) for an image
                 with every cell kept.
         """
         defense = self.defense
         srf, lrf = defense._parts(base)
-        features = srf(x)
+        features = srf(defense.resize_input(x))  # the views are masked features of the resized images, as certify's
         grid = (int(features.shape[2]), int(features.shape[3]))
         keep = defense._cell_mask_set(srf, grid).keep_masks(features.device)
         # one more "mask" that keeps every cell: the view of an image left clean
