@@ -749,7 +749,7 @@ class _PatchCUREDetectionObjective(_PatchCleanserDetectionObjective):
 
     def render(self, x: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with eval_mode(self.srf):
-            features = self.srf(x)
+            features = self.srf(self.model.resize_input(x))  # at input size, resized as the defense does
         return features, self.keep[view]
 
 

@@ -283,6 +283,10 @@ def test_the_attacks_patch_is_in_input_pixels(make):
         if rows.numel():
             assert int(rows.max() - rows.min()) < PATCH and int(cols.max() - cols.min()) < PATCH
     assert torch.equal(result.prediction, model.predict(result.x_adv))
+    # the detection attack runs its views on the resized image's features too, judged by `detect`
+    found = robustwrap.attack(model, x, y, steps=2, restarts=1, locations=2, bounds=(-3.0, 3.0), guarantee="detection")
+    detected = model.detect(found.x_adv)
+    assert torch.equal(found.success, (detected.prediction != y) & ~detected.alert)
     # The surrogate's footprint of each position holds the cells a patch there changes (brute force on the real model).
     objective = OBJECTIVES["patchcure"](model, x, y, y, False, model.patch, "margin")
     patched, positions = _patched(x[:1])
