@@ -91,3 +91,22 @@ def brute_force_certified(grid: list[list[int]], y: int) -> bool:
 @pytest.fixture
 def peaknet():
     return PeakNet()
+
+
+class LocalMeans(nn.Module):
+    """Local logits of 3 classes: class c is the mean of channel c over a 3x3 window, stride 2 (r = 3, s = 2, o = 0)."""
+
+    num_classes = 3
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 3, 3, stride=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(0.05 * torch.randn(3, 3, 3, 3))
+            for c in range(3):
+                self.conv.weight[c, c] += 1 / 9
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return 10 * self.conv(x)  # a few units per feature: confident windows

@@ -10,7 +10,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import PeakNet, masked_copy
+from conftest import LocalMeans, PeakNet, masked_copy
 from torch import nn
 
 import robustwrap
@@ -255,23 +255,6 @@ def test_a_model_whose_views_sit_exactly_at_tau():
 
 
 # ------------------------------------------------------------------------------ PatchGuard++
-class LocalMeans(nn.Module):
-    """Local logits of 3 classes: class c is the mean of channel c over a 3x3 window, stride 2 (r = 3, s = 2, o = 0)."""
-
-    num_classes = 3
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 3, 3, stride=2)
-        with torch.no_grad():
-            self.conv.weight.copy_(0.05 * torch.randn(3, 3, 3, 3))
-            for c in range(3):
-                self.conv.weight[c, c] += 1 / 9
-            self.conv.bias.zero_()
-
-    def forward(self, x):
-        return 10 * self.conv(x)  # a few units per feature: confident windows
 
 
 def _guard(tau: float = 0.0, margin: float = 0.0) -> robustwrap.PatchGuard:

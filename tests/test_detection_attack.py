@@ -9,8 +9,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import PeakNet, masked_copy
-from torch import nn
+from conftest import LocalMeans, PeakNet, masked_copy
 
 import robustwrap
 from robustwrap import (
@@ -40,25 +39,6 @@ def _images(n: int = 10, seed: int = 0, side: int = 12) -> torch.Tensor:
 
 
 BOUNDS = (-6.0, 6.0)  # the range of the images and of the exhaustive search's contents
-
-
-class LocalMeans(nn.Module):
-    """Local logits of 3 classes: class c is the mean of channel c over a 3x3 window, stride 2 (r = 3, s = 2, o = 0)."""
-
-    num_classes = 3
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 3, 3, stride=2)
-        with torch.no_grad():
-            self.conv.weight.copy_(0.05 * torch.randn(3, 3, 3, 3))
-            for c in range(3):
-                self.conv.weight[c, c] += 1 / 9
-            self.conv.bias.zero_()
-
-    def forward(self, x):
-        return 10 * self.conv(x)  # a few units per feature: confident windows
 
 
 def _guard(tau: float = 0.0) -> robustwrap.PatchGuard:
