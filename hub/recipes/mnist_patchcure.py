@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import DATASET, MEAN, STD, ZOO, preprocess, real_digits  # the same digits and split
+from mnist import DATASET, MEAN, STD, ZOO, preprocess, real_digits, recorded_command  # the same digits and split
 
 import robustwrap
 from robustwrap.hub import sha256_of
@@ -109,14 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # where the entry goes does not change the model or its figures: left out of the recorded command
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip or a == "--no-manifest" or a.startswith("--entry-out"):
-            skip = a == "--entry-out"
-            continue
-        argv.append(a)
-    command = "python hub/recipes/mnist_patchcure.py " + " ".join(shlex.quote(a) for a in argv)
+    command = recorded_command("mnist_patchcure.py")
 
     (train_x, train_y), (test_x, test_y) = real_digits(args.heldout, args.seed)
     if args.from_zoo:
