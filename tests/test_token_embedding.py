@@ -135,3 +135,46 @@ def test_partial_tokens_are_re_embedded_from_their_own_filled_pixels():
         stale = forward_ablated(model, x, torch.tensor([0]), rows, cols, grid, None)  # the image's own embedding
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(stale, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "fused", "reads_prefix"),
+    [
+        ("vit_tiny_patch16_224", {}, True, True),
+        ("vit_tiny_patch16_224", {"reg_tokens": 2, "qk_norm": True}, False, True),
+        ("deit_tiny_distilled_patch16_224", {}, True, True),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, True, False),
+        ("vit_tiny_patch16_224", {"global_pool": "map"}, True, False),
+    ],
+)
+def test_the_last_block_runs_only_the_tokens_the_head_reads(name, kwargs, fused, reads_prefix):
+    """A class-token head reads the prefix tokens only: the last block gives the patch tokens keys and values, nothing more."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=SIZE, patch_size=8, depth=2, num_classes=5, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    defended, x, tokens, image, view = _views(model, "block", 12, 5)
+    seen = []
+    hook = model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        views = ablate(x, image, view, defended.ablation_set.axis_keep(x.device), "fill", 0.0)
+        expected = _full_grid_logits_batched(model, views, tokens.keep(view))
+        seen.clear()
+        got = tokens.logits(model, x, image, view, torch.tensor(0.0))
+        model.train()  # train mode runs the blocks whole, as the model's own forward does
+        whole = []
+        hook.remove()
+        hook = model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: whole.append(args[0].shape[1]))
+        tokens.logits(model, x, image, view, torch.tensor(0.0))
+    hook.remove()
+    prefix = model.num_prefix_tokens
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    if reads_prefix:
+        assert set(seen) == {prefix}
+    else:
+        assert min(seen) > prefix
+    assert min(whole) > prefix
