@@ -785,8 +785,9 @@ def test_defense_names_and_options_match_the_library():
     from robustwrap.defenses import DEFENSES, _options
 
     assert cli._options.DEFENSE_NAMES == tuple(DEFENSES)
-    for dest, (defense, option) in cli._options.DEFENSE_OPTIONS.items():
-        assert option in _options(DEFENSES[defense]), (dest, defense, option)
+    for dest, (defenses, option) in cli._options.DEFENSE_OPTIONS.items():
+        for defense in defenses:
+            assert option in _options(DEFENSES[defense]), (dest, defense, option)
 
 
 def test_certify_with_smoothing_records_the_defense(files, tmp_path, capsys):
@@ -1106,9 +1107,33 @@ def test_drop_tokens_options_reach_smoothing():
         assert cli._options._check_defense_options(args, "smoothing", "smoothing") == {"drop_tokens": False}
 
 
-def test_drop_tokens_is_a_smoothing_option(files, capsys):
+def test_drop_tokens_is_an_option_of_smoothing_and_patchcleanser(files, capsys):
     code, _, err = run(["certify", *timm_args(files, "--data", files / "data", "--drop-tokens")], capsys)
-    assert (code, err) == (1, "robustwrap certify: error: --drop-tokens is an option of defense 'smoothing', not of 'patchcleanser'\n")
+    assert code == 1 and err.startswith("robustwrap certify: error: --drop-tokens needs a model whose token grid can be read"), err
+    argv = ["certify", "--model", f"timm:{ARCH}", "--checkpoint", files / "model.safetensors", "--defense", "patchguard"]
+    code, _, err = run([*argv, "--receptive-field", "9", "--feature-stride", "4", "--data", files / "data", "--drop-tokens"], capsys)
+    assert (code, err) == (1, "robustwrap certify: error: --drop-tokens is an option of defenses 'smoothing' and 'patchcleanser', not of 'patchguard'\n")
+
+
+def test_drop_tokens_reaches_patchcleanser_and_a_rewrap_keeps_its_token_masks():
+    from robustwrap.defenses.patchcleanser import token_mask_set
+
+    vit = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=3).eval()
+    grid = vit.patch_embed.patch_size[0]
+
+    def wrapped(model, patch, *more):
+        return cli._loading._with_settings(model, patch, cli._parser().parse_args(["predict", "x.png", *more]))
+
+    assert (wrapped(vit, 4).drop_tokens, wrapped(vit, 4, "--drop-tokens").drop_tokens) == (False, True)
+    masks = token_mask_set(32, 5, grid, stride=grid)
+    pixel = robustwrap.wrap(vit, mask_set=masks).eval()
+    # the switch alone keeps the model's own (token) mask set; a --patch rebuilds the masks and keeps drop_tokens
+    on = wrapped(pixel, None, "--drop-tokens")
+    assert len(masks) == 9 and on.drop_tokens is True and on.mask_set == masks and on.model is vit
+    assert wrapped(on, None, "--views-per-pass", "3").drop_tokens is True
+    moved = wrapped(on, 6)
+    assert moved.drop_tokens is True and tuple(moved.mask_set.patch_sizes) == ((6, 6),) and moved.mask_set != masks
+    assert wrapped(on, None, "--no-drop-tokens").mask_set == masks
 
 
 def test_a_grey_model_rebuilt_for_colour_images_gets_its_normalisation_on_every_channel(tmp_path, capsys):

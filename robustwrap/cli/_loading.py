@@ -228,16 +228,23 @@ def _create_timm(name: str, args: argparse.Namespace, sizes: dict[str, int], pre
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _own_options(model: RobustPatchClassifier, given: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """`(patch, options)` that rebuild `model`'s own defense as it is, for `wrap`, under the `given` options."""
+def _own_options(model: RobustPatchClassifier, given: dict[str, Any], patch: Any = None) -> tuple[Any, dict[str, Any]]:
+    """`(patch, options)` that rebuild `model`'s own defense as it is, for `wrap`, under the `given` options and `patch`.
+
+    PatchCleanser keeps its own mask set (token masks included) unless the command line asks for
+    another (`--patch`, `--num-masks`, `--stride`), and its own `drop_tokens`.
+    """
     if model.defense == "patchcleanser":
+        tokens = {"drop_tokens": model.drop_tokens}
+        if patch is None and "num_masks" not in given and "stride" not in given:
+            return None, {"mask_set": model.mask_set, **tokens}
         if len(model.mask_set.patch_sizes) != 1:
             raise ValueError("this model's mask set covers several patch shapes; pass --patch to choose one")
         ph, pw = model.mask_set.patch_sizes[0]
         own = {}
         if "num_masks" not in given and "stride" not in given and model.mask_set.grid is not None and model.mask_set.mask_size is not None:
             own = {"num_masks": model.mask_set.grid}
-        return (ph if ph == pw else (ph, pw)), own
+        return (ph if ph == pw else (ph, pw)), {**own, **tokens}
     names = {
         "smoothing": ("ablation", "size", "stride", "threshold", "encoding", "drop_tokens"),
         "patchguard": ("receptive_field", "feature_stride", "feature_offset", "threshold", "clip"),
@@ -272,7 +279,7 @@ def _with_settings(model: RobustPatchClassifier | nn.Module, patch, args: argpar
         if model.resize is not None or resize:  # the model's own input size and resize, unless the command line changes them
             common.update({"input_size": model.input_size, "resize": model.resize or args.resize, **resize})
         if defense == own:
-            own_patch, own_options = _own_options(model, options)
+            own_patch, own_options = _own_options(model, options, patch)
             patch = own_patch if patch is None else patch
             options = {**own_options, **options}
             common.update(batch_size=model.batch_size, num_classes=model.num_classes)

@@ -26,28 +26,28 @@ RESIZE_MODES = ("nearest", "bilinear", "bicubic")
 # (tests/test_cli.py checks that they agree).
 DEFENSE_NAMES = ("patchcleanser", "smoothing", "patchguard", "patchcure")
 
-# Each defense's own command-line options: argparse dest -> (defense, the option's name in
-# `robustwrap.wrap` / the defense's `from_patch`). Smoothing's and PatchGuard's `threshold=` are
+# Each defense's own command-line options: argparse dest -> (the defenses that take it, the
+# option's name in `robustwrap.wrap` / their `from_patch`). Smoothing's and PatchGuard's `threshold=` are
 # different things (a softmax vote threshold in (0, 1]; a detection threshold in [0, 1)), and
 # smoothing's `stride=` is not PatchCleanser's mask stride, so on the command line each gets a
 # name of its own: an option of one defense is never silently read as another's.
-DEFENSE_OPTIONS: dict[str, tuple[str, str]] = {
-    "num_masks": ("patchcleanser", "num_masks"),
-    "stride": ("patchcleanser", "stride"),
-    "ablation": ("smoothing", "ablation"),
-    "ablation_size": ("smoothing", "size"),
-    "ablation_stride": ("smoothing", "stride"),
-    "vote_threshold": ("smoothing", "threshold"),
-    "encoding": ("smoothing", "encoding"),
-    "drop_tokens": ("smoothing", "drop_tokens"),
-    "receptive_field": ("patchguard", "receptive_field"),
-    "feature_stride": ("patchguard", "feature_stride"),
-    "feature_offset": ("patchguard", "feature_offset"),
-    "detection_threshold": ("patchguard", "threshold"),
-    "clip": ("patchguard", "clip"),
-    "window": ("patchcure", "window"),
-    "split": ("patchcure", "split"),
-    "mask_stride": ("patchcure", "mask_stride"),
+DEFENSE_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "num_masks": (("patchcleanser",), "num_masks"),
+    "stride": (("patchcleanser",), "stride"),
+    "ablation": (("smoothing",), "ablation"),
+    "ablation_size": (("smoothing",), "size"),
+    "ablation_stride": (("smoothing",), "stride"),
+    "vote_threshold": (("smoothing",), "threshold"),
+    "encoding": (("smoothing",), "encoding"),
+    "drop_tokens": (("smoothing", "patchcleanser"), "drop_tokens"),
+    "receptive_field": (("patchguard",), "receptive_field"),
+    "feature_stride": (("patchguard",), "feature_stride"),
+    "feature_offset": (("patchguard",), "feature_offset"),
+    "detection_threshold": (("patchguard",), "threshold"),
+    "clip": (("patchguard",), "clip"),
+    "window": (("patchcure",), "window"),
+    "split": (("patchcure",), "split"),
+    "mask_stride": (("patchcure",), "mask_stride"),
 }
 # The options that are switches (`--drop-tokens` / `--no-drop-tokens`) rather than a value.
 SWITCHES = ("--drop-tokens",)
@@ -138,7 +138,8 @@ def _defense_groups(parser: argparse.ArgumentParser) -> None:
         "--drop-tokens",
         action=argparse.BooleanOptionalAction,
         help="each view of a vision transformer runs on the tokens that meet its retained region only, as Smoothed ViT "
-        "does; it changes the defended function (default: on for timm's ViT family, off for other models, or the model's own)",
+        "does; it changes the defended function (default: on for timm's ViT family, off for other models, or the model's own). "
+        "Also PatchCleanser's: its masked views drop the tokens their masks cover whole (default off)",
     )
 
     guard = parser.add_argument_group("PatchGuard (--defense patchguard)")
@@ -329,10 +330,12 @@ def _check_defense_options(args: argparse.Namespace, defense: str, own: str | No
     """
     options = {}
     for dest, value in _defense_options(args).items():
-        owner, name = DEFENSE_OPTIONS[dest]
-        if owner != defense:
+        owners, name = DEFENSE_OPTIONS[dest]
+        if defense not in owners:
+            owner = owners[0]
             how = f"; this model's defense is {own!r}: pass --defense {owner} to re-wrap it" if own == defense and args.defense is None else ""
-            raise ValueError(f"--{dest.replace('_', '-')} is an option of defense {owner!r}, not of {defense!r}{how}")
+            whose = f"defense {owner!r}" if len(owners) == 1 else "defenses " + " and ".join(repr(o) for o in owners)
+            raise ValueError(f"--{dest.replace('_', '-')} is an option of {whose}, not of {defense!r}{how}")
         options[name] = value
     return options
 
@@ -360,7 +363,7 @@ def _in_option_words(defense: str, **more: str) -> Iterator[None]:
     `--ablation-stride`, PatchCleanser's is `--stride`), `COMMON_OPTIONS`, and `more`
     (`{keyword: option}`). The translated error is raised from the original.
     """
-    options = {name: f"--{dest.replace('_', '-')}" for dest, (owner, name) in DEFENSE_OPTIONS.items() if owner == defense}
+    options = {name: f"--{dest.replace('_', '-')}" for dest, (owners, name) in DEFENSE_OPTIONS.items() if defense in owners}
     options.update(COMMON_OPTIONS, **more)
     try:
         yield
