@@ -341,11 +341,45 @@ class _DefendedObjective(_Objective):
         return self.model.predict(x)
 
 
-class _PatchCleanserObjective(_DefendedObjective):
+class _TokenMasks(_DefendedObjective):
+    """PatchCleanser's `drop_tokens` in the surrogate: a masked view runs on the tokens that meet its kept pixels.
+
+    The defended model runs each masked view of a ViT on those tokens only
+    (`robustwrap.tokens.forward_kept`), a different function from the ViT on every token of the
+    filled view: the surrogate attacks that function, so a rendered view carries its kept pixels.
+    Without `drop_tokens` (or for PatchCURE) views are plain images, as before.
+    """
+
+    def _init_tokens(self) -> None:
+        model = self.model
+        vit = model._inner_model
+        on = getattr(model, "defense", None) == "patchcleanser" and getattr(model, "drop_tokens", False)
+        self.token_grid = model._token_grid_of(vit) if on else None
+
+    @property
+    def base(self) -> nn.Module:
+        # token dropping runs the ViT's parts, never a compiled or DataParallel wrapper's forward
+        return self.model._inner_model if getattr(self, "token_grid", None) is not None else super().base
+
+    def _masked(self, x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor):
+        views = mask_images(x, keep, fill)
+        return views if self.token_grid is None else (views, keep)
+
+    def forward(self, rendered) -> torch.Tensor:
+        if self.token_grid is None:
+            return self.base(rendered)
+        from .tokens import forward_kept, token_keep
+
+        views, keep = rendered
+        return forward_kept(self.model._inner_model, views, token_keep(keep, self.token_grid), self.token_grid)
+
+
+class _PatchCleanserObjective(_TokenMasks):
     """Views `i * K + j`: the image with masks `i` and `j` (`i == j`: one mask) set to `fill`."""
 
     def __init__(self, *args):
         super().__init__(*args)
+        self._init_tokens()
         mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k * (self.k + 1) // 2
@@ -407,9 +441,9 @@ class _PatchCleanserObjective(_DefendedObjective):
             views.append(torch.minimum(i[vt], vj) * k + torch.maximum(i[vt], vj))
         return _Views(task=torch.cat(tasks), view=torch.cat(views))
 
-    def render(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    def render(self, x: torch.Tensor, view: torch.Tensor):
         keep = self.keep[view // self.k] & self.keep[view % self.k]
-        return mask_images(x, keep, fill_like(self.model.fill, x))
+        return self._masked(x, keep, fill_like(self.model.fill, x))
 
 
 class _PatchCUREObjective(_PatchCleanserObjective):
@@ -670,11 +704,12 @@ class _DetectionObjective(_DefendedObjective):
         return torch.where(found.alert, torch.full_like(found.prediction, ALERT), found.prediction)
 
 
-class _PatchCleanserDetectionObjective(_DetectionObjective):
+class _PatchCleanserDetectionObjective(_TokenMasks, _DetectionObjective):
     """Views `0..K-1`: the image with mask `k` set to `fill`; view `K`: the unmasked image."""
 
     def __init__(self, *args):
         super().__init__(*args)
+        self._init_tokens()
         mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k + 1
@@ -701,8 +736,8 @@ class _PatchCleanserDetectionObjective(_DetectionObjective):
         unmasked = torch.arange(loc.shape[0], device=loc.device)
         return _Views(task=torch.cat([unmasked, task]), view=torch.cat([torch.full_like(unmasked, self.k), view]))
 
-    def render(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        return mask_images(x, self.keep[view], self.fill)
+    def render(self, x: torch.Tensor, view: torch.Tensor):
+        return self._masked(x, self.keep[view], self.fill)
 
 
 class _PatchGuardDetectionObjective(_DetectionObjective, _PatchGuardObjective):

@@ -249,3 +249,39 @@ def test_fit_masking_trains_on_token_views_and_refuses_pixel_strategies():
     assert greedy.strategy == "greedy" and math.isfinite(greedy.final.loss)
     with pytest.raises(ValueError, match="with drop_tokens train with strategy='random_mask', 'greedy' or 'none'"):
         robustwrap.fit_masking(model, [(x, y)], strategy="multisize_greedy", progress=False)
+
+
+# --------------------------------------------------------------------------------- attack
+@pytest.mark.parametrize("guarantee", ["prediction", "detection"])
+def test_the_attack_surrogate_runs_the_views_the_defense_runs(guarantee):
+    """With `drop_tokens` the attack's views drop the masked tokens as the defense's do: its logits are the reference's."""
+    import importlib
+
+    attack_module = importlib.import_module("robustwrap.attack")  # the module: `robustwrap.attack` is also the function
+    vit = _vit()
+    model = robustwrap.wrap(vit, mask_set=TOKEN_MASKS, drop_tokens=True, margin=0.0).eval()
+    x, y = _images(2), torch.tensor([0, 1])
+    kind = attack_module.DETECTION_OBJECTIVES if guarantee == "detection" else attack_module.OBJECTIVES
+    objective = kind["patchcleanser"](model, x, y, y, False, (3, 3), "ce")
+    k = len(TOKEN_MASKS)
+    boxes = TOKEN_MASKS.boxes
+    if guarantee == "detection":  # views 0..K-1 mask one mask, view K none
+        view = torch.arange(k + 1)
+        masks = [[boxes[v]] if v < k else [] for v in view.tolist()]
+    else:  # views i * K + j
+        view = torch.tensor([i * k + j for i in range(k) for j in range(i, k)])
+        masks = [[boxes[v // k], boxes[v % k]] for v in view.tolist()]
+    with torch.no_grad():
+        for n in range(2):
+            got = objective.forward(objective.render(x[n].expand(len(view), -1, -1, -1), view))
+            expected = torch.tensor([reference_logits(vit, x[n], m) for m in masks])
+            assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+            pixel = vit(masked_copy_all(x[n], masks))  # the filled views on every token: another function
+            assert not torch.allclose(got, pixel, atol=1e-3)
+    assert objective.base is vit
+    result = robustwrap.attack(model, x, y, steps=2, restarts=1, guarantee=guarantee, progress=False)
+    assert result.forward_passes > 0
+
+
+def masked_copy_all(image: torch.Tensor, masks) -> torch.Tensor:
+    return torch.stack([masked_copy(image, m, 0.0) for m in masks])
