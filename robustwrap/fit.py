@@ -426,6 +426,32 @@ class _Loop:
         return x, y
 
 
+def _check_finite(loop: _Loop, epoch: int, lr: float, bad: int, batches: int) -> None:
+    """Stop a run whose loss was nan or inf, or whose weights are (every process raises alike: the
+    counts are summed across them, and the weights are the same on every process).
+
+    Without a gradient scaler the optimizer stepped on those batches' gradients, so the weights are
+    no longer what training made them: the run stops after the epoch with the reason, before the
+    epoch's checkpoint, instead of training on and reporting a loss of nan. A last step can make
+    the weights non-finite after a finite loss: they are checked too. With float16's `GradScaler`
+    a non-finite batch is skipped by the scaler (no step) and lowers its scale: only an epoch of
+    nothing else stops.
+    """
+    weights = all(bool(torch.isfinite(p).all()) for p in loop.base.parameters())
+    if weights and (bad == 0 or (loop.scaler.is_enabled() and bad < batches)):
+        return
+    if bad:
+        state = "the weights are still finite" if weights else "the weights are no longer finite (nan or inf)"
+        what = f"the loss was not finite (nan or inf) in {bad} of {batches} batches of epoch {epoch + 1} at lr {lr:.3g}: {state}"
+    else:
+        what = f"the weights are not finite (nan or inf) after epoch {epoch + 1} at lr {lr:.3g}, though its loss was"
+    raise FloatingPointError(
+        f"fit_masking: {what}. Training diverged and stopped before the epoch's validation and checkpoint. Restart "
+        "from the weights before this run (or the last checkpoint) with a lower lr"
+        + ("" if loop.scaler.is_enabled() else ", or check the data for nan/inf pixels")
+    )
+
+
 def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: tqdm) -> EpochStats:
     """One epoch over `loader`; `updates` is the number of optimizer steps before it."""
     optimizer, scheduler, scaler = loop.optimizer, loop.scheduler, loop.scaler
@@ -433,6 +459,9 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
     lr = float(optimizer.param_groups[0]["lr"])
     total_loss = torch.zeros((), dtype=torch.float64, device=loop.device)
     correct = torch.zeros((), dtype=torch.long, device=loop.device)
+    # batches whose loss was nan or inf (counted on the device: no sync per step) and the images of the others
+    bad = torch.zeros((), dtype=torch.float64, device=loop.device)
+    finite_seen = torch.zeros((), dtype=torch.float64, device=loop.device)
     seen = steps = 0
     start = time.perf_counter()
     for batch in loader:
@@ -448,20 +477,36 @@ def _train_epoch(loop: _Loop, loader: Iterable, epoch: int, updates: int, bar: t
         steps += 1
         if hasattr(scheduler, "step_update"):  # a timm scheduler: per-update schedule
             scheduler.step_update(num_updates=updates + steps)
-        total_loss += loss.detach().double() * y.shape[0]
+        finite = torch.isfinite(loss.detach())
+        bad += (~finite).double()
+        finite_seen += finite.double() * y.shape[0]
+        total_loss += torch.where(finite, loss.detach().double(), 0.0) * y.shape[0]
         correct += (loop.scores(logits.detach()).argmax(1) == y).sum()
         seen += y.shape[0]
         bar.update(1)
         if loop.progress and steps % 10 == 1:
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}", lr=f"{lr:.3g}")
+            shown = total_loss.item() / finite_seen.item() if finite_seen.item() else math.nan
+            bar.set_postfix(loss=f"{shown:.4f}", acc=f"{correct.item() / seen:.4f}", lr=f"{lr:.3g}")
     seconds = time.perf_counter() - start
     if steps == 0:
         raise ValueError("train_loader yielded no batches; there is nothing to train on")
     # Every rank reports the whole epoch: its loss and accuracy over all processes' images.
     totals = sum_across(
-        torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=loop.device)]), loop.world
+        torch.stack(
+            [
+                total_loss,
+                correct.double(),
+                torch.tensor(float(seen), dtype=torch.float64, device=loop.device),
+                bad,
+                finite_seen,
+                torch.tensor(float(steps), dtype=torch.float64, device=loop.device),
+            ]
+        ),
+        loop.world,
     )
     total_loss, correct, seen = totals[0], int(totals[1]), int(totals[2])
+    _check_finite(loop, epoch, lr, bad=int(totals[3]), batches=int(totals[5]))
+    total_loss = total_loss / totals[4] * seen  # the mean over the batches whose loss was finite
     if hasattr(scheduler, "step_update"):
         scheduler.step(epoch + 1)  # timm's schedulers take the number of the next epoch
     elif scheduler is not None:
@@ -524,7 +569,8 @@ class _DeadRunWatch:
         with torch.no_grad():
             self.num_classes = output.shape[1]
             level = math.log(self.num_classes)
-            moved = (loss.detach().double() - level).abs() > 1e-6 * level
+            # a nan or inf loss is not "every class the same score" (`_check_finite` stops such a run)
+            moved = ((loss.detach().double() - level).abs() > 1e-6 * level) | ~torch.isfinite(loss.detach())
             self.moved = moved if self.moved is None else self.moved | moved
             # one_hot, not bincount: bincount has no deterministic CUDA kernel (torch.use_deterministic_algorithms)
             predicted = F.one_hot(self.scores(output.detach()).argmax(1), self.num_classes).sum(0)

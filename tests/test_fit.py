@@ -521,3 +521,46 @@ def test_a_new_defense_trains_from_what_its_class_declares(tmp_path):
         fit_masking(other, [(torch.randn(8, 3, 14, 14), y)], epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match=r"strategy must be one of 'none', 'double' or a callable for a 'doubling' model; got 'greedy'"):
         fit_masking(model, [(x, y)], strategy="greedy", progress=False)
+
+
+# ------------------------------------------------------------------------------ a diverged run
+def test_a_run_whose_loss_is_not_finite_stops_with_the_reason_not_a_ln_c_warning(recwarn):
+    """lr=1e30 drives the loss to nan: fit_masking stops after the epoch, says why, and does not call it a constant output."""
+    net = BNNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, num_classes=4)
+    with pytest.raises(FloatingPointError, match=r"not finite \(nan or inf\) in \d+ of 4 batches of epoch 1 at lr 1e\+30: the weights are no longer finite.*stopped before the epoch's validation.*lower lr"):
+        fit_masking(robust, loader(data()), strategy="none", epochs=3, lr=1e30, progress=False)
+    assert not any("exactly ln" in str(w.message) for w in recwarn)
+
+
+def test_nan_pixels_stop_a_float32_run_and_a_float16_scaler_skips_them():
+    """One batch of nan pixels: float32 steps on its gradients (every later batch is nan too) and stops; float16's GradScaler skips that step and goes on."""
+    images, labels = data().tensors
+    images = images.clone()
+    images[:8] = float("nan")  # the first batch (no shuffle)
+    poisoned = loader(TensorDataset(images, labels), shuffle=False)
+    robust = robustwrap.wrap(BNNet(), mask_set=SET9, num_classes=4)
+    with pytest.raises(FloatingPointError, match=r"in 4 of 4 batches of epoch 1.*check the data for nan/inf pixels"):
+        fit_masking(robust, poisoned, strategy="none", epochs=1, progress=False)
+    net = BNNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, num_classes=4, precision="float16")
+    history = fit_masking(robust, poisoned, strategy="none", epochs=1, progress=False)
+    assert history.final.steps == 4 and torch.isfinite(torch.tensor(history.final.loss))  # the mean of the 3 finite batches
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def test_weights_made_non_finite_by_a_step_whose_loss_was_finite_stop_the_run(monkeypatch):
+    """A step can take the weights to inf with a finite loss: the epoch-end check catches the weights themselves."""
+    net = BNNet()
+    robust = robustwrap.wrap(net, mask_set=SET9, num_classes=4)
+    step = torch.optim.SGD.step
+
+    def overflowing(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            net.features[0].weight[0, 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", overflowing)
+    with pytest.raises(FloatingPointError, match=r"the weights are not finite \(nan or inf\) after epoch 1 at lr 0.01, though its loss was"):
+        fit_masking(robust, loader(data(8)), strategy="none", epochs=2, progress=False)

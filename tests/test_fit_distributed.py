@@ -182,6 +182,18 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         out["cli"] = _cli_masks_and_resume(rank, Path(folder))
         out["augment"] = _augment_in_a_users_ddp_loop(rank)
         out["tokens"] = _token_dropping_training(rank)
+
+        # nan pixels in rank 1's images only: both processes stop, with the same counts and words.
+        images, labels = TRAIN.tensors
+        poisoned = images.clone()
+        poisoned[1::2] = float("nan")  # DistributedSampler(shuffle=False) gives rank 1 the odd images
+        bad = TensorDataset(poisoned, labels)
+        try:
+            fit_masking(TinyNet(), DataLoader(bad, batch_size=B, sampler=sharded(bad)), **options)
+        except FloatingPointError as error:
+            out["diverged"] = str(error)
+        else:
+            out["diverged"] = "no error"
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -400,6 +412,14 @@ def test_token_dropping_views_train_one_model_across_processes(ranks):
     assert any(not torch.equal(first["before"][k], v) for k, v in first["after"].items())  # it trained
     for k, v in first["after"].items():
         assert torch.equal(v, second["after"][k]), k
+
+
+def test_a_loss_that_is_nan_on_one_process_stops_every_process_alike(ranks):
+    """Rank 1's images are nan: the counts are summed across the processes, so both raise (no rank waits for the other)."""
+    _, seen = ranks
+    assert seen[0]["diverged"] == seen[1]["diverged"]
+    # 2 steps on 2 processes: rank 1's two batches, and rank 0's second (its first step averaged rank 1's nan gradients)
+    assert seen[0]["diverged"].startswith("fit_masking: the loss was not finite (nan or inf) in 3 of 4 batches of epoch 1")
 
 
 def test_a_shuffled_validation_loader_is_refused(ranks):

@@ -82,6 +82,16 @@ def test_train_saves_the_trained_model_with_its_measured_accuracy(data, tmp_path
     assert any(not torch.equal(saved[k], start[k]) for k in saved)
 
 
+def test_a_diverged_run_stops_in_one_line_and_saves_nothing(data, tmp_path, capsys):
+    out = tmp_path / "model"
+    argv = ["train", *TINY, "--num-masks", "3", "--strategy", "none", "--epochs", "2", "--lr", "1e30", "--data", data / "train", "--out", out]
+    code, _, err = run(argv, capsys)
+    # epoch 1's one step (finite loss) leaves huge weights; epoch 2's loss is nan: it stops there, before the save
+    assert code == 1 and err.startswith("robustwrap train: error: fit_masking: the loss was not finite (nan or inf) in 1 of 1 batches of epoch 2"), err
+    assert "lower lr" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_without_val_data_nothing_is_certified(data, tmp_path, capsys):
     out = tmp_path / "model"
     argv = ["train", *TINY, "--num-masks", "3", "--strategy", "greedy", "--epochs", "1", "--lr", "0.037", "--data", data / "train", "--out", out]

@@ -51,7 +51,7 @@ __all__ = ["EXIT_BROKEN_CERTIFICATE", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_US
 
 # Errors a user can cause: a wrong option, a missing or unreadable file, no network, a missing
 # optional package. They are printed as one line; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

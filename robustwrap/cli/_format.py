@@ -28,6 +28,6 @@ def _one_line(error: BaseException) -> str:
     text = lines[0] if lines else type(error).__name__
     if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
         text = error.args[0]  # str(KeyError) would wrap the message in quotes
-    if not isinstance(error, (ValueError, TypeError, OSError, KeyError, ImportError)):
+    if not isinstance(error, (ValueError, TypeError, OSError, KeyError, ImportError, FloatingPointError)):
         text = f"{type(error).__name__}: {text}"
     return text
