@@ -383,7 +383,32 @@ def fit_masking(
     finally:
         for module, training in modes:
             module.training = training
+    if classifier is not None and history.epochs:
+        classifier.pretrained_info = _trained_record(classifier.pretrained_info, history, world)
     return history
+
+
+def _trained_record(info: dict | None, history: FitHistory, world: int) -> dict:
+    """A defended model's `pretrained_info` after `fit_masking` trained it: the record of this run.
+
+    `strategy` and `training` describe how the weights now in the model were made; the record the
+    model came with (its final loss and accuracy are figures of the weights it started from) is
+    kept as `training["previous"]`, never as this model's own. Measured `metrics` are left as
+    they are: their fingerprint keeps them out of a save of the new weights (`robustwrap.hub`).
+    """
+    info = dict(info or {})
+    before = {key: info.pop(key) for key in ("strategy", "training") if key in info}
+    final = history.final
+    info["strategy"] = history.strategy
+    info["training"] = {
+        "epochs": len(history),
+        "lr": history.lr,
+        "processes": world,
+        "final_loss": round(final.loss, 4),
+        "final_masked_accuracy": round(final.accuracy, 4),
+        **({"previous": before} if before else {}),
+    }
+    return info
 
 
 @dataclass

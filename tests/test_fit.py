@@ -564,3 +564,28 @@ def test_weights_made_non_finite_by_a_step_whose_loss_was_finite_stop_the_run(mo
     monkeypatch.setattr(torch.optim.SGD, "step", overflowing)
     with pytest.raises(FloatingPointError, match=r"the weights are not finite \(nan or inf\) after epoch 1 at lr 0.01, though its loss was"):
         fit_masking(robust, loader(data(8)), strategy="none", epochs=2, progress=False)
+
+
+def test_training_replaces_the_record_the_model_came_with_and_keeps_it_as_previous(tmp_path):
+    """A loaded model's `training` figures belong to the weights it started from: after fit_masking they are `previous`."""
+    torch.manual_seed(0)
+    robust = robustwrap.wrap(timm.create_model("test_resnet", num_classes=4), mask_set=SET9)
+    came_with = {"strategy": "greedy", "training": {"epochs": 9, "final_loss": 0.0123, "final_masked_accuracy": 0.99}}
+    robust.pretrained_info = {**came_with, "paper": "somewhere"}
+    history = fit_masking(robust, loader(data()), strategy="none", epochs=1, lr=0.003, progress=False)
+    info = robust.pretrained_info
+    assert info["strategy"] == "none" and info["paper"] == "somewhere"
+    assert info["training"] == {
+        "epochs": 1,
+        "lr": 0.003,
+        "processes": 1,
+        "final_loss": round(history.final.loss, 4),
+        "final_masked_accuracy": round(history.final.accuracy, 4),
+        "previous": came_with,
+    }
+    robust.save_pretrained(tmp_path / "m")
+    assert robustwrap.from_pretrained(str(tmp_path / "m")).pretrained_info["training"] == info["training"]
+    # a bare module has no record to keep
+    net = BNNet()
+    fit_masking(net, loader(data()), mask_set=SET9, strategy="none", epochs=1, progress=False)
+    assert not hasattr(net, "pretrained_info")

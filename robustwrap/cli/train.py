@@ -169,7 +169,10 @@ def _train(args: argparse.Namespace) -> None:
         )
         defended.eval()
         report = certify_dataset(defended, val_set, progress=args.progress and rank == 0) if val_set is not None else None
+        previous = (defended.pretrained_info.get("training") or {}).get("previous")  # fit_masking's record of the model's own
         defended.pretrained_info = _trained_info(args, history, report, val_name, world)
+        if previous:
+            defended.pretrained_info["training"]["previous"] = previous
         if rank == 0:
             _write_trained(args, defended, history, report, world)
     finally:
