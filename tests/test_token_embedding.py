@@ -178,3 +178,18 @@ def test_the_last_block_runs_only_the_tokens_the_head_reads(name, kwargs, fused,
     else:
         assert min(seen) > prefix
     assert min(whole) > prefix
+
+
+@pytest.mark.parametrize("defense", ["smoothing", "patchcleanser"])
+def test_progress_observers_see_every_token_view(defense):
+    """Token views run the ViT's parts, not its forward: they still tell `observe_forward`, as the progress bar needs."""
+    from robustwrap.views import observe_forward
+
+    model = _vit()
+    options = {"ablation": "block", "size": 12, "stride": 5} if defense == "smoothing" else {"drop_tokens": True, "num_masks": 3}
+    defended = robustwrap.wrap(model, patch=3, defense=defense, batch_size=4, **options).eval()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    seen = []
+    with observe_forward(seen.append):
+        result = defended.certify(x, torch.tensor([0, 1]), early_exit=False)
+    assert seen and sum(seen) == int(result.num_views.sum())

@@ -224,7 +224,9 @@ class _TokenViews(ViewRunner):
         keep = self.keep if self.keep.device == x.device else self.keep.to(x.device)
         kept = keep[i] & keep[j]
         views = mask_images(x[image], kept, fill_like(self.fill, x) if fill is None else fill)
-        return forward_kept(self.model, views, token_keep(kept, self.grid), self.grid)
+        # forward_views checks the logits and tells the progress bar's observers, as for any pass
+        run = lambda v: forward_kept(self.model, v, token_keep(kept, self.grid), self.grid)  # noqa: E731
+        return forward_views(run, views, self.num_classes)
 
 
 def token_mask_set(
