@@ -235,6 +235,21 @@ def test_command_line_rewrapping_keeps_the_loaded_models_tau_and_predict_plots_t
     assert cli._loading._with_settings(loaded, None, args).tau == 0.0  # another defense starts from its own defaults
 
 
+def test_command_line_attack_audits_certified_detection(tmp_path, capsys):
+    from robustwrap.cli import main
+
+    argv = ["attack", "--limit", "2", "--steps", "2", "--budget", "300", "--no-progress", "--output", str(tmp_path / "findings")]
+    assert main([*argv, "--detect", "--tau", "0.2", "--report", str(tmp_path / "audit.json")]) == 0
+    out = capsys.readouterr().out
+    assert "certified detection at tau 0.2" in out and "certified detection accuracy" in out and "OK: none of" in out
+    document = json.loads((tmp_path / "audit.json").read_text())
+    assert document["guarantee"] == "detection" and document["settings"]["tau"] == 0.2 and document["num_images"] == 2
+    assert main([*argv, "--tau", "0.2"]) == 1
+    assert "--tau is the confidence threshold of --detect; pass --detect too" in capsys.readouterr().err
+    assert main([*argv, "--detect", "--defense", "smoothing", "--ablation-size", "4"]) == 1
+    assert "detect" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ the zoo's figures
 def test_reproduce_zoo_recertifies_each_guarantee_with_the_cli_and_catches_a_wrong_figure(monkeypatch):
     import importlib.util

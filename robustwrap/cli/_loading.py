@@ -503,3 +503,20 @@ def _zoo():
     from .. import zoo
 
     return zoo
+
+
+def _check_tau(args: argparse.Namespace) -> None:
+    """`--tau` is the confidence threshold of `--detect`: refused without it, before anything loads."""
+    if getattr(args, "tau", None) is not None and not args.detect:
+        raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
+
+
+def _set_tau(args: argparse.Namespace, models: list[RobustPatchClassifier]) -> None:
+    """Set `--tau` on each defended model (a defense without certified detection refuses it, in one line)."""
+    if getattr(args, "tau", None) is None:
+        return
+    for defended in models:
+        try:
+            defended.tau = args.tau
+        except AttributeError as error:
+            raise ValueError(f"--tau: {error}") from None

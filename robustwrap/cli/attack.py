@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._loading import _describe, _load_data, _load_model, _with_settings
+from ._loading import _check_tau, _describe, _load_data, _load_model, _set_tau, _with_settings
 from ._options import EXIT_BROKEN_CERTIFICATE, _limit, _model_options, _positive, _positive_float
 
 # `robustwrap attack` with no --limit attacks this many images: the audit attacks every correctly
@@ -65,6 +65,13 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     )
     search.add_argument("--bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), help="valid input range in the model's input space (default: from the model's mean and std)")
     search.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    search.add_argument(
+        "--detect",
+        action="store_true",
+        help="audit certified detection instead of the prediction (PatchCleanser, PatchGuard, PatchCURE): certify with "
+        "certify_detection and attack the detector; a certified image attacked into a wrong label without an alert is a finding",
+    )
+    search.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts (default: the model's, 0)")
     output = attack.add_argument_group("output")
     output.add_argument("--output", type=Path, default=Path("attack-findings"), metavar="DIR", help="folder for reproductions of broken certificates (default attack-findings; written only when there is one)")
     output.add_argument("--report", type=Path, metavar="FILE.json", help="write the audit report (accuracies, settings, every image) as JSON")
@@ -76,8 +83,10 @@ def _attack(args: argparse.Namespace) -> int:
     """`robustwrap attack`: certify, attack every correct image, print the three accuracies; 3 on a broken certificate."""
     from ..attack import audit
 
+    _check_tau(args)
     model, model_name = _load_model(args)
     defended = _with_settings(model, (args.patch or [None])[0], args)
+    _set_tau(args, [defended])
     dataset, data_name = _load_data(args.data, args.class_map, model_name, defended)
     limit = None if args.limit == "all" else args.limit if args.limit is not None else DEFAULT_ATTACK_LIMIT
     options: dict[str, Any] = {"batch_size": args.images_per_step} if args.images_per_step is not None else {}
@@ -93,6 +102,7 @@ def _attack(args: argparse.Namespace) -> int:
         seed=args.seed,
         output=args.output,
         progress=args.progress,
+        guarantee="detection" if args.detect else "prediction",
         **options,
     )
     shown = min(limit, len(dataset)) if limit is not None else len(dataset)
@@ -105,7 +115,8 @@ def _attack(args: argparse.Namespace) -> int:
     if not report.ok:
         indices = ", ".join(str(f.index) for f in report.findings)
         print(
-            f"robustwrap attack: the attack changed the prediction of {len(report.findings)} certified image(s) ({indices}): "
+            f"robustwrap attack: the attack changed the {'detected label' if args.detect else 'prediction'} of "
+            f"{len(report.findings)} certified image(s) ({indices}): "
             f"a bug in robustwrap; reproductions (image, patch, location, settings) saved in {args.output}/, please report them",
             file=sys.stderr,
         )

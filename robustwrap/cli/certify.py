@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._loading import _describe, _label_names, _load_data, _load_model, _with_settings
+from ._loading import _check_tau, _describe, _label_names, _load_data, _load_model, _set_tau, _with_settings
 from ._options import _limit, _model_options, _positive
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
@@ -88,16 +88,10 @@ def _certify(args: argparse.Namespace) -> None:
         raise ValueError("--amp was removed: precision is a setting of the defended model; pass --precision bfloat16 (CPU) or --precision float16 (CUDA)")
     if args.resume and args.results is None:
         raise ValueError("--resume continues a --results file; pass --results FILE too")
-    if args.tau is not None and not args.detect:
-        raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
+    _check_tau(args)
     model, model_name = _load_model(args)
     models = [_with_settings(model, patch, args) for patch in (args.patch or [None])]
-    if args.tau is not None:
-        for defended in models:
-            try:
-                defended.tau = args.tau
-            except AttributeError as error:
-                raise ValueError(f"--tau: {error}") from None
+    _set_tau(args, models)
     guarantee = "detection" if args.detect else f"top{args.top_k}" if args.top_k else "prediction"
     dataset, data_name = _load_data(args.data, args.class_map, model_name, models[0])
     limit: int | None = None if args.limit == "all" else args.limit
