@@ -70,7 +70,9 @@ def test_embedding_once_computes_the_full_grid_function(kwargs, ablation, size, 
     rows, cols = tokens.pixel_keep
     partly = [keep.reshape(keep.shape[0], -1, 8).any(2) & ~keep.reshape(keep.shape[0], -1, 8).all(2) for keep in (rows, cols)]
     assert any(bool(p.any()) for p in partly)  # some view keeps a token partly: its re-embedding is tested
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    # float rounding (a matrix product for the partly kept tokens, the convolution in the reference) grows through the
+    # x4 weights to ~2e-4 on logits near 10 with some timm versions' initialisation; a wrong token moves them by ~1
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4), (got - expected).abs().max()
     assert torch.equal(got.argmax(1), expected.argmax(1))
 
 

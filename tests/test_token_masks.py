@@ -111,12 +111,15 @@ def test_every_view_equals_the_reference_and_prediction_certification_follow(ali
 
 @pytest.mark.parametrize("tau", [0.0, 0.6])
 def test_detection_equals_the_published_rule_on_reference_views(tau):
-    vit = _vit(bias=1.1)
-    model = robustwrap.wrap(vit, mask_set=TOKEN_MASKS, drop_tokens=True, margin=0.0, tau=tau).eval()
     x = _images(10)
-    labels = model.predict_vanilla(x)
-    labels[::4] = (labels[::4] + 1) % 3
-    found, cert = model.detect(x), model.certify_detection(x, labels)
+    for seed in range(4):  # the first ViT whose views alert at tau 0 (timm's random init differs between versions)
+        vit = _vit(bias=1.1, seed=seed)
+        model = robustwrap.wrap(vit, mask_set=TOKEN_MASKS, drop_tokens=True, margin=0.0, tau=tau).eval()
+        labels = model.predict_vanilla(x)
+        labels[::4] = (labels[::4] + 1) % 3
+        found, cert = model.detect(x), model.certify_detection(x, labels)
+        if tau != 0.0 or bool(found.alert.any()):
+            break
     outcomes = set()
     for b in range(10):
         with torch.no_grad():
