@@ -688,8 +688,9 @@ def feature_window(
     if window == (fh, fw):
         raise ValueError(
             f"a {ph}x{pw} patch on {input_size or (h, w)} inputs can touch a {window[0]}x{window[1]} window of features, the whole "
-            f"{fh}x{fw} local-logit map (receptive field {tuple(rs)}, stride {tuple(ss)}): the attacker would control all "
-            "evidence and no image could be certified; use a smaller patch, a smaller receptive field or larger inputs"
+            f"{fh}x{fw} feature map (PatchGuard's local logits, PatchCURE's SRF features; receptive field {tuple(rs)}, stride "
+            f"{tuple(ss)}): the attacker would control all evidence and no image could be certified; use a smaller patch, a "
+            "smaller receptive field (for a ViT split, a smaller window) or larger inputs"
         )
     return window
 

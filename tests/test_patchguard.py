@@ -122,7 +122,7 @@ def test_window_per_axis_and_clipped_at_the_edges():
 
 
 def test_window_that_covers_the_whole_map_is_an_error():
-    with pytest.raises(ValueError, match="whole .* local-logit map"):
+    with pytest.raises(ValueError, match=r"whole .* feature map \(PatchGuard's local logits"):
         feature_window(32, 30, 5, 2, 0, 14)
     with pytest.raises(ValueError, match="larger than"):
         feature_window(32, 33, 5, 2, 0, 14)
