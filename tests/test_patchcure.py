@@ -342,7 +342,7 @@ def test_feature_mask_set_covers_every_patch_and_describes_cells_and_pixels():
 
 def test_a_patch_whose_cells_cover_the_grid_is_refused_and_the_old_patch_kept():
     model = _pair(patch=3)
-    with pytest.raises(ValueError, match=r"whole 1x1 feature map \(PatchGuard's local logits, PatchCURE's SRF features"):
+    with pytest.raises(ValueError, match=r"whole 4x4 feature map \(PatchGuard's local logits, PatchCURE's SRF features"):
         model.patch = 13
     assert model.patch == (3, 3)
 
