@@ -470,6 +470,25 @@ def test_default_margins_and_views_per_pass():
     assert local.num_classes == 3 and local.in_chans == 1
 
 
+def test_an_unset_margin_follows_the_structure_and_a_given_one_stays():
+    """Assigning split = depth leaves no LRF (sums of local logits): the default margin moves with it, both ways."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2, num_classes=3)
+    model = robustwrap.wrap(vit, defense="patchcure", window=(2, 2), split=1, patch=3)
+    assert model.lrf is not None and model.margin == robustwrap.defenses.base.DEFAULT_MARGIN
+    model.split = 2
+    assert model.lrf is None and model.margin == patchcure.DEFAULT_EVIDENCE_MARGIN == model.settings()["margin"]
+    model.split = 1
+    assert model.margin == robustwrap.defenses.base.DEFAULT_MARGIN
+    model.margin = 0.05
+    model.split = 2
+    assert model.margin == 0.05  # given: it stays
+    given = robustwrap.wrap(vit, defense="patchcure", window=(2, 2), split=2, patch=3, margin=0.002)
+    given.split = 1
+    assert given.margin == 0.002
+
+
 def test_settings_round_trip_for_a_pair_and_the_hub_for_a_bagnet(tmp_path):
     pair = _pair(mask_stride=(1, 2), margin=0.01)
     rebuilt = robustwrap.RobustPatchClassifier.from_settings(pair.model, pair.settings())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._args import as_image_size, as_labels, positive_int
+from .._args import as_image_size, as_labels, as_margin, positive_int
 from .._unwrap import joins_processes
 from ..geometry import MaskSet, patch_pixels
 from ..views import ViewRunner, auto_sync_every, call_model, eval_mode
@@ -369,8 +369,26 @@ class PatchCURE(RobustPatchClassifier):
         self._authors = authors
         self._mask_stride = _geometry(mask_stride, "mask_stride", 1)
         self._check(locality=True)
-        if margin is None and self.lrf is None:
-            self.margin = DEFAULT_EVIDENCE_MARGIN
+        if margin is None:
+            self.__dict__["_margin"] = None  # the default follows the structure (`margin`)
+
+    @property
+    def margin(self) -> float:
+        """Certificate margin (float >= 0; 0 is the papers' rule).
+
+        Unless one was given (at `wrap` or assigned), the default of the current structure:
+        `DEFAULT_MARGIN` with an LRF, `DEFAULT_EVIDENCE_MARGIN` for sums of local logits (an SRF
+        only: a model of local logits, or a ViT split whose every block is windowed). So
+        assigning `split` or another base model moves an unset margin with the structure.
+        """
+        given = self.__dict__.get("_margin")
+        if given is not None:
+            return given
+        return DEFAULT_EVIDENCE_MARGIN if self.lrf is None else DEFAULT_MARGIN
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self.__dict__["_margin"] = as_margin(value)
 
     # ------------------------------------------------------------------------------ the split
     @property
