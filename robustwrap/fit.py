@@ -462,7 +462,7 @@ def _check_finite(loop: _Loop, epoch: int, lr: float, bad: int, batches: int) ->
     a non-finite batch is skipped by the scaler (no step) and lowers its scale: only an epoch of
     nothing else stops.
     """
-    finite = [torch.isfinite(p).all() for p in loop.base.parameters()]
+    finite = [torch.isfinite(p).all().to(loop.device) for p in loop.base.parameters()]
     weights = not finite or bool(torch.stack(finite).all())  # one host synchronisation per epoch
     if weights and (bad == 0 or (loop.scaler.is_enabled() and bad < batches)):
         return
