@@ -411,3 +411,10 @@ def _option_words(text: str, options: dict[str, str]) -> str:
     for flag in SWITCHES:  # `name=False (or None: ...)`: on the command line None is neither switch
         text = re.sub(rf"(--(?:no-)?{re.escape(flag[2:])}) \(or None: ", r"\1 (or neither switch: ", text)
     return text
+
+
+def _tau_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--tau`, the confidence threshold of `--detect` (certify, predict, attack)."""
+    parser.add_argument(
+        "--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts (default: the model's, 0)"
+    )

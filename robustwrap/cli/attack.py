@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._loading import _check_tau, _describe, _load_data, _load_model, _set_tau, _with_settings
-from ._options import EXIT_BROKEN_CERTIFICATE, _limit, _model_options, _positive, _positive_float
+from ._options import EXIT_BROKEN_CERTIFICATE, _limit, _model_options, _positive, _positive_float, _tau_option
 
 # `robustwrap attack` with no --limit attacks this many images: the audit attacks every correctly
 # predicted image, certified ones included, and each may spend --budget surrogate views (forward
@@ -71,7 +71,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         help="audit certified detection instead of the prediction (PatchCleanser, PatchGuard, PatchCURE): certify with "
         "certify_detection and attack the detector; a certified image attacked into a wrong label without an alert is a finding",
     )
-    search.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts (default: the model's, 0)")
+    _tau_option(search)
     output = attack.add_argument_group("output")
     output.add_argument("--output", type=Path, default=Path("attack-findings"), metavar="DIR", help="folder for reproductions of broken certificates (default attack-findings; written only when there is one)")
     output.add_argument("--report", type=Path, metavar="FILE.json", help="write the audit report (accuracies, settings, every image) as JSON")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._loading import _check_tau, _describe, _label_names, _load_data, _load_model, _set_tau, _with_settings
-from ._options import _limit, _model_options, _positive
+from ._options import _limit, _model_options, _positive, _tau_option
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
     from ..defenses import RobustPatchClassifier
@@ -72,7 +72,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         "(PatchCleanser, PatchGuard); the report adds clean accuracy without alert and the false-alert rate",
     )
     guarantee.add_argument("--top-k", type=_positive, metavar="K", help="certify that no patch pushes the label out of the K best classes (PatchGuard, smoothing)")
-    certify.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts (default: the model's, 0)")
+    _tau_option(certify)
     certify.set_defaults(run=_certify)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._format import _columns
-from ._loading import _describe, _label_names, _load_model, _preprocessing, _read_image, _with_settings
-from ._options import _model_options
+from ._loading import _check_tau, _describe, _label_names, _load_model, _preprocessing, _read_image, _set_tau, _with_settings
+from ._options import _model_options, _tau_option
 
 if TYPE_CHECKING:  # imported lazily at run time: `robustwrap --help` must not pay for torch
     import torch
@@ -37,7 +37,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         help="certified detection (PatchCleanser, PatchGuard): the unmasked label or an ALERT, and whether any patch could make "
         "the output another label without an alert",
     )
-    predict.add_argument("--tau", type=float, metavar="T", help="with --detect: the confidence threshold in [0, 1) above which a disagreeing view alerts")
+    _tau_option(predict)
     predict.add_argument(
         "--plot",
         type=Path,
@@ -50,8 +50,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
-    if args.tau is not None and not args.detect:
-        raise ValueError("--tau is the confidence threshold of --detect; pass --detect too")
+    _check_tau(args)
     if args.plot is not None and not args.detect:
         raise ValueError("--plot draws the one-mask views of --detect; pass --detect too")
     paths = _image_paths(args.images)
@@ -61,8 +60,7 @@ def _predict(args: argparse.Namespace) -> None:
     model = _with_settings(model, (args.patch or [None])[0], args)
     if args.detect and model._no_detection is not None:
         raise ValueError(f"--detect: {type(model).__name__} cannot detect: {model._no_detection}")
-    if args.tau is not None:
-        model.tau = args.tau
+    _set_tau(args, [model])
     transform, mode = _preprocessing(model)
     names = _label_names(model)
     records = []
