@@ -225,7 +225,7 @@ class _TokenViews(ViewRunner):
         kept = keep[i] & keep[j]
         views = mask_images(x[image], kept, fill_like(self.fill, x) if fill is None else fill)
         # forward_views checks the logits and tells the progress bar's observers, as for any pass
-        run = lambda v: forward_kept(self.model, v, token_keep(kept, self.grid), self.grid)  # noqa: E731
+        run = lambda v: forward_kept(self.model, v, token_keep(kept, self.grid), self.grid)
         return forward_views(run, views, self.num_classes)
 
 
