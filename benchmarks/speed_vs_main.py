@@ -61,6 +61,15 @@ def digits(path: Path) -> None:
     torch.save({"x": x, "y": tensors["labels"]}, path)
 
 
+def unpack_commit(commit: str, folder: Path) -> Path:
+    """`folder/main`: the tree of `commit` of this repository (`git archive`), to run beside the working tree."""
+    tree = folder / "main"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", default="b9f47c0", help="today's main")
@@ -72,10 +81,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        main_tree = tmp / "main"
-        main_tree.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(main_tree)], input=archive, check=True)
+        main_tree = unpack_commit(args.commit, tmp)
         data = tmp / "digits.pt"
         digits(data)
         (tmp / "child.py").write_text(CHILD)

@@ -40,6 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from speed_vs_main import unpack_commit  # the same tree of --commit as the embedded model's benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = {
     "column": {"ablation": "column", "size": 19, "stride": 1},
@@ -155,10 +157,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        main_tree = tmp / "main"
-        main_tree.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(main_tree)], input=archive, check=True)
+        main_tree = unpack_commit(args.commit, tmp)
         (tmp / "child.py").write_text(CHILD)
         (tmp / "art_child.py").write_text(ART_CHILD)
         (tmp / "blocks_child.py").write_text(BLOCKS_CHILD)
