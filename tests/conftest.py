@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +112,66 @@ class LocalMeans(nn.Module):
 
     def forward(self, x):
         return 10 * self.conv(x)  # a few units per feature: confident windows
+
+
+# ------------------------------------------------------------------- certified detection's fixtures
+def sharp_peaknet(seed: int = 0, num_classes: int = 4) -> PeakNet:
+    """A `PeakNet` with logits a few units apart, so that views reach high softmax confidences."""
+    net = PeakNet(num_classes=num_classes, seed=seed).eval()
+    with torch.no_grad():
+        net.conv.weight.mul_(20)
+    return net
+
+
+def sharp_cleanser(tau: float = 0.0, seed: int = 0, **options):
+    """PatchCleanser around `sharp_peaknet` on 12x12 images (3x3 patch, 3x3 masks) with detection threshold `tau`."""
+    import robustwrap
+
+    model = robustwrap.wrap(sharp_peaknet(seed), patch=3, image_size=12, num_masks=3, **options).eval()
+    model.tau = tau
+    return model
+
+
+def noise_images(n: int = 10, seed: int = 0, side: int = 12) -> torch.Tensor:
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def local_means_guard(tau: float = 0.0, margin: float = 0.0):
+    """PatchGuard++ around `LocalMeans` on 15x15 images (3x3 patch), detection threshold `tau`."""
+    import robustwrap
+
+    guard = robustwrap.PatchGuard(
+        LocalMeans(), 3, image_size=15, receptive_field=3, feature_stride=2, feature_offset=0, margin=margin
+    ).eval()
+    guard.tau = tau
+    return guard
+
+
+def evidence_images(n: int = 12, side: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class channel grows with the index: `LocalMeans`'s evidence from faint to clear, labels `i % 3`."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.arange(n) % 3
+    x = torch.rand(n, 3, side, side, generator=gen) * 0.4 - 0.2
+    for i, y in enumerate(labels.tolist()):
+        x[i, y] += 0.01 * i * (0.6 + 0.8 * torch.rand(side, side, generator=gen))
+    return x, labels
+
+
+def silent_wrong_labels(model, x: torch.Tensor, labels: torch.Tensor, certified: torch.Tensor, p: int, contents) -> tuple[int, int]:
+    """`(certified images attacked into a wrong label without an alert, attacks that raised an alert)`.
+
+    Every `p x p` patch position of each certified image, with each of `contents` (`(C, p, p)`
+    tensors), judged by the model's `detect`.
+    """
+    _, _, h, w = x.shape
+    silent = alerts = 0
+    for i in certified.nonzero()[:, 0].tolist():
+        attacked = []
+        for top, left, content in itertools.product(range(h - p + 1), range(w - p + 1), contents):
+            view = x[i].clone()
+            view[:, top : top + p, left : left + p] = content
+            attacked.append(view)
+        found = model.detect(torch.stack(attacked))
+        silent += int(((found.prediction != labels[i]) & ~found.alert).any())
+        alerts += int(found.alert.sum())
+    return silent, alerts

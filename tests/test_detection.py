@@ -10,7 +10,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import LocalMeans, PeakNet, masked_copy
+from conftest import LocalMeans, PeakNet, evidence_images, local_means_guard, masked_copy, noise_images, sharp_cleanser, sharp_peaknet
 from torch import nn
 
 import robustwrap
@@ -162,28 +162,12 @@ def test_tau_is_validated_naming_the_argument():
 
 
 # ------------------------------------------------------------------------------ PatchCleanser
-def _sharp(seed: int = 0, num_classes: int = 4) -> PeakNet:
-    """A `PeakNet` with logits a few units apart, so that views reach high softmax confidences."""
-    net = PeakNet(num_classes=num_classes, seed=seed).eval()
-    with torch.no_grad():
-        net.conv.weight.mul_(20)
-    return net
-
-
-def _cleanser(tau: float = 0.0, seed: int = 0, **options) -> robustwrap.PatchCleanser:
-    model = robustwrap.wrap(_sharp(seed), patch=3, image_size=12, num_masks=3, **options).eval()
-    model.tau = tau
-    return model
-
-
-def _images(n: int = 10, seed: int = 0, side: int = 12) -> torch.Tensor:
-    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.4, 0.8])
 def test_patchcleanser_detection_matches_views_built_by_slicing(tau):
-    model = _cleanser(tau)
-    x = _images()
+    model = sharp_cleanser(tau)
+    x = noise_images()
     labels = model.predict_vanilla(x)
     labels[::3] = (labels[::3] + 1) % 4  # some wrong labels
     found, cert = model.detect(x), model.certify_detection(x, labels)
@@ -228,8 +212,8 @@ def _survives(model, x: torch.Tensor, labels: torch.Tensor, certified: torch.Ten
 @pytest.mark.filterwarnings("ignore:images reach")
 @pytest.mark.parametrize("tau", [0.0, 0.5])
 def test_patchcleanser_certified_images_never_end_in_a_silent_wrong_label(tau):
-    model = _cleanser(tau, margin=0.0)
-    x = _images(6, seed=1)
+    model = sharp_cleanser(tau, margin=0.0)
+    x = noise_images(6, seed=1)
     labels = model.predict_vanilla(x)
     cert = model.certify_detection(x, labels)
     assert bool(cert.certified.any())
@@ -247,7 +231,7 @@ def test_a_model_whose_views_sit_exactly_at_tau():
             return x.sum((1, 2, 3))[:, None].expand(-1, 2) * 0
 
     model = robustwrap.wrap(Flat(), patch=3, image_size=12, num_masks=3, margin=0.0).eval()
-    x, zero = _images(2), torch.zeros(2, dtype=torch.long)
+    x, zero = noise_images(2), torch.zeros(2, dtype=torch.long)
     model.tau = 0.5
     assert not bool(model.certify_detection(x, zero).certified.any()) and not bool(model.detect(x).alert.any())
     model.tau = math.nextafter(0.5, 0.0)
@@ -255,23 +239,6 @@ def test_a_model_whose_views_sit_exactly_at_tau():
 
 
 # ------------------------------------------------------------------------------ PatchGuard++
-
-
-def _guard(tau: float = 0.0, margin: float = 0.0) -> robustwrap.PatchGuard:
-    guard = robustwrap.PatchGuard(
-        LocalMeans(), 3, image_size=15, receptive_field=3, feature_stride=2, feature_offset=0, margin=margin
-    ).eval()
-    guard.tau = tau
-    return guard
-
-
-def _evidence_images(n: int = 12, side: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(5)
-    labels = torch.arange(n) % 3
-    x = torch.rand(n, 3, side, side, generator=gen) * 0.4 - 0.2
-    for i, y in enumerate(labels.tolist()):
-        x[i, y] += 0.01 * i * (0.6 + 0.8 * torch.rand(side, side, generator=gen))
-    return x, labels
 
 
 def reference_pg2(local: list, window: tuple[int, int]) -> tuple[list[float], list[list[float]]]:
@@ -288,8 +255,8 @@ def reference_pg2(local: list, window: tuple[int, int]) -> tuple[list[float], li
 
 @pytest.mark.parametrize("tau", [0.0, 0.34, 0.5])
 def test_patchguard_detection_matches_the_published_rule_window_by_window(tau):
-    guard = _guard(tau)
-    x, labels = _evidence_images()
+    guard = local_means_guard(tau)
+    x, labels = evidence_images()
     found, cert = guard.detect(x), guard.certify_detection(x, labels)
     with torch.no_grad():
         local = guard.model(x).double()
@@ -304,8 +271,8 @@ def test_patchguard_detection_matches_the_published_rule_window_by_window(tau):
 @pytest.mark.filterwarnings("ignore:images reach")
 @pytest.mark.parametrize("tau", [0.0, 0.4])
 def test_patchguard_certified_images_never_end_in_a_silent_wrong_label(tau):
-    guard = _guard(tau)
-    x, labels = _evidence_images()
+    guard = local_means_guard(tau)
+    x, labels = evidence_images()
     cert = guard.certify_detection(x, labels)
     assert bool(cert.certified.any())
     sound, alerts = _survives(guard, x, labels, cert.certified, 3)
@@ -405,8 +372,8 @@ def test_evidence_top_k_against_a_reference_and_k1_equals_the_certificate(thresh
 
 @pytest.mark.filterwarnings("ignore:images reach")
 def test_patchguard_top_k_survives_every_patch_and_k1_is_the_certificate():
-    guard = _guard()
-    x, labels = _evidence_images()
+    guard = local_means_guard()
+    x, labels = evidence_images()
     today = guard.certify(x, labels)
     assert torch.equal(guard.certify(x, labels, k=1).certified, today.certified)
     top2 = guard.certify(x, labels, k=2)
@@ -422,7 +389,7 @@ def test_patchguard_top_k_survives_every_patch_and_k1_is_the_certificate():
 def test_smoothing_top_k_survives_every_patch_and_k1_is_the_certificate(threshold):
     net = PeakNet(num_classes=4, seed=0).eval()
     model = robustwrap.wrap(net, patch=2, image_size=16, defense="smoothing", size=2, threshold=threshold, margin=0.0).eval()
-    x = _images(4, seed=4, side=16)
+    x = noise_images(4, seed=4, side=16)
     labels = model.predict(x)
     today = model.certify(x, labels)
     one = model.certify(x, labels, k=1)
@@ -453,7 +420,7 @@ def test_bagnet_k1_equals_the_certificate():
 # ------------------------------------------------------------------------------ the user's path
 def test_refusals_say_why():
     smooth = robustwrap.wrap(PeakNet().eval(), patch=2, image_size=12, defense="smoothing", size=2).eval()
-    x, y = _images(2), torch.zeros(2, dtype=torch.long)
+    x, y = noise_images(2), torch.zeros(2, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="no published rule"):
         smooth.detect(x)
     with pytest.raises(NotImplementedError, match="no published rule"):
@@ -462,17 +429,17 @@ def test_refusals_say_why():
         smooth.tau = 0.5
     assert "tau" not in smooth.settings()
     with pytest.raises(ValueError, match="k=2: PatchCleanser can only certify k=1"):
-        _cleanser().certify(x, y, k=2)
+        sharp_cleanser().certify(x, y, k=2)
     with pytest.raises(ValueError, match=r"k must be in \[1, num_classes=4\], got 5"):
         smooth.certify(x, y, k=5)
     with pytest.raises(TypeError, match="k must be an int"):
         smooth.certify(x, y, k=2.0)
     with pytest.raises(ValueError, match="tau must be a float in"):
-        _cleanser().tau = 1.0
+        sharp_cleanser().tau = 1.0
 
 
 def test_tau_travels_with_the_model(tmp_path):
-    model = robustwrap.wrap(_sharp(), patch=3, image_size=12, num_masks=3, tau=0.25).eval()
+    model = robustwrap.wrap(sharp_peaknet(), patch=3, image_size=12, num_masks=3, tau=0.25).eval()
     with pytest.raises(ValueError, match="tau= is an option of defense 'patchcleanser' / 'patchguard' / 'patchcure', not of 'smoothing'"):
         robustwrap.wrap(PeakNet(), patch=2, image_size=12, defense="smoothing", size=2, tau=0.25)
     settings = json.loads(json.dumps(model.settings()))
@@ -510,8 +477,8 @@ def test_certify_dataset_under_each_guarantee(tmp_path):
 
     from robustwrap.dataset import ResultsFileError
 
-    model = _cleanser(0.4)
-    x = _images(10)
+    model = sharp_cleanser(0.4)
+    x = noise_images(10)
     labels = model.predict_vanilla(x)
     labels[::4] = (labels[::4] + 1) % 4
     data = TensorDataset(x, labels)
@@ -539,8 +506,8 @@ def test_certify_dataset_under_each_guarantee(tmp_path):
     plain = robustwrap.certify_dataset(model, data, batch_size=4, progress=False, guarantee="top1")
     assert plain.guarantee == "prediction" and plain == robustwrap.certify_dataset(model, data, batch_size=4, progress=False)
 
-    guard = _guard()
-    gx, gy = _evidence_images()
+    guard = local_means_guard()
+    gx, gy = evidence_images()
     top2 = robustwrap.certify_dataset(guard, TensorDataset(gx, gy), batch_size=5, progress=False, guarantee="top2")
     assert top2.guarantee == "top2" and top2.certified == int(guard.certify(gx, gy, k=2).certified.sum())
     assert "certified top2 accuracy" in top2.summary()

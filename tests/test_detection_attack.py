@@ -9,7 +9,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import LocalMeans, PeakNet, masked_copy
+from conftest import LocalMeans, evidence_images, local_means_guard, masked_copy, noise_images, sharp_cleanser, sharp_peaknet
 
 import robustwrap
 from robustwrap import (
@@ -19,43 +19,7 @@ from robustwrap import (
 from robustwrap.attack import ALERT
 from robustwrap.plots import plot_detection
 
-
-def _sharp(seed: int = 0, num_classes: int = 4) -> PeakNet:
-    """A `PeakNet` with logits a few units apart, so that views reach high softmax confidences."""
-    net = PeakNet(num_classes=num_classes, seed=seed).eval()
-    with torch.no_grad():
-        net.conv.weight.mul_(20)
-    return net
-
-
-def _cleanser(tau: float = 0.0, seed: int = 0, **options) -> robustwrap.PatchCleanser:
-    model = robustwrap.wrap(_sharp(seed), patch=3, image_size=12, num_masks=3, **options).eval()
-    model.tau = tau
-    return model
-
-
-def _images(n: int = 10, seed: int = 0, side: int = 12) -> torch.Tensor:
-    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
-
-
 BOUNDS = (-6.0, 6.0)  # the range of the images and of the exhaustive search's contents
-
-
-def _guard(tau: float = 0.0) -> robustwrap.PatchGuard:
-    guard = robustwrap.wrap(
-        LocalMeans(), 3, defense="patchguard", image_size=15, receptive_field=3, feature_stride=2, feature_offset=0, margin=0.0
-    ).eval()
-    guard.tau = tau
-    return guard
-
-
-def _evidence_images(n: int = 12, side: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(5)
-    labels = torch.arange(n) % 3
-    x = torch.rand(n, 3, side, side, generator=gen) * 0.4 - 0.2
-    for i, y in enumerate(labels.tolist()):
-        x[i, y] += 0.01 * i * (0.6 + 0.8 * torch.rand(side, side, generator=gen))
-    return x, labels
 
 
 def _silent_wrong(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,7 +47,9 @@ def _exhaustive(model, image: torch.Tensor, label: int, p: int) -> bool:
 @pytest.mark.parametrize("defense", ["patchcleanser", "patchguard"])
 def test_detection_attack_succeeds_only_on_a_wrong_label_without_an_alert(defense):
     model, (x, labels) = (
-        (_cleanser(0.0, margin=0.0), (_images(6, seed=1), None)) if defense == "patchcleanser" else (_guard(0.0), _evidence_images())
+        (sharp_cleanser(0.0, margin=0.0), (noise_images(6, seed=1), None))
+        if defense == "patchcleanser"
+        else (local_means_guard(0.0), evidence_images())
     )
     labels = model.predict_vanilla(x) if labels is None else labels
     result = robustwrap.attack(model, x, labels, guarantee="detection", locations="all", steps=20, bounds=BOUNDS, progress=False)
@@ -100,8 +66,8 @@ def test_detection_attack_succeeds_only_on_a_wrong_label_without_an_alert(defens
 
 
 def test_targeted_detection_attack_needs_the_target_without_an_alert():
-    model = _cleanser(0.0, margin=0.0)
-    x = _images(6, seed=1)
+    model = sharp_cleanser(0.0, margin=0.0)
+    x = noise_images(6, seed=1)
     labels = model.predict_vanilla(x)
     target = (labels + 1) % 4
     result = robustwrap.attack(
@@ -112,24 +78,26 @@ def test_targeted_detection_attack_needs_the_target_without_an_alert():
 
 
 def test_detection_attack_refusals_name_the_argument_and_the_reason():
-    x = _images(2)
+    x = noise_images(2)
     y = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="guarantee must be one of 'prediction', 'detection', got 'top5'"):
-        robustwrap.attack(_cleanser(), x, y, guarantee="top5", bounds=BOUNDS, progress=False)
-    smoothing = robustwrap.wrap(_sharp(), patch=2, image_size=12, defense="smoothing", size=2).eval()
+        robustwrap.attack(sharp_cleanser(), x, y, guarantee="top5", bounds=BOUNDS, progress=False)
+    smoothing = robustwrap.wrap(sharp_peaknet(), patch=2, image_size=12, defense="smoothing", size=2).eval()
     with pytest.raises(ValueError, match="guarantee='detection': DerandomizedSmoothing cannot detect, since .*detection"):
         robustwrap.attack(smoothing, x, y, guarantee="detection", bounds=BOUNDS, progress=False)
     with pytest.raises(ValueError, match="plain classifier"):
-        robustwrap.attack(_sharp(), x, y, patch=3, guarantee="detection", bounds=BOUNDS, progress=False)
+        robustwrap.attack(sharp_peaknet(), x, y, patch=3, guarantee="detection", bounds=BOUNDS, progress=False)
     with pytest.raises(ValueError, match="guarantee must be one of"):
-        robustwrap.audit(_cleanser(), (x, y), guarantee="Detection", bounds=BOUNDS, progress=False)
+        robustwrap.audit(sharp_cleanser(), (x, y), guarantee="Detection", bounds=BOUNDS, progress=False)
 
 
 # ------------------------------------------------------------------------------ the audit
 @pytest.mark.parametrize("defense", ["patchcleanser", "patchguard"])
 def test_detection_audit_never_breaks_a_certified_image_and_brute_force_agrees(defense):
     model, (x, labels) = (
-        (_cleanser(0.8, margin=0.0), (_images(12, seed=1), None)) if defense == "patchcleanser" else (_guard(0.4), _evidence_images())
+        (sharp_cleanser(0.8, margin=0.0), (noise_images(12, seed=1), None))
+        if defense == "patchcleanser"
+        else (local_means_guard(0.4), evidence_images())
     )
     labels = model.predict_vanilla(x) if labels is None else labels
     report = robustwrap.audit(model, (x, labels), guarantee="detection", steps=20, budget=10**6, bounds=BOUNDS, progress=False)
@@ -148,8 +116,8 @@ def test_detection_audit_never_breaks_a_certified_image_and_brute_force_agrees(d
 def test_detection_audit_catches_a_broken_certificate(tmp_path):
     """A certificate that ignores the views ("the clean output is y without an alert") is broken,
     and the detection attack shows it, with a reproduction."""
-    model = _cleanser(0.8, margin=0.0)
-    x = _images(12, seed=1)
+    model = sharp_cleanser(0.8, margin=0.0)
+    x = noise_images(12, seed=1)
     labels = model.predict_vanilla(x)
     honest = model.certify_detection
 
@@ -179,8 +147,8 @@ def finding_image(finding) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the picture
 @pytest.mark.parametrize("tau", [0.0, 0.8])
 def test_plot_detection_frames_exactly_the_alerting_views(tmp_path, tau):
-    model = _cleanser(tau, margin=0.0)
-    x = _images(12, seed=1)
+    model = sharp_cleanser(tau, margin=0.0)
+    x = noise_images(12, seed=1)
     net, boxes = model.model, model.mask_set.boxes
     pictures = 0
     for i in range(4):
@@ -200,14 +168,14 @@ def test_plot_detection_frames_exactly_the_alerting_views(tmp_path, tau):
 
 
 def test_plot_detection_lays_patchguard_views_out_as_its_windows_and_refuses_smoothing():
-    guard = _guard(0.4)
-    x, labels = _evidence_images()
+    guard = local_means_guard(0.4)
+    x, labels = evidence_images()
     fig = plot_detection(guard, x[3], label=int(labels[3]))
     (h, w), (wh, ww) = guard._feature_size(), guard.window
     assert fig.axes[1].images[0].get_array().shape == (h - wh + 1, w - ww + 1)
-    smoothing = robustwrap.wrap(_sharp(), patch=2, image_size=12, defense="smoothing", size=2).eval()
+    smoothing = robustwrap.wrap(sharp_peaknet(), patch=2, image_size=12, defense="smoothing", size=2).eval()
     with pytest.raises(NotImplementedError, match="cannot detect"):
-        plot_detection(smoothing, _images(1)[0])
+        plot_detection(smoothing, noise_images(1)[0])
 
 
 # ------------------------------------------------------------------------------ command line
@@ -298,7 +266,7 @@ def _cure(tau: float) -> robustwrap.PatchCURE:
 
 def test_patchcure_detection_attack_is_judged_by_detect_and_never_breaks_a_certified_image():
     model = _cure(0.4)
-    x, labels = _evidence_images()
+    x, labels = evidence_images()
     result = robustwrap.attack(model, x, labels, guarantee="detection", locations="all", steps=20, bounds=BOUNDS, progress=False)
     found = model.detect(result.x_adv)
     assert torch.equal(result.success, (found.prediction != labels) & ~found.alert)

@@ -8,12 +8,12 @@ position judged by `detect`; a feature mask set that misses patches is caught by
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
 import pytest
 import torch
+from conftest import silent_wrong_labels
 from test_patchcure import GlobalLRF, LocalLogits, PatchSRF, _kept, _tiny_vit
 
 import robustwrap
@@ -103,22 +103,11 @@ def test_views_of_a_vit_split_equal_the_published_rule_on_its_sliced_features():
 
 
 def _silent_wrong_labels(model: patchcure.PatchCURE, x: torch.Tensor, labels: torch.Tensor, certified: torch.Tensor) -> tuple[int, int]:
-    """`(certified images attacked into a wrong label without an alert, attacks that raised an alert)`:
-    every 3x3 patch position with extreme, opposite and random contents, judged by `detect`."""
+    """`conftest.silent_wrong_labels` at every 3x3 patch position with extreme, opposite and random contents."""
     gen = torch.Generator().manual_seed(7)
-    p, (_, _, h, w) = 3, x.shape
+    p = 3
     contents = [torch.full((1, p, p), 50.0), torch.full((1, p, p), -50.0), torch.randn(1, p, p, generator=gen) * 50]
-    silent = alerts = 0
-    for i in certified.nonzero()[:, 0].tolist():
-        attacked = []
-        for top, left, content in itertools.product(range(h - p + 1), range(w - p + 1), contents):
-            view = x[i].clone()
-            view[:, top : top + p, left : left + p] = content
-            attacked.append(view)
-        found = model.detect(torch.stack(attacked))
-        silent += int(((found.prediction != labels[i]) & ~found.alert).any())
-        alerts += int(found.alert.sum())
-    return silent, alerts
+    return silent_wrong_labels(model, x, labels, certified, p, contents)
 
 
 @pytest.mark.filterwarnings("ignore:images reach")  # the search's extreme patches are meant to be out of range

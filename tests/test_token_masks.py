@@ -16,7 +16,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import PeakNet, masked_copy
+from conftest import PeakNet, masked_copy, silent_wrong_labels
 
 import robustwrap
 from robustwrap.defenses import patchcleanser
@@ -147,22 +147,12 @@ def test_a_broken_token_selection_is_caught_by_the_reference(monkeypatch):
 
 # ------------------------------------------------------------------------------ soundness
 def _silent_wrong_labels(model, x: torch.Tensor, labels: torch.Tensor, certified: torch.Tensor, p: int = 3) -> tuple[int, int]:
-    """`(certified images attacked into a wrong label without an alert, attacks that raised an alert)`, judged by `detect`."""
+    """`conftest.silent_wrong_labels` with extreme, opposite, random and one-hot patch contents."""
     gen = torch.Generator().manual_seed(5)
-    _, c, h, w = x.shape
+    c = x.shape[1]
     contents = [torch.full((c, p, p), 20.0), torch.full((c, p, p), -20.0), torch.randn(c, p, p, generator=gen) * 20]
     contents += [torch.eye(c)[k][:, None, None].expand(c, p, p) * 40 - 20 for k in range(c)]
-    silent = alerts = 0
-    for i in certified.nonzero()[:, 0].tolist():
-        attacked = []
-        for top, left, content in itertools.product(range(h - p + 1), range(w - p + 1), contents):
-            view = x[i].clone()
-            view[:, top : top + p, left : left + p] = content
-            attacked.append(view)
-        found = model.detect(torch.stack(attacked))
-        silent += int(((found.prediction != labels[i]) & ~found.alert).any())
-        alerts += int(found.alert.sum())
-    return silent, alerts
+    return silent_wrong_labels(model, x, labels, certified, p, contents)
 
 
 def _certified(tau: float):
