@@ -96,13 +96,18 @@ def count(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, window, splits, patch and pixel masks compared (shared with patchcure_speed.py)."""
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT at 224 px (default ViT-Ti/16)")
     parser.add_argument("--window", type=int, nargs=2, default=(14, 2), metavar=("WH", "WW"), help="tokens per window (default 14 2)")
     parser.add_argument("--splits", type=int, nargs="+", default=[6, 9, 11, 12], help="windowed blocks k (default 6 9 11 12)")
     parser.add_argument("--patch", type=int, default=32, help="patch side in pixels (default 32: 2%% of 224x224)")
     parser.add_argument("--pixel-masks", type=int, default=6, help="pixel PatchCleanser's masks per axis (default 6: 36 masks)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    geometry_arguments(parser)
     args = parser.parse_args()
     print(json.dumps(count(args.model, tuple(args.window), args.splits, args.patch, args.pixel_masks), indent=2))
 

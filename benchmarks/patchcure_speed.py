@@ -29,7 +29,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patchcure_flops import count  # the same FLOP counting as the FLOP benchmark
+from patchcure_flops import count, geometry_arguments  # the same FLOP counting and settings as the FLOP benchmark
 
 import robustwrap
 
@@ -46,11 +46,7 @@ def seconds(model, x: torch.Tensor, y: torch.Tensor, views: int) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT at 224 px (default ViT-Ti/16)")
-    parser.add_argument("--window", type=int, nargs=2, default=(14, 2), metavar=("WH", "WW"), help="tokens per window (default 14 2)")
-    parser.add_argument("--splits", type=int, nargs="+", default=[6, 9, 11, 12], help="windowed blocks k (default 6 9 11 12)")
-    parser.add_argument("--patch", type=int, default=32, help="patch side in pixels (default 32: 2%% of 224x224)")
-    parser.add_argument("--pixel-masks", type=int, default=6, help="pixel PatchCleanser's masks per axis (default 6: 36 masks)")
+    geometry_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="views per forward pass of both defenses (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
