@@ -162,21 +162,13 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         out["orders"], out["modes"] = orders, (modes, net.training)
 
         # A loader that is the same on every rank.
-        try:
-            fit_masking(TinyNet(), DataLoader(TRAIN, batch_size=B, shuffle=True), **options)
-        except ValueError as error:
-            out["no_sampler"] = str(error)
-        else:
-            out["no_sampler"] = "no error"
+        out["no_sampler"] = _refusal(ValueError, TinyNet(), DataLoader(TRAIN, batch_size=B, shuffle=True), **options)
 
         # A shuffled validation loader (the same loader object, another order on each rank).
-        try:
-            val = DataLoader(VAL, batch_size=2, shuffle=True)
-            fit_masking(TinyNet(), DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), val_loader=val, **options)
-        except ValueError as error:
-            out["shuffled_val"] = str(error)
-        else:
-            out["shuffled_val"] = "no error"
+        val = DataLoader(VAL, batch_size=2, shuffle=True)
+        out["shuffled_val"] = _refusal(
+            ValueError, TinyNet(), DataLoader(TRAIN, batch_size=B, sampler=sharded(TRAIN)), val_loader=val, **options
+        )
 
         out["batchnorm"] = _batchnorm_resume(rank, Path(folder) / "bn_checkpoints")
         out["cli"] = _cli_masks_and_resume(rank, Path(folder))
@@ -188,15 +180,19 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         poisoned = images.clone()
         poisoned[1::2] = float("nan")  # DistributedSampler(shuffle=False) gives rank 1 the odd images
         bad = TensorDataset(poisoned, labels)
-        try:
-            fit_masking(TinyNet(), DataLoader(bad, batch_size=B, sampler=sharded(bad)), **options)
-        except FloatingPointError as error:
-            out["diverged"] = str(error)
-        else:
-            out["diverged"] = "no error"
+        out["diverged"] = _refusal(FloatingPointError, TinyNet(), DataLoader(bad, batch_size=B, sampler=sharded(bad)), **options)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _refusal(error_type: type[Exception], *args, **kwargs) -> str:
+    """The message of the `error_type` that `fit_masking(*args, **kwargs)` raises, or "no error"."""
+    try:
+        fit_masking(*args, **kwargs)
+    except error_type as error:
+        return str(error)
+    return "no error"
 
 
 def _batchnorm_resume(rank: int, checkpoints: Path) -> dict:
