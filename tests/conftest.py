@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads per
@@ -175,3 +176,13 @@ def silent_wrong_labels(model, x: torch.Tensor, labels: torch.Tensor, certified:
         silent += int(((found.prediction != labels[i]) & ~found.alert).any())
         alerts += int(found.alert.sum())
     return silent, alerts
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A gloo process group of one process, destroyed at the end."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

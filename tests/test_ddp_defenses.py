@@ -12,23 +12,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustwrap
 import robustwrap.models
 from robustwrap.fit import fit_masking
-
-
-@pytest.fixture
-def group(tmp_path):
-    """A gloo process group of one process, destroyed at the end."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def bagnet() -> torch.nn.Module:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -60,16 +59,6 @@ MODELS = {"cnn": (cnn, 1), "vit": (vit, 3)}
 def batch(channels: int, n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, channels, 32, 32, generator=g), torch.arange(n) % 3
-
-
-@pytest.fixture
-def group(tmp_path):
-    """A gloo process group of one process, destroyed at the end."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_unwrap_reads_through_nested_wrappers_and_local_module_leaves_out_only_ddp(group):
