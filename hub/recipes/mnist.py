@@ -36,6 +36,19 @@ DATASET = "mnist-heldout"
 MEAN, STD = (0.1307,), (0.3081,)
 
 
+def digits_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--heldout`, `--seed` (the split of the digits) and `--threads`, as every MNIST recipe takes them."""
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+
+
+def entry_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a recipe writes its zoo entry: `--no-manifest` and `--entry-out` (left out of `recorded_command`)."""
+    parser.add_argument("--no-manifest", action="store_true", help="do not touch the manifests; write the entry to --entry-out only")
+    parser.add_argument("--entry-out", type=Path, default=None, help="also write the manifest entry to this JSON file")
+
+
 def recorded_command(script: str) -> str:
     """The command line that made a zoo entry, as its card records it: where the entry is written
     (`--no-manifest`, `--entry-out`) changes neither the model nor its figures, so it is left out."""
@@ -73,9 +86,7 @@ def main() -> None:
     target.add_argument("--dry-run", action="store_true", help="publish into the package's zoo folder (offline)")
     parser.add_argument("--base-epochs", type=int, default=15)
     parser.add_argument("--fit-epochs", type=int, default=10)
-    parser.add_argument("--heldout", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    digits_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,7 +43,17 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import DATASET, MEAN, STD, ZOO, preprocess, real_digits, recorded_command  # the same digits and split
+from mnist import (  # the same digits and split
+    DATASET,
+    MEAN,
+    STD,
+    ZOO,
+    digits_arguments,
+    entry_arguments,
+    preprocess,
+    real_digits,
+    recorded_command,
+)
 
 import robustwrap
 from robustwrap.hub import sha256_of
@@ -146,11 +156,8 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, default=0.05, help="learning rate from scratch (patchguard's fine-tuning: fit_masking's default)"
     )
-    parser.add_argument("--heldout", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--no-manifest", action="store_true", help="do not touch the manifests; write the entry to --entry-out only")
-    parser.add_argument("--entry-out", type=Path, default=None, help="also write the manifest entry to this JSON file")
+    digits_arguments(parser)
+    entry_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,7 +44,17 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import DATASET, MEAN, STD, ZOO, preprocess, real_digits, recorded_command  # the same digits and split
+from mnist import (  # the same digits and split
+    DATASET,
+    MEAN,
+    STD,
+    ZOO,
+    digits_arguments,
+    entry_arguments,
+    preprocess,
+    real_digits,
+    recorded_command,
+)
 
 import robustwrap
 from robustwrap.hub import sha256_of
@@ -100,11 +110,8 @@ def main() -> None:
     source.add_argument("--from-zoo", default=None, help="wrap this zoo model's base weights (a model of local logits) instead")
     parser.add_argument("--epochs", type=int, default=24, help="ViT: masked-feature epochs from scratch")
     parser.add_argument("--lr", type=float, default=3e-3, help="ViT: AdamW's peak learning rate")
-    parser.add_argument("--heldout", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--no-manifest", action="store_true", help="do not touch the manifest; write the entry to --entry-out only")
-    parser.add_argument("--entry-out", type=Path, default=None, help="also write the manifest entry to this JSON file")
+    digits_arguments(parser)
+    entry_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
