@@ -350,16 +350,16 @@ class _TokenMasks(_DefendedObjective):
     Without `drop_tokens` (or for PatchCURE) views are plain images, as before.
     """
 
-    def _init_tokens(self) -> None:
+    def __init__(self, *args):
+        super().__init__(*args)
         model = self.model
-        vit = model._inner_model
         on = getattr(model, "defense", None) == "patchcleanser" and getattr(model, "drop_tokens", False)
-        self.token_grid = model._token_grid_of(vit) if on else None
+        self.token_grid = model._token_grid_of(model._inner_model) if on else None
 
     @property
     def base(self) -> nn.Module:
         # token dropping runs the ViT's parts, never a compiled or DataParallel wrapper's forward
-        return self.model._inner_model if getattr(self, "token_grid", None) is not None else super().base
+        return self.model._inner_model if self.token_grid is not None else super().base
 
     def _masked(self, x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor):
         views = mask_images(x, keep, fill)
@@ -379,7 +379,6 @@ class _PatchCleanserObjective(_TokenMasks):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._init_tokens()
         mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k * (self.k + 1) // 2
@@ -709,7 +708,6 @@ class _PatchCleanserDetectionObjective(_TokenMasks, _DetectionObjective):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._init_tokens()
         mask_set = self._mask_set()
         self.k = len(mask_set)
         self.naive_views = self.k + 1
