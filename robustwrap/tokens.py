@@ -230,7 +230,8 @@ def _attend_prefix(attn: nn.Module, x: torch.Tensor, prefix: int) -> torch.Tenso
 
     Written for timm's `Attention` (what `_run_blocks` checks): every token's keys and values,
     the prefix tokens' queries, then the module's own norms, gate, projection and dropout in its
-    order. Any other attention module runs whole and is sliced.
+    order; eval mode only (`_run_blocks`), so no attention dropout. Any other attention module
+    runs whole and is sliced.
     """
     heads, width = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
     qkv = getattr(attn, "qkv", None)
@@ -240,7 +241,7 @@ def _attend_prefix(attn: nn.Module, x: torch.Tensor, prefix: int) -> torch.Tenso
         and isinstance(width, int)
         and isinstance(qkv, nn.Linear)
         and qkv.out_features == 3 * heads * width
-        and all(hasattr(attn, name) for name in ("q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "fused_attn", "scale"))
+        and all(hasattr(attn, name) for name in ("q_norm", "k_norm", "norm", "proj", "proj_drop", "fused_attn", "scale"))
     )
     if not known:
         return attn(x)[:, :prefix]
@@ -254,9 +255,9 @@ def _attend_prefix(attn: nn.Module, x: torch.Tensor, prefix: int) -> torch.Tenso
     k, v = kv.reshape(n, length, 2, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.fused_attn:
-        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # eval mode only (`_run_blocks`): no dropout
     else:
-        out = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        out = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     out = attn.norm(out.transpose(1, 2).reshape(n, prefix, inner))
     gate = getattr(attn, "gate", None)
     if gate is not None:
@@ -282,9 +283,8 @@ def _run_blocks(model: nn.Module, tokens: torch.Tensor, prefix: int) -> torch.Te
         or not _head_reads_prefix(model, prefix)
     ):
         return blocks(tokens)
-    *rest, last = blocks
-    for block in rest:
-        tokens = block(tokens)
+    last = blocks[-1]
+    tokens = blocks[:-1](tokens)
     kept = tokens[:, :prefix] + last.drop_path1(last.ls1(_attend_prefix(last.attn, last.norm1(tokens), prefix)))
     return kept + last.drop_path2(last.ls2(last.mlp(last.norm2(kept))))
 
