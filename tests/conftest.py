@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -186,3 +187,20 @@ def group(tmp_path):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def reference_detection_rule(unmasked: list[float], views: list[list[float]], y: int, tau: float) -> tuple[int, bool, bool]:
+    """`(prediction, alert, certified)` by the published detection rule, view by view, in plain Python
+    (ties to the smallest class id, `softmax > tau` strict in the alert and the certificate; margin 0)."""
+
+    def label_and_confidence(row: list[float]) -> tuple[int, float]:
+        top = max(row)
+        return row.index(top), 1.0 / sum(math.exp(v - top) for v in row)
+
+    p = unmasked.index(max(unmasked))
+    alert, certified = False, p == y
+    for view in views:
+        label, confidence = label_and_confidence(view)
+        alert |= label != p and confidence > tau
+        certified &= label == y and confidence > tau
+    return p, alert, certified

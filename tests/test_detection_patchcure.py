@@ -9,35 +9,15 @@ position judged by `detect`; a feature mask set that misses patches is caught by
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from conftest import silent_wrong_labels
+from conftest import reference_detection_rule, silent_wrong_labels
 from test_patchcure import GlobalLRF, LocalLogits, PatchSRF, _kept, _tiny_vit
 
 import robustwrap
 from robustwrap.defenses import patchcure
 from robustwrap.geometry import MaskSet
-
-
-def reference_rule(unmasked: list[float], views: list[list[float]], y: int, tau: float) -> tuple[int, bool, bool]:
-    """`(prediction, alert, certified)` by the published rule, view by view (ties to the smallest id,
-    `softmax > tau` strict in the alert and the certificate; margin 0)."""
-
-    def label_and_confidence(row: list[float]) -> tuple[int, float]:
-        top = max(row)
-        total = sum(math.exp(v - top) for v in row)
-        label = row.index(top)
-        return label, 1.0 / total
-
-    p = unmasked.index(max(unmasked))
-    alert, certified = False, p == y
-    for view in views:
-        label, confidence = label_and_confidence(view)
-        alert |= label != p and confidence > tau
-        certified &= label == y and confidence > tau
-    return p, alert, certified
 
 
 @torch.no_grad()
@@ -80,7 +60,7 @@ def test_views_and_certificates_equal_the_published_rule_on_sliced_features(kind
     outcomes = []
     for b in range(x.shape[0]):
         unmasked, views = reference_views(model, x[b])
-        p, alert, certified = reference_rule(unmasked, views, int(labels[b]), tau)
+        p, alert, certified = reference_detection_rule(unmasked, views, int(labels[b]), tau)
         assert (int(found.prediction[b]), bool(found.alert[b])) == (p, alert)
         assert (int(cert.prediction[b]), bool(cert.alert[b]), bool(cert.certified[b])) == (p, alert, certified)
         outcomes.append((alert, certified))
@@ -98,7 +78,7 @@ def test_views_of_a_vit_split_equal_the_published_rule_on_its_sliced_features():
     found, cert = model.detect(x), model.certify_detection(x, labels)
     for b in range(4):
         unmasked, views = reference_views(model, x[b])
-        p, alert, certified = reference_rule(unmasked, views, int(labels[b]), 0.3)
+        p, alert, certified = reference_detection_rule(unmasked, views, int(labels[b]), 0.3)
         assert (int(found.prediction[b]), bool(found.alert[b]), bool(cert.certified[b])) == (p, alert, certified)
 
 

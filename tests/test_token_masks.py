@@ -16,7 +16,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import PeakNet, masked_copy, silent_wrong_labels
+from conftest import PeakNet, masked_copy, reference_detection_rule, silent_wrong_labels
 
 import robustwrap
 from robustwrap.defenses import patchcleanser
@@ -55,22 +55,6 @@ def reference_logits(vit: torch.nn.Module, image: torch.Tensor, boxes) -> list[f
     prefix = vit.num_prefix_tokens
     tokens = torch.cat([tokens[:, :prefix], tokens[:, [prefix + k for k in kept]]], 1)
     return vit.forward_head(vit.norm(vit.blocks(vit.norm_pre(tokens))))[0].tolist()
-
-
-def reference_rule(unmasked: list[float], views: list[list[float]], y: int, tau: float) -> tuple[int, bool, bool]:
-    """`(prediction, alert, certified)` by the published rule view by view (strict `> tau` in both; margin 0)."""
-
-    def label_and_confidence(row: list[float]) -> tuple[int, float]:
-        top = max(row)
-        return row.index(top), 1.0 / sum(math.exp(v - top) for v in row)
-
-    p = unmasked.index(max(unmasked))
-    alert, certified = False, p == y
-    for view in views:
-        label, confidence = label_and_confidence(view)
-        alert |= label != p and confidence > tau
-        certified &= label == y and confidence > tau
-    return p, alert, certified
 
 
 # ------------------------------------------------------------------------------ the mask set
@@ -125,7 +109,7 @@ def test_detection_equals_the_published_rule_on_reference_views(tau):
         with torch.no_grad():
             unmasked = vit(x[b : b + 1])[0].tolist()
         views = [reference_logits(vit, x[b], [box]) for box in model.mask_set.boxes]
-        p, alert, certified = reference_rule(unmasked, views, int(labels[b]), tau)
+        p, alert, certified = reference_detection_rule(unmasked, views, int(labels[b]), tau)
         assert (int(found.prediction[b]), bool(found.alert[b])) == (p, alert)
         assert (int(cert.prediction[b]), bool(cert.alert[b]), bool(cert.certified[b])) == (p, alert, certified)
         outcomes.add((alert, certified))
